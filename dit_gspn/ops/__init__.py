@@ -1,0 +1,10 @@
+"""The GSPN scan op: ``line_scan``, ``normalize_gates`` and the fused four-direction ``gspn_scan``.
+
+One dispatch in front of three implementations: the pure PyTorch reference (the oracle), a
+compiled CPU kernel and a compiled CUDA kernel (``csrc/``), registered as torch custom ops.
+"""
+from .reference import DIRECTIONS, normalize_gates
+from .line_scan import line_scan
+from .gspn_scan import gspn_scan
+
+__all__ = ["DIRECTIONS", "line_scan", "normalize_gates", "gspn_scan"]
