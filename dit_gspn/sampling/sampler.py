@@ -1,0 +1,107 @@
+"""One sampling loop for every diffusers scheduler: DiT's learned-variance DDPM, DDIM, DPM-Solver++, with CFG.
+
+The model is any DiT-family module with ``forward(x, t, y)``, ``forward_with_cfg(x, t, y, cfg_scale,
+guided_channels)``, ``num_classes`` (also the null class id), ``in_channels`` and ``input_size``; its output
+has ``2 * in_channels`` channels (epsilon, then the variance interpolation) when it learns sigma, or
+``in_channels`` (epsilon) when it does not.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from dit_gspn.diffusion import SAMPLERS, make_scheduler
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def model_size(model) -> tuple[int, int]:
+    """The (H, W) of the latent / pixel map the model was trained on (``model.input_size``: int or pair)."""
+    size = model.input_size
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _as_labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: pass at least one class id")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"class ids must be in [0, {num_classes}) for this model; got {bad.unique().tolist()}")
+    return labels
+
+
+def _scheduler_for(model_channels_out: int, in_channels: int, sampler: str, num_steps: int):
+    scheduler = make_scheduler(sampler, num_steps)
+    if sampler == "ddpm" and model_channels_out == in_channels:
+        # A model without learned sigma: DDPM with ADM's fixed small (posterior) variance instead.
+        scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
+        scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
+           guided_channels: int | None = None, size: tuple[int, int] | None = None,
+           generator: Generators = None, progress: bool = False) -> torch.Tensor:
+    """Draw one sample per class id in ``labels``; returns (N, C, H, W) in the model's output space.
+
+    ``sampler`` is one of ``ddpm`` (DiT's default: learned variance, the model's full 2C output), ``ddim``
+    or ``dpm-solver++`` (the epsilon half), over ``num_steps`` respaced steps of DiT's schedule.
+    ``cfg_scale`` > 1 uses classifier-free guidance through ``model.forward_with_cfg`` (conditional half,
+    then the unconditional half with the null class ``model.num_classes``); ``guided_channels=None``
+    guides all epsilon channels, ``3`` reproduces DiT's published behaviour. ``size`` = (H, W) of the map,
+    default ``model.input_size``. ``generator`` is one ``torch.Generator`` for the whole batch, or a list
+    with one per sample: then sample i depends only on its own generator (not on the batch it is in),
+    which is how batch sampling makes results independent of the number of processes.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    device = _model_device(model)
+    labels = _as_labels(labels, model.num_classes, device)
+    n = labels.numel()
+    if isinstance(generator, tuple):
+        generator = list(generator)
+    if isinstance(generator, list) and len(generator) != n:
+        raise ValueError(f"got {len(generator)} generators for {n} labels: pass one per sample, or a single one")
+    height, width = size if size is not None else model_size(model)
+    channels = model.in_channels
+    guided = cfg_scale > 1.0
+
+    x = randn_tensor((n, channels, height, width), generator=generator, device=device, dtype=torch.float32)
+    y_in = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
+    scheduler = None
+    for t in tqdm(make_scheduler(sampler, num_steps).timesteps, desc="sampling", disable=not progress,
+                  leave=False):
+        t_batch = torch.full((y_in.numel(),), int(t), dtype=torch.long, device=device)
+        x_in = torch.cat([x, x]) if guided else x
+        if guided:
+            out = model.forward_with_cfg(x_in, t_batch, y_in, cfg_scale, guided_channels=guided_channels)[:n]
+        else:
+            out = model(x_in, t_batch, y_in)
+        out = out.float()
+        if out.shape[1] not in (channels, 2 * channels):
+            raise ValueError(f"model output has {out.shape[1]} channels; expected {channels} (epsilon) or "
+                             f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
+        if scheduler is None:
+            scheduler = _scheduler_for(out.shape[1], channels, sampler, num_steps)
+        if sampler != "ddpm":
+            out = out[:, :channels]
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
