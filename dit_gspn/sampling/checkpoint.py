@@ -1,0 +1,163 @@
+"""Load a model and how to decode its samples from a training checkpoint, a save_pretrained folder or DiT's .pt.
+
+A training checkpoint is a directory holding ``model/`` and ``ema/`` (each written by
+``DiT.save_pretrained``) and ``sampling.json``::
+
+    {"vae": null | "<AutoencoderKL hub name or local path>", "latent_scale": 0.18215 | 1.0,
+     "image_size": [H, W], "num_classes": int, "class_names": [...] | null}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SAMPLING_FILE = "sampling.json"
+WEIGHT_FOLDERS = ("ema", "model")
+#: The VAE DiT's own sample.py decodes with by default.
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+LATENT_SCALE = 0.18215
+
+
+@dataclass
+class SamplingInfo:
+    """How a model's output becomes images: the VAE (None = pixel space), its latent scale, the image size."""
+
+    vae: str | None
+    latent_scale: float
+    image_size: tuple[int, int]
+    num_classes: int
+    class_names: list[str] | None = field(default=None)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "SamplingInfo":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        missing = [k for k in ("vae", "latent_scale", "image_size", "num_classes") if k not in raw]
+        if missing:
+            raise ValueError(f"{path} lacks the key(s) {missing}; expected vae, latent_scale, image_size, "
+                             f"num_classes and class_names")
+        size = raw["image_size"]
+        size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        names = raw.get("class_names")
+        if names is not None and len(names) != int(raw["num_classes"]):
+            raise ValueError(f"{path}: class_names has {len(names)} entries but num_classes is {raw['num_classes']}")
+        return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names)
+
+    def write(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["image_size"] = list(self.image_size)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _dit_class():
+    from dit_gspn.models import DiT
+
+    return DiT
+
+
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent covers along each side (8 for the Stable Diffusion VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def infer_sampling_info(model, vae: str | None = None) -> SamplingInfo:
+    """A SamplingInfo for a bare model folder: 4 input channels = SD-VAE latents at 1/8 size, else pixels."""
+    height, width = (model.input_size, model.input_size) if isinstance(model.input_size, int) else model.input_size
+    if model.in_channels == 4:
+        return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * height, 8 * width), model.num_classes)
+    return SamplingInfo(vae, 1.0 if vae is None else LATENT_SCALE, (height, width), model.num_classes)
+
+
+def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = None,
+               image_size: tuple[int, int] | None = None, num_classes: int = 1000, vae: str | None = None):
+    """(model in eval mode on CPU, SamplingInfo) from any of the three checkpoint forms.
+
+    - a training checkpoint directory (``sampling.json``, ``ema/``, ``model/``): ``weights`` picks the folder;
+    - a ``save_pretrained`` folder (``config.json``): latent or pixel space inferred from its in_channels;
+    - ``model_name`` (a zoo name such as ``DiT-XL/2``) with a state-dict file, e.g. DiT's official
+      ``DiT-XL-2-256x256.pt``; ``image_size`` (pixels, default 256) fixes the latent size.
+    ``vae`` overrides the checkpoint's VAE (a hub name or a local folder).
+    """
+    ckpt = Path(ckpt)
+    if weights not in WEIGHT_FOLDERS:
+        raise ValueError(f"weights must be one of {WEIGHT_FOLDERS}, got {weights!r}")
+    if model_name is not None:
+        return _load_state_dict_file(ckpt, model_name, image_size or (256, 256), num_classes, vae)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    if (ckpt / SAMPLING_FILE).is_file():
+        info = SamplingInfo.read(ckpt / SAMPLING_FILE)
+        folder = ckpt / weights
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json: a training checkpoint holds model/ and ema/, "
+                                    f"each written by DiT.save_pretrained")
+        model = _dit_class().from_pretrained(folder)
+        if vae is not None:
+            info.vae = vae
+    elif (ckpt / "config.json").is_file():
+        model = _dit_class().from_pretrained(ckpt)
+        info = infer_sampling_info(model, vae)
+    elif ckpt.is_file():
+        raise ValueError(f"{ckpt} is a file: pass --model (a zoo name such as DiT-XL/2) to load it as a state dict")
+    else:
+        raise FileNotFoundError(f"{ckpt} holds neither {SAMPLING_FILE} (a training checkpoint) nor config.json "
+                                f"(a save_pretrained folder)")
+    if info.num_classes != model.num_classes:
+        raise ValueError(f"{ckpt / SAMPLING_FILE} says num_classes={info.num_classes} but the model has "
+                         f"{model.num_classes}")
+    return model.eval(), info
+
+
+def _load_state_dict_file(path: Path, model_name: str, image_size, num_classes: int, vae: str | None):
+    from dit_gspn.models import create_model
+
+    if not path.is_file():
+        raise FileNotFoundError(f"state-dict file {path} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
+    height, width = image_size
+    if height % 8 or width % 8:
+        raise ValueError(f"image size {height}x{width} must be divisible by 8 (the VAE's downsampling)")
+    model = create_model(model_name, input_size=(height // 8, width // 8) if height != width else height // 8,
+                         num_classes=num_classes)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]  # a DiT training checkpoint rather than a released model
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {model_name} at {height}x{width} with {num_classes} classes: {err}") \
+            from err
+    return model.eval(), SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (height, width), num_classes)
+
+
+def load_vae(name_or_path: str):
+    """diffusers' AutoencoderKL from a local folder, or by hub name when online; an error naming both otherwise."""
+    from diffusers import AutoencoderKL
+
+    local = Path(name_or_path)
+    try:
+        return AutoencoderKL.from_pretrained(local if local.is_dir() else name_or_path).eval()
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"could not load the VAE {name_or_path!r}: it is not a local folder with an AutoencoderKL "
+            f"(config.json + weights), and the hub could not provide it (offline? HF_HUB_OFFLINE set?). "
+            f"Download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
+            f"and pass --vae DIR. ({type(err).__name__}: {err})") from err
+
+
+@torch.no_grad()
+def decode(output: torch.Tensor, info: SamplingInfo, vae=None, batch_size: int = 32) -> torch.Tensor:
+    """Model outputs -> images in [-1, 1]: through the VAE in batches of ``batch_size``, or as pixels."""
+    if info.vae is None:
+        return output.float().clamp(-1, 1)
+    if vae is None:
+        raise ValueError(f"these samples are latents: pass the VAE {info.vae!r} (load_vae) to decode them")
+    vae_dtype = next(vae.parameters()).dtype
+    images = [vae.decode(chunk.to(vae_dtype) / info.latent_scale).sample.float()
+              for chunk in output.split(batch_size)]
+    return torch.cat(images).clamp(-1, 1)

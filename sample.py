@@ -1,0 +1,131 @@
+"""Sample a trained GSPN-DiT / DiT: a labelled grid PNG, or (with --num-samples) an ADM-layout .npz for FID.
+
+    python sample.py --ckpt runs/exp/checkpoints/0050000 --classes 1 2 3 --out grid.png
+    accelerate launch sample.py --ckpt PATH --num-samples 50000 --out samples.npz --cfg-scale 1.5
+    python sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema
+
+Batch mode is resumable: run the same command again after a kill and finished shards are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from dit_gspn.diffusion import SAMPLERS
+from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, index_generators, run_batch
+from dit_gspn.sampling.checkpoint import WEIGHT_FOLDERS, decode, load_model, load_vae, vae_scale_factor
+from dit_gspn.sampling.grid import save_labelled_grid
+from dit_gspn.sampling.sampler import model_size, sample
+
+#: DiT's sample.py classes (ImageNet ids), used for 1000-class models.
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--ckpt", required=True, help="a training checkpoint dir (sampling.json, ema/, model/), a "
+                     "save_pretrained folder, or with --model a state-dict .pt file")
+    src.add_argument("--weights", choices=WEIGHT_FOLDERS, default="ema", help="which weights of a training checkpoint")
+    src.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2) for a state-dict --ckpt")
+    src.add_argument("--num-classes", type=int, default=1000, help="class count of a state-dict --ckpt")
+    src.add_argument("--vae", default=None, help="AutoencoderKL hub name or local folder (overrides the checkpoint's)")
+    src.add_argument("--image-size", type=int, nargs="+", default=None, metavar=("H", "W"),
+                     help="pixels; another size than the training one needs a model without positional embedding")
+
+    smp = p.add_argument_group("sampler")
+    smp.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    smp.add_argument("--num-steps", type=int, default=250)
+    smp.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no classifier-free guidance")
+    smp.add_argument("--guided-channels", type=int, default=None,
+                     help="guide only the first N channels (3 = DiT's published FIDs); default all")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model and the VAE decode")
+    smp.add_argument("--batch-size", type=int, default=32, help="images per forward pass (= per shard)")
+    smp.add_argument("--decode-batch-size", type=int, default=32)
+    smp.add_argument("--cpu", action="store_true", help="sample on CPU even if a GPU is there")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default=None, help="grid PNG (default samples/grid.png) or .npz in batch mode")
+    out.add_argument("--classes", type=int, nargs="+", default=None, help="grid mode: class ids")
+    out.add_argument("--per-class", type=int, default=1, help="grid mode: samples per class (one row each)")
+    out.add_argument("--num-samples", type=int, default=None, help="batch mode: how many samples in the .npz")
+    out.add_argument("--class-mode", choices=CLASS_MODES, default="uniform",
+                     help="batch mode: i.i.d. uniform classes, or balanced (N / num_classes each)")
+    out.add_argument("--keep-shards", action="store_true", help="batch mode: keep <out>.shards/ after assembling")
+    args = p.parse_args(argv)
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
+        p.error("--image-size takes H or H W")
+    return args
+
+
+def _pixel_size(args) -> tuple[int, int] | None:
+    if args.image_size is None:
+        return None
+    return (args.image_size[0], args.image_size[-1])
+
+
+def map_size(model, info, vae, pixels: tuple[int, int] | None) -> tuple[int, int]:
+    """The (H, W) of the map the model samples for an image of ``pixels`` (None: the training size)."""
+    if pixels is None:
+        return model_size(model)
+    factor = vae_scale_factor(vae) if vae is not None else 1
+    if pixels[0] % factor or pixels[1] % factor:
+        raise ValueError(f"--image-size {pixels[0]} {pixels[1]} must be divisible by the VAE's factor {factor}")
+    return (pixels[0] // factor, pixels[1] // factor)
+
+
+def grid_classes(args, num_classes: int) -> list[int]:
+    if args.classes is not None:
+        return args.classes
+    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 8)))
+
+
+def main(argv=None) -> int:
+    from accelerate import PartialState
+
+    args = parse_args(argv)
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
+    model.to(state.device)
+    vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
+    size = map_size(model, info, vae, _pixel_size(args))
+    sampler_kwargs = dict(sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                          guided_channels=args.guided_channels)
+
+    if args.num_samples is not None:
+        out = args.out or "samples/samples.npz"
+        plan = BatchPlan(args.num_samples, info.num_classes, args.batch_size, args.class_mode, args.seed)
+        settings = dict(ckpt=str(Path(args.ckpt).resolve()), weights=args.weights, model=args.model,
+                        vae=info.vae, size=list(size), bf16=args.bf16, **sampler_kwargs)
+        run_batch(model, plan, out, info=info, settings=settings, vae=vae, rank=state.process_index,
+                  world_size=state.num_processes, barrier=state.wait_for_everyone, keep_shards=args.keep_shards,
+                  size=size, bf16=args.bf16, decode_batch_size=args.decode_batch_size, **sampler_kwargs)
+    elif state.is_main_process:
+        classes = grid_classes(args, info.num_classes)
+        labels = [c for c in classes for _ in range(args.per_class)]
+        autocast = torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+        with autocast:
+            out = sample(model, labels, generator=index_generators(args.seed, range(len(labels))), size=size,
+                         progress=True, **sampler_kwargs)
+            images = decode(out, info, vae, args.decode_batch_size)
+        path = save_labelled_grid(images, labels, args.out or "samples/grid.png", info.class_names,
+                                  nrow=args.per_class if args.per_class > 1 else None)
+        print(f"wrote {path} ({len(labels)} samples of classes {classes})", flush=True)
+
+    if state.num_processes > 1:
+        # gloo workers can abort at interpreter exit even after destroy_process_group; leave cleanly instead.
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
