@@ -1,6 +1,116 @@
-"""Placeholder dispatch (reference only) until the compiled kernels land."""
+"""``line_scan``: the GSPN row scan, dispatched to the compiled CPU/CUDA kernel or the PyTorch reference.
+
+The compiled kernels are the torch custom ops ``gspn::line_scan_fwd`` and ``gspn::line_scan_bwd``
+(``csrc/``); this module gives them autograd (all five inputs) and fake-tensor shapes, so
+``torch.compile(fullgraph=True)`` traces through :func:`line_scan`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import extension
 from .reference import line_scan_reference
 
+#: The implementations ``line_scan(..., impl=...)`` accepts.
+IMPLS = ("reference", "cpu", "cuda")
 
-def line_scan(x, lam, wl, wc, wr, chunk=None, impl=None):
-    return line_scan_reference(x, lam, wl, wc, wr, chunk)
+_ARG_NAMES = ("x", "lam", "wl", "wc", "wr")
+
+
+def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = None):
+    """h[i, j] = wl h[i-1, j-1] + wc h[i-1, j] + wr h[i-1, j+1] + lam x, scanning along dim -2.
+
+    Args:
+        x, lam, wl, wc, wr: tensors of one shape (..., H, W), one device and one floating dtype;
+            any strides. Out-of-range neighbours are zero; row 0 is ``lam * x``.
+        chunk: restart the recurrence every ``chunk`` rows (rows i with i % chunk == 0 are
+            ``lam * x``); None scans the whole height.
+        impl: "reference" (pure PyTorch), "cpu" or "cuda" (the compiled kernels; must match
+            the tensors' device). None picks the compiled kernel of the tensors' device when it
+            builds and loads, else the reference (after one warning naming the build failure).
+
+    Returns:
+        h, contiguous, of the inputs' shape and dtype. Differentiable in all five inputs;
+        half-precision inputs are computed in float32.
+    """
+    tensors = (x, lam, wl, wc, wr)
+    _check_args(tensors, chunk, impl)
+    if impl is None:
+        impl = _default_impl(x.device.type)
+    if impl == "reference":
+        return line_scan_reference(x, lam, wl, wc, wr, chunk)
+    if x.device.type != impl:
+        raise ValueError(f"line_scan: impl={impl!r} needs {impl} tensors, got tensors on {x.device}")
+    if not _kernels_loaded(impl):
+        raise RuntimeError(
+            f"line_scan: impl={impl!r} was asked for but the compiled {impl} kernels did not build or "
+            f"load (see the warning above, or run `python -m dit_gspn.ops.build"
+            f"{' --cuda' if impl == 'cuda' else ''}`); use impl=None to fall back to the reference"
+        )
+    return torch.ops.gspn.line_scan_fwd(x, lam, wl, wc, wr, chunk or 0)
+
+
+def _check_args(tensors, chunk, impl) -> None:
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"line_scan: impl must be one of {IMPLS} or None, got {impl!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"line_scan: chunk must be an int >= 1 or None, got {chunk!r}")
+    for name, t in zip(_ARG_NAMES, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"line_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+    x = tensors[0]
+    if x.dim() < 2:
+        raise ValueError(f"line_scan: x must have shape (..., H, W), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"line_scan: inputs must be floating point, got x of dtype {x.dtype}")
+    for name, t in zip(_ARG_NAMES[1:], tensors[1:]):
+        if t.shape != x.shape:
+            raise ValueError(f"line_scan: {name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"line_scan: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"line_scan: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+
+
+def _default_impl(device_type: str) -> str:
+    if device_type in ("cpu", "cuda") and _kernels_loaded(device_type):
+        return device_type
+    return "reference"
+
+
+@torch.compiler.assume_constant_result
+def _kernels_loaded(device_type: str) -> bool:
+    # A constant to torch.compile: it builds/loads once, outside the traced graph.
+    return extension.load(device_type)
+
+
+# --- autograd and fake tensors of the compiled ops, registered once the library is loaded -------
+
+
+def _fake_fwd(x, lam, wl, wc, wr, chunk):
+    return x.new_empty(x.shape)
+
+
+def _fake_bwd(grad_h, h, x, lam, wl, wc, wr, chunk):
+    return tuple(x.new_empty(x.shape) for _ in range(5))
+
+
+def _setup_context(ctx, inputs, output):
+    x, lam, wl, wc, wr, chunk = inputs
+    ctx.save_for_backward(output, x, lam, wl, wc, wr)
+    ctx.chunk = chunk
+
+
+def _backward(ctx, grad_h):
+    h, x, lam, wl, wc, wr = ctx.saved_tensors
+    grads = torch.ops.gspn.line_scan_bwd(grad_h, h, x, lam, wl, wc, wr, ctx.chunk)
+    return (*grads, None)
+
+
+def _register_python_side() -> None:
+    torch.library.register_fake("gspn::line_scan_fwd", _fake_fwd)
+    torch.library.register_fake("gspn::line_scan_bwd", _fake_bwd)
+    torch.library.register_autograd("gspn::line_scan_fwd", _backward, setup_context=_setup_context)
+
+
+extension.on_load(_register_python_side)

@@ -1,0 +1,34 @@
+"""Ahead-of-time build of the compiled scan kernels: ``python -m dit_gspn.ops.build [--cuda]``.
+
+Compiles the CPU variant (or, with ``--cuda``, the CUDA variant, which holds the CPU kernels
+too) into the cache that :mod:`dit_gspn.ops.extension` loads from, and prints where it built
+and how long it took. A later ``import dit_gspn`` then loads the kernels without compiling.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import extension
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit_gspn.ops.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--cuda", action="store_true",
+                        help="build the CUDA variant (needs nvcc; CUDA_HOME defaults to /usr/local/cuda-13.0 "
+                             "and TORCH_CUDA_ARCH_LIST to 9.0 when no GPU is visible)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    args = parser.parse_args(argv)
+    variant = "cuda" if args.cuda else "cpu"
+    print(f"building the {variant} gspn kernels from {extension.CSRC} ...", flush=True)
+    try:
+        path, seconds = extension.timed_build(variant, verbose=args.verbose)
+    except Exception as exc:  # noqa: BLE001 -- report any build failure as one readable message
+        print(f"build failed:\n{exc}", file=sys.stderr)
+        return 1
+    print(f"built {variant} kernels in {seconds:.1f} s: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
