@@ -1,0 +1,396 @@
+"""The DiT backbone with adaLN-Zero, whose token mixer is GSPN or self-attention, and the model zoo.
+
+Read top to bottom as facebookresearch/DiT's ``models.py``: the ``modulate`` helper, the
+embedders, the block, the final layer, the model, then the zoo of named configurations. With
+``mixer="attention"`` the model is DiT: the same parameter names and the same computation, so
+the official checkpoints' state dicts load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .attention import Attention
+from .grid import check_grid
+from .gspn_mixer import GSPNMixer
+from .pos_embed import sincos_pos_embed_2d
+
+MIXERS = ("gspn", "attention")
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding layers for patches, timesteps and class labels        #
+#################################################################################
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (B, h * w, C), row-major; any H, W divisible by p."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar timesteps into vector representations (DiT's frequencies: divided by half)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+        """(N,) timesteps, possibly fractional -> (N, dim) [cos | sin] embedding, as DiT/GLIDE."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels; drops them to the null class ``num_classes`` for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.has_null_class = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(self.has_null_class), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by the null class, at random (training) or where ``force_drop_ids == 1``."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """Raise a ValueError naming the bad label when one lies outside the embedding table."""
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.numel() == 0 or torch.compiler.is_compiling():
+            return
+        lo, hi = int(labels.min()), int(labels.max())
+        top = self.embedding_table.num_embeddings - 1
+        if lo < 0 or hi > top:
+            bad = lo if lo < 0 else hi
+            null = (f"{self.num_classes} is the null class used by classifier-free guidance"
+                    if self.has_null_class else "this model has no null class (class_dropout_prob = 0)")
+            raise ValueError(f"class label {bad} is out of range: labels must lie in [0, {top}] "
+                             f"for num_classes = {self.num_classes} ({null})")
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        self.check_labels(labels)
+        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU; keys ``fc1``/``fc2`` as timm's Mlp in DiT."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning; its token mixer is ``attn`` (attention) or ``gspn``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mixer: str = "gspn",
+                 gspn_kwargs: dict | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        # The attribute name is part of the state dict: "attn" keeps DiT's official keys.
+        self.mixer_attr = "attn" if mixer == "attention" else "gspn"
+        if mixer == "attention":
+            self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        else:
+            self.gspn = GSPNMixer(hidden_size, **(gspn_kwargs or {}))
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.mixer_attr)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa), grid)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN-modulated LayerNorm and a linear map to patch pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """Diffusion model with a transformer backbone whose token mixer is GSPN or self-attention.
+
+    The first ten arguments are facebookresearch/DiT's. ``mixer`` picks the token mixer.
+    ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
+    which needs none and then runs at any resolution); it is recomputed for an input whose grid
+    differs from the training grid ``input_size / patch_size``. The ``gspn_*`` options configure
+    :class:`GSPNMixer`: layers ``depth - gspn_global_layers`` and later scan globally, the others
+    restart every ``gspn_chunk`` steps (``gspn_global_layers=None``: the last ``depth // 4``;
+    ``gspn_chunk=None``: every layer global). ``num_classes`` is also the null class id used by
+    label dropout and classifier-free guidance.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        mixer: str = "gspn",
+        use_pos_embed: bool | None = None,
+        gspn_chunk: int | None = 8,
+        gspn_global_layers: int | None = None,
+        gspn_proxy_ratio: int = 16,
+        gspn_gate_groups: int | None = None,
+        gspn_dwconv: bool = True,
+        gspn_skip: bool = True,
+        gspn_output_gate: bool = True,
+    ):
+        super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.mixer = mixer
+        self.gradient_checkpointing = False
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.grid_size = (input_size // patch_size, input_size // patch_size)
+        if use_pos_embed is None:
+            use_pos_embed = mixer == "attention"
+        if use_pos_embed:
+            # A buffer, not a parameter: it is fixed, but stays in the state dict under DiT's key.
+            self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
+        else:
+            self.pos_embed = None
+
+        if gspn_global_layers is None:
+            gspn_global_layers = depth // 4
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            local = gspn_chunk is not None and i < depth - gspn_global_layers
+            gspn_kwargs = dict(
+                chunk=gspn_chunk if local else None, proxy_ratio=gspn_proxy_ratio, gate_groups=gspn_gate_groups,
+                dwconv=gspn_dwconv, skip=gspn_skip, output_gate=gspn_output_gate,
+            )
+            self.blocks.append(DiTBlock(hidden_size, num_heads, mlp_ratio, mixer, gspn_kwargs))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier-uniform linears, then zero the adaLN modulations and the final layer.
+
+        Zeroing every block's modulation (hence its gates) and the final projection makes each
+        block the identity and the model output zero at initialisation (adaLN-Zero).
+        """
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        if self.pos_embed is not None:
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid_size).unsqueeze(0))
+
+        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        for block in self.blocks:
+            if isinstance(block.mixer, GSPNMixer):
+                block.mixer.reset_gspn_parameters()
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        """(1, h * w, C) sin-cos embedding for ``grid``: the stored one at the training grid."""
+        if tuple(grid) == self.grid_size:
+            return self.pos_embed.to(dtype)
+        return sincos_pos_embed_2d(self.pos_embed.shape[-1], *grid).to(device=device, dtype=dtype).unsqueeze(0)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h * w, p * p * C_out) tokens -> (B, C_out, h * p, w * p) images."""
+        c, p = self.out_channels, self.patch_size
+        h, w = check_grid(x, grid, "DiT.unpatchify")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"DiT: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"DiT: input size H x W = {H} x {W} is not divisible by the patch size {self.patch_size}")
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise ValueError(f"DiT: expected t and y of shape ({x.shape[0]},) for x of shape {tuple(x.shape)}, "
+                             f"got t {tuple(t.shape)} and y {tuple(y.shape)}")
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) with H, W divisible by the patch size; t: (B,) or scalar timesteps; y: (B,) labels.
+
+        Returns (B, 2C, H, W) when ``learn_sigma`` (epsilon, then the variance interpolation), else (B, C, H, W).
+        """
+        t = self._check_inputs(x, t, y)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.x_embedder(x)
+        if self.pos_embed is not None:
+            x = x + self.positional_embedding(grid, x.dtype, x.device)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, grid)
+            else:
+                x = block(x, c, grid)
+        x = self.final_layer(x, c)
+        return self.unpatchify(x, grid)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance: the batch is the conditional half, then the unconditional half.
+
+        The first half of ``x`` is used for both halves (as DiT); ``y``'s second half should hold
+        the null class ``num_classes``. eps = uncond + cfg_scale * (cond - uncond) is applied to
+        the first ``guided_channels`` output channels (default: all ``in_channels`` epsilon
+        channels) and written to both halves; the remaining channels (the learned variance) pass
+        through. ``guided_channels=3`` reproduces DiT's sample.py, which guided only the first
+        three of four latent channels and was used for its published FIDs.
+        """
+        if len(x) % 2:
+            raise ValueError(f"forward_with_cfg: the batch must hold a conditional and an unconditional half, "
+                             f"got an odd batch size {len(x)}")
+        if not self.y_embedder.has_null_class:
+            raise ValueError("forward_with_cfg: this model has no null class (class_dropout_prob = 0)")
+        guided = self.in_channels if guided_channels is None else guided_channels
+        if not 0 < guided <= self.out_channels:
+            raise ValueError(f"guided_channels must lie in [1, {self.out_channels}], got {guided_channels}")
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        eps, rest = model_out[:, :guided], model_out[:, guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+#################################################################################
+#                                   Model zoo                                   #
+#################################################################################
+
+# DiT's sizes: (depth, hidden_size, num_heads).
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+_PATCHES = (2, 4, 8)
+_FAMILIES = {"DiT": "attention", "GSPN": "gspn"}
+
+
+def _zoo_entry(mixer: str, depth: int, hidden_size: int, num_heads: int, patch_size: int):
+    preset = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, mixer=mixer)
+
+    def build(**kwargs) -> DiT:
+        return DiT(**{**preset, **kwargs})
+
+    return build
+
+
+#: "GSPN-S/2" ... "GSPN-XL/8" and "DiT-S/2" ... "DiT-XL/8" -> constructor taking DiT's keyword arguments.
+DiT_models = {
+    f"{family}-{size}/{patch}": _zoo_entry(mixer, *_SIZES[size], patch)
+    for family, mixer in _FAMILIES.items()
+    for size in ("XL", "L", "B", "S")
+    for patch in _PATCHES
+}
+
+
+def create_model(name: str, **overrides) -> DiT:
+    """Build the zoo model ``name`` (e.g. "GSPN-XL/2"), with any DiT constructor argument overridden."""
+    if name not in DiT_models:
+        raise KeyError(f"unknown model name {name!r}; known names: {', '.join(DiT_models)}")
+    return DiT_models[name](**overrides)

@@ -1,0 +1,160 @@
+"""The GSPN token mixer: four directional, input-gated 2-D linear propagations of the token map.
+
+Tokens (B, N, C) on an (h, w) grid go through:
+
+1. ``in_proj`` (C -> C for the scanned map, plus C for the output gate z when ``output_gate``),
+   an optional depthwise 3x3 convolution (as in the authors' block) and SiLU: the map x;
+2. a low-rank proxy p = ``proxy``(x) (C -> C / ``proxy_ratio`` channels) from which every
+   input-dependent quantity is projected: the raw gate logits gl, gc, gr (4 directions x
+   ``gate_groups`` channel groups), lam and u (4 directions x C), and the skip D (C);
+3. ``dit_gspn.ops.gspn_scan``: for each direction d the normalised gates drive the line
+   recurrence over x, the result is mapped back to the original pixel positions, multiplied
+   by u_d, and the four are summed (all inside the fused op, so no flipped or transposed copy of
+   x is made here, and every direction's output lands on the pixel its gates were computed
+   for); then + D * x;
+4. LayerNorm over channels, times SiLU(z) when ``output_gate``, and ``out_proj``.
+
+The learnable linear merge of the four directions is a per-direction, per-channel weight
+``merge`` (4, C), folded into u's projection (u_d = merge_d * (W_u p + b_u)_d): the merge
+costs a (4C x r) weight scaling, not a pass over a (B, 4, C, H, W) map. It starts at 1/4 and u's
+bias at 1, so that at initialisation the mixer averages the four directions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dit_gspn import ops
+
+from .grid import check_grid
+
+NUM_DIRECTIONS = 4
+
+
+def _project_channels(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, r, N) -> (B, out, N), contiguous: a per-token linear map in channel-first layout."""
+    return F.conv1d(p, weight.unsqueeze(-1), bias)
+
+
+class GSPNMixer(nn.Module):
+    """GSPN token mixer: (B, N, C) tokens with their (h, w) grid -> (B, N, C) tokens.
+
+    Args:
+        dim: channels C.
+        chunk: None for a global scan over the whole height/width; k restarts the propagation
+            every k steps along each scan (a local GSPN layer).
+        proxy_ratio: the proxy has ``max(1, dim // proxy_ratio)`` channels.
+        gate_groups: number of channel groups sharing one set of propagation gates (gl, gc, gr);
+            None gives every channel its own gates. Must divide ``dim``. lam and u stay per channel.
+        dwconv: depthwise 3x3 convolution on the map before the scan.
+        skip: add the input-dependent skip D * x.
+        output_gate: multiply the normalised output by SiLU(z), z a second half of ``in_proj``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        chunk: int | None = None,
+        proxy_ratio: int = 16,
+        gate_groups: int | None = None,
+        dwconv: bool = True,
+        skip: bool = True,
+        output_gate: bool = True,
+    ):
+        super().__init__()
+        gate_groups = dim if gate_groups is None else int(gate_groups)
+        if gate_groups < 1 or dim % gate_groups:
+            raise ValueError(f"gate_groups must divide the hidden size {dim}, got {gate_groups}")
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be a positive number of scan steps or None (global), got {chunk}")
+        if proxy_ratio < 1:
+            raise ValueError(f"proxy_ratio must be >= 1, got {proxy_ratio}")
+        self.dim = dim
+        self.chunk = None if chunk is None else int(chunk)
+        self.gate_groups = gate_groups
+        self.proxy_dim = max(1, dim // proxy_ratio)
+        self.output_gate = output_gate
+
+        self.in_proj = nn.Linear(dim, 2 * dim if output_gate else dim)
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim) if dwconv else None
+        self.proxy = nn.Linear(dim, self.proxy_dim)
+        # Output rows: [gl | gc | gr], each (4 directions, gate_groups) flattened.
+        self.gate_proj = nn.Linear(self.proxy_dim, 3 * NUM_DIRECTIONS * gate_groups)
+        self.lam_proj = nn.Linear(self.proxy_dim, NUM_DIRECTIONS * dim)
+        self.u_proj = nn.Linear(self.proxy_dim, NUM_DIRECTIONS * dim)
+        self.merge = nn.Parameter(torch.empty(NUM_DIRECTIONS, dim))
+        self.skip_proj = nn.Linear(self.proxy_dim, dim) if skip else None
+        self.out_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.out_proj = nn.Linear(dim, dim)
+        self.reset_gspn_parameters()
+
+    def reset_gspn_parameters(self) -> None:
+        """Start as an average of the four directions with each pixel feeding itself in.
+
+        Gate logits start at 0 (wl = wc = wr = 1/3 inside a row), lam and u at 1, the merge at
+        1/4. Call it after any generic re-initialisation of the Linear layers (DiT's does one).
+        """
+        nn.init.zeros_(self.gate_proj.bias)
+        nn.init.ones_(self.lam_proj.bias)
+        nn.init.ones_(self.u_proj.bias)
+        nn.init.constant_(self.merge, 1.0 / NUM_DIRECTIONS)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, chunk={self.chunk}, proxy_dim={self.proxy_dim}, "
+                f"gate_groups={self.gate_groups}, output_gate={self.output_gate}")
+
+    def scan_operands(self, tokens: torch.Tensor, grid: tuple[int, int]):
+        """The scan's inputs: (x, lam, gl, gc, gr, u, skip, z) for tokens (B, N, C) on ``grid``.
+
+        x: (B, C, h, w) map; lam, u: (B, 4, C, h, w), u with the merge folded in; gl, gc, gr:
+        (B, 4, gate_groups, h, w) raw logits (the op normalises them); skip: (B, C, h, w) or None;
+        z: (B, N, C) output gate or None. All in the original pixel frame.
+        """
+        h, w = check_grid(tokens, grid, "GSPNMixer")
+        B, N, C = tokens.shape
+        if C != self.dim:
+            raise ValueError(f"GSPNMixer: expected {self.dim} channels, got tokens of shape {tuple(tokens.shape)}")
+        W_in, b_in = self.in_proj.weight, self.in_proj.bias
+        # The map in channel-first layout straight from the projection (no transposed copy).
+        x = torch.matmul(W_in[:C], tokens.transpose(1, 2)) + b_in[:C, None]
+        x = x.view(B, C, h, w)
+        z = F.linear(tokens, W_in[C:], b_in[C:]) if self.output_gate else None
+        if self.dwconv is not None:
+            x = self.dwconv(x)
+        x = F.silu(x)
+
+        x_flat = x.view(B, C, N)
+        p = _project_channels(x_flat, self.proxy.weight, self.proxy.bias)
+        G, D = self.gate_groups, NUM_DIRECTIONS
+        gates = [
+            _project_channels(p, self.gate_proj.weight[k * D * G:(k + 1) * D * G],
+                              self.gate_proj.bias[k * D * G:(k + 1) * D * G]).view(B, D, G, h, w)
+            for k in range(3)
+        ]
+        lam = _project_channels(p, self.lam_proj.weight, self.lam_proj.bias).view(B, D, C, h, w)
+        merge = self.merge.reshape(D * C)
+        u = _project_channels(p, self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
+        u = u.view(B, D, C, h, w)
+        skip = None
+        if self.skip_proj is not None:
+            skip = _project_channels(p, self.skip_proj.weight, self.skip_proj.bias).view(B, C, h, w)
+        return x, lam, gates[0], gates[1], gates[2], u, skip, z
+
+    def propagate(self, x, lam, gl, gc, gr, u, skip=None) -> torch.Tensor:
+        """sum_d u_d * scan_d(x) (+ skip * x): the four merged propagations, (B, C, h, w)."""
+        y = ops.gspn_scan(x, lam, gl, gc, gr, u, chunk=self.chunk)
+        if skip is not None:
+            y = torch.addcmul(y, skip, x)
+        return y
+
+    def output(self, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, h, w) propagation -> (B, N, C) tokens: LayerNorm, SiLU(z) gate, out_proj."""
+        y = self.out_norm(y.flatten(2).transpose(1, 2))
+        if z is not None:
+            y = y * F.silu(z)
+        return self.out_proj(y)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x, lam, gl, gc, gr, u, skip, z = self.scan_operands(tokens, grid)
+        return self.output(self.propagate(x, lam, gl, gc, gr, u, skip), z)
