@@ -1,0 +1,209 @@
+"""FID, Inception Score, KID and precision/recall between two inputs, computed by torch-fidelity.
+
+Features come from torch-fidelity's ``inception-v3-compat`` extractor (the TF-FID Inception) with weights from
+a local file (see ``weights.py``); the metrics are torch-fidelity's own functions on those features.
+Precision/recall use the same Inception pool features (2048-d, k = 3), as ADM's evaluator does, so no VGG16
+download is needed. FID statistics of image inputs are cached under ``cache_dir``, keyed by the input's
+sha256 *and* the weights' sha256 (torch-fidelity's own cache key leaves the weights out).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor
+from tqdm.auto import tqdm
+
+from .inputs import EvalInput, open_input, sha256_file
+from .weights import resolve_inception_weights
+
+FEATURE_EXTRACTOR = "inception-v3-compat"
+POOL = "2048"
+LOGITS = "logits_unbiased"
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+@dataclass
+class Settings:
+    """The knobs of the metrics (torch-fidelity's names and defaults, ADM's k = 3 for precision/recall)."""
+
+    batch_size: int = 50
+    isc_splits: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    prc_neighborhood: int = 3
+    prc_batch_size: int = 10000
+    rng_seed: int = 2020
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    stats_from_images: bool = False
+
+
+class InceptionFeatures:
+    """torch-fidelity's Inception-v3 with local weights: uint8 images -> pool (2048) features and logits."""
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu"):
+        self.weights_path = resolve_inception_weights(weights)
+        self.weights_sha256 = sha256_file(self.weights_path)
+        try:
+            model = create_feature_extractor(FEATURE_EXTRACTOR, [POOL, LOGITS], cuda=False, verbose=False,
+                                             feature_extractor_weights_path=str(self.weights_path))
+        except RuntimeError as err:
+            raise ValueError(f"{self.weights_path} is not a state dict of torch-fidelity's "
+                             f"FeatureExtractorInceptionV3: {err}") from err
+        self.model = model.to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, source: EvalInput, batch_size: int, progress: bool = False) -> dict[str, torch.Tensor]:
+        pool, logits = [], []
+        with tqdm(total=source.count, unit="img", desc=f"features {source.path.name}", disable=not progress,
+                  leave=False) as bar:
+            for batch in source.batches(batch_size):
+                features = self.model.convert_features_tuple_to_dict(self.model(batch.to(self.device)))
+                pool.append(features[POOL].cpu())
+                logits.append(features[LOGITS].cpu())
+                bar.update(len(batch))
+        return {POOL: torch.cat(pool), LOGITS: torch.cat(logits)}
+
+
+def fid_stats(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """torch-fidelity's mean and covariance of pool features, in float64 (ADM's reference files are float64)."""
+    stats = fid_features_to_statistics(features)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
+
+
+def write_stats(path: str | Path, stats: dict, *, weights_sha256: str, count: int, source_sha256: str) -> Path:
+    """A reference-statistics ``.npz`` (``mu``, ``sigma``, as ADM's) that records which Inception made it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=FEATURE_EXTRACTOR,
+                 weights_sha256=weights_sha256, count=np.int64(count), source_sha256=source_sha256)
+    os.replace(tmp, path)
+    return path
+
+
+def _stored_stats(source: EvalInput, weights_sha256: str) -> dict:
+    meta = source.metadata()
+    made_with = meta.get("weights_sha256")
+    if made_with is not None and made_with != weights_sha256:
+        raise ValueError(f"{source.path} was computed with Inception weights sha256 {made_with[:12]}…, but these "
+                         f"are {weights_sha256[:12]}…: recompute it with the same --weights")
+    return source.stats()
+
+
+def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[str] | None) -> list[str]:
+    """The metrics to compute: those requested (checked against what the inputs allow), or all they allow."""
+    possible = {
+        "isc": first.has_images,
+        "fid": second is not None,
+        "kid": second is not None and first.has_images and second.has_images,
+        "prc": second is not None and first.has_images and second.has_images,
+    }
+    if requested is None:
+        return [m for m in METRICS if possible[m]]
+    for metric in requested:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+        if not possible[metric]:
+            why = ("it needs two inputs" if second is None else
+                   "it needs images on both sides, and a statistics file holds none" if metric in ("kid", "prc")
+                   else "the first input holds statistics only, no images")
+            raise ValueError(f"cannot compute {metric}: {why}")
+    return [m for m in METRICS if m in requested]
+
+
+def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: list[str] | None = None,
+             weights: str | os.PathLike | None = None, settings: Settings | None = None,
+             cache_dir: str | Path | None = None, save_stats: str | Path | None = None,
+             progress: bool = False) -> dict:
+    """Compare ``input1`` (the samples) with ``input2`` (the reference); returns the JSON-ready report.
+
+    IS is computed on input1; precision is input1's samples inside input2's manifold, recall the converse
+    (torch-fidelity's convention). ``save_stats`` writes input1's FID statistics to a reusable ``.npz``.
+    """
+    settings = settings or Settings()
+    start = time.perf_counter()
+    first = open_input(input1)
+    second = open_input(input2) if input2 is not None else None
+    chosen = wanted_metrics(first, second, metrics)
+    if not chosen and save_stats is None:
+        raise ValueError("nothing to compute: give two inputs, or images for IS, or --save-stats")
+    extractor = InceptionFeatures(weights, settings.device)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    sources = [s for s in (first, second) if s is not None]
+
+    need_features = {id(first): first.has_images and (bool({"isc", "kid", "prc"} & set(chosen)))}
+    if second is not None:
+        need_features[id(second)] = bool({"kid", "prc"} & set(chosen))
+    stats, stats_origin, features = {}, {}, {}
+
+    def get_features(source):
+        if id(source) not in features:
+            features[id(source)] = extractor(source, settings.batch_size, progress)
+        return features[id(source)]
+
+    for source in sources:
+        needs_stats = "fid" in chosen or (source is first and save_stats is not None)
+        if not needs_stats:
+            continue
+        if source.has_stats and not (settings.stats_from_images and source.has_images):
+            stats[id(source)], stats_origin[id(source)] = _stored_stats(source, extractor.weights_sha256), "stored"
+            continue
+        cached = cache / f"{source.sha256[:32]}-{extractor.weights_sha256[:16]}-fid-stats.npz" if cache else None
+        if cached is not None and cached.is_file() and not need_features.get(id(source)):
+            stats[id(source)], stats_origin[id(source)] = open_input(cached).stats(), f"cache {cached}"
+            continue
+        stats[id(source)] = fid_stats(get_features(source)[POOL])
+        stats_origin[id(source)] = "computed"
+        if cached is not None:
+            write_stats(cached, stats[id(source)], weights_sha256=extractor.weights_sha256, count=source.count,
+                        source_sha256=source.sha256)
+
+    results, used = {}, {}
+    if "fid" in chosen:
+        results.update(fid_statistics_to_metric(stats[id(first)], stats[id(second)], verbose=False))
+    if "isc" in chosen:
+        splits = min(settings.isc_splits, first.count)
+        results.update(isc_features_to_metric(get_features(first)[LOGITS], splits, True, settings.rng_seed))
+        used["isc_splits"] = splits
+    if "kid" in chosen:
+        subset = min(settings.kid_subset_size, first.count, second.count)
+        results.update(kid_features_to_metric(get_features(first)[POOL], get_features(second)[POOL],
+                                              kid_subsets=settings.kid_subsets, kid_subset_size=subset,
+                                              rng_seed=settings.rng_seed, verbose=False))
+        used["kid_subset_size"] = subset
+    if "prc" in chosen:
+        results.update(prc_features_to_metric(get_features(first)[POOL], get_features(second)[POOL],
+                                              prc_neighborhood=settings.prc_neighborhood,
+                                              prc_batch_size=settings.prc_batch_size, save_cpu_ram=True,
+                                              verbose=False))
+    if save_stats is not None:
+        write_stats(save_stats, stats[id(first)], weights_sha256=extractor.weights_sha256, count=first.count or 0,
+                    source_sha256=first.sha256)
+
+    inputs = []
+    for source in sources:
+        entry = source.describe()
+        if id(source) in stats_origin:
+            entry["fid_statistics"] = stats_origin[id(source)]
+        inputs.append(entry)
+    return {
+        "metrics": results,
+        "inputs": inputs,
+        "settings": dict(asdict(settings), **used, metrics=chosen, feature_extractor=FEATURE_EXTRACTOR,
+                         prc_features=f"{FEATURE_EXTRACTOR} {POOL}", weights=str(extractor.weights_path),
+                         weights_sha256=extractor.weights_sha256, torch_fidelity=torch_fidelity.__version__,
+                         save_stats=str(save_stats) if save_stats else None),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
