@@ -9,6 +9,7 @@ A training checkpoint is a directory holding ``model/`` and ``ema/`` (each writt
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = 
     - a training checkpoint directory (``sampling.json``, ``ema/``, ``model/``): ``weights`` picks the folder;
     - a ``save_pretrained`` folder (``config.json``): latent or pixel space inferred from its in_channels;
     - ``model_name`` (a zoo name such as ``DiT-XL/2``) with a state-dict file, e.g. DiT's official
-      ``DiT-XL-2-256x256.pt``; ``image_size`` (pixels, default 256) fixes the latent size.
+      ``DiT-XL-2-256x256.pt``; the training size is read from its positional embedding (else
+      ``image_size``, pixels, default 256).
     ``vae`` overrides the checkpoint's VAE (a hub name or a local folder).
     """
     ckpt = Path(ckpt)
@@ -119,20 +121,23 @@ def _load_state_dict_file(path: Path, model_name: str, image_size, num_classes: 
 
     if not path.is_file():
         raise FileNotFoundError(f"state-dict file {path} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
-    height, width = image_size
-    if height % 8 or width % 8:
-        raise ValueError(f"image size {height}x{width} must be divisible by 8 (the VAE's downsampling)")
-    model = create_model(model_name, input_size=(height // 8, width // 8) if height != width else height // 8,
-                         num_classes=num_classes)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
         state = state["ema"]  # a DiT training checkpoint rather than a released model
+    if "pos_embed" in state:
+        # The training size is in the stored positional embedding: (1, (size / patch)^2, hidden).
+        grid = math.isqrt(state["pos_embed"].shape[1])
+        latent_size = grid * int(model_name.rsplit("/", 1)[-1])
+    else:
+        latent_size = image_size[0] // 8
+    model = create_model(model_name, input_size=latent_size, num_classes=num_classes)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not fit {model_name} at {height}x{width} with {num_classes} classes: {err}") \
-            from err
-    return model.eval(), SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (height, width), num_classes)
+        raise ValueError(f"{path} does not fit {model_name} at {8 * latent_size}px with {num_classes} classes: "
+                         f"{err}") from err
+    return model.eval(), SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * latent_size, 8 * latent_size),
+                                      num_classes)
 
 
 def load_vae(name_or_path: str):
