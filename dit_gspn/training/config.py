@@ -1,0 +1,114 @@
+"""Training configuration: YAML files merged over the defaults, then ``section.key=value`` overrides.
+
+Every key a run can use is in ``DEFAULTS``; an unknown key (a typo) is an error that names it and
+the keys it could have meant, never a silently ignored setting.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "run_dir": "runs/default",
+    "seed": 0,
+    "model": {
+        "name": "GSPN-XL/2",
+        # Any further DiT constructor argument (hidden_size, depth, gspn_chunk, ...) may be set here.
+        # input_size, in_channels and num_classes default to what the data says.
+    },
+    "data": {
+        "kind": "latents",          # "latents" (a folder written by extract_latents.py) or "shapes" (built in)
+        "path": None,               # the latent folder
+        "flip": True,               # use the flipped copies too (latents: needs them extracted)
+        "num_per_class": 500,       # shapes: images per class
+        "image_size": 32,           # shapes: pixels
+        "num_workers": 4,
+    },
+    "train": {
+        "steps": 400_000,
+        "global_batch_size": 256,   # over all processes and accumulation steps, as DiT counts it
+        "grad_accum_steps": 1,
+        "lr": 1e-4,                 # DiT: AdamW, lr 1e-4, no weight decay, constant
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "warmup_steps": 0,
+        "grad_clip": None,          # max gradient norm; None: no clipping (DiT clips nothing)
+        "mixed_precision": "no",    # "no", "bf16" or "fp16"
+        "gradient_checkpointing": False,
+        "compile": False,           # torch.compile the model
+        "ema_decay": 0.9999,
+        "cpu": False,               # force CPU even where a GPU is present
+    },
+    "checkpoint": {
+        "every": 50_000,            # optimizer steps between checkpoints (and one at the end)
+        "keep_last": 3,
+    },
+    "logging": {
+        "every": 100,               # steps between TensorBoard scalars and the bar's loss
+        "tensorboard": True,
+        "sample_every": 0,          # steps between labelled sample grids (0: only at the end)
+        "sample_classes": None,     # class ids in the grid; None: up to 10 spread over the classes
+        "samples_per_class": 1,
+        "sampler": "ddpm",
+        "sample_steps": 250,
+        "cfg_scale": 1.0,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, the file and what was expected."""
+
+
+def _merge(base: dict, update: dict, where: str, source: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in base and not where.startswith("model"):
+            close = difflib.get_close_matches(key, base, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; known keys: {', '.join(base)}"
+            raise ConfigError(f"{source}: unknown key {where + key!r}{hint}")
+        if isinstance(base.get(key), dict) and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where + key!r} must be a mapping, got {value!r}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, f"{where}{key}.", source)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"train.lr=3e-4"`` -> ``{"train": {"lr": 3e-4}}``; the value is read as YAML (numbers, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.steps=1000")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
+    """DEFAULTS, updated by the YAML file at ``path`` (if any), then by each ``key=value`` override."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        config = _merge(config, loaded, "", str(path))
+    for text in overrides:
+        config = _merge(config, parse_override(text), "", f"override {text!r}")
+    return config
+
+
+def dump_config(config: dict, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

@@ -1,0 +1,62 @@
+"""Labelled sample grids drawn during training, from the EMA weights, with the project's one sampling loop."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dit_gspn.sampling import sample, save_labelled_grid
+from dit_gspn.sampling.checkpoint import SamplingInfo, decode, load_vae
+
+
+def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> tuple[list[int], int]:
+    """(labels, images per row): one column per class (``classes``, or up to 10 spread evenly), ``per_class`` rows."""
+    if classes is None:
+        classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
+    bad = [c for c in classes if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(f"logging.sample_classes {bad} are outside [0, {num_classes})")
+    return [int(c) for c in classes] * int(per_class), len(classes)
+
+
+class GridWriter:
+    """Writes ``<run_dir>/samples/<step:07d>.png`` on the main process; the noise is the same at every step."""
+
+    def __init__(self, accelerator, run_dir: str | Path, info: SamplingInfo, logging: dict, seed: int):
+        self.device = accelerator.device
+        self.folder = Path(run_dir) / "samples"
+        self.info = info
+        self.logging = logging
+        self.seed = seed
+        self.labels, self.nrow = grid_labels(info.num_classes, logging["sample_classes"], logging["samples_per_class"])
+        self._vae = None
+        self._vae_failed = False
+
+    def _decoder(self):
+        if self.info.vae is None or self._vae is not None:
+            return self._vae
+        try:
+            self._vae = load_vae(self.info.vae).to(self.device)
+        except (FileNotFoundError, OSError) as exc:
+            if not self._vae_failed:
+                warnings.warn(f"sample grids are off: {exc}")
+            self._vae_failed = True
+        return self._vae
+
+    @torch.no_grad()
+    def write(self, ema: torch.nn.Module, step: int) -> Path | None:
+        if self.info.vae is not None and self._decoder() is None:
+            return None
+        out = sample(ema, self.labels, sampler=self.logging["sampler"], num_steps=int(self.logging["sample_steps"]),
+                     cfg_scale=float(self.logging["cfg_scale"]), generator=torch.Generator().manual_seed(self.seed))
+        images = decode(out, self.info, self._vae)
+        return save_labelled_grid(images.cpu(), self.labels, self.folder / f"{step:07d}.png",
+                                  class_names=self.info.class_names, nrow=self.nrow)
+
+    @staticmethod
+    def log_to(tensorboard, path: Path | None, step: int) -> None:
+        if path is not None:
+            tensorboard.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")

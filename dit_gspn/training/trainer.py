@@ -1,0 +1,221 @@
+"""The training loop: one code path for a laptop CPU, one GPU, or many nodes (accelerate decides which).
+
+DiT's recipe: AdamW (lr 1e-4, no weight decay), the hybrid MSE + VLB loss with uniform t, EMA of
+the weights. Added: warm-up, gradient clipping, gradient accumulation, mixed precision, gradient
+checkpointing, torch.compile, atomic checkpoints and exact resume.
+
+Exact resume: the data order is a pure function of (seed, epoch, micro-batch) (``EpochBatchSampler``),
+timesteps and noise come from a per-process generator, label dropout from the per-process global
+RNG; a checkpoint stores the position and every state, so a resumed run repeats the same arithmetic.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dit_gspn.diffusion import GaussianDiffusion
+
+from .checkpoint import (CheckpointWriter, latest_checkpoint, load_weights, read_trainer_state, resolve_resume,
+                         set_rng_state)
+from .config import ConfigError
+from .data_order import EpochBatchSampler
+from .datasets import TrainingData, build_training_data
+from .ema import make_ema, update_ema
+from .grids import GridWriter
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None  # the last checkpoint written (or resumed from)
+    step: int
+    loss: float              # mean loss over the last logging window
+    grid: Path | None        # the last sample grid written
+    model: torch.nn.Module   # the trained model (unwrapped) and its EMA, on this process
+    ema: torch.nn.Module
+
+
+def build_model(config: dict, data: TrainingData):
+    """The zoo model ``config["model"]["name"]`` with the data's channels, size and classes filled in."""
+    from dit_gspn.models import create_model
+
+    kwargs = {k: v for k, v in config["model"].items() if k != "name"}
+    kwargs.update(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
+    try:
+        return create_model(config["model"]["name"], **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
+
+
+def _micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start: int, num_workers: int):
+    """Yields (x, y, position after this batch) forever, epoch after epoch, from (epoch, start)."""
+    while True:
+        sampler = EpochBatchSampler(len(dataset), micro_batch, acc.num_processes, acc.process_index, seed,
+                                    epoch=epoch, start=start)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                            pin_memory=acc.device.type == "cuda")
+        for b, (x, y) in enumerate(loader, start=start):
+            yield x, y, (epoch, b + 1)
+        epoch, start = epoch + 1, 0
+
+
+def _lr_lambda(warmup_steps: int):
+    if warmup_steps <= 0:
+        return lambda step: 1.0
+    return lambda step: min(1.0, (step + 1) / warmup_steps)
+
+
+def train(config: dict, resume: str | None = None) -> TrainResult:
+    """Run (or continue) the training run that ``config`` describes; see ``configs/*.yaml`` for the keys.
+
+    ``resume``: None (fresh start; an existing run directory with checkpoints is an error),
+    "latest" (continue from the newest complete checkpoint, or start fresh if there is none), or a
+    checkpoint directory. Raises ``NonFiniteLossError`` naming the step and the last good checkpoint.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    tc, lc, cc = config["train"], config["logging"], config["checkpoint"]
+    run_dir = Path(config["run_dir"])
+    acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    accum = int(tc["grad_accum_steps"])
+    per_step = acc.num_processes * accum
+    if tc["global_batch_size"] % per_step:
+        raise ConfigError(f"train.global_batch_size={tc['global_batch_size']} must be divisible by "
+                          f"processes x grad_accum_steps = {acc.num_processes} x {accum}")
+    micro_batch = tc["global_batch_size"] // per_step
+
+    checkpoint = resolve_resume(resume, run_dir)
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
+                          f"another run_dir")
+
+    seed = int(config["seed"])
+    torch.manual_seed(seed)  # the same initial weights on every process
+    data = build_training_data(config)
+    model = build_model(config, data)
+    if tc["gradient_checkpointing"]:
+        model.enable_gradient_checkpointing()
+    ema = make_ema(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
+                                  weight_decay=float(tc["weight_decay"]))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(int(tc["warmup_steps"])))
+
+    step, position, last_loss = 0, (0, 0), math.nan
+    if checkpoint is not None:
+        state = read_trainer_state(checkpoint)
+        model.load_state_dict(load_weights(checkpoint / "model"))
+        ema.load_state_dict(load_weights(checkpoint / "ema"))
+        step, position = int(state["step"]), (int(state["epoch"]), int(state["batch_in_epoch"]))
+        if state["global_micro_batch"] != micro_batch * acc.num_processes:
+            raise ConfigError(f"{checkpoint} was trained with {state['global_micro_batch']} samples per micro-batch "
+                              f"over all processes; this launch gives {micro_batch * acc.num_processes}: keep "
+                              f"global_batch_size / grad_accum_steps the same to resume")
+    if tc["compile"]:
+        model.compile()
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model = acc.unwrap_model(model)
+    ema.to(acc.device)
+
+    noise_generator = torch.Generator().manual_seed(seed * 1_000_003 + acc.process_index)
+    torch.manual_seed(seed * 1_000_003 + 7919 * (acc.process_index + 1))  # label dropout, per process
+    if checkpoint is not None:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=False))
+        rng_file = checkpoint / "rng" / f"rank{acc.process_index}.pt"
+        if state["num_processes"] == acc.num_processes and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False), noise_generator)
+        elif acc.is_main_process:
+            print(f"resuming {checkpoint} with {acc.num_processes} processes instead of {state['num_processes']}: "
+                  f"the data order continues exactly, the noise streams are re-seeded")
+
+    diffusion = GaussianDiffusion()
+    writer = CheckpointWriter(acc, run_dir, int(cc["keep_last"]))
+    grids = GridWriter(acc, run_dir, data.sampling_info, lc, seed) if acc.is_main_process else None
+    tensorboard = None
+    if acc.is_main_process and lc["tensorboard"]:
+        from torch.utils.tensorboard import SummaryWriter
+        tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+    batches = _micro_batches(data.dataset, micro_batch, acc, seed, *position, int(config["data"]["num_workers"]))
+
+    total = int(tc["steps"])
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"training {config['model']['name']}",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    window_loss, window_steps, window_start = torch.zeros((), device=acc.device), 0, time.perf_counter()
+    grid_path = None
+    clip = tc["grad_clip"]
+    model.train()
+    while step < total:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=acc.device)
+        for k in range(accum):
+            x, y, position = next(batches)
+            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+            t = diffusion.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
+            noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
+            with acc.no_sync(model) if k < accum - 1 else nullcontext():
+                loss = diffusion.training_losses(model, x, t, dict(y=y), noise)["loss"].mean()
+                acc.backward(loss / accum)
+            step_loss += loss.detach() / accum
+        if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):
+            last = writer.latest() or checkpoint
+            if tensorboard is not None:
+                tensorboard.close()
+            raise NonFiniteLossError(
+                f"the loss became {step_loss.item()} at step {step + 1} (no checkpoint written for it); "
+                f"last good checkpoint: {last if last else 'none (nothing was saved yet)'}. Resume from it "
+                f"with a lower train.lr or train.grad_clip set.")
+        grad_norm = acc.clip_grad_norm_(model.parameters(), float(clip)) if clip else None
+        optimizer.step()
+        lr_scheduler.step()
+        update_ema(ema, raw_model, float(tc["ema_decay"]))
+        step += 1
+        window_loss += step_loss
+        window_steps += 1
+        bar.update(1)
+
+        if step % int(lc["every"]) == 0 or step == total:
+            mean_loss = (acc.reduce(window_loss, "mean") / window_steps).item()
+            rate = window_steps / (time.perf_counter() - window_start)
+            last_loss = mean_loss
+            bar.set_postfix(loss=f"{mean_loss:.4f}", steps_per_s=f"{rate:.2f}")
+            if tensorboard is not None:
+                tensorboard.add_scalar("train/loss", mean_loss, step)
+                tensorboard.add_scalar("train/steps_per_sec", rate, step)
+                tensorboard.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], step)
+                if grad_norm is not None:
+                    tensorboard.add_scalar("train/grad_norm", float(grad_norm), step)
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+
+        if step % int(cc["every"]) == 0 or step == total:
+            checkpoint = writer.write(step, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      sampling_info=data.sampling_info, config=config, noise_generator=noise_generator,
+                                      trainer_state={"epoch": position[0], "batch_in_epoch": position[1],
+                                                     "num_processes": acc.num_processes,
+                                                     "global_micro_batch": micro_batch * acc.num_processes,
+                                                     "grad_accum_steps": accum, "loss": last_loss})
+        sample_every = int(lc["sample_every"])
+        if (sample_every and step % sample_every == 0) or step == total:
+            if grids is not None:
+                grid_path = grids.write(ema, step)
+                if tensorboard is not None:
+                    grids.log_to(tensorboard, grid_path, step)
+            acc.wait_for_everyone()
+    bar.close()
+    if tensorboard is not None:
+        tensorboard.close()
+    return TrainResult(run_dir=run_dir, checkpoint=checkpoint, step=step, loss=last_loss, grid=grid_path,
+                       model=raw_model, ema=ema)
