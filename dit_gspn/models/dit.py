@@ -368,7 +368,7 @@ class DiT(ModelMixin, ConfigMixin):
 # DiT's sizes: (depth, hidden_size, num_heads).
 _SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 _PATCHES = (2, 4, 8)
-_FAMILIES = {"DiT": "attention", "GSPN": "gspn"}
+_FAMILIES = {"GSPN": "gspn", "DiT": "attention"}
 
 
 def _zoo_entry(mixer: str, depth: int, hidden_size: int, num_heads: int, patch_size: int):

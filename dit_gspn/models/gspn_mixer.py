@@ -34,7 +34,8 @@ NUM_DIRECTIONS = 4
 
 def _project_channels(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, r, N) -> (B, out, N), contiguous: a per-token linear map in channel-first layout."""
-    return F.conv1d(p, weight.unsqueeze(-1), bias)
+    out = torch.matmul(weight, p)
+    return out if bias is None else out.add_(bias[:, None])
 
 
 class GSPNMixer(nn.Module):

@@ -1,0 +1,265 @@
+"""The DiT backbone: zoo, adaLN-Zero, shapes and resolutions, CFG, checkpointing, compile, save/load, errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dit_gspn.models import DiT, DiT_models, GSPNMixer, create_model
+from dit_gspn.models.attention import Attention
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+MIXERS = ["gspn", "attention"]
+
+
+def tiny(mixer="gspn", **overrides) -> DiT:
+    return DiT(**{**TINY, "mixer": mixer, **overrides})
+
+
+def randomise(model: DiT, std=0.2) -> DiT:
+    """Random weights everywhere, so that adaLN-Zero does not make every output 0."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn_like(p))
+    return model
+
+
+def inputs(B=2, C=4, H=8, W=8, num_classes=10):
+    return torch.randn(B, C, H, W), torch.randint(0, 1000, (B,)), torch.randint(0, num_classes, (B,))
+
+
+# ----------------------------------------------------------------------------- zoo
+
+
+def test_zoo_names_are_dits_for_both_mixers():
+    expected = {f"{fam}-{s}/{p}" for fam in ("GSPN", "DiT") for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    assert set(DiT_models) == expected
+    model = create_model("GSPN-S/4", input_size=16, depth=1)
+    assert (model.config.hidden_size, model.config.num_heads, model.patch_size) == (384, 6, 4)
+    assert model.config.mixer == "gspn" and create_model("DiT-S/8", depth=1).config.mixer == "attention"
+    assert isinstance(model.blocks[0].mixer, GSPNMixer)
+
+
+def test_unknown_model_name_lists_the_known_names():
+    with pytest.raises(KeyError, match=r"unknown model name 'GSPN-M/2'.*GSPN-XL/2.*DiT-S/8"):
+        create_model("GSPN-M/2")
+
+
+def test_gspn_parameter_counts_are_within_ten_percent_of_dit():
+    counts = {}
+    with torch.device("meta"):
+        for name in DiT_models:
+            counts[name] = create_model(name).num_parameters()
+    for size in ("S", "B", "L", "XL"):
+        for p in (2, 4, 8):
+            ratio = counts[f"GSPN-{size}/{p}"] / counts[f"DiT-{size}/{p}"]
+            assert 0.9 < ratio < 1.1, (size, p, ratio)
+    # DiT's published sizes (million parameters, the frozen pos_embed not counted).
+    assert round(counts["DiT-XL/2"] / 1e6, 1) == 674.8 and round(counts["DiT-S/2"] / 1e6, 1) == 32.9
+
+
+def test_local_and_global_scans_per_layer():
+    model = tiny(depth=5, gspn_chunk=3, gspn_global_layers=2)
+    assert [b.mixer.chunk for b in model.blocks] == [3, 3, 3, None, None]
+    assert [b.mixer.chunk for b in tiny(depth=8).blocks] == [8] * 6 + [None] * 2  # default: last depth // 4
+    assert all(b.mixer.chunk is None for b in tiny(gspn_chunk=None).blocks)
+    model = tiny(gspn_gate_groups=4, gspn_proxy_ratio=8)
+    assert model.blocks[0].mixer.gate_groups == 4 and model.blocks[0].mixer.proxy_dim == 4
+
+
+# ----------------------------------------------------------------------------- adaLN-Zero
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_adaln_zero_outputs_zero_at_init_and_gradients_reach_every_parameter(mixer):
+    """At init only the final linear gets a gradient (everything upstream is multiplied by its zero
+    weight or by zero adaLN gates, as in DiT); after two SGD steps every parameter has had one."""
+    model = tiny(mixer).train()
+    x, t, y = inputs()
+    assert torch.equal(model(x, t, y), torch.zeros(2, 8, 8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    target = torch.randn(2, 8, 8, 8)
+    reached = []
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x, t, y), target).backward()
+        reached.append({n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0})
+        opt.step()
+    assert reached[0] == {"final_layer.linear.weight", "final_layer.linear.bias"}
+    assert set().union(*reached) == {n for n, _ in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- shapes and resolutions
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("patch_size", [1, 2, 4, 8])
+def test_square_and_non_square_inputs_for_every_patch_size(mixer, patch_size):
+    model = randomise(tiny(mixer, patch_size=patch_size, input_size=2 * patch_size, depth=1)).eval()
+    for H, W in [(2 * patch_size, 2 * patch_size), (2 * patch_size, 3 * patch_size), (3 * patch_size, patch_size)]:
+        out = model(*inputs(H=H, W=W))
+        assert out.shape == (2, 8, H, W) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_non_square_token_layout_round_trips(mixer):
+    """With no blocks each output patch depends on its own input patch only: a wrong (h, w) order breaks it."""
+    model = randomise(tiny(mixer, depth=0)).eval()
+    x, t, y = inputs(H=6, W=10)
+    poked = x.clone()
+    poked[:, :, 2:4, 6:8] += 1.0  # patch (row 1, column 3)
+    changed = (model(poked, t, y) - model(x, t, y)).abs().sum(dim=(0, 1)) > 0
+    expected = torch.zeros(6, 10, dtype=torch.bool)
+    expected[2:4, 6:8] = True
+    assert torch.equal(changed, expected)
+
+
+def test_gspn_trained_at_one_size_runs_at_another():
+    model = tiny("gspn", input_size=8)
+    assert model.pos_embed is None and "pos_embed" not in model.state_dict()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        x, t, y = inputs(H=8, W=8)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x, t, y), torch.randn(2, 8, 8, 8)).backward()
+        opt.step()
+    model.eval()
+    for H, W in [(16, 16), (12, 20)]:
+        out = model(*inputs(H=H, W=W))
+        assert out.shape == (2, 8, H, W) and torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_attention_pos_embed_is_recomputed_for_another_grid():
+    from dit_gspn.models import sincos_pos_embed_2d
+
+    model = randomise(tiny("attention")).eval()
+    assert torch.equal(model.positional_embedding((4, 4), torch.float32, "cpu"), model.pos_embed)
+    torch.testing.assert_close(model.positional_embedding((3, 6), torch.float32, "cpu")[0],
+                               sincos_pos_embed_2d(32, 3, 6))
+    out = model(*inputs(H=6, W=12))
+    assert out.shape == (2, 8, 6, 12) and torch.isfinite(out).all()
+
+
+def test_learn_sigma_off_and_scalar_timestep():
+    model = tiny(learn_sigma=False)
+    x, _, y = inputs()
+    assert model.out_channels == 4 and model(x, torch.tensor(10), y).shape == (2, 4, 8, 8)
+    assert model.input_size == 8
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+
+def test_label_dropout_uses_the_null_class_num_classes():
+    model = randomise(tiny(class_dropout_prob=1.0))
+    labels = torch.tensor([0, 3, 9])
+    null = model.y_embedder.embedding_table.weight[10]
+    assert torch.equal(model.y_embedder(labels, train=True), null.expand(3, -1))
+    forced = model.y_embedder(labels, train=False, force_drop_ids=torch.tensor([1, 0, 1]))
+    assert torch.equal(forced[0], null) and torch.equal(forced[2], null)
+    assert torch.equal(forced[1], model.y_embedder.embedding_table.weight[3])
+    assert torch.equal(model.y_embedder(labels, train=False), model.y_embedder.embedding_table.weight[labels])
+
+
+@pytest.mark.parametrize("guided_channels", [None, 3])
+def test_forward_with_cfg_guides_the_epsilon_channels(guided_channels):
+    model = randomise(tiny()).eval()
+    x, _, _ = inputs(B=4)
+    t = torch.tensor([5, 9, 5, 9])
+    y = torch.tensor([1, 2, 10, 10])
+    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0, guided_channels=guided_channels)
+    raw = model(torch.cat([x[:2], x[:2]]), t, y)
+    k = 4 if guided_channels is None else 3
+    guided = raw[2:, :k] + 4.0 * (raw[:2, :k] - raw[2:, :k])
+    torch.testing.assert_close(out[:2, :k], guided)
+    torch.testing.assert_close(out[2:, :k], guided)
+    torch.testing.assert_close(out[:, k:], raw[:, k:])
+    with pytest.raises(ValueError, match="odd batch size 3"):
+        model.forward_with_cfg(x[:3], t[:3], y[:3], cfg_scale=4.0)
+
+
+# ----------------------------------------------------------------------------- training machinery
+
+
+def test_gradient_checkpointing_gives_the_same_output_and_gradients():
+    model = randomise(tiny()).train()
+    x, t, y = inputs()
+    torch.manual_seed(1)  # the same label dropout in both runs
+    model(x, t, y).square().mean().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    calls = []
+
+    def counting_checkpoint(module, *args):
+        calls.append(module)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(counting_checkpoint)
+    torch.manual_seed(1)
+    model(x, t, y).square().mean().backward()
+    assert len(calls) == len(model.blocks)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+    model.disable_gradient_checkpointing()
+    assert not model.gradient_checkpointing
+
+
+def test_torch_compile_matches_eager_on_cpu():
+    model = randomise(DiT(input_size=4, patch_size=1, in_channels=2, hidden_size=16, depth=1, num_heads=2,
+                          num_classes=3, gspn_chunk=2, gspn_global_layers=0)).eval()
+    x, t, y = torch.randn(2, 2, 4, 4), torch.tensor([3, 700]), torch.tensor([0, 3])
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), model(x, t, y), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    model = randomise(tiny()).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y)
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_save_pretrained_writes_safetensors_and_json_and_reloads_without_pickles(mixer, tmp_path):
+    model = randomise(tiny(mixer, gspn_gate_groups=8)).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["mixer"] == mixer and config["hidden_size"] == 32 and config["gspn_gate_groups"] == 8
+    loaded = DiT.from_pretrained(tmp_path).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_clear_errors_for_bad_inputs():
+    model = tiny()
+    x, t, y = inputs()
+    with pytest.raises(ValueError, match=r"input size H x W = 9 x 8 is not divisible by the patch size 2"):
+        model(torch.randn(2, 4, 9, 8), t, y)
+    with pytest.raises(ValueError, match=r"class label 11 is out of range: labels must lie in \[0, 10\] "
+                                         r"for num_classes = 10 \(10 is the null class"):
+        model(x, t, torch.tensor([1, 11]))
+    with pytest.raises(ValueError, match=r"class label -1 is out of range"):
+        model(x, t, torch.tensor([-1, 1]))
+    with pytest.raises(ValueError, match=r"class label 10 is out of range: labels must lie in \[0, 9\].*no null class"):
+        tiny(class_dropout_prob=0.0)(x, t, torch.tensor([10, 1]))
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 4, H, W\), got \(2, 3, 8, 8\)"):
+        model(torch.randn(2, 3, 8, 8), t, y)
+    with pytest.raises(ValueError, match=r"expected t and y of shape \(2,\).*got t \(3,\)"):
+        model(x, torch.tensor([1, 2, 3]), y)
+    with pytest.raises(ValueError, match="input_size 10 is not divisible by patch_size 4"):
+        tiny(input_size=10, patch_size=4)
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        tiny(mixer="mamba")
+    with pytest.raises(ValueError, match=r"grid \(h, w\) = \(2, 2\) holds 4 tokens but the input has N = 6"):
+        Attention(8, 2)(torch.randn(1, 6, 8), (2, 2))
