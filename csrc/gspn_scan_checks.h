@@ -1,0 +1,44 @@
+// Input checks and sizes of the fused GSPN scan ops, shared by the CPU and CUDA entry points
+// (host code only). Python validates first with friendlier messages; these keep direct
+// torch.ops.gspn calls safe.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "gspn_scan_common.h"
+
+namespace gspn {
+
+// The sizes every kernel needs; channel groups are per tensor.
+struct ScanShape {
+  int64_t B, C, H, W;
+  int64_t g_lam, g_gl, g_gc, g_gr, g_u;
+};
+
+inline ScanShape check_inputs(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& gl, const at::Tensor& gc,
+                       const at::Tensor& gr, const at::Tensor& u, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 4, "gspn_scan: x must be (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(chunk >= 0, "gspn_scan: chunk must be >= 1 (or 0 for a global scan), got ", chunk);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gspn_scan: x must be floating point, got ", x.scalar_type());
+  ScanShape shape{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, 0, 0, 0};
+  const char* names[] = {"lam", "gl", "gc", "gr", "u"};
+  const at::Tensor* gates[] = {&lam, &gl, &gc, &gr, &u};
+  int64_t* groups[] = {&shape.g_lam, &shape.g_gl, &shape.g_gc, &shape.g_gr, &shape.g_u};
+  for (int k = 0; k < 5; ++k) {
+    const at::Tensor& t = *gates[k];
+    TORCH_CHECK(t.dim() == 5 && t.size(0) == shape.B && t.size(1) == kDirections && t.size(3) == shape.H &&
+                    t.size(4) == shape.W,
+                "gspn_scan: ", names[k], " must be (B, 4, G, H, W) = (", shape.B, ", 4, G, ", shape.H, ", ", shape.W,
+                "), got ", t.sizes());
+    TORCH_CHECK(t.size(2) >= 1 && shape.C % t.size(2) == 0, "gspn_scan: ", names[k], "'s group count G=", t.size(2),
+                " must divide C=", shape.C);
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gspn_scan: ", names[k], " has dtype ", t.scalar_type(),
+                " but x has ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "gspn_scan: ", names[k], " is on ", t.device(), " but x is on ", x.device());
+    *groups[k] = t.size(2);
+  }
+  return shape;
+}
+
+
+}  // namespace gspn
