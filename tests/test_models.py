@@ -141,6 +141,16 @@ def test_attention_pos_embed_is_recomputed_for_another_grid():
     assert out.shape == (2, 8, 6, 12) and torch.isfinite(out).all()
 
 
+def test_non_square_training_size_round_trips_through_config_json(tmp_path):
+    model = randomise(tiny("attention", input_size=(8, 12))).eval()
+    assert model.input_size == (8, 12) and model.pos_embed.shape == (1, 4 * 6, 32)
+    model.save_pretrained(tmp_path)
+    loaded = DiT.from_pretrained(tmp_path).eval()
+    assert loaded.input_size == (8, 12)
+    x, t, y = inputs(H=8, W=12)
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
 def test_learn_sigma_off_and_scalar_timestep():
     model = tiny(learn_sigma=False)
     x, _, y = inputs()

@@ -22,6 +22,14 @@ from .pos_embed import sincos_pos_embed_2d
 MIXERS = ("gspn", "attention")
 
 
+def _size_pair(size) -> tuple[int, int]:
+    """An int or (H, W) pair (a list once read from config.json) -> (H, W)."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -97,7 +105,8 @@ class LabelEmbedder(nn.Module):
             raise TypeError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.numel() == 0 or torch.compiler.is_compiling():
             return
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)
         top = self.embedding_table.num_embeddings - 1
         if lo < 0 or hi > top:
             bad = lo if lo < 0 else hi
@@ -176,7 +185,8 @@ class FinalLayer(nn.Module):
 class DiT(ModelMixin, ConfigMixin):
     """Diffusion model with a transformer backbone whose token mixer is GSPN or self-attention.
 
-    The first ten arguments are facebookresearch/DiT's. ``mixer`` picks the token mixer.
+    The first ten arguments are facebookresearch/DiT's; ``input_size`` (the training size of the
+    latent or pixel map) may also be an (H, W) pair. ``mixer`` picks the token mixer.
     ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
     which needs none and then runs at any resolution); it is recomputed for an input whose grid
     differs from the training grid ``input_size / patch_size``. The ``gspn_*`` options configure
@@ -191,7 +201,7 @@ class DiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        input_size: int = 32,
+        input_size: int | tuple[int, int] = 32,
         patch_size: int = 2,
         in_channels: int = 4,
         hidden_size: int = 1152,
@@ -214,9 +224,11 @@ class DiT(ModelMixin, ConfigMixin):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        if input_size % patch_size:
+        height, width = _size_pair(input_size)
+        if height % patch_size or width % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        self.input_size = input_size
+        # int for a square training size (DiT's convention), (H, W) otherwise.
+        self.input_size = input_size if isinstance(input_size, int) else (height, width)
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -228,7 +240,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.grid_size = (input_size // patch_size, input_size // patch_size)
+        self.grid_size = (height // patch_size, width // patch_size)
         if use_pos_embed is None:
             use_pos_embed = mixer == "attention"
         if use_pos_embed:

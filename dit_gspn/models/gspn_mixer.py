@@ -118,7 +118,7 @@ class GSPNMixer(nn.Module):
             raise ValueError(f"GSPNMixer: expected {self.dim} channels, got tokens of shape {tuple(tokens.shape)}")
         W_in, b_in = self.in_proj.weight, self.in_proj.bias
         # The map in channel-first layout straight from the projection (no transposed copy).
-        x = torch.matmul(W_in[:C], tokens.transpose(1, 2)) + b_in[:C, None]
+        x = torch.matmul(W_in[:C], tokens.transpose(1, 2)).add_(b_in[:C, None])
         x = x.view(B, C, h, w)
         z = F.linear(tokens, W_in[C:], b_in[C:]) if self.output_gate else None
         if self.dwconv is not None:
