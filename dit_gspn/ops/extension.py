@@ -95,6 +95,8 @@ def build(variant: str, verbose: bool = False) -> Path:
     defines = ["-DGSPN_WITH_CUDA"] if variant == "cuda" else []
     if variant == "cuda":
         configure_cuda_toolkit()
+        for folder in _missing_cuda_library_headers():
+            defines += ["-isystem", str(folder)]
     path = cpp_extension.load(
         name=name,
         sources=[str(p) for p in sources(variant)],
@@ -111,6 +113,22 @@ def build(variant: str, verbose: bool = False) -> Path:
     for hook in _hooks:
         hook()
     return Path(path) if path else _library_path(variant)
+
+
+def _missing_cuda_library_headers() -> list[Path]:
+    """Header folders of the pip CUDA libraries (cuSPARSE, cuBLAS, ...) when the toolkit lacks them.
+
+    ATen's CUDA headers include cusparse.h; a bare toolkit (such as /usr/local/cuda-13.0 here)
+    does not ship it, but torch's CUDA wheel depends on the ``nvidia-*`` packages that do.
+    They go after the toolkit's own include folder, so they only fill what it lacks.
+    """
+    import torch.utils.cpp_extension as cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "include" / "cusparse.h").exists():
+        return []
+    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return sorted(p for p in site.glob("*/include") if (p / "cusparse.h").exists())
 
 
 def _library_path(variant: str) -> Path:
