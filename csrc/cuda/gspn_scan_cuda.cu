@@ -1,0 +1,469 @@
+// Fused four-direction GSPN propagation on CUDA: kernels of gspn::gspn_scan_fwd / gspn_scan_bwd
+// (schemas in csrc/cpu/gspn_scan_cpu.cpp). Contract: dit_gspn/ops/reference.py::gspn_scan_reference.
+//
+// Layout of the work. One thread block owns one (batch, channel) plane and runs its four
+// directions one after the other, in ONE launch per pass, so the direction sum (and, in the
+// backward, dx's sum) needs no atomics. Within a direction the block walks the S scan steps in
+// tiles of T steps; a tile of all L lanes x T steps of every input is first staged in shared
+// memory with COALESCED global reads, then scanned from shared memory, then its results are
+// written back coalesced:
+//   - vertical scans (top-down, bottom-up): lanes are columns, contiguous in memory, so
+//     consecutive threads take consecutive lanes of one step;
+//   - horizontal scans (left-right, right-left): lanes are rows, and it is the STEP axis that is
+//     contiguous, so consecutive threads take consecutive steps of one lane (T steps = 16 bf16
+//     or 16 fp32 values in a row, at least one 32-byte sector per row) and the scan then runs with
+//     one thread per row from shared memory.
+// The previous step's lane vector stays in shared memory (neighbours l-1, l, l+1). Gates are
+// normalised while staging (raw logits in). Everything is computed in fp32; indices are 64-bit.
+//
+// Memory: the forward saves only its inputs. The backward recomputes each direction's hidden
+// states (one forward sweep) into an fp32 scratch plane per (batch, channel), reused by the four
+// directions, instead of the forward storing 4 x C hidden maps for the whole time between
+// forward and backward: a transient C-sized map inside one op instead of 4 x C maps per layer
+// kept alive across the network, for one extra read of the inputs.
+//
+// Gate gradients of grouped tensors (G < C) are sums over the group's channels, accumulated with
+// fp32 atomics (planes of one group run in different blocks); with G == C they are plain stores.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#include "../gspn_scan_checks.h"
+#include "../gspn_scan_common.h"
+
+namespace gspn {
+namespace {
+
+constexpr int kMaxTile = 16;
+
+struct GatePlanes {
+  int64_t lam, gl, gc, gr, u;  // plane indices into the (B, 4, G, H, W) tensors
+};
+
+__device__ __forceinline__ GatePlanes gate_planes(const ScanShape& sh, int64_t b, int d, int64_t c) {
+  return GatePlanes{gate_plane(b, d, c, sh.C, sh.g_lam), gate_plane(b, d, c, sh.C, sh.g_gl),
+                    gate_plane(b, d, c, sh.C, sh.g_gc), gate_plane(b, d, c, sh.C, sh.g_gr),
+                    gate_plane(b, d, c, sh.C, sh.g_u)};
+}
+
+// The i-th element of a staged tile of n_steps steps x L lanes, in the order that makes
+// consecutive i consecutive in global memory (see the layout note above).
+__device__ __forceinline__ void tile_coords(int d, int64_t i, int64_t L, int64_t n_steps, int64_t& k, int64_t& l) {
+  if (d < 2) {
+    k = i / L;
+    l = i % L;
+  } else {
+    l = i / n_steps;
+    k = i % n_steps;
+  }
+}
+
+template <typename scalar_t>
+__global__ void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lam,
+                                     const scalar_t* __restrict__ gl, const scalar_t* __restrict__ gc,
+                                     const scalar_t* __restrict__ gr, const scalar_t* __restrict__ u,
+                                     float* y_acc, scalar_t* y, ScanShape sh, int64_t chunk, int tile) {
+  extern __shared__ float smem[];
+  const int64_t H = sh.H, W = sh.W, HW = H * W;
+  const int64_t max_lanes = H > W ? H : W;
+  const int64_t pitch = max_lanes + 1;  // tile row pitch; +1 spreads the horizontal staging over banks
+  float* h_buf = smem;                  // 2 x max_lanes
+  float* t_drive = h_buf + 2 * max_lanes;
+  float* t_wl = t_drive + pitch * tile;
+  float* t_wc = t_wl + pitch * tile;
+  float* t_wr = t_wc + pitch * tile;
+  float* t_u = t_wr + pitch * tile;  // u, then u * h
+
+  const int64_t p = blockIdx.x;
+  const int64_t b = p / sh.C, c = p % sh.C;
+  const scalar_t* xp = x + p * HW;
+  for (int d = 0; d < kDirections; ++d) {
+    const ScanGeometry geo = scan_geometry(d, H, W);
+    const int64_t L = geo.lanes;
+    const GatePlanes gp = gate_planes(sh, b, d, c);
+    const scalar_t* lam_p = lam + gp.lam * HW;
+    const scalar_t* gl_p = gl + gp.gl * HW;
+    const scalar_t* gc_p = gc + gp.gc * HW;
+    const scalar_t* gr_p = gr + gp.gr * HW;
+    const scalar_t* u_p = u + gp.u * HW;
+    int cur = 0;
+    for (int64_t s0 = 0; s0 < geo.steps; s0 += tile) {
+      const int64_t n = min(static_cast<int64_t>(tile), geo.steps - s0);
+      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n, k, l);
+        const int64_t o = geo.offset(s0 + k, l);
+        const int64_t t = k * pitch + l;
+        float wl, wc, wr;
+        normalized_weights<float>(static_cast<float>(gl_p[o]), static_cast<float>(gc_p[o]),
+                                  static_cast<float>(gr_p[o]), l > 0, l < L - 1, wl, wc, wr);
+        t_drive[t] = static_cast<float>(lam_p[o]) * static_cast<float>(xp[o]);
+        t_wl[t] = wl;
+        t_wc[t] = wc;
+        t_wr[t] = wr;
+        t_u[t] = static_cast<float>(u_p[o]);
+      }
+      __syncthreads();
+      for (int64_t k = 0; k < n; ++k) {
+        const bool restart = restarts_at(s0 + k, chunk);
+        const float* prev = h_buf + cur * max_lanes;
+        float* next = h_buf + (1 - cur) * max_lanes;
+        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+          const int64_t t = k * pitch + l;
+          float h = t_drive[t];
+          if (!restart) {
+            h += t_wc[t] * prev[l];
+            if (l > 0) h += t_wl[t] * prev[l - 1];
+            if (l < L - 1) h += t_wr[t] * prev[l + 1];
+          }
+          next[l] = h;
+          t_u[t] *= h;
+        }
+        cur = 1 - cur;
+        __syncthreads();
+      }
+      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n, k, l);
+        const int64_t o = p * HW + geo.offset(s0 + k, l);
+        const float v = t_u[k * pitch + l];
+        if (d == 0) {
+          y_acc[o] = v;
+        } else if (d < kDirections - 1) {
+          y_acc[o] += v;
+        } else {
+          y[o] = static_cast<scalar_t>(y_acc[o] + v);
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+                                     const scalar_t* __restrict__ lam, const scalar_t* __restrict__ gl,
+                                     const scalar_t* __restrict__ gc, const scalar_t* __restrict__ gr,
+                                     const scalar_t* __restrict__ u, float* h_scratch, float* dx_acc,
+                                     scalar_t* dx, float* d_lam, float* d_gl, float* d_gc, float* d_gr,
+                                     float* d_u, ScanShape sh, int64_t chunk, int tile) {
+  extern __shared__ float smem[];
+  const int64_t H = sh.H, W = sh.W, HW = H * W;
+  const int64_t max_lanes = H > W ? H : W;
+  const int64_t pitch = max_lanes + 1;
+  float* g_buf = smem;                       // 2 x max_lanes: adjoint of step s+1 / step s
+  float* w_buf = g_buf + 2 * max_lanes;      // 2 x 3 x max_lanes: normalised weights of step s+1 / s
+  float* t_x = w_buf + 6 * max_lanes;        // staged tile; slots are reused for the outputs:
+  float* t_lam = t_x + pitch * tile;         //   t_x <- dlam, t_lam <- dx,
+  float* t_gl = t_lam + pitch * tile;        //   t_gl/t_gc/t_gr <- dgl/dgc/dgr,
+  float* t_gc = t_gl + pitch * tile;
+  float* t_gr = t_gc + pitch * tile;
+  float* t_u = t_gr + pitch * tile;          //   t_u <- du
+  float* t_gy = t_u + pitch * tile;
+  float* t_h = t_gy + pitch * tile;          // (tile + 1) steps: h of steps s0-1 .. s0+n-1
+
+  const int64_t p = blockIdx.x;
+  const int64_t b = p / sh.C, c = p % sh.C;
+  const scalar_t* xp = x + p * HW;
+  const scalar_t* gyp = gy + p * HW;
+  float* hp = h_scratch + p * HW;
+  const bool lam_shared = sh.g_lam != sh.C, gl_shared = sh.g_gl != sh.C, gc_shared = sh.g_gc != sh.C,
+             gr_shared = sh.g_gr != sh.C, u_shared = sh.g_u != sh.C;
+  for (int d = 0; d < kDirections; ++d) {
+    const ScanGeometry geo = scan_geometry(d, H, W);
+    const int64_t L = geo.lanes;
+    const GatePlanes gp = gate_planes(sh, b, d, c);
+    const scalar_t* lam_p = lam + gp.lam * HW;
+    const scalar_t* gl_p = gl + gp.gl * HW;
+    const scalar_t* gc_p = gc + gp.gc * HW;
+    const scalar_t* gr_p = gr + gp.gr * HW;
+    const scalar_t* u_p = u + gp.u * HW;
+
+    // Phase A: recompute this direction's hidden states into the scratch plane.
+    int cur = 0;
+    for (int64_t s0 = 0; s0 < geo.steps; s0 += tile) {
+      const int64_t n = min(static_cast<int64_t>(tile), geo.steps - s0);
+      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n, k, l);
+        const int64_t o = geo.offset(s0 + k, l);
+        const int64_t t = k * pitch + l;
+        float wl, wc, wr;
+        normalized_weights<float>(static_cast<float>(gl_p[o]), static_cast<float>(gc_p[o]),
+                                  static_cast<float>(gr_p[o]), l > 0, l < L - 1, wl, wc, wr);
+        t_x[t] = static_cast<float>(lam_p[o]) * static_cast<float>(xp[o]);
+        t_gl[t] = wl;
+        t_gc[t] = wc;
+        t_gr[t] = wr;
+      }
+      __syncthreads();
+      for (int64_t k = 0; k < n; ++k) {
+        const bool restart = restarts_at(s0 + k, chunk);
+        const float* prev = g_buf + cur * max_lanes;
+        float* next = g_buf + (1 - cur) * max_lanes;
+        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+          const int64_t t = k * pitch + l;
+          float h = t_x[t];
+          if (!restart) {
+            h += t_gc[t] * prev[l];
+            if (l > 0) h += t_gl[t] * prev[l - 1];
+            if (l < L - 1) h += t_gr[t] * prev[l + 1];
+          }
+          next[l] = h;
+          t_h[t] = h;
+        }
+        cur = 1 - cur;
+        __syncthreads();
+      }
+      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n, k, l);
+        hp[geo.offset(s0 + k, l)] = t_h[k * pitch + l];
+      }
+      __syncthreads();
+    }
+
+    // Phase B: adjoint sweep from the last step back, g_s = u_s gy_s + A_{s+1}^T g_{s+1}.
+    cur = 0;
+    const int64_t last_tile = ((geo.steps - 1) / tile) * tile;
+    for (int64_t s0 = last_tile; s0 >= 0; s0 -= tile) {
+      const int64_t n = min(static_cast<int64_t>(tile), geo.steps - s0);
+      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n, k, l);
+        const int64_t o = geo.offset(s0 + k, l);
+        const int64_t t = k * pitch + l;
+        t_x[t] = static_cast<float>(xp[o]);
+        t_lam[t] = static_cast<float>(lam_p[o]);
+        t_gl[t] = static_cast<float>(gl_p[o]);
+        t_gc[t] = static_cast<float>(gc_p[o]);
+        t_gr[t] = static_cast<float>(gr_p[o]);
+        t_u[t] = static_cast<float>(u_p[o]);
+        t_gy[t] = static_cast<float>(gyp[o]);
+      }
+      // h of steps s0-1 .. s0+n-1 at tile rows 0 .. n (row 0 only exists when s0 > 0).
+      const int64_t first = s0 > 0 ? 0 : 1;
+      for (int64_t i = threadIdx.x; i < (n + 1 - first) * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n + 1 - first, k, l);
+        k += first;
+        t_h[k * pitch + l] = hp[geo.offset(s0 - 1 + k, l)];
+      }
+      __syncthreads();
+      for (int64_t k = n - 1; k >= 0; --k) {
+        const int64_t s = s0 + k;
+        const bool next_applies = s + 1 < geo.steps && !restarts_at(s + 1, chunk);
+        const bool restart = restarts_at(s, chunk);
+        const float* g_next = g_buf + cur * max_lanes;
+        float* g_cur = g_buf + (1 - cur) * max_lanes;
+        const float* wl_next = w_buf + cur * 3 * max_lanes;
+        const float* wc_next = wl_next + max_lanes;
+        const float* wr_next = wc_next + max_lanes;
+        float* wl_cur = w_buf + (1 - cur) * 3 * max_lanes;
+        float* wc_cur = wl_cur + max_lanes;
+        float* wr_cur = wc_cur + max_lanes;
+        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+          const int64_t t = k * pitch + l;
+          const float gy_v = t_gy[t];
+          float g = t_u[t] * gy_v;
+          if (next_applies) {
+            g += wc_next[l] * g_next[l];
+            if (l > 0) g += wr_next[l - 1] * g_next[l - 1];
+            if (l < L - 1) g += wl_next[l + 1] * g_next[l + 1];
+          }
+          g_cur[l] = g;
+          const float* h_prev = t_h + k * pitch;  // step s-1
+          const float h = t_h[(k + 1) * pitch + l];
+          const float lg = t_gl[t], cg = t_gc[t], rg = t_gr[t];
+          normalized_weights<float>(lg, cg, rg, l > 0, l < L - 1, wl_cur[l], wc_cur[l], wr_cur[l]);
+          float dgl = 0.f, dgc = 0.f, dgr = 0.f;
+          if (!restart) {
+            const float dwl = l > 0 ? g * h_prev[l - 1] : 0.f;
+            const float dwc = g * h_prev[l];
+            const float dwr = l < L - 1 ? g * h_prev[l + 1] : 0.f;
+            normalized_weights_backward<float>(lg, cg, rg, l > 0, l < L - 1, dwl, dwc, dwr, dgl, dgc, dgr);
+          }
+          t_u[t] = gy_v * h;
+          const float x_v = t_x[t];
+          t_x[t] = x_v * g;
+          t_lam[t] = t_lam[t] * g;
+          t_gl[t] = dgl;
+          t_gc[t] = dgc;
+          t_gr[t] = dgr;
+        }
+        cur = 1 - cur;
+        __syncthreads();
+      }
+      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int64_t k, l;
+        tile_coords(d, i, L, n, k, l);
+        const int64_t o = geo.offset(s0 + k, l);
+        const int64_t t = k * pitch + l;
+        const int64_t ox = p * HW + o;
+        if (d == 0) {
+          dx_acc[ox] = t_lam[t];
+        } else if (d < kDirections - 1) {
+          dx_acc[ox] += t_lam[t];
+        } else {
+          dx[ox] = static_cast<scalar_t>(dx_acc[ox] + t_lam[t]);
+        }
+        // Each (batch, direction, group) plane is written by the blocks of its group's channels.
+        auto put = [](float* dst, bool shared, float v) {
+          if (shared) {
+            atomicAdd(dst, v);
+          } else {
+            *dst = v;
+          }
+        };
+        put(d_lam + gp.lam * HW + o, lam_shared, t_x[t]);
+        put(d_gl + gp.gl * HW + o, gl_shared, t_gl[t]);
+        put(d_gc + gp.gc * HW + o, gc_shared, t_gc[t]);
+        put(d_gr + gp.gr * HW + o, gr_shared, t_gr[t]);
+        put(d_u + gp.u * HW + o, u_shared, t_u[t]);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Shared-memory floats of one block for a tile of `tile` steps.
+int64_t fwd_smem_floats(int64_t max_lanes, int64_t tile) { return 2 * max_lanes + 5 * (max_lanes + 1) * tile; }
+int64_t bwd_smem_floats(int64_t max_lanes, int64_t tile) {
+  return 8 * max_lanes + 7 * (max_lanes + 1) * tile + (max_lanes + 1) * (tile + 1);
+}
+
+// The largest tile (<= kMaxTile steps) whose staging fits the device's shared memory per block.
+template <typename SmemFloats>
+int pick_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
+  for (int tile = kMaxTile; tile >= 1; tile /= 2) {
+    if (static_cast<size_t>(smem_floats(max_lanes, tile)) * sizeof(float) <= smem_limit) return tile;
+  }
+  TORCH_CHECK(false, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
+              " bytes of shared memory a block may use on this GPU; use impl='composed' for this map size");
+  return 0;
+}
+
+int threads_for(int64_t max_lanes) {
+  const int64_t rounded = (max_lanes + 31) / 32 * 32;
+  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(64, rounded)));
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// float32 / float16 / bfloat16 (float64 is a CPU-only, gradcheck dtype).
+template <typename Fn>
+void dispatch_cuda_types(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(TypeTag<float>{}); break;
+    case at::kHalf: fn(TypeTag<at::Half>{}); break;
+    case at::kBFloat16: fn(TypeTag<at::BFloat16>{}); break;
+    default: TORCH_CHECK(false, "gspn_scan (CUDA): supports float32, float16 and bfloat16, got ", dtype);
+  }
+}
+
+// Shared memory one block may opt in to on the current device (ATen/cuda/CUDAContext.h is
+// avoided: it pulls in cuSPARSE headers that a minimal CUDA toolkit lacks).
+size_t smem_per_block_limit() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
+                              const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in,
+                              int64_t chunk) {
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
+       gr = gr_in.contiguous(), u = u_in.contiguous();
+  auto y = at::empty_like(x);
+  if (y.numel() == 0) return y;
+  TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
+  const int64_t max_lanes = std::max(sh.H, sh.W);
+  const size_t smem_limit = smem_per_block_limit();
+  const int tile = pick_tile(max_lanes, fwd_smem_floats, smem_limit);
+  const size_t smem = fwd_smem_floats(max_lanes, tile) * sizeof(float);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    // fp32 outputs accumulate the direction sum in place; half outputs through an fp32 map.
+    at::Tensor y_acc = std::is_same_v<scalar_t, float> ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
+    auto kernel = gspn_scan_fwd_kernel<scalar_t>;
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(sh.B * sh.C), threads_for(max_lanes), smem, stream>>>(
+        x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+        gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), y_acc.data_ptr<float>(), y.data_ptr<scalar_t>(), sh, chunk,
+        tile);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gspn_scan_bwd_cuda(
+    const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
+    const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in, int64_t chunk) {
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  TORCH_CHECK(gy_in.sizes() == x_in.sizes() && gy_in.scalar_type() == x_in.scalar_type(),
+              "gspn_scan backward: grad_y must match y's shape ", x_in.sizes(), " and dtype ", x_in.scalar_type(),
+              ", got ", gy_in.sizes(), " ", gy_in.scalar_type());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  auto gy = gy_in.contiguous(), x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(),
+       gc = gc_in.contiguous(), gr = gr_in.contiguous(), u = u_in.contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+  // Grouped gradients are atomic sums and need zeros; per-channel ones are fully overwritten.
+  auto grad_buffer = [&](const at::Tensor& t) {
+    return t.size(2) == sh.C ? at::empty(t.sizes(), f32) : at::zeros(t.sizes(), f32);
+  };
+  auto d_lam = grad_buffer(lam), d_gl = grad_buffer(gl), d_gc = grad_buffer(gc), d_gr = grad_buffer(gr),
+       d_u = grad_buffer(u);
+  auto d_x = at::empty_like(x);
+  if (x.numel() > 0) {
+    TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
+    const int64_t max_lanes = std::max(sh.H, sh.W);
+    const size_t smem_limit = smem_per_block_limit();
+    const int tile = pick_tile(max_lanes, bwd_smem_floats, smem_limit);
+    const size_t smem = bwd_smem_floats(max_lanes, tile) * sizeof(float);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    auto h_scratch = at::empty(x.sizes(), f32);
+    dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      at::Tensor dx_acc = std::is_same_v<scalar_t, float> ? d_x : at::empty(x.sizes(), f32);
+      auto kernel = gspn_scan_bwd_kernel<scalar_t>;
+      allow_smem(kernel, smem);
+      kernel<<<static_cast<unsigned>(sh.B * sh.C), threads_for(max_lanes), smem, stream>>>(
+          gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
+          gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), h_scratch.data_ptr<float>(),
+          dx_acc.data_ptr<float>(), d_x.data_ptr<scalar_t>(), d_lam.data_ptr<float>(), d_gl.data_ptr<float>(),
+          d_gc.data_ptr<float>(), d_gr.data_ptr<float>(), d_u.data_ptr<float>(), sh, chunk, tile);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const auto dt = x.scalar_type();
+  return {d_x, d_lam.to(dt), d_gl.to(dt), d_gc.to(dt), d_gr.to(dt), d_u.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gspn, CUDA, m) {
+  m.impl("gspn_scan_fwd", &gspn_scan_fwd_cuda);
+  m.impl("gspn_scan_bwd", &gspn_scan_bwd_cuda);
+}
+
+}  // namespace gspn
