@@ -1,43 +1,58 @@
 """Sampling: the samplers against ADM's formulas and diffusers, CFG, grids, checkpoints, and batch sampling."""
+import copy
+import importlib.util
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from dit_gspn.models import create_model
+from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.sampling import sample, save_labelled_grid
+from dit_gspn.sampling.batch import (BatchPlan, check_manifest, class_labels, index_seed, read_npz,
+                                     write_npz)
+from dit_gspn.sampling.checkpoint import (DEFAULT_VAE, SamplingInfo, decode, load_model, load_vae,
+                                          vae_scale_factor)
 
 
-class StandIn(nn.Module):
-    """A tiny class-conditional epsilon(+variance) model with DiT's interface, built for these tests.
+def tiny_dit(in_channels=3, num_classes=5, input_size=8, learn_sigma=True, mixer="gspn", seed=0):
+    """A 2-block DiT small enough for CPU tests; its zero-initialised output layer gets random weights so
+    that samples depend on the model."""
+    torch.manual_seed(seed)
+    model = create_model("GSPN-S/2" if mixer == "gspn" else "DiT-S/2", depth=2, hidden_size=32, num_heads=2,
+                         input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                         learn_sigma=learn_sigma)
+    nn.init.normal_(model.final_layer.linear.weight, std=0.05)
+    nn.init.normal_(model.final_layer.adaLN_modulation[-1].weight, std=0.05)
+    return model.eval()
 
-    ``forward_with_cfg`` follows DiT: the batch is [cond half; uncond half], guidance on the first
-    ``guided_channels`` channels (all epsilon channels by default)."""
 
-    def __init__(self, in_channels=3, num_classes=5, input_size=8, learn_sigma=True):
-        super().__init__()
-        self.in_channels, self.num_classes, self.input_size = in_channels, num_classes, input_size
-        out = 2 * in_channels if learn_sigma else in_channels
-        self.conv = nn.Conv2d(in_channels, out, 3, padding=1)
-        self.label = nn.Embedding(num_classes + 1, out)
-        self.time = nn.Linear(1, out)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine 2 threads run ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    def forward(self, x, t, y):
-        c = self.label(y) + self.time(t.float()[:, None] / 1000)
-        return torch.tanh(0.3 * self.conv(x) + c[:, :, None, None])
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        ch = guided_channels or self.in_channels
-        eps, rest = out[:, :ch], out[:, ch:]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+@pytest.fixture(autouse=True)
+def _reference_scan():
+    """The pure PyTorch scan, so these tests neither build nor depend on the compiled kernels."""
+    with gspn_scan_impl("reference"):
+        yield
 
 
 def _generators(n, seed=0):
@@ -68,7 +83,7 @@ def _adm_ddpm(model, labels, num_steps, generators):
 
 
 def test_ddpm_matches_adm_respaced_learned_variance():
-    model = StandIn()
+    model = tiny_dit()
     labels = [0, 3, 4]
     ours = sample(model, labels, num_steps=6, generator=_generators(3))
     oracle = _adm_ddpm(model, labels, 6, _generators(3))
@@ -77,7 +92,7 @@ def test_ddpm_matches_adm_respaced_learned_variance():
 
 @pytest.mark.parametrize("name", ["ddim", "dpm-solver++"])
 def test_deterministic_samplers_match_diffusers_loop(name):
-    model = StandIn()
+    model = tiny_dit()
     labels = torch.tensor([1, 2])
     ours = sample(model, labels, sampler=name, num_steps=7, generator=_generators(2))
     common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -95,7 +110,7 @@ def test_deterministic_samplers_match_diffusers_loop(name):
 
 
 def test_cfg_scale_one_equals_conditional_model():
-    model = StandIn()
+    model = tiny_dit()
     plain = sample(model, [0, 1, 2], num_steps=5, cfg_scale=1.0, generator=_generators(3))
     with torch.no_grad():
         guided = sample(model, [0, 1, 2], num_steps=5, cfg_scale=1.0 + 1e-7, generator=_generators(3))
@@ -105,7 +120,7 @@ def test_cfg_scale_one_equals_conditional_model():
 
 
 def test_per_sample_generators_make_samples_independent_of_the_batch():
-    model = StandIn()
+    model = tiny_dit()
     gens = _generators(4, seed=10)
     together = sample(model, [0, 1, 2, 3], num_steps=4, generator=gens)
     alone = sample(model, [2], num_steps=4, generator=_generators(4, seed=10)[2:3])
@@ -113,13 +128,13 @@ def test_per_sample_generators_make_samples_independent_of_the_batch():
 
 
 def test_non_square_size_and_model_without_learned_sigma():
-    model = StandIn(learn_sigma=False)
+    model = tiny_dit(learn_sigma=False)
     out = sample(model, [0, 1], num_steps=3, size=(6, 10), generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 6, 10) and torch.isfinite(out).all()
 
 
 def test_sample_errors_name_the_problem():
-    model = StandIn()
+    model = tiny_dit()
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(model, [0], sampler="euler")
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 5\)"):
@@ -142,3 +157,215 @@ def test_labelled_grid_writes_tiles_and_captions(tmp_path):
     assert (caption < 128).any(), "no caption text drawn under the first tile"
     with pytest.raises(ValueError, match="class id 7 has no name"):
         save_labelled_grid(images[:1], [7], tmp_path / "bad.png", class_names=["a"])
+
+
+def test_guided_channels_three_is_dit_published_behaviour():
+    model = tiny_dit(in_channels=4)
+    kwargs = dict(num_steps=3, cfg_scale=3.0)
+    all_channels = sample(model, [0, 1], generator=_generators(2), **kwargs)
+    four = sample(model, [0, 1], generator=_generators(2), guided_channels=4, **kwargs)
+    three = sample(model, [0, 1], generator=_generators(2), guided_channels=3, **kwargs)
+    torch.testing.assert_close(all_channels, four)
+    assert (three - all_channels).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and decoding
+# ----------------------------------------------------------------------------------------------------------
+
+def write_training_checkpoint(path, model, class_names=None, vae=None, latent_scale=1.0, image_size=(8, 8)):
+    """The layout the trainer writes: model/ and ema/ (save_pretrained) and sampling.json."""
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(path / "model")
+    ema.save_pretrained(path / "ema")
+    SamplingInfo(vae, latent_scale, image_size, model.num_classes, class_names).write(path / "sampling.json")
+    return ema
+
+
+def test_load_training_checkpoint_ema_and_raw_weights(tmp_path):
+    model = tiny_dit(num_classes=3)
+    ema = write_training_checkpoint(tmp_path, model, class_names=["a", "b", "c"])
+    loaded, info = load_model(tmp_path)
+    raw, _ = load_model(tmp_path, weights="model")
+    for ours, theirs in ((loaded, ema), (raw, model)):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert info == SamplingInfo(None, 1.0, (8, 8), 3, ["a", "b", "c"])
+
+
+def test_load_save_pretrained_folder_and_dit_state_dict(tmp_path):
+    model = tiny_dit(in_channels=4, num_classes=3)
+    model.save_pretrained(tmp_path / "plain")
+    _, info = load_model(tmp_path / "plain")
+    assert info.vae == DEFAULT_VAE and info.latent_scale == 0.18215 and info.image_size == (64, 64)
+
+    # An official-style DiT state dict (DiT-S/2 at 64 px = 8x8 latents): the size comes from pos_embed.
+    torch.manual_seed(1)
+    dit = create_model("DiT-S/2", input_size=8, num_classes=7)
+    torch.save(dit.state_dict(), tmp_path / "DiT-S-2-64x64.pt")
+    loaded, info = load_model(tmp_path / "DiT-S-2-64x64.pt", model_name="DiT-S/2", num_classes=7)
+    assert loaded.input_size == 8 and info.image_size == (64, 64)
+    torch.testing.assert_close(loaded.final_layer.adaLN_modulation[-1].weight,
+                               dit.final_layer.adaLN_modulation[-1].weight, rtol=0, atol=0)
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="neither sampling.json"):
+        load_model(tmp_path)
+    (tmp_path / "sampling.json").write_text(json.dumps({"vae": None}))
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['latent_scale', 'image_size', 'num_classes'\]"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="could not load the VAE 'no-such/vae'.*--vae DIR"):
+        load_vae("no-such/vae")
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2).eval()
+
+
+def test_decode_batches_through_the_vae_with_the_latent_scale():
+    vae = tiny_vae()
+    latents = torch.randn(5, 4, 4, 4)
+    info = SamplingInfo("local", 0.18215, (8, 8), 3)
+    images = decode(latents, info, vae, batch_size=2)
+    with torch.no_grad():
+        expected = vae.decode(latents / 0.18215).sample.clamp(-1, 1)
+    assert images.shape == (5, 3, 8, 8)
+    torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-5)
+    assert vae_scale_factor(vae) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch sampling: the plan, the npz layout, and sample.py run as real processes
+# ----------------------------------------------------------------------------------------------------------
+
+def test_class_plans_and_per_index_seeds():
+    uniform = class_labels(1000, 10, "uniform", seed=3)
+    assert uniform.min() == 0 and uniform.max() == 9 and not np.array_equal(uniform, class_labels(1000, 10, seed=4))
+    balanced = class_labels(1000, 10, "balanced", seed=3)
+    assert np.bincount(balanced).tolist() == [100] * 10
+    assert len({index_seed(0, i) for i in range(1000)} | {index_seed(1, i) for i in range(1000)}) == 2000
+    plan = BatchPlan(num_samples=10, num_classes=3, shard_size=3)
+    shards = [k for rank in range(3) for k in plan.shards_of(rank, 3)]
+    assert sorted(shards) == [0, 1, 2, 3]
+    assert np.concatenate([plan.shard_indices(k) for k in range(4)]).tolist() == list(range(10))
+
+
+def test_npz_layout_round_trips_and_adm_reads_it(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 12, 3), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5, 9])
+    path = write_npz(tmp_path / "s.npz", images, labels)
+    got, got_labels = read_npz(path)
+    np.testing.assert_array_equal(got, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    with np.load(path) as raw:  # what ADM's evaluator and sample script see
+        assert raw.files == ["arr_0", "arr_1"] and raw["arr_0"].dtype == np.uint8
+    with pytest.raises(ValueError, match=r"uint8 \(N, H, W, 3\)"):
+        write_npz(tmp_path / "bad.npz", images.astype(np.float32))
+
+
+REPO = Path(__file__).resolve().parents[1]
+NUM, SHARD, STEPS = 12, 2, 6
+BATCH_ARGS = ["--num-steps", str(STEPS), "--num-samples", str(NUM), "--batch-size", str(SHARD),
+              "--class-mode", "balanced", "--seed", "7", "--sampler", "ddpm", "--cfg-scale", "2"]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DIT_GSPN_SCAN_IMPL="reference", OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="true")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _sample_py(*args, launcher=(sys.executable,), **kwargs):
+    return subprocess.run([*launcher, str(REPO / "sample.py"), *map(str, args)], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def batch_ckpt(tmp_path_factory):
+    """A tiny GSPN-DiT training checkpoint and its uninterrupted one-process batch run (the oracle)."""
+    root = tmp_path_factory.mktemp("batch")
+    with gspn_scan_impl("reference"):
+        write_training_checkpoint(root / "ckpt", tiny_dit(num_classes=4), class_names=["w", "x", "y", "z"])
+    done = _sample_py("--ckpt", root / "ckpt", *BATCH_ARGS, "--out", root / "ref.npz")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_two_process_run_draws_every_index_once_and_equals_one_process(batch_ckpt):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    out = batch_ckpt / "two.npz"
+    done = _sample_py("--ckpt", batch_ckpt / "ckpt", *BATCH_ARGS, "--out", out, "--keep-shards", launcher=launcher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    indices, ranks = [], set()
+    for shard in sorted((batch_ckpt / "two.npz.shards").glob("shard_*.npz")):
+        with np.load(shard) as data:
+            indices += data["indices"].tolist()
+            ranks.add(int(data["rank"]))
+    assert sorted(indices) == list(range(NUM)) and len(indices) == NUM
+    assert ranks == {0, 1}
+    ref_images, ref_labels = read_npz(batch_ckpt / "ref.npz")
+    images, labels = read_npz(out)
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert images.shape == (NUM, 8, 8, 3) and np.bincount(labels).tolist() == [3, 3, 3, 3]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(batch_ckpt):
+    out = batch_ckpt / "killed.npz"
+    shard_dir = batch_ckpt / "killed.npz.shards"
+    proc = subprocess.Popen([sys.executable, str(REPO / "sample.py"), "--ckpt", str(batch_ckpt / "ckpt"),
+                             *BATCH_ARGS, "--out", str(out)], env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(shard_dir.glob("shard_*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in shard_dir.glob("shard_*.npz")}
+    assert not out.exists() and 1 <= len(finished) < NUM // SHARD, "the kill did not land mid-run"
+
+    done = _sample_py("--ckpt", batch_ckpt / "ckpt", *BATCH_ARGS, "--out", out, "--keep-shards")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"skipped {len(finished)} finished" in done.stdout
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path.name} was drawn again"
+    ref_images, ref_labels = read_npz(batch_ckpt / "ref.npz")
+    images, labels = read_npz(out)
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(labels, ref_labels)
+
+
+def test_resume_with_other_settings_is_refused(batch_ckpt):
+    shard_dir = batch_ckpt / "other.npz.shards"
+    check_manifest(shard_dir, {"cfg_scale": 2.0}, write=True)
+    with pytest.raises(ValueError, match="cfg_scale: 2.0 then, 4.0 now"):
+        check_manifest(shard_dir, {"cfg_scale": 4.0}, write=True)
+
+
+def test_grid_mode_writes_labelled_png_at_a_non_square_size(batch_ckpt, tmp_path, capsys):
+    sample_main = _import_sample_py()
+    assert sample_main(["--ckpt", str(batch_ckpt / "ckpt"), "--num-steps", "3", "--classes", "1", "3",
+                        "--per-class", "2", "--image-size", "8", "16", "--weights", "model",
+                        "--out", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    # 2 per row, 2 rows; 8x16 tiles enlarged 6x to 48x96, plus padding and the caption strip
+    assert grid.size == (2 * (96 + 4), 2 * (48 + 16 + 4))
+    assert "classes [1, 3]" in capsys.readouterr().out
+
+
+def _import_sample_py():
+    spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
