@@ -8,9 +8,24 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` as a string; researchers write learning rates that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 DEFAULTS: dict = {
     "run_dir": "runs/default",
@@ -85,7 +100,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.steps=1000")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _yaml(raw) if raw.strip() else None
     for part in reversed(dotted.strip().split(".")):
         value = {part: value}
     return value
@@ -99,7 +114,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
@@ -108,6 +123,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     for text in overrides:
         config = _merge(config, parse_override(text), "", f"override {text!r}")
     return config
+
+
+def complete_config(config: dict) -> dict:
+    """``config`` (a possibly partial dict) merged over DEFAULTS, with unknown keys rejected."""
+    return _merge(DEFAULTS, config, "", "config")
 
 
 def dump_config(config: dict, path: str | os.PathLike) -> None:

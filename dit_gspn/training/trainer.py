@@ -24,7 +24,7 @@ from dit_gspn.diffusion import GaussianDiffusion
 
 from .checkpoint import (CheckpointWriter, latest_checkpoint, load_weights, read_trainer_state, resolve_resume,
                          set_rng_state)
-from .config import ConfigError
+from .config import ConfigError, complete_config
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import make_ema, update_ema
@@ -63,8 +63,11 @@ def _micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start:
     while True:
         sampler = EpochBatchSampler(len(dataset), micro_batch, acc.num_processes, acc.process_index, seed,
                                     epoch=epoch, start=start)
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+        # would shift the label-dropout stream of a resumed run by one draw.
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                            pin_memory=acc.device.type == "cuda")
+                            pin_memory=acc.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for b, (x, y) in enumerate(loader, start=start):
             yield x, y, (epoch, b + 1)
         epoch, start = epoch + 1, 0
@@ -86,6 +89,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    config = complete_config(config)
     tc, lc, cc = config["train"], config["logging"], config["checkpoint"]
     run_dir = Path(config["run_dir"])
     acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
