@@ -1,0 +1,85 @@
+"""The compiled-extension convention: the CUDA variant compiles and loads on this machine, the
+ahead-of-time build command reports where and how long, and a failing build warns once and
+falls back to the reference. Each case runs in a subprocess: the CPU and CUDA variants define
+the same ops and cannot share a process, and a failed build's state must not leak."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_gspn.ops import extension
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def has_cuda_toolkit():
+    return bool(os.environ.get("CUDA_HOME")) or extension.DEFAULT_CUDA_HOME.is_dir() or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not has_cuda_toolkit(), reason="no CUDA toolkit (nvcc) on this machine")
+def test_cuda_variant_compiles_and_loads():
+    result = run_python(
+        """
+        import torch
+        from dit_gspn.ops import extension
+        assert extension.load("cuda"), "load('cuda') returned False"
+        assert extension.loaded_variant() == "cuda"
+        for op in ("gspn::line_scan_fwd", "gspn::line_scan_bwd"):
+            for key in ("CPU", "CUDA"):
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+        print("OK")
+        """
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-4000:]
+
+
+def test_ahead_of_time_build_reports_path_and_time():
+    result = run_python("from dit_gspn.ops.build import main; raise SystemExit(main([]))")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("built ") and " s: " in line and line.endswith(".so"), line
+    assert Path(line.split(" s: ", 1)[1]).is_file()
+
+
+def test_failing_build_warns_once_and_falls_back(tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int main( { this_is_not_cpp }\n")
+    result = run_python(
+        f"""
+        import warnings
+        import torch
+        from dit_gspn.ops import extension, line_scan
+        from dit_gspn.ops.reference import line_scan_reference
+        extension.sources = lambda variant: [extension.Path({str(broken)!r})]
+        inputs = [torch.rand(2, 3, 5, 4) for _ in range(5)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = line_scan(*inputs)
+            second = line_scan(*inputs, chunk=2)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1, messages
+        assert "this_is_not_cpp" in messages[0] and "falling back" in messages[0], messages[0]
+        torch.testing.assert_close(first, line_scan_reference(*inputs), rtol=0, atol=0)
+        torch.testing.assert_close(second, line_scan_reference(*inputs, chunk=2), rtol=0, atol=0)
+        try:
+            line_scan(*inputs, impl="cpu")
+        except RuntimeError as exc:
+            assert "did not build" in str(exc), exc
+        else:
+            raise AssertionError("impl='cpu' without a kernel must raise")
+        print("OK")
+        """,
+        env={"DIT_GSPN_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-4000:]
