@@ -1,0 +1,311 @@
+"""GSPN-DiT against DiT: step times, peak memory and out-of-memory points from 256 to 2048 pixels.
+
+Two sections (``--sections``, default both):
+
+- ``models``: for each size (``--sizes``, default B/2 and XL/2) and image resolution (``--resolutions``,
+  default 256 512 1024 2048 pixels, i.e. 4-channel latents of 32..256), GSPN-<size> and DiT-<size>
+  (attention through scaled_dot_product_attention): the training step time (forward + backward +
+  AdamW step under bf16 autocast, batch ``--train-batch``), the sampling step time (forward with
+  classifier-free guidance at batch 2 x ``--sample-batch``) and the peak memory of each; a model
+  that runs out of memory is recorded as such and the sweep goes on.
+- ``mixer``: the whole GSPN mixer (projections included), forward + backward, with the fused scan
+  against the same mixer on the unfused ops (``gspn_scan_impl("composed")``); the issue's target
+  is a 3x speed-up.
+
+JSON goes to ``--out`` (with the device named), a plot of step time and memory against
+resolution to ``--plot``. ``--smoke`` runs tiny models at tiny sizes in seconds (on CPU), to test
+the script, not to measure anything.
+
+    python benchmarks/bench_model.py --out benchmarks/results/bench_model_gpu.json --plot benchmarks/results/bench_model_gpu.png
+
+The scan alone (every implementation, GB/s and fraction of the copy bandwidth) is
+``benchmarks/bench_scan.py``'s job.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.timing` when run as a script
+
+from benchmarks.timing import device_description, time_callable  # noqa: E402
+from dit_gspn.models import GSPNMixer, create_model  # noqa: E402
+from dit_gspn.ops.gspn_scan import gspn_scan_impl  # noqa: E402
+
+SECTIONS = ("models", "mixer")
+LATENT_CHANNELS = 4
+VAE_DOWNSAMPLE = 8
+
+
+def time_call(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median time of ``fn()`` in milliseconds (CUDA events on a GPU, the wall clock on CPU)."""
+    return time_callable(fn, device, warmup=warmup, repeat=iters)["median_ms"]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak allocated memory since the last reset in MiB (None on CPU, where torch does not track it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+def bench_model(name: str, resolution: int, args, device: torch.device, overrides: dict) -> dict:
+    """Training and sampling step of zoo model ``name`` at ``resolution`` pixels; OOM is recorded, not raised."""
+    latent = resolution // VAE_DOWNSAMPLE
+    row = {"model": name, "resolution": resolution, "latent": latent,
+           "train_batch": args.train_batch, "sample_batch": args.sample_batch}
+    model = optimizer = None
+    try:
+        model = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS, num_classes=args.num_classes,
+                             **overrides).to(device)
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        row["tokens"] = (latent // model.patch_size) ** 2
+        row.update(_bench_training(model, latent, args, device))
+        row.update(_bench_sampling(model, latent, args, device))
+    except Exception as exc:  # noqa: BLE001 -- an OOM anywhere is a result; anything else is re-raised
+        if not is_out_of_memory(exc):
+            raise
+        row["oom"] = True
+        row["error"] = str(exc).splitlines()[0][:200]
+    finally:
+        del model, optimizer
+        reset_peak_memory(device)
+    return row
+
+
+def _bench_training(model, latent: int, args, device: torch.device) -> dict:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    n = args.train_batch
+    x = torch.randn(n, LATENT_CHANNELS, latent, latent, device=device)
+    t = torch.randint(0, 1000, (n,), device=device)
+    y = torch.randint(0, args.num_classes, (n,), device=device)
+
+    def step():
+        with autocast(device):
+            out = model(x, t, y)
+            # Output carries the learned variance too; an MSE on all of it times the same backward.
+            loss = out.float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        reset_peak_memory(device)
+        ms = time_call(step, device, args.warmup, args.iters)
+        return {"train_step_ms": ms, "train_peak_mib": peak_memory_mib(device), "train_oom": False}
+    except Exception as exc:  # noqa: BLE001
+        if not is_out_of_memory(exc):
+            raise
+        return {"train_step_ms": None, "train_peak_mib": None, "train_oom": True}
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        reset_peak_memory(device)
+
+
+def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
+    model.eval()
+    n = args.sample_batch
+    half = torch.randn(n, LATENT_CHANNELS, latent, latent, device=device)
+    x = torch.cat([half, half])
+    t = torch.full((2 * n,), 500, device=device)
+    y = torch.cat([torch.randint(0, args.num_classes, (n,), device=device),
+                   torch.full((n,), args.num_classes, device=device)])
+
+    @torch.no_grad()
+    def step():
+        with autocast(device):
+            model.forward_with_cfg(x, t, y, cfg_scale=4.0)
+
+    try:
+        reset_peak_memory(device)
+        ms = time_call(step, device, args.warmup, args.iters)
+        return {"sample_step_ms": ms, "sample_peak_mib": peak_memory_mib(device), "sample_oom": False}
+    except Exception as exc:  # noqa: BLE001
+        if not is_out_of_memory(exc):
+            raise
+        return {"sample_step_ms": None, "sample_peak_mib": None, "sample_oom": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# mixer
+
+
+def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
+    """GSPN mixer forward + backward under bf16 autocast: fused scan against the composed ops."""
+    grid = resolution // VAE_DOWNSAMPLE // patch
+    mixer = GSPNMixer(dim, chunk=chunk).to(device)
+    tokens = torch.randn(args.train_batch, grid * grid, dim, device=device, requires_grad=True)
+
+    def step():
+        with autocast(device):
+            out = mixer(tokens, (grid, grid))
+        out.float().sum().backward()
+
+    row = {"dim": dim, "resolution": resolution, "grid": [grid, grid], "batch": args.train_batch, "chunk": chunk}
+    for impl in ("fused", "composed"):
+        try:
+            with gspn_scan_impl(None if impl == "fused" else "composed"):
+                reset_peak_memory(device)
+                row[f"{impl}_ms"] = time_call(step, device, args.warmup, args.iters)
+                row[f"{impl}_peak_mib"] = peak_memory_mib(device)
+        except Exception as exc:  # noqa: BLE001
+            if not is_out_of_memory(exc):
+                raise
+            row[f"{impl}_ms"] = None
+            row[f"{impl}_oom"] = True
+    if row.get("fused_ms") and row.get("composed_ms"):
+        row["speedup"] = row["composed_ms"] / row["fused_ms"]
+    del mixer, tokens
+    reset_peak_memory(device)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's goals, evaluated where both models were measured: XL/2 train-step ratios and memory."""
+    def find(model, res):
+        return next((r for r in rows if r["model"] == model and r["resolution"] == res), None)
+
+    out = {}
+    for res, target in ((256, 1.0), (1024, 4.0)):
+        g, d = find("GSPN-XL/2", res), find("DiT-XL/2", res)
+        if g and d and g.get("train_step_ms") and d.get("train_step_ms"):
+            speedup = d["train_step_ms"] / g["train_step_ms"]
+            entry = {"dit_over_gspn_train_time": speedup, "target": target, "met": speedup >= target}
+            if g.get("train_peak_mib") and d.get("train_peak_mib"):
+                entry["gspn_peak_below_dit"] = g["train_peak_mib"] < d["train_peak_mib"]
+            out[f"xl2_{res}px"] = entry
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Train/sample step time and peak memory against resolution, one line per model; OOM marked x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["models"]
+    names = sorted({r["model"] for r in rows})
+    panels = [("train_step_ms", "training step (ms)"), ("sample_step_ms", "sampling step, CFG (ms)"),
+              ("train_peak_mib", "training peak memory (MiB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels):
+        if not any(r.get(key) for r in rows):  # e.g. memory on CPU, which torch does not track
+            ax.set_title(f"{label}: not measured")
+            ax.set_axis_off()
+            continue
+        for name in names:
+            pts = sorted((r["resolution"], r.get(key)) for r in rows if r["model"] == name)
+            ok = [(res, v) for res, v in pts if v]
+            style = "--" if name.startswith("DiT") else "-"
+            line = ax.plot([p[0] for p in ok], [p[1] for p in ok], style, marker="o", label=name)[0]
+            oom = [res for res, v in pts if not v]
+            if oom and ok:
+                ax.plot(oom, [max(p[1] for p in ok)] * len(oom), "x", color=line.get_color(), markersize=10)
+        ax.set_xscale("log", base=2)
+        resolutions = sorted({r["resolution"] for r in rows})
+        ax.set_xticks(resolutions, [str(r) for r in resolutions])
+        ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.set_xlabel("image resolution (pixels)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"GSPN-DiT vs DiT on {report['device']['name']} (x: out of memory)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
+    p.add_argument("--plot", type=Path, default=None, help="PNG plot of time and memory against resolution")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--sizes", nargs="+", default=["B/2", "XL/2"], help="zoo sizes, each run as GSPN- and DiT-")
+    p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512, 1024, 2048], help="image pixels")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--sample-batch", type=int, default=8, help="N; the CFG forward runs at 2N")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny models and sizes, one iteration: tests the script")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    overrides: dict = {}
+    mixer_dims = {"B/2": 768, "XL/2": 1152}
+    if args.smoke:
+        args.sizes, args.resolutions = ["S/2"], [32, 64]
+        args.train_batch = args.sample_batch = 1
+        args.warmup, args.iters = 0, 1
+        overrides = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+        mixer_dims = {"S/2": 32}
+    elif device.type == "cpu":
+        print("warning: full-size model benchmarks on CPU take hours; use --smoke", file=sys.stderr)
+
+    report = {"device": device_description(device), "smoke": args.smoke,
+              "autocast": "bfloat16", "config": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items()}}
+    if "models" in args.sections:
+        report["models"] = []
+        for size in args.sizes:
+            for resolution in args.resolutions:
+                for family in ("GSPN", "DiT"):
+                    row = bench_model(f"{family}-{size}", resolution, args, device, overrides)
+                    report["models"].append(row)
+                    print(json.dumps(row), flush=True)
+        report["goals"] = goals(report["models"])
+    if "mixer" in args.sections:
+        report["mixer"] = []
+        for size, dim in mixer_dims.items():
+            for resolution in args.resolutions:
+                row = bench_mixer(dim, resolution, int(size.split("/")[1]), args, device, chunk=None)
+                row["size"] = size
+                report["mixer"].append(row)
+                print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    if args.plot is not None and report.get("models"):
+        plot(report, args.plot)
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()
