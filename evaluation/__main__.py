@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .fidelity import METRICS, Settings, evaluate
+from .fidelity import FEATURE_LAYERS, METRICS, Settings, evaluate
 from .weights import ENV_WEIGHTS
 
 DEFAULT_CACHE = Path(".cache") / "evaluation"
@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kid-subsets", type=int, default=defaults.kid_subsets)
     p.add_argument("--isc-splits", type=int, default=defaults.isc_splits)
     p.add_argument("--prc-neighborhood", type=int, default=defaults.prc_neighborhood)
+    p.add_argument("--feature-layer", choices=FEATURE_LAYERS, default=defaults.feature_layer,
+                   help="Inception features for FID, KID and precision/recall (2048 = the standard pool layer)")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = Settings(batch_size=args.batch_size, isc_splits=args.isc_splits, kid_subsets=args.kid_subsets,
                         kid_subset_size=args.kid_subset_size, prc_neighborhood=args.prc_neighborhood,
-                        device=args.device, stats_from_images=args.stats_from_images)
+                        device=args.device, stats_from_images=args.stats_from_images,
+                        feature_layer=args.feature_layer)
     try:
         report = evaluate(args.samples, args.reference, metrics=args.metrics, weights=args.weights,
                           settings=settings, cache_dir=args.cache_dir or None, save_stats=args.save_stats,

@@ -29,6 +29,8 @@ from .weights import resolve_inception_weights
 FEATURE_EXTRACTOR = "inception-v3-compat"
 POOL = "2048"
 LOGITS = "logits_unbiased"
+#: Inception layers torch-fidelity offers for FID / KID / precision-recall (2048 = the standard pool features).
+FEATURE_LAYERS = ("64", "192", "768", "2048")
 METRICS = ("fid", "isc", "kid", "prc")
 
 
@@ -45,34 +47,45 @@ class Settings:
     rng_seed: int = 2020
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     stats_from_images: bool = False
+    feature_layer: str = POOL
+
+    def __post_init__(self):
+        if self.feature_layer not in FEATURE_LAYERS:
+            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
 
 
 class InceptionFeatures:
-    """torch-fidelity's Inception-v3 with local weights: uint8 images -> pool (2048) features and logits."""
+    """torch-fidelity's Inception-v3 with local weights: uint8 images -> the requested layers' features.
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu"):
+    ``layers`` is a subset of ``FEATURE_LAYERS`` and ``logits_unbiased`` (for IS); torch-fidelity stops the
+    forward pass at the deepest one requested.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu",
+                 layers: tuple[str, ...] = (POOL, LOGITS)):
         self.weights_path = resolve_inception_weights(weights)
         self.weights_sha256 = sha256_file(self.weights_path)
         try:
-            model = create_feature_extractor(FEATURE_EXTRACTOR, [POOL, LOGITS], cuda=False, verbose=False,
+            model = create_feature_extractor(FEATURE_EXTRACTOR, list(layers), cuda=False, verbose=False,
                                              feature_extractor_weights_path=str(self.weights_path))
         except RuntimeError as err:
             raise ValueError(f"{self.weights_path} is not a state dict of torch-fidelity's "
                              f"FeatureExtractorInceptionV3: {err}") from err
         self.model = model.to(device)
         self.device = device
+        self.layers = tuple(layers)
 
     @torch.no_grad()
     def __call__(self, source: EvalInput, batch_size: int, progress: bool = False) -> dict[str, torch.Tensor]:
-        pool, logits = [], []
+        parts = {layer: [] for layer in self.layers}
         with tqdm(total=source.count, unit="img", desc=f"features {source.path.name}", disable=not progress,
                   leave=False) as bar:
             for batch in source.batches(batch_size):
                 features = self.model.convert_features_tuple_to_dict(self.model(batch.to(self.device)))
-                pool.append(features[POOL].cpu())
-                logits.append(features[LOGITS].cpu())
+                for layer in self.layers:
+                    parts[layer].append(features[layer].cpu())
                 bar.update(len(batch))
-        return {POOL: torch.cat(pool), LOGITS: torch.cat(logits)}
+        return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
 
 
 def fid_stats(features: torch.Tensor) -> dict[str, np.ndarray]:
@@ -93,13 +106,17 @@ def write_stats(path: str | Path, stats: dict, *, weights_sha256: str, count: in
     return path
 
 
-def _stored_stats(source: EvalInput, weights_sha256: str) -> dict:
+def _stored_stats(source: EvalInput, weights_sha256: str, layer: str) -> dict:
     meta = source.metadata()
     made_with = meta.get("weights_sha256")
     if made_with is not None and made_with != weights_sha256:
         raise ValueError(f"{source.path} was computed with Inception weights sha256 {made_with[:12]}…, but these "
                          f"are {weights_sha256[:12]}…: recompute it with the same --weights")
-    return source.stats()
+    stats = source.stats()
+    if stats["mu"].shape[0] != int(layer):
+        raise ValueError(f"{source.path} holds statistics of {stats['mu'].shape[0]}-d features, but the feature "
+                         f"layer is {layer}: pass --feature-layer {stats['mu'].shape[0]} or recompute them")
+    return stats
 
 
 def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[str] | None) -> list[str]:
@@ -139,7 +156,8 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
     chosen = wanted_metrics(first, second, metrics)
     if not chosen and save_stats is None:
         raise ValueError("nothing to compute: give two inputs, or images for IS, or --save-stats")
-    extractor = InceptionFeatures(weights, settings.device)
+    layer = settings.feature_layer
+    extractor = InceptionFeatures(weights, settings.device, (layer, LOGITS) if "isc" in chosen else (layer,))
     cache = Path(cache_dir) if cache_dir is not None else None
     sources = [s for s in (first, second) if s is not None]
 
@@ -158,13 +176,14 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         if not needs_stats:
             continue
         if source.has_stats and not (settings.stats_from_images and source.has_images):
-            stats[id(source)], stats_origin[id(source)] = _stored_stats(source, extractor.weights_sha256), "stored"
+            stats[id(source)], stats_origin[id(source)] = _stored_stats(source, extractor.weights_sha256, layer), "stored"
             continue
-        cached = cache / f"{source.sha256[:32]}-{extractor.weights_sha256[:16]}-fid-stats.npz" if cache else None
+        cached = (cache / f"{source.sha256[:32]}-{extractor.weights_sha256[:16]}-fid{layer}-stats.npz"
+                  if cache else None)
         if cached is not None and cached.is_file() and not need_features.get(id(source)):
             stats[id(source)], stats_origin[id(source)] = open_input(cached).stats(), f"cache {cached}"
             continue
-        stats[id(source)] = fid_stats(get_features(source)[POOL])
+        stats[id(source)] = fid_stats(get_features(source)[layer])
         stats_origin[id(source)] = "computed"
         if cached is not None:
             write_stats(cached, stats[id(source)], weights_sha256=extractor.weights_sha256, count=source.count,
@@ -179,12 +198,12 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         used["isc_splits"] = splits
     if "kid" in chosen:
         subset = min(settings.kid_subset_size, first.count, second.count)
-        results.update(kid_features_to_metric(get_features(first)[POOL], get_features(second)[POOL],
+        results.update(kid_features_to_metric(get_features(first)[layer], get_features(second)[layer],
                                               kid_subsets=settings.kid_subsets, kid_subset_size=subset,
                                               rng_seed=settings.rng_seed, verbose=False))
         used["kid_subset_size"] = subset
     if "prc" in chosen:
-        results.update(prc_features_to_metric(get_features(first)[POOL], get_features(second)[POOL],
+        results.update(prc_features_to_metric(get_features(first)[layer], get_features(second)[layer],
                                               prc_neighborhood=settings.prc_neighborhood,
                                               prc_batch_size=settings.prc_batch_size, save_cpu_ram=True,
                                               verbose=False))
@@ -202,7 +221,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         "metrics": results,
         "inputs": inputs,
         "settings": dict(asdict(settings), **used, metrics=chosen, feature_extractor=FEATURE_EXTRACTOR,
-                         prc_features=f"{FEATURE_EXTRACTOR} {POOL}", weights=str(extractor.weights_path),
+                         prc_features=f"{FEATURE_EXTRACTOR} {layer}", weights=str(extractor.weights_path),
                          weights_sha256=extractor.weights_sha256, torch_fidelity=torch_fidelity.__version__,
                          save_stats=str(save_stats) if save_stats else None),
         "seconds": round(time.perf_counter() - start, 2),
