@@ -40,6 +40,7 @@ void line_scan_fwd_planes(const scalar_t* x, const scalar_t* lam, const scalar_t
         scalar_t* __restrict__ hr = h + o;
         acc_t* __restrict__ c = cur + 1;
         if (is_row_start(i, chunk)) {
+          #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
             const acc_t v = acc_t(lr[j]) * acc_t(xr[j]);
             c[j] = v;
@@ -50,6 +51,7 @@ void line_scan_fwd_planes(const scalar_t* x, const scalar_t* lam, const scalar_t
           const scalar_t* __restrict__ a = wl + o;
           const scalar_t* __restrict__ b = wc + o;
           const scalar_t* __restrict__ d = wr + o;
+          #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
             const acc_t v = scan_step<acc_t>(acc_t(a[j]), acc_t(b[j]), acc_t(d[j]), q[j], q[j + 1],
                                              q[j + 2], acc_t(lr[j]), acc_t(xr[j]));
@@ -89,6 +91,7 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
         const bool start = is_row_start(i, chunk);
         if (!start) {
           const scalar_t* __restrict__ hsrc = h + o - W;
+          #pragma omp simd
           for (int64_t j = 0; j < W; ++j) hp[j + 1] = acc_t(hsrc[j]);
         }
         const scalar_t* __restrict__ ghr = gh + o;
@@ -111,6 +114,7 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
         const acc_t* __restrict__ q = hp;
         if (start) {
           // A start row's weights multiply nothing: their gradients and carries are zero.
+          #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
             const acc_t g = adjoint<acc_t>(acc_t(ghr[j]), cli[j + 2], cci[j], cri[j]);
             dxr[j] = scalar_t(g * acc_t(lr[j]));
@@ -119,6 +123,7 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
             clo[j + 1] = cco[j] = cro[j + 1] = acc_t(0);
           }
         } else {
+          #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
             const acc_t g = adjoint<acc_t>(acc_t(ghr[j]), cli[j + 2], cci[j], cri[j]);
             dxr[j] = scalar_t(g * acc_t(lr[j]));
