@@ -94,6 +94,10 @@ def main(argv=None) -> int:
     model.to(state.device)
     vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
     size = map_size(model, info, vae, _pixel_size(args))
+    if size != model_size(model) and getattr(model, "pos_embed", None) is not None and state.is_main_process:
+        print(f"note: sampling at {size} instead of the training size {model_size(model)} with a model that has a "
+              f"positional embedding (recomputed for the new grid); GSPN models without one are built for this",
+              file=sys.stderr)
     sampler_kwargs = dict(sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
                           guided_channels=args.guided_channels)
 

@@ -211,6 +211,8 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
     on the main process, None elsewhere.
     """
     shard_dir = shard_dir_for(out)
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists: delete it or choose another --out")
     settings = dict(settings, **asdict(plan))
     check_manifest(shard_dir, settings, write=rank == 0)
     barrier()
