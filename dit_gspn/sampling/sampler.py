@@ -1,9 +1,9 @@
 """One sampling loop for every diffusers scheduler: DiT's learned-variance DDPM, DDIM, DPM-Solver++, with CFG.
 
 The model is any DiT-family module with ``forward(x, t, y)``, ``forward_with_cfg(x, t, y, cfg_scale,
-guided_channels)``, ``num_classes`` (also the null class id), ``in_channels`` and ``input_size``; its output
-has ``2 * in_channels`` channels (epsilon, then the variance interpolation) when it learns sigma, or
-``in_channels`` (epsilon) when it does not.
+guided_channels)``, ``num_classes`` (also the null class id), ``in_channels``, ``input_size`` and
+``out_channels``: ``2 * in_channels`` (epsilon, then the variance interpolation) when it learns sigma, or
+``in_channels`` (epsilon) when it does not; DDPM then uses ADM's fixed small variance.
 """
 from __future__ import annotations
 
@@ -86,21 +86,21 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
 
     x = randn_tensor((n, channels, height, width), generator=generator, device=device, dtype=torch.float32)
     y_in = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
-    scheduler = None
-    for t in tqdm(make_scheduler(sampler, num_steps).timesteps, desc="sampling", disable=not progress,
-                  leave=False):
+    out_channels = getattr(model, "out_channels", 2 * channels)
+    if out_channels not in (channels, 2 * channels):
+        raise ValueError(f"model.out_channels is {out_channels}; expected {channels} (epsilon) or "
+                         f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
+    scheduler = _scheduler_for(out_channels, channels, sampler, num_steps)
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         t_batch = torch.full((y_in.numel(),), int(t), dtype=torch.long, device=device)
-        x_in = torch.cat([x, x]) if guided else x
         if guided:
-            out = model.forward_with_cfg(x_in, t_batch, y_in, cfg_scale, guided_channels=guided_channels)[:n]
+            out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y_in, cfg_scale,
+                                         guided_channels=guided_channels)[:n]
         else:
-            out = model(x_in, t_batch, y_in)
+            out = model(x, t_batch, y_in)
+        if out.shape[1] != out_channels:
+            raise ValueError(f"the model returned {out.shape[1]} channels; expected out_channels={out_channels}")
         out = out.float()
-        if out.shape[1] not in (channels, 2 * channels):
-            raise ValueError(f"model output has {out.shape[1]} channels; expected {channels} (epsilon) or "
-                             f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
-        if scheduler is None:
-            scheduler = _scheduler_for(out.shape[1], channels, sampler, num_steps)
         if sampler != "ddpm":
             out = out[:, :channels]
         x = scheduler.step(out, t, x, generator=generator).prev_sample
