@@ -32,10 +32,14 @@ from .grid import check_grid
 NUM_DIRECTIONS = 4
 
 
-def _project_channels(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(B, r, N) -> (B, out, N), contiguous: a per-token linear map in channel-first layout."""
-    out = torch.matmul(weight, p)
-    return out if bias is None else out.add_(bias[:, None])
+def _project_channels(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, r, N) -> (B, out, N), contiguous: a per-token linear map in channel-first layout.
+
+    One batched GEMM against the weight broadcast over the batch (stride 0): about twice as fast
+    forward + backward as ``torch.matmul`` (which folds the batch through transposed copies) or a
+    1x1 convolution on CPU, and no copy of ``p`` either way.
+    """
+    return torch.baddbmm(bias[None, :, None], weight.expand(p.shape[0], -1, -1), p)
 
 
 class GSPNMixer(nn.Module):
@@ -118,7 +122,7 @@ class GSPNMixer(nn.Module):
             raise ValueError(f"GSPNMixer: expected {self.dim} channels, got tokens of shape {tuple(tokens.shape)}")
         W_in, b_in = self.in_proj.weight, self.in_proj.bias
         # The map in channel-first layout straight from the projection (no transposed copy).
-        x = torch.matmul(W_in[:C], tokens.transpose(1, 2)).add_(b_in[:C, None])
+        x = _project_channels(tokens.transpose(1, 2), W_in[:C], b_in[:C])
         x = x.view(B, C, h, w)
         z = F.linear(tokens, W_in[C:], b_in[C:]) if self.output_gate else None
         if self.dwconv is not None:
