@@ -77,8 +77,9 @@ line_scan_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   const int64_t plane = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = plane < planes;
   const int64_t base = live ? plane * H * W : 0;
-  acc_t* rows[2] = {smem + threadIdx.y * padded, smem + (blockDim.y + threadIdx.y) * padded};
-  for (int64_t k = tx; k < padded; k += tw) rows[0][k] = rows[1][k] = acc_t(0);
+  acc_t* const even = smem + threadIdx.y * padded;  // rows 0, 2, 4, ...
+  acc_t* const odd = smem + (blockDim.y + threadIdx.y) * padded;  // rows 1, 3, 5, ...
+  for (int64_t k = tx; k < padded; k += tw) even[k] = odd[k] = acc_t(0);
   __syncthreads();
 
   // Inputs of rows i .. i + kDepth - 1, slot 0 being row i.
@@ -116,8 +117,8 @@ line_scan_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict_
     }
     load(kDepth - 1, i + kDepth);
 
-    const acc_t* prev = rows[(i + 1) & 1];  // row i - 1
-    acc_t* cur = rows[i & 1];
+    const acc_t* prev = (i & 1) ? even : odd;  // row i - 1
+    acc_t* cur = (i & 1) ? odd : even;
     const bool start = is_row_start(i, chunk);
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {

@@ -6,6 +6,8 @@ The compiled kernels are the torch custom ops ``gspn::line_scan_fwd`` and ``gspn
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import extension
@@ -47,13 +49,13 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
             f"load (see the warning above, or run `python -m dit_gspn.ops.build"
             f"{' --cuda' if impl == 'cuda' else ''}`); use impl=None to fall back to the reference"
         )
-    return torch.ops.gspn.line_scan_fwd(x, lam, wl, wc, wr, chunk or 0)
+    return torch.ops.gspn.line_scan_fwd(x, lam, wl, wc, wr, int(chunk or 0))
 
 
 def _check_args(tensors, chunk, impl) -> None:
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"line_scan: impl must be one of {IMPLS} or None, got {impl!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ValueError(f"line_scan: chunk must be an int >= 1 or None, got {chunk!r}")
     for name, t in zip(_ARG_NAMES, tensors):
         if not isinstance(t, torch.Tensor):
