@@ -13,24 +13,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from dit_gspn.sampling.checkpoint import DEFAULT_VAE, LATENT_SCALE, load_vae
+
 from .image_folder import ClassFolderImages, collate_skipping_corrupt
 from .latent_shards import (ShardError, check_shard_file, read_index, read_shard_metadata, shard_name,
                             write_index, write_shard)
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-LATENT_SCALE = 0.18215
 
-
-def load_vae(vae: str, device, dtype=torch.float32):
-    """diffusers' AutoencoderKL from a hub name or a local folder, in eval mode on ``device``."""
-    from diffusers import AutoencoderKL
-
-    try:
-        model = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not load the VAE {vae!r} ({exc}); pass a local folder written by "
-                           f"AutoencoderKL.save_pretrained, or a hub name with network access") from exc
-    return model.to(device).eval().requires_grad_(False)
+def _load_encoder(vae: str, device):
+    """The AutoencoderKL (hub name or local folder), frozen, on ``device``."""
+    return load_vae(vae).to(device).requires_grad_(False)
 
 
 def _shard_is_complete(path: Path, expected: dict) -> bool:
@@ -39,7 +31,7 @@ def _shard_is_complete(path: Path, expected: dict) -> bool:
     try:
         meta = read_shard_metadata(path)
     except ShardError:
-        return False  # truncated by a crash mid-write (before the rename, so only a foreign file): redo it
+        return False  # damaged (writes are atomic, so not by us): redo it
     return all(meta.get(k) == v for k, v in expected.items())
 
 
@@ -67,7 +59,7 @@ def extract_latents(image_root: str | os.PathLike, out_dir: str | os.PathLike, *
     num_shards = (len(dataset) + shard_size - 1) // shard_size
     mine = [k for k in range(num_shards) if k % accelerator.num_processes == accelerator.process_index]
     store_dtype = getattr(torch, latent_dtype)
-    vae_model = load_vae(vae, accelerator.device)
+    vae_model = _load_encoder(vae, accelerator.device)
     identity = {"image_root": str(Path(image_root).resolve()), "image_size": image_size, "vae": vae,
                 "flip": flip, "latent_scale": latent_scale}
 

@@ -57,6 +57,7 @@ DEFAULTS: dict = {
         "compile": False,           # torch.compile the model
         "ema_decay": 0.9999,
         "cpu": False,               # force CPU even where a GPU is present
+        "time_limit_minutes": None, # stop early (with a checkpoint and a grid) after this long; resume continues
     },
     "checkpoint": {
         "every": 50_000,            # optimizer steps between checkpoints (and one at the end)

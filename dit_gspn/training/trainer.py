@@ -160,6 +160,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     window_loss, window_steps, window_start = torch.zeros((), device=acc.device), 0, time.perf_counter()
     grid_path = None
     clip = tc["grad_clip"]
+    deadline = None if tc["time_limit_minutes"] is None else time.monotonic() + 60 * float(tc["time_limit_minutes"])
     model.train()
     while step < total:
         optimizer.zero_grad(set_to_none=True)
@@ -189,6 +190,12 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
         window_loss += step_loss
         window_steps += 1
         bar.update(1)
+        if deadline is not None and step < total:
+            out_of_time = torch.tensor(float(time.monotonic() > deadline), device=acc.device)
+            if acc.reduce(out_of_time, "sum").item() > 0:  # every process stops at the same step
+                bar.write(f"train.time_limit_minutes={tc['time_limit_minutes']} reached: stopping at step {step} "
+                          f"of {total}; run again with --resume to continue")
+                total = step
 
         if step % int(lc["every"]) == 0 or step == total:
             mean_loss = (acc.reduce(window_loss, "mean") / window_steps).item()

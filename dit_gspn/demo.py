@@ -1,0 +1,48 @@
+"""The built-in demo (`make demo`): train a small GSPN-DiT on CPU, write a checkpoint and a labelled grid.
+
+No network, no GPU, no VAE: it trains in pixel space on the seeded shapes dataset
+(``dit_gspn.data.shapes``) with ``configs/demo.yaml``, then prints where everything went.
+
+    python -m dit_gspn.demo                       # about 4 minutes on 2 CPU cores
+    python -m dit_gspn.demo train.steps=1000      # any train.py override
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="the demo's config (default: configs/demo.yaml)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/demo/<date-time>)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    from dit_gspn.training import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    config["run_dir"] = args.out or str(Path(config["run_dir"]) / time.strftime("%Y%m%d-%H%M%S"))
+    print(f"GSPN-DiT demo: training {config['model']['name']} (hidden {config['model'].get('hidden_size')}, "
+          f"depth {config['model'].get('depth')}) for {config['train']['steps']} steps on the built-in shapes "
+          f"dataset, pixel space, CPU. The first run also compiles the CPU scan kernel.", flush=True)
+    result = train(config)
+    minutes = (time.perf_counter() - start) / 60
+    run = Path(result.run_dir)
+    print(f"\ndone in {minutes:.1f} min (final loss {result.loss:.4f}):\n"
+          f"  checkpoint:    {result.checkpoint}\n"
+          f"  sample grid:   {result.grid}\n"
+          f"  tensorboard:   tensorboard --logdir {run / 'tensorboard'}\n"
+          f"  sample more:   python sample.py --ckpt {result.checkpoint} --out {run / 'more.png'}\n"
+          f"  train longer:  python train.py --config {args.config} run_dir={run} train.steps="
+          f"{2 * result.step} --resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The built-in demo end to end at toy size (the real one is timed by hand: see the README), the demo
+config's promises, and a smoke run of the demo-quality benchmark."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dit_gspn import demo
+from dit_gspn.training import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.num_per_class=4",
+       "train.global_batch_size=8", "train.steps=2", "logging.sample_steps=2", "logging.samples_per_class=1"]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def test_demo_config_trains_gspn_in_pixel_space_within_the_time_budget():
+    config = load_config(demo.DEMO_CONFIG)
+    assert config["model"]["name"].startswith("GSPN-")
+    assert config["data"]["kind"] == "shapes" and config["train"]["cpu"] is True
+    # 5 minutes in all on 2 cores: the kernel build (~1 min) + training (capped) + the grid.
+    assert config["train"]["time_limit_minutes"] is not None and config["train"]["time_limit_minutes"] <= 3.5
+
+
+def test_demo_writes_a_checkpoint_and_a_labelled_grid_and_says_where(tmp_path, capsys, fresh_accelerate_state):
+    assert demo.main(["--out", str(tmp_path / "run"), *TOY]) == 0
+    printed = capsys.readouterr().out
+    ckpt = tmp_path / "run" / "checkpoints" / "0000002"
+    grid = tmp_path / "run" / "samples" / "0000002.png"
+    assert str(ckpt) in printed and str(grid) in printed
+    assert (ckpt / "ema" / "config.json").is_file() and (ckpt / "sampling.json").is_file()
+    width, height = Image.open(grid).size
+    assert width >= 10 * 32 and width > 3 * height  # 10 class columns, one labelled sample each
+
+
+def test_demo_quality_benchmark_smoke(tmp_path, fresh_accelerate_state):
+    spec = importlib.util.spec_from_file_location("demo_quality", REPO / "benchmarks" / "demo_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "q.json"
+    report = bench.main(["--samples-per-class", "1", "--classifier-per-class", "4", "--classifier-epochs", "1",
+                         "--sample-steps", "2", "--runs", str(tmp_path / "runs"), "--out", str(out),
+                         *[o for o in TOY if not o.startswith("logging.")], "train.steps=1"])
+    assert json.loads(out.read_text()) == report
+    assert [r["model"] for r in report["results"]] == ["GSPN-S/4", "DiT-S/4"]
+    for r in report["results"]:
+        assert 0 <= r["accuracy"] <= 1 and r["num_samples"] == 10 and len(r["per_class_accuracy"]) == 10
