@@ -55,29 +55,34 @@ GSPN_HD int64_t gate_plane(int64_t b, int d, int64_t c, int64_t channels, int64_
 GSPN_HD float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 GSPN_HD double sigmoid(double v) { return 1.0 / (1.0 + ::exp(-v)); }
 
-// normalize_gates at one position: masked sigmoids divided by their sum.
+// normalize_gates at one position, from the three gates' sigmoids: masked, divided by their sum.
 template <typename acc_t>
-GSPN_HD void normalized_weights(acc_t gl, acc_t gc, acc_t gr, bool has_left, bool has_right,
-                                acc_t& wl, acc_t& wc, acc_t& wr) {
-  const acc_t sl = has_left ? sigmoid(gl) : acc_t(0);
-  const acc_t sc = sigmoid(gc);
-  const acc_t sr = has_right ? sigmoid(gr) : acc_t(0);
-  const acc_t inv_total = acc_t(1) / (sl + sc + sr);
+GSPN_HD void weights_from_sigmoids(acc_t sig_l, acc_t sig_c, acc_t sig_r, bool has_left, bool has_right,
+                                   acc_t& wl, acc_t& wc, acc_t& wr) {
+  const acc_t sl = has_left ? sig_l : acc_t(0);
+  const acc_t sr = has_right ? sig_r : acc_t(0);
+  const acc_t inv_total = acc_t(1) / (sl + sig_c + sr);
   wl = sl * inv_total;
-  wc = sc * inv_total;
+  wc = sig_c * inv_total;
   wr = sr * inv_total;
 }
 
-// Backward of normalized_weights: gradients w.r.t. the weights -> gradients w.r.t. the logits.
+// normalize_gates at one position, from the raw logits.
+template <typename acc_t>
+GSPN_HD void normalized_weights(acc_t gl, acc_t gc, acc_t gr, bool has_left, bool has_right,
+                                acc_t& wl, acc_t& wc, acc_t& wr) {
+  weights_from_sigmoids<acc_t>(sigmoid(gl), sigmoid(gc), sigmoid(gr), has_left, has_right, wl, wc, wr);
+}
+
+// Backward of the normalisation: gradients w.r.t. the weights -> gradients w.r.t. the logits.
 // With s_k = mask_k sigmoid(g_k), T = sum s_k, w_k = s_k / T:
 //     dL/dg_k = mask_k sigmoid'(g_k) (dL/dw_k - sum_m w_m dL/dw_m) / T.
 // It is linear in the weight gradients, so a channel group's logit gradient is the sum of its
 // channels' results (that is how grouped gates accumulate).
 template <typename acc_t>
-GSPN_HD void normalized_weights_backward(acc_t gl, acc_t gc, acc_t gr, bool has_left, bool has_right,
-                                         acc_t d_wl, acc_t d_wc, acc_t d_wr,
-                                         acc_t& d_gl, acc_t& d_gc, acc_t& d_gr) {
-  const acc_t sig_l = sigmoid(gl), sig_c = sigmoid(gc), sig_r = sigmoid(gr);
+GSPN_HD void weights_backward_from_sigmoids(acc_t sig_l, acc_t sig_c, acc_t sig_r, bool has_left, bool has_right,
+                                            acc_t d_wl, acc_t d_wc, acc_t d_wr,
+                                            acc_t& d_gl, acc_t& d_gc, acc_t& d_gr) {
   const acc_t sl = has_left ? sig_l : acc_t(0);
   const acc_t sr = has_right ? sig_r : acc_t(0);
   const acc_t inv_total = acc_t(1) / (sl + sig_c + sr);
@@ -85,6 +90,14 @@ GSPN_HD void normalized_weights_backward(acc_t gl, acc_t gc, acc_t gr, bool has_
   d_gl = has_left ? (d_wl - dot) * inv_total * sig_l * (acc_t(1) - sig_l) : acc_t(0);
   d_gc = (d_wc - dot) * inv_total * sig_c * (acc_t(1) - sig_c);
   d_gr = has_right ? (d_wr - dot) * inv_total * sig_r * (acc_t(1) - sig_r) : acc_t(0);
+}
+
+template <typename acc_t>
+GSPN_HD void normalized_weights_backward(acc_t gl, acc_t gc, acc_t gr, bool has_left, bool has_right,
+                                         acc_t d_wl, acc_t d_wc, acc_t d_wr,
+                                         acc_t& d_gl, acc_t& d_gc, acc_t& d_gr) {
+  weights_backward_from_sigmoids<acc_t>(sigmoid(gl), sigmoid(gc), sigmoid(gr), has_left, has_right, d_wl, d_wc,
+                                        d_wr, d_gl, d_gc, d_gr);
 }
 
 }  // namespace gspn

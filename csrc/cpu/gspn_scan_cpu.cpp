@@ -3,7 +3,9 @@
 //
 // Contract: dit_gspn/ops/reference.py::gspn_scan_reference (raw gate logits in, normalisation
 // inside, the four directions read from the original layout, u gating and the direction sum
-// fused). Computes in float32 for half types, in float64 for float64 (gradcheck).
+// fused). Computes in float32 for half types, in float64 for float64 (gradcheck). The gates'
+// sigmoids come from one vectorised ATen pass (see gate_sigmoid); masking and normalisation
+// happen in the scan loops.
 //
 // Memory: the forward saves nothing but its inputs (autograd keeps them). The backward
 // recomputes each direction's hidden states into one (H, W) scratch plane per thread instead
@@ -31,8 +33,9 @@ template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* gl, const scalar_t* gc,
-                    const scalar_t* gr, const scalar_t* u, scalar_t* y, const ScanShape& sh, int64_t chunk) {
+void forward_kernel(const scalar_t* x, const scalar_t* lam, const acc_type_t<scalar_t>* sig_l,
+                    const acc_type_t<scalar_t>* sig_c, const acc_type_t<scalar_t>* sig_r, const scalar_t* u, scalar_t* y,
+                    const ScanShape& sh, int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t HW = sh.H * sh.W;
   const int64_t max_lanes = std::max(sh.H, sh.W);
@@ -45,9 +48,9 @@ void forward_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* gl, 
       for (int d = 0; d < kDirections; ++d) {
         const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
         const scalar_t* lam_p = lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW;
-        const scalar_t* gl_p = gl + gate_plane(b, d, c, sh.C, sh.g_gl) * HW;
-        const scalar_t* gc_p = gc + gate_plane(b, d, c, sh.C, sh.g_gc) * HW;
-        const scalar_t* gr_p = gr + gate_plane(b, d, c, sh.C, sh.g_gr) * HW;
+        const acc_t* sl_p = sig_l + gate_plane(b, d, c, sh.C, sh.g_gl) * HW;
+        const acc_t* sc_p = sig_c + gate_plane(b, d, c, sh.C, sh.g_gc) * HW;
+        const acc_t* sr_p = sig_r + gate_plane(b, d, c, sh.C, sh.g_gr) * HW;
         const scalar_t* u_p = u + gate_plane(b, d, c, sh.C, sh.g_u) * HW;
         for (int64_t s = 0; s < geo.steps; ++s) {
           const bool restart = restarts_at(s, chunk);
@@ -56,7 +59,7 @@ void forward_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* gl, 
             acc_t h = acc_t(lam_p[o]) * acc_t(xp[o]);
             if (!restart) {
               acc_t wl, wc, wr;
-              normalized_weights<acc_t>(gl_p[o], gc_p[o], gr_p[o], l > 0, l < geo.lanes - 1, wl, wc, wr);
+              weights_from_sigmoids<acc_t>(sl_p[o], sc_p[o], sr_p[o], l > 0, l < geo.lanes - 1, wl, wc, wr);
               h += wc * h_prev[l];
               if (l > 0) h += wl * h_prev[l - 1];
               if (l < geo.lanes - 1) h += wr * h_prev[l + 1];
@@ -77,8 +80,8 @@ void forward_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* gl, 
 // these channels touch belongs to this task alone (the block spans lcm_k(C / G_k) channels),
 // so the grouped sums accumulate without atomics and in a fixed order (deterministic).
 template <typename scalar_t>
-void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam, const scalar_t* gl,
-                     const scalar_t* gc, const scalar_t* gr, const scalar_t* u, scalar_t* d_x,
+void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam, const acc_type_t<scalar_t>* sig_l,
+                     const acc_type_t<scalar_t>* sig_c, const acc_type_t<scalar_t>* sig_r, const scalar_t* u, scalar_t* d_x,
                      acc_type_t<scalar_t>* d_lam, acc_type_t<scalar_t>* d_gl, acc_type_t<scalar_t>* d_gc,
                      acc_type_t<scalar_t>* d_gr, acc_type_t<scalar_t>* d_u, const ScanShape& sh, int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
@@ -116,7 +119,8 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam,
               acc_t h = acc_t(lam[o_lam + o]) * acc_t(xp[o]);
               if (!restart) {
                 acc_t wl, wc, wr;
-                normalized_weights<acc_t>(gl[o_gl + o], gc[o_gc + o], gr[o_gr + o], l > 0, l < L - 1, wl, wc, wr);
+                weights_from_sigmoids<acc_t>(sig_l[o_gl + o], sig_c[o_gc + o], sig_r[o_gr + o], l > 0, l < L - 1, wl, wc,
+                                             wr);
                 h += wc * h_plane[geo.offset(prev_row, l)];
                 if (l > 0) h += wl * h_plane[geo.offset(prev_row, l - 1)];
                 if (l < L - 1) h += wr * h_plane[geo.offset(prev_row, l + 1)];
@@ -144,19 +148,19 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam,
               dx_plane[o] += lam_v * g;
               d_lam[o_lam + o] += acc_t(xp[o]) * g;
               d_u[o_u + o] += gy_v * h;
-              const acc_t lg = gl[o_gl + o], cg = gc[o_gc + o], rg = gr[o_gr + o];
+              const acc_t sl = sig_l[o_gl + o], sc = sig_c[o_gc + o], sr = sig_r[o_gr + o];
               if (!restart) {
                 const int64_t prev_row = s - 1;
                 const acc_t dwl = l > 0 ? g * h_plane[geo.offset(prev_row, l - 1)] : acc_t(0);
                 const acc_t dwc = g * h_plane[geo.offset(prev_row, l)];
                 const acc_t dwr = l < L - 1 ? g * h_plane[geo.offset(prev_row, l + 1)] : acc_t(0);
                 acc_t dgl, dgc, dgr;
-                normalized_weights_backward<acc_t>(lg, cg, rg, l > 0, l < L - 1, dwl, dwc, dwr, dgl, dgc, dgr);
+                weights_backward_from_sigmoids<acc_t>(sl, sc, sr, l > 0, l < L - 1, dwl, dwc, dwr, dgl, dgc, dgr);
                 d_gl[o_gl + o] += dgl;
                 d_gc[o_gc + o] += dgc;
                 d_gr[o_gr + o] += dgr;
               }
-              normalized_weights<acc_t>(lg, cg, rg, l > 0, l < L - 1, wl_cur[l], wc_cur[l], wr_cur[l]);
+              weights_from_sigmoids<acc_t>(sl, sc, sr, l > 0, l < L - 1, wl_cur[l], wc_cur[l], wr_cur[l]);
             }
             std::swap(g_next, g_cur);
             std::swap(wl_next, wl_cur);
@@ -171,6 +175,14 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam,
   });
 }
 
+// The gates' sigmoids in the compute dtype, by ATen's vectorised (SIMD, multi-threaded) sigmoid:
+// the kernels below then only mask and normalise, which keeps their per-element work to a few
+// multiply-adds (a scalar exp per gate in the scan loops made the op exp-bound on CPU).
+at::Tensor gate_sigmoid(const at::Tensor& logits) {
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::sigmoid(logits.to(acc_dtype)).contiguous();
+}
+
 at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
                              const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in,
                              int64_t chunk) {
@@ -179,9 +191,11 @@ at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, c
        gr = gr_in.contiguous(), u = u_in.contiguous();
   auto y = at::empty_like(x);
   if (y.numel() == 0) return y;
+  const auto sig_l = gate_sigmoid(gl), sig_c = gate_sigmoid(gc), sig_r = gate_sigmoid(gr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
-                             gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+    using acc_t = acc_type_t<scalar_t>;
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), sig_l.data_ptr<acc_t>(),
+                             sig_c.data_ptr<acc_t>(), sig_r.data_ptr<acc_t>(), u.data_ptr<scalar_t>(),
                              y.data_ptr<scalar_t>(), sh, chunk);
   });
   return y;
@@ -201,10 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto d_x = at::empty_like(x);
   auto d_lam = acc_zeros(lam), d_gl = acc_zeros(gl), d_gc = acc_zeros(gc), d_gr = acc_zeros(gr), d_u = acc_zeros(u);
   if (x.numel() > 0) {
+    const auto sig_l = gate_sigmoid(gl), sig_c = gate_sigmoid(gc), sig_r = gate_sigmoid(gr);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_bwd_cpu", [&] {
       using acc_t = acc_type_t<scalar_t>;
       backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
-                                gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(),
+                                sig_l.data_ptr<acc_t>(), sig_c.data_ptr<acc_t>(), sig_r.data_ptr<acc_t>(),
                                 u.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), d_lam.data_ptr<acc_t>(),
                                 d_gl.data_ptr<acc_t>(), d_gc.data_ptr<acc_t>(), d_gr.data_ptr<acc_t>(),
                                 d_u.data_ptr<acc_t>(), sh, chunk);

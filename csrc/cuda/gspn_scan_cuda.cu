@@ -55,8 +55,9 @@ __device__ __forceinline__ GatePlanes gate_planes(const ScanShape& sh, int64_t b
 }
 
 // The i-th element of a staged tile of n_steps steps x L lanes, in the order that makes
-// consecutive i consecutive in global memory (see the layout note above).
-__device__ __forceinline__ void tile_coords(int d, int64_t i, int64_t L, int64_t n_steps, int64_t& k, int64_t& l) {
+// consecutive i consecutive in global memory (see the layout note above). 32-bit: a tile holds
+// at most kMaxTile x (max lanes) elements, and 64-bit division is slow on the GPU.
+__device__ __forceinline__ void tile_coords(int d, int i, int L, int n_steps, int& k, int& l) {
   if (d < 2) {
     k = i / L;
     l = i % L;
@@ -74,7 +75,7 @@ __global__ void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scala
   extern __shared__ float smem[];
   const int64_t H = sh.H, W = sh.W, HW = H * W;
   const int64_t max_lanes = H > W ? H : W;
-  const int64_t pitch = max_lanes + 1;  // tile row pitch; +1 spreads the horizontal staging over banks
+  const int pitch = static_cast<int>(max_lanes) + 1;  // tile row pitch; +1 spreads the horizontal staging over banks
   float* h_buf = smem;                  // 2 x max_lanes
   float* t_drive = h_buf + 2 * max_lanes;
   float* t_wl = t_drive + pitch * tile;
@@ -87,7 +88,7 @@ __global__ void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scala
   const scalar_t* xp = x + p * HW;
   for (int d = 0; d < kDirections; ++d) {
     const ScanGeometry geo = scan_geometry(d, H, W);
-    const int64_t L = geo.lanes;
+    const int L = static_cast<int>(geo.lanes);
     const GatePlanes gp = gate_planes(sh, b, d, c);
     const scalar_t* lam_p = lam + gp.lam * HW;
     const scalar_t* gl_p = gl + gp.gl * HW;
@@ -96,12 +97,12 @@ __global__ void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scala
     const scalar_t* u_p = u + gp.u * HW;
     int cur = 0;
     for (int64_t s0 = 0; s0 < geo.steps; s0 += tile) {
-      const int64_t n = min(static_cast<int64_t>(tile), geo.steps - s0);
-      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
-        int64_t k, l;
+      const int n = static_cast<int>(min(static_cast<int64_t>(tile), geo.steps - s0));
+      for (int i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n, k, l);
         const int64_t o = geo.offset(s0 + k, l);
-        const int64_t t = k * pitch + l;
+        const int t = k * pitch + l;
         float wl, wc, wr;
         normalized_weights<float>(static_cast<float>(gl_p[o]), static_cast<float>(gc_p[o]),
                                   static_cast<float>(gr_p[o]), l > 0, l < L - 1, wl, wc, wr);
@@ -112,12 +113,12 @@ __global__ void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scala
         t_u[t] = static_cast<float>(u_p[o]);
       }
       __syncthreads();
-      for (int64_t k = 0; k < n; ++k) {
+      for (int k = 0; k < n; ++k) {
         const bool restart = restarts_at(s0 + k, chunk);
         const float* prev = h_buf + cur * max_lanes;
         float* next = h_buf + (1 - cur) * max_lanes;
-        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-          const int64_t t = k * pitch + l;
+        for (int l = threadIdx.x; l < L; l += blockDim.x) {
+          const int t = k * pitch + l;
           float h = t_drive[t];
           if (!restart) {
             h += t_wc[t] * prev[l];
@@ -130,8 +131,8 @@ __global__ void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scala
         cur = 1 - cur;
         __syncthreads();
       }
-      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
-        int64_t k, l;
+      for (int i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n, k, l);
         const int64_t o = p * HW + geo.offset(s0 + k, l);
         const float v = t_u[k * pitch + l];
@@ -158,7 +159,7 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
   extern __shared__ float smem[];
   const int64_t H = sh.H, W = sh.W, HW = H * W;
   const int64_t max_lanes = H > W ? H : W;
-  const int64_t pitch = max_lanes + 1;
+  const int pitch = static_cast<int>(max_lanes) + 1;
   float* g_buf = smem;                       // 2 x max_lanes: adjoint of step s+1 / step s
   float* w_buf = g_buf + 2 * max_lanes;      // 2 x 3 x max_lanes: normalised weights of step s+1 / s
   float* t_x = w_buf + 6 * max_lanes;        // staged tile; slots are reused for the outputs:
@@ -179,7 +180,7 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
              gr_shared = sh.g_gr != sh.C, u_shared = sh.g_u != sh.C;
   for (int d = 0; d < kDirections; ++d) {
     const ScanGeometry geo = scan_geometry(d, H, W);
-    const int64_t L = geo.lanes;
+    const int L = static_cast<int>(geo.lanes);
     const GatePlanes gp = gate_planes(sh, b, d, c);
     const scalar_t* lam_p = lam + gp.lam * HW;
     const scalar_t* gl_p = gl + gp.gl * HW;
@@ -190,12 +191,12 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
     // Phase A: recompute this direction's hidden states into the scratch plane.
     int cur = 0;
     for (int64_t s0 = 0; s0 < geo.steps; s0 += tile) {
-      const int64_t n = min(static_cast<int64_t>(tile), geo.steps - s0);
-      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
-        int64_t k, l;
+      const int n = static_cast<int>(min(static_cast<int64_t>(tile), geo.steps - s0));
+      for (int i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n, k, l);
         const int64_t o = geo.offset(s0 + k, l);
-        const int64_t t = k * pitch + l;
+        const int t = k * pitch + l;
         float wl, wc, wr;
         normalized_weights<float>(static_cast<float>(gl_p[o]), static_cast<float>(gc_p[o]),
                                   static_cast<float>(gr_p[o]), l > 0, l < L - 1, wl, wc, wr);
@@ -205,12 +206,12 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
         t_gr[t] = wr;
       }
       __syncthreads();
-      for (int64_t k = 0; k < n; ++k) {
+      for (int k = 0; k < n; ++k) {
         const bool restart = restarts_at(s0 + k, chunk);
         const float* prev = g_buf + cur * max_lanes;
         float* next = g_buf + (1 - cur) * max_lanes;
-        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-          const int64_t t = k * pitch + l;
+        for (int l = threadIdx.x; l < L; l += blockDim.x) {
+          const int t = k * pitch + l;
           float h = t_x[t];
           if (!restart) {
             h += t_gc[t] * prev[l];
@@ -223,8 +224,8 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
         cur = 1 - cur;
         __syncthreads();
       }
-      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
-        int64_t k, l;
+      for (int i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n, k, l);
         hp[geo.offset(s0 + k, l)] = t_h[k * pitch + l];
       }
@@ -235,12 +236,12 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
     cur = 0;
     const int64_t last_tile = ((geo.steps - 1) / tile) * tile;
     for (int64_t s0 = last_tile; s0 >= 0; s0 -= tile) {
-      const int64_t n = min(static_cast<int64_t>(tile), geo.steps - s0);
-      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
-        int64_t k, l;
+      const int n = static_cast<int>(min(static_cast<int64_t>(tile), geo.steps - s0));
+      for (int i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n, k, l);
         const int64_t o = geo.offset(s0 + k, l);
-        const int64_t t = k * pitch + l;
+        const int t = k * pitch + l;
         t_x[t] = static_cast<float>(xp[o]);
         t_lam[t] = static_cast<float>(lam_p[o]);
         t_gl[t] = static_cast<float>(gl_p[o]);
@@ -250,15 +251,15 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
         t_gy[t] = static_cast<float>(gyp[o]);
       }
       // h of steps s0-1 .. s0+n-1 at tile rows 0 .. n (row 0 only exists when s0 > 0).
-      const int64_t first = s0 > 0 ? 0 : 1;
-      for (int64_t i = threadIdx.x; i < (n + 1 - first) * L; i += blockDim.x) {
-        int64_t k, l;
+      const int first = s0 > 0 ? 0 : 1;
+      for (int i = threadIdx.x; i < (n + 1 - first) * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n + 1 - first, k, l);
         k += first;
         t_h[k * pitch + l] = hp[geo.offset(s0 - 1 + k, l)];
       }
       __syncthreads();
-      for (int64_t k = n - 1; k >= 0; --k) {
+      for (int k = n - 1; k >= 0; --k) {
         const int64_t s = s0 + k;
         const bool next_applies = s + 1 < geo.steps && !restarts_at(s + 1, chunk);
         const bool restart = restarts_at(s, chunk);
@@ -270,8 +271,8 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
         float* wl_cur = w_buf + (1 - cur) * 3 * max_lanes;
         float* wc_cur = wl_cur + max_lanes;
         float* wr_cur = wc_cur + max_lanes;
-        for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-          const int64_t t = k * pitch + l;
+        for (int l = threadIdx.x; l < L; l += blockDim.x) {
+          const int t = k * pitch + l;
           const float gy_v = t_gy[t];
           float g = t_u[t] * gy_v;
           if (next_applies) {
@@ -302,11 +303,11 @@ __global__ void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scal
         cur = 1 - cur;
         __syncthreads();
       }
-      for (int64_t i = threadIdx.x; i < n * L; i += blockDim.x) {
-        int64_t k, l;
+      for (int i = threadIdx.x; i < n * L; i += blockDim.x) {
+        int k, l;
         tile_coords(d, i, L, n, k, l);
         const int64_t o = geo.offset(s0 + k, l);
-        const int64_t t = k * pitch + l;
+        const int t = k * pitch + l;
         const int64_t ox = p * HW + o;
         if (d == 0) {
           dx_acc[ox] = t_lam[t];
