@@ -215,6 +215,7 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     assert not model.gradient_checkpointing
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager_on_cpu():
     import torch._inductor.config
 

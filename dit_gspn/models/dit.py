@@ -251,6 +251,8 @@ class DiT(ModelMixin, ConfigMixin):
 
         if gspn_global_layers is None:
             gspn_global_layers = depth // 4
+        if gspn_global_layers < 0:
+            raise ValueError(f"gspn_global_layers must be >= 0 (or None for depth // 4), got {gspn_global_layers}")
         self.blocks = nn.ModuleList()
         for i in range(depth):
             local = gspn_chunk is not None and i < depth - gspn_global_layers
