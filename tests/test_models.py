@@ -276,3 +276,20 @@ def test_clear_errors_for_bad_inputs():
         tiny(mixer="mamba")
     with pytest.raises(ValueError, match=r"grid \(h, w\) = \(2, 2\) holds 4 tokens but the input has N = 6"):
         Attention(8, 2)(torch.randn(1, 6, 8), (2, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cuda_model_matches_cpu_and_trains_under_bf16_autocast(mixer, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions for the comparison
+    model = randomise(tiny(mixer, input_size=16, depth=3, gspn_chunk=3)).eval()
+    x, t, y = inputs(H=16, W=24)
+    with torch.no_grad():
+        expected = model(x, t, y)
+        got = model.cuda()(x.cuda(), t.cuda(), y.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x.cuda(), t.cuda(), y.cuda()).float().square().mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
