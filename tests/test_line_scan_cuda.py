@@ -95,9 +95,25 @@ def test_cuda_kernel_on_more_than_2_pow_28_elements():
     assert torch.Size(shape).numel() > 2 ** 28
     inputs = random_inputs(shape, torch.bfloat16)
     h = line_scan(*inputs, impl="cuda")
-    # Compare the last planes, whose offsets are the largest, and a sample of rows everywhere.
-    tail = [t[-1, -3:] for t in inputs]
-    assert_close_scaled(h[-1, -3:], line_scan_reference(*tail), torch.bfloat16, "h (last planes)")
+    # Compare the first and the last planes (the largest offsets) with the reference; all finite.
+    for planes in ((0, slice(0, 2)), (-1, slice(-3, None))):
+        part = [t[planes] for t in inputs]
+        assert_close_scaled(h[planes], line_scan_reference(*part), torch.bfloat16, f"h[{planes}]")
     assert torch.isfinite(h).all()
     del inputs, h
     torch.cuda.empty_cache()
+
+
+def test_cuda_forward_and_backward_are_one_launch_each():
+    inputs = [t.requires_grad_() for t in random_inputs((2, 3, 64, 48), torch.float32)]
+    h = line_scan(*inputs, impl="cuda")
+    grad = torch.randn_like(h)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        line_scan(*(t.detach() for t in inputs), impl="cuda")
+        torch.ops.gspn.line_scan_bwd(grad, h.detach(), *(t.detach() for t in inputs), 0)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("line_scan_fwd_kernel" in k for k in kernels) == 1, kernels
+    assert sum("line_scan_bwd_kernel" in k for k in kernels) == 1, kernels
+    assert len(kernels) == 2, kernels
