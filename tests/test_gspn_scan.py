@@ -188,10 +188,17 @@ def test_bad_inputs_raise_actionable_errors(mutate, error, match):
         gspn_scan(*mutate(inputs))
 
 
-@pytest.mark.parametrize("chunk", [0, -2, 1.5, True])
+@pytest.mark.parametrize("chunk", [0, -2, 1.5, True, "4"])
 def test_bad_chunk_raises(chunk):
     with pytest.raises(ValueError, match="chunk must be None"):
         gspn_scan(*make_inputs(1, 2, 3, 3), chunk=chunk)
+
+
+def test_chunk_accepts_any_integral():
+    import numpy as np
+
+    inputs = make_inputs(1, 2, 5, 4)
+    torch.testing.assert_close(gspn_scan(*inputs, chunk=np.int64(2), impl="cpu"), gspn_scan(*inputs, chunk=2, impl="cpu"))
 
 
 def test_bad_impl_raises():

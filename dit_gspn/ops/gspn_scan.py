@@ -22,6 +22,7 @@ An explicit ``impl=`` argument wins over both.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 
 import torch
@@ -77,11 +78,12 @@ def gspn_scan(x, lam, gl, gc, gr, u, chunk: int | None = None, impl: str | None 
     """
     _check_inputs(x, (lam, gl, gc, gr, u), chunk)
     impl = _resolve_impl(x, impl)
+    chunk = None if chunk is None else int(chunk)
     if impl == "reference":
         return gspn_scan_reference(x, lam, gl, gc, gr, u, chunk, line_scan=line_scan_reference)
     if impl == "composed":
         return gspn_scan_reference(x, lam, gl, gc, gr, u, chunk, line_scan=line_scan)
-    return torch.ops.gspn.gspn_scan_fwd(x, lam, gl, gc, gr, u, 0 if chunk is None else int(chunk))
+    return torch.ops.gspn.gspn_scan_fwd(x, lam, gl, gc, gr, u, 0 if chunk is None else chunk)
 
 
 def _check_inputs(x, gates, chunk) -> None:
@@ -102,7 +104,7 @@ def _check_inputs(x, gates, chunk) -> None:
             raise TypeError(f"gspn_scan: {name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
         if t.device != x.device:
             raise ValueError(f"gspn_scan: {name} is on {t.device} but x is on {x.device}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ValueError(f"gspn_scan: chunk must be None (global) or an int >= 1, got {chunk!r}")
 
 
