@@ -113,8 +113,15 @@ def test_opcheck():
 def test_torch_compile_fullgraph_traces_the_fused_op():
     inputs = make_inputs(1, 4, 6, 5, (4, 2, 1, 4, 2), torch.float32, requires_grad=True)
     gspn_scan(*inputs, impl="cpu")  # build outside the traced region
-    compiled = torch.compile(lambda *a: gspn_scan(*a, chunk=3), fullgraph=True, backend="aot_eager")
+    traced_ops = []
+
+    def inductor_recording_ops(gm, example_inputs):
+        traced_ops.extend(str(node.target) for node in gm.graph.nodes)
+        return torch._inductor.compile(gm, example_inputs)
+
+    compiled = torch.compile(lambda *a: gspn_scan(*a, chunk=3), fullgraph=True, backend=inductor_recording_ops)
     y = compiled(*inputs)
+    assert "gspn.gspn_scan_fwd" in traced_ops, " ".join(traced_ops)  # the fused op, not a fallback, is in the graph
     grads = torch.autograd.grad(y.square().sum(), inputs)
     y_ref = gspn_scan_reference(*inputs, chunk=3)
     grads_ref = torch.autograd.grad(y_ref.square().sum(), inputs)
