@@ -76,7 +76,7 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
     // Carries of the row below, in zero-padded rows (index j + 1 holds column j):
     // carry_left of column j is cl[j + 2], carry_right is cr[j]; carry_centre is cc[j].
     // Two sets, read one while writing the other. hp holds h[i-1] zero-padded.
-    std::vector<acc_t> buf(5 * P + 2 * W, acc_t(0));
+    std::vector<acc_t> buf(5 * P + 3 * W, acc_t(0));
     acc_t* cl_in = buf.data();
     acc_t* cr_in = cl_in + P;
     acc_t* cl_out = cr_in + P;
@@ -84,6 +84,7 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
     acc_t* hp = cr_out + P;
     acc_t* cc_in = hp + P;
     acc_t* cc_out = cc_in + W;
+    acc_t* grow = cc_out + W;  // the adjoint g of the current row
     for (int64_t p = begin; p < end; ++p) {
       std::fill(buf.begin(), buf.end(), acc_t(0));
       for (int64_t i = s.H - 1; i >= 0; --i) {
@@ -112,22 +113,27 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
         acc_t* __restrict__ cro = cr_out;
         acc_t* __restrict__ cco = cc_out;
         const acc_t* __restrict__ q = hp;
+        // Two passes over the row, each touching at most six of the twelve equally aligned
+        // (page-aligned) maps: one pass over all twelve thrashes the L1 cache's sets.
+        acc_t* __restrict__ gr = grow;
+        #pragma omp simd
+        for (int64_t j = 0; j < W; ++j) {
+          const acc_t g = adjoint<acc_t>(acc_t(ghr[j]), cli[j + 2], cci[j], cri[j]);
+          gr[j] = g;
+          dxr[j] = scalar_t(g * acc_t(lr[j]));
+          dlr[j] = scalar_t(g * acc_t(xr[j]));
+        }
         if (start) {
           // A start row's weights multiply nothing: their gradients and carries are zero.
           #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
-            const acc_t g = adjoint<acc_t>(acc_t(ghr[j]), cli[j + 2], cci[j], cri[j]);
-            dxr[j] = scalar_t(g * acc_t(lr[j]));
-            dlr[j] = scalar_t(g * acc_t(xr[j]));
             da[j] = db[j] = dd[j] = scalar_t(0);
             clo[j + 1] = cco[j] = cro[j + 1] = acc_t(0);
           }
         } else {
           #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
-            const acc_t g = adjoint<acc_t>(acc_t(ghr[j]), cli[j + 2], cci[j], cri[j]);
-            dxr[j] = scalar_t(g * acc_t(lr[j]));
-            dlr[j] = scalar_t(g * acc_t(xr[j]));
+            const acc_t g = gr[j];
             da[j] = scalar_t(g * q[j]);
             db[j] = scalar_t(g * q[j + 1]);
             dd[j] = scalar_t(g * q[j + 2]);
