@@ -156,6 +156,12 @@ def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
 # mixer
 
 
+def hidden_size(name: str) -> int:
+    """The zoo model's hidden size, read from a model built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return create_model(name).config.hidden_size
+
+
 def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
     """GSPN mixer forward + backward under bf16 autocast: fused scan against the composed ops."""
     grid = resolution // VAE_DOWNSAMPLE // patch
@@ -269,13 +275,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     overrides: dict = {}
-    mixer_dims = {"B/2": 768, "XL/2": 1152}
     if args.smoke:
         args.sizes, args.resolutions = ["S/2"], [32, 64]
         args.train_batch = args.sample_batch = 1
         args.warmup, args.iters = 0, 1
         overrides = {"depth": 1, "hidden_size": 32, "num_heads": 2}
-        mixer_dims = {"S/2": 32}
     elif device.type == "cpu":
         print("warning: full-size model benchmarks on CPU take hours; use --smoke", file=sys.stderr)
 
@@ -293,7 +297,8 @@ def main(argv=None) -> dict:
         report["goals"] = goals(report["models"])
     if "mixer" in args.sections:
         report["mixer"] = []
-        for size, dim in mixer_dims.items():
+        for size in args.sizes:
+            dim = overrides.get("hidden_size") or hidden_size(f"GSPN-{size}")
             for resolution in args.resolutions:
                 row = bench_mixer(dim, resolution, int(size.split("/")[1]), args, device, chunk=None)
                 row["size"] = size
