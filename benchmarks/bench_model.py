@@ -80,8 +80,9 @@ def bench_model(name: str, resolution: int, args, device: torch.device, override
            "train_batch": args.train_batch, "sample_batch": args.sample_batch}
     model = optimizer = None
     try:
-        model = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS, num_classes=args.num_classes,
-                             **overrides).to(device)
+        with torch.device(device):  # initialise on the device: an XL model's CPU init alone takes many seconds
+            model = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS, num_classes=args.num_classes,
+                                 **overrides)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["tokens"] = (latent // model.patch_size) ** 2
         row.update(_bench_training(model, latent, args, device))
@@ -165,7 +166,8 @@ def hidden_size(name: str) -> int:
 def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
     """GSPN mixer forward + backward under bf16 autocast: fused scan against the composed ops."""
     grid = resolution // VAE_DOWNSAMPLE // patch
-    mixer = GSPNMixer(dim, chunk=chunk).to(device)
+    with torch.device(device):
+        mixer = GSPNMixer(dim, chunk=chunk)
     tokens = torch.randn(args.train_batch, grid * grid, dim, device=device, requires_grad=True)
 
     def step():
