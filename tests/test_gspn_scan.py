@@ -256,7 +256,7 @@ def test_cuda_kernel_matches_reference(shape, dtype):
         (1, 1, 40, 2048, (1, 1, 1, 1, 1), 7),
     ],
 )
-def test_cuda_large_maps_match_the_composed_ops(B, C, H, W, groups, chunk):
+def test_cuda_large_maps_match_the_reference(B, C, H, W, groups, chunk):
     # The float64 reference on the GPU is the oracle.
     inputs = make_inputs(B, C, H, W, groups, torch.float32, device="cuda")
     grad_y = torch.randn(B, C, H, W, device="cuda")
