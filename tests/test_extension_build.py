@@ -27,6 +27,7 @@ def has_cuda_toolkit():
     return bool(os.environ.get("CUDA_HOME")) or extension.DEFAULT_CUDA_HOME.is_dir() or torch.cuda.is_available()
 
 
+@pytest.mark.slow  # 1-4 min on 2 cores when the cache is cold (it compiles every csrc/cuda/*.cu); instant when warm
 @pytest.mark.skipif(not has_cuda_toolkit(), reason="no CUDA toolkit (nvcc) on this machine")
 def test_cuda_variant_compiles_and_loads():
     result = run_python(
