@@ -117,3 +117,12 @@ def test_cuda_forward_and_backward_are_one_launch_each():
     assert sum("line_scan_fwd_kernel" in k for k in kernels) == 1, kernels
     assert sum("line_scan_bwd_kernel" in k for k in kernels) == 1, kernels
     assert len(kernels) == 2, kernels
+
+
+def test_rows_wider_than_the_cuda_kernel_use_the_reference_by_default():
+    from dit_gspn.ops.line_scan import CUDA_MAX_W
+
+    inputs = random_inputs((1, 1, 3, CUDA_MAX_W + 1), torch.float32)
+    torch.testing.assert_close(line_scan(*inputs), line_scan_reference(*inputs))
+    with pytest.raises(RuntimeError, match="exceeds the kernel's limit"):
+        line_scan(*inputs, impl="cuda")

@@ -17,6 +17,9 @@ from .reference import line_scan_reference
 IMPLS = ("reference", "cpu", "cuda")
 
 _ARG_NAMES = ("x", "lam", "wl", "wc", "wr")
+#: The widest row the CUDA kernel scans (1024 threads x 4 columns); wider maps use the reference
+#: under impl=None and are an error under impl="cuda".
+CUDA_MAX_W = 4096
 
 
 def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = None):
@@ -39,6 +42,8 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
     _check_args(tensors, chunk, impl)
     if impl is None:
         impl = _default_impl(x.device.type)
+        if impl == "cuda" and x.shape[-1] > CUDA_MAX_W:
+            impl = "reference"
     if impl == "reference":
         return line_scan_reference(x, lam, wl, wc, wr, chunk)
     if x.device.type != impl:
