@@ -26,17 +26,19 @@ def line_scan_reference(x, lam, wl, wc, wr, chunk: int | None = None):
     """
     dtype = x.dtype
     cd = _compute_dtype(dtype)
-    x, lam, wl, wc, wr = (t.to(cd) for t in (x, lam, wl, wc, wr))
+    # Split every input into rows once: indexing row i of a full tensor inside the loop would make
+    # autograd allocate a full-size gradient per row (quadratic backward in H).
+    x, lam, wl, wc, wr = (t.to(cd).unbind(-2) for t in (x, lam, wl, wc, wr))
     rows = []
     h = None
-    for i in range(x.shape[-2]):
-        drive = lam[..., i, :] * x[..., i, :]
+    for i in range(len(x)):
+        drive = lam[i] * x[i]
         if h is None or (chunk is not None and i % chunk == 0):
             h = drive
         else:
             left = F.pad(h[..., :-1], (1, 0))  # h[i-1, j-1]
             right = F.pad(h[..., 1:], (0, 1))  # h[i-1, j+1]
-            h = wl[..., i, :] * left + wc[..., i, :] * h + wr[..., i, :] * right + drive
+            h = wl[i] * left + wc[i] * h + wr[i] * right + drive
         rows.append(h)
     return torch.stack(rows, dim=-2).to(dtype)
 
