@@ -64,14 +64,14 @@ def make_shapes(num_per_class: int, image_size: int = 32, seed: int = 0) -> tupl
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     s = image_size / 32.0
     for i, label in enumerate(labels):
-        r = rng.uniform(7.0, 11.0) * s
-        cy, cx = image_size / 2 + rng.uniform(-5.0, 5.0, size=2) * s
-        background = rng.uniform(0, 60) + rng.uniform(-10, 10, size=3)
+        r = rng.uniform(8.0, 11.0) * s
+        cy, cx = image_size / 2 + rng.uniform(-3.0, 3.0, size=2) * s
+        background = rng.uniform(0, 40) + rng.uniform(-8, 8, size=3)
         colour = np.clip(_COLOURS[label] + rng.uniform(-25, 25, size=3), 0, 255)
         mask = _shape_mask(int(label), yy - cy, xx - cx, r)
         img = np.broadcast_to(background, (image_size, image_size, 3)).copy()
         img[mask] = colour
-        img += rng.normal(0.0, 4.0, size=img.shape)
+        img += rng.normal(0.0, 3.0, size=img.shape)
         images[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return images, labels
 

@@ -56,6 +56,7 @@ DEFAULTS: dict = {
         "gradient_checkpointing": False,
         "compile": False,           # torch.compile the model
         "ema_decay": 0.9999,
+        "ema_warmup": False,        # decay min(ema_decay, (1 + step) / (10 + step)) as diffusers' EMAModel; DiT: off
         "cpu": False,               # force CPU even where a GPU is present
         "time_limit_minutes": None, # stop early (with a checkpoint and a grid) after this long; resume continues
     },

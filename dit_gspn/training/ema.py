@@ -13,6 +13,13 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
     return ema
 
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The decay for the update after optimizer step ``step`` (1-based): ``decay``, or with ``warmup`` the
+    ramp min(decay, (1 + step) / (10 + step)) that diffusers' EMAModel uses, so a short run's EMA is not
+    dominated by its random initial weights."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model, parameter by parameter (as DiT); buffers are copied."""

@@ -27,7 +27,7 @@ from .checkpoint import (CheckpointWriter, latest_checkpoint, load_weights, read
 from .config import ConfigError, complete_config
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
-from .ema import make_ema, update_ema
+from .ema import ema_decay_at, make_ema, update_ema
 from .grids import GridWriter
 
 
@@ -185,8 +185,8 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
         grad_norm = acc.clip_grad_norm_(model.parameters(), float(clip)) if clip else None
         optimizer.step()
         lr_scheduler.step()
-        update_ema(ema, raw_model, float(tc["ema_decay"]))
         step += 1
+        update_ema(ema, raw_model, ema_decay_at(step, float(tc["ema_decay"]), bool(tc["ema_warmup"])))
         window_loss += step_loss
         window_steps += 1
         bar.update(1)
