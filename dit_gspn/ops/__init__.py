@@ -5,6 +5,6 @@ compiled CPU kernel and a compiled CUDA kernel (``csrc/``), registered as torch 
 """
 from .reference import DIRECTIONS, normalize_gates
 from .line_scan import line_scan
-from .gspn_scan import gspn_scan
+from .gspn_scan import gspn_scan, gspn_scan_impl
 
-__all__ = ["DIRECTIONS", "line_scan", "normalize_gates", "gspn_scan"]
+__all__ = ["DIRECTIONS", "line_scan", "normalize_gates", "gspn_scan", "gspn_scan_impl"]
