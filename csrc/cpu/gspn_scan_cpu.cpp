@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu_parallel.h"
 #include "../gspn_scan_checks.h"
 #include "../gspn_scan_common.h"
 
@@ -39,7 +40,7 @@ void forward_kernel(const scalar_t* x, const scalar_t* lam, const acc_type_t<sca
   using acc_t = acc_type_t<scalar_t>;
   const int64_t HW = sh.H * sh.W;
   const int64_t max_lanes = std::max(sh.H, sh.W);
-  at::parallel_for(0, sh.B * sh.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.B * sh.C, plane_grain(4 * HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h_prev(max_lanes), h_cur(max_lanes), y_plane(HW);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / sh.C, c = p % sh.C;
@@ -90,7 +91,7 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam,
   int64_t block = 1;
   for (int64_t g : {sh.g_lam, sh.g_gl, sh.g_gc, sh.g_gr, sh.g_u}) block = std::lcm(block, sh.C / g);
   const int64_t blocks_per_batch = sh.C / block;
-  at::parallel_for(0, sh.B * blocks_per_batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.B * blocks_per_batch, plane_grain(4 * block * HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h_plane(HW), dx_plane(HW);
     std::vector<acc_t> g_next(max_lanes), g_cur(max_lanes);
     std::vector<acc_t> wl_next(max_lanes), wc_next(max_lanes), wr_next(max_lanes);

@@ -9,16 +9,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "../cpu_parallel.h"
 #include "../line_scan.h"
 #include "../line_scan_common.h"
 
 namespace gspn {
 namespace {
-
-// Planes per parallel task: enough elements that a task outweighs its scheduling cost.
-int64_t plane_grain(int64_t plane_size) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(plane_size, 1));
-}
 
 template <typename scalar_t>
 void line_scan_fwd_planes(const scalar_t* x, const scalar_t* lam, const scalar_t* wl,
