@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -90,17 +90,37 @@ def test_ddpm_matches_adm_respaced_learned_variance():
     torch.testing.assert_close(ours.double(), oracle, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm-solver++"])
-def test_deterministic_samplers_match_diffusers_loop(name):
+def _adm_ddim(model, labels, num_steps, generators):
+    """ADM's ddim_sample_loop (eta = 0) over its "ddimN" respacing, written out in float64 (the oracle)."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    acp = np.cumprod(1 - betas)
+    use = list(range(0, 1000, 1000 // num_steps))[::-1]
+    n, ch = len(labels), model.in_channels
+    x = randn_tensor((n, ch, 8, 8), generator=generators, dtype=torch.float32).double()
+    for k, t in enumerate(use):
+        a_t = acp[t]
+        a_prev = acp[use[k + 1]] if k + 1 < len(use) else acp[0]  # diffusers' set_alpha_to_one=False
+        eps = model(x.float(), torch.full((n,), int(t)), torch.as_tensor(labels)).double()[:, :ch]
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x
+
+
+def test_ddim_matches_adm_ddim_respacing():
+    model = tiny_dit()
+    labels = [1, 2]
+    ours = sample(model, labels, sampler="ddim", num_steps=5, generator=_generators(2))
+    oracle = _adm_ddim(model, labels, 5, _generators(2))
+    torch.testing.assert_close(ours.double(), oracle, rtol=1e-4, atol=1e-4)
+
+
+def test_dpm_solver_matches_diffusers_loop():
     model = tiny_dit()
     labels = torch.tensor([1, 2])
-    ours = sample(model, labels, sampler=name, num_steps=7, generator=_generators(2))
-    common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                  timestep_spacing="linspace")
-    if name == "ddim":
-        sched = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
-    else:
-        sched = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    ours = sample(model, labels, sampler="dpm-solver++", num_steps=7, generator=_generators(2))
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", timestep_spacing="linspace",
+                                        algorithm_type="dpmsolver++", solver_order=2)
     sched.set_timesteps(7)
     x = randn_tensor((2, 3, 8, 8), generator=_generators(2))
     for t in sched.timesteps:

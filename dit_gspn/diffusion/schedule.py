@@ -17,14 +17,17 @@ def make_scheduler(sampler: str = "ddpm", num_steps: int = 250):
 
     ``ddpm`` uses the model's learned variance (``learned_range``: it takes the model's full 2C-channel
     output); ``ddim`` and ``dpm-solver++`` take the epsilon half only. Timesteps are spaced as ADM
-    respaces them (``linspace``: 999, 995, ... for 250 steps).
+    respaces them: DDPM and DPM-Solver++ evenly over [0, 999] (999, 995, ... for 250 steps), DDIM
+    every 1000 // N steps from 0 (ADM's ``ddimN``: 980, 960, ..., 0 for 50 steps).
     """
     if sampler == "ddpm":
         scheduler = DDPMScheduler(**DIT_SCHEDULE, variance_type="learned_range", clip_sample=False,
                                   timestep_spacing="linspace")
     elif sampler == "ddim":
+        # ADM's "ddimN" respacing (every 1000 // N steps from 0); diffusers' DDIM steps to
+        # t - 1000 // N, which only matches the timestep list under this spacing.
         scheduler = DDIMScheduler(**DIT_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
-                                  timestep_spacing="linspace")
+                                  timestep_spacing="leading")
     elif sampler == "dpm-solver++":
         scheduler = DPMSolverMultistepScheduler(**DIT_SCHEDULE, algorithm_type="dpmsolver++",
                                                 solver_order=2, timestep_spacing="linspace")
