@@ -218,3 +218,38 @@ def test_ema_update_and_warmup_follow_dit_and_diffusers():
         torch.testing.assert_close(ema.state_dict()[k], 0.9 * before[k] + 0.1 * v)
     assert ema_decay_at(1, 0.9999, warmup=False) == 0.9999
     assert ema_decay_at(1, 0.9999, warmup=True) == 2 / 11 and ema_decay_at(10**6, 0.9999, warmup=True) == 0.9999
+
+
+def test_training_on_latent_shards_decodes_grids_through_the_vae(tmp_path, fresh_accelerate_state):
+    from diffusers import AutoencoderKL
+
+    from dit_gspn.data.latent_shards import shard_name, write_index, write_shard
+    from dit_gspn.sampling.checkpoint import SamplingInfo
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    root = tmp_path / "latents"
+    root.mkdir()
+    shards = []
+    for k in range(2):
+        n = 6
+        latents = torch.randn(n, 4, 8, 8)
+        write_shard(root / shard_name(k), {"latents": latents, "latents_flipped": latents.flip(-1),
+                                           "labels": torch.randint(0, 3, (n,))}, {"count": n, "skipped": []})
+        shards.append({"file": shard_name(k), "count": n, "skipped": []})
+    write_index(root, {"vae": str(tmp_path / "vae"), "latent_scale": 0.18215, "image_size": [16, 16],
+                       "latent_shape": [4, 8, 8], "num_classes": 3, "class_names": ["a", "b", "c"],
+                       "flipped": True, "shards": shards})
+    config = tiny_config(tmp_path / "run", data={"kind": "latents", "path": str(root)}, train={"steps": 2},
+                         logging={"sample_classes": None})
+    result = train(config)
+    info = SamplingInfo.read(result.checkpoint / "sampling.json")
+    assert info.vae == str(tmp_path / "vae") and info.latent_scale == 0.18215 and info.image_size == (16, 16)
+    assert info.class_names == ["a", "b", "c"] and result.model.in_channels == 4
+    from PIL import Image
+    assert Image.open(result.grid).size[0] >= 3 * 16  # decoded 16x16 images, one column per class
+    with pytest.raises(Exception, match=r"shape \(4, 8, 8\).*\(4, 16, 16\)"):
+        train(tiny_config(tmp_path / "run2", data={"kind": "latents", "path": str(root)},
+                          model={"input_size": 16}))
