@@ -253,3 +253,22 @@ def test_training_on_latent_shards_decodes_grids_through_the_vae(tmp_path, fresh
     with pytest.raises(Exception, match=r"shape \(4, 8, 8\).*\(4, 16, 16\)"):
         train(tiny_config(tmp_path / "run2", data={"kind": "latents", "path": str(root)},
                           model={"input_size": 16}))
+
+
+def test_gradient_checkpointing_matches_and_bf16_trains(tmp_path, fresh_accelerate_state):
+    from accelerate.state import AcceleratorState, PartialState
+
+    def run(name, **train_options):
+        result = train(tiny_config(tmp_path / name, train={"steps": 2, **train_options}))
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        return result
+
+    plain = run("plain")
+    recomputed = run("ckpt", gradient_checkpointing=True)
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(recomputed.model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    bf16 = run("bf16", mixed_precision="bf16")
+    assert torch.isfinite(torch.tensor(bf16.loss))
+    assert not torch.equal(bf16.model.state_dict()["final_layer.linear.weight"],
+                           plain.model.state_dict()["final_layer.linear.weight"])
