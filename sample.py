@@ -99,7 +99,7 @@ def main(argv=None) -> int:
               f"positional embedding (recomputed for the new grid); GSPN models without one are built for this",
               file=sys.stderr)
     sampler_kwargs = dict(sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-                          guided_channels=args.guided_channels)
+                          guided_channels=args.guided_channels, clip_denoised=info.clip_denoised)
 
     if args.num_samples is not None:
         out = args.out or "samples/samples.npz"

@@ -79,7 +79,9 @@ def evaluate_model(name: str, config_path: Path, overrides: list[str], run_dir: 
     with torch.no_grad():
         images = torch.cat([
             decode(sample(ema, chunk, sampler=config["logging"]["sampler"], num_steps=sample_steps,
-                          generator=torch.Generator().manual_seed(seed + i)),
+                          cfg_scale=float(config["logging"]["cfg_scale"]),
+                          generator=torch.Generator().manual_seed(seed + i),
+                          clip_denoised=_pixel_info(config).clip_denoised),
                    _pixel_info(config))
             for i, chunk in enumerate(labels.split(100))])
         predicted = classifier(images).argmax(1)
@@ -136,7 +138,8 @@ def main(argv=None) -> dict:
                 "(chance 0.1); both models trained with the same config and budget",
         "command": "python benchmarks/demo_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": str(args.config), "overrides": args.overrides, "sampler": config["logging"]["sampler"],
-        "sample_steps": sample_steps, "classifier_real_accuracy": round(real_accuracy, 4),
+        "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]), "clip_denoised": True,
+        "classifier_real_accuracy": round(real_accuracy, 4),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "results": results,
     }

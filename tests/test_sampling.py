@@ -59,7 +59,7 @@ def _generators(n, seed=0):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def _adm_ddpm(model, labels, num_steps, generators):
+def _adm_ddpm(model, labels, num_steps, generators, clip_denoised=False):
     """ADM's respaced p_sample loop with learned-range variance, written out in float64 (the oracle)."""
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     acp = np.cumprod(1 - betas)
@@ -73,6 +73,8 @@ def _adm_ddpm(model, labels, num_steps, generators):
         out = model(x.float(), torch.full((n,), int(t)), torch.as_tensor(labels)).double()
         eps, v = out[:, :ch], out[:, ch:]
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
         mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
         post_var = max(beta * (1 - a_prev) / (1 - a_t), 1e-20)
         frac = (v + 1) / 2
@@ -82,12 +84,15 @@ def _adm_ddpm(model, labels, num_steps, generators):
     return x
 
 
-def test_ddpm_matches_adm_respaced_learned_variance():
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_matches_adm_respaced_learned_variance(clip):
     model = tiny_dit()
     labels = [0, 3, 4]
-    ours = sample(model, labels, num_steps=6, generator=_generators(3))
-    oracle = _adm_ddpm(model, labels, 6, _generators(3))
+    ours = sample(model, labels, num_steps=6, generator=_generators(3), clip_denoised=clip)
+    oracle = _adm_ddpm(model, labels, 6, _generators(3), clip_denoised=clip)
     torch.testing.assert_close(ours.double(), oracle, rtol=1e-4, atol=1e-4)
+    if clip:  # the untrained model's x0 leaves [-1, 1], so clipping must have changed the result
+        assert (ours.double() - _adm_ddpm(model, labels, 6, _generators(3))).abs().max() > 1e-3
 
 
 def _adm_ddim(model, labels, num_steps, generators):

@@ -12,25 +12,29 @@ DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
 
-def make_scheduler(sampler: str = "ddpm", num_steps: int = 250):
+def make_scheduler(sampler: str = "ddpm", num_steps: int = 250, clip_denoised: bool = False):
     """A diffusers scheduler for DiT's schedule, with ``set_timesteps(num_steps)`` already called.
 
     ``ddpm`` uses the model's learned variance (``learned_range``: it takes the model's full 2C-channel
     output); ``ddim`` and ``dpm-solver++`` take the epsilon half only. Timesteps are spaced as ADM
     respaces them: DDPM and DPM-Solver++ evenly over [0, 999] (999, 995, ... for 250 steps), DDIM
     every 1000 // N steps from 0 (ADM's ``ddimN``: 980, 960, ..., 0 for 50 steps).
+    ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for
+    latents, which are not bounded).
     """
     if sampler == "ddpm":
-        scheduler = DDPMScheduler(**DIT_SCHEDULE, variance_type="learned_range", clip_sample=False,
+        scheduler = DDPMScheduler(**DIT_SCHEDULE, variance_type="learned_range", clip_sample=clip_denoised,
                                   timestep_spacing="linspace")
     elif sampler == "ddim":
         # ADM's "ddimN" respacing (every 1000 // N steps from 0); diffusers' DDIM steps to
         # t - 1000 // N, which only matches the timestep list under this spacing.
-        scheduler = DDIMScheduler(**DIT_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+        scheduler = DDIMScheduler(**DIT_SCHEDULE, clip_sample=clip_denoised, set_alpha_to_one=False,
                                   timestep_spacing="leading")
     elif sampler == "dpm-solver++":
+        # Thresholding with sample_max_value=1 clamps the threshold to 1: a plain clip to [-1, 1].
         scheduler = DPMSolverMultistepScheduler(**DIT_SCHEDULE, algorithm_type="dpmsolver++",
-                                                solver_order=2, timestep_spacing="linspace")
+                                                solver_order=2, timestep_spacing="linspace",
+                                                thresholding=clip_denoised, sample_max_value=1.0)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if num_steps < 1:

@@ -32,6 +32,11 @@ class SamplingInfo:
     num_classes: int
     class_names: list[str] | None = field(default=None)
 
+    @property
+    def clip_denoised(self) -> bool:
+        """Whether sampling clips predicted images to [-1, 1]: in pixel space, as ADM; never for latents."""
+        return self.vae is None
+
     @classmethod
     def read(cls, path: str | Path) -> "SamplingInfo":
         path = Path(path)

@@ -45,8 +45,8 @@ def _as_labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
     return labels
 
 
-def _scheduler_for(model_channels_out: int, in_channels: int, sampler: str, num_steps: int):
-    scheduler = make_scheduler(sampler, num_steps)
+def _scheduler_for(model_channels_out: int, in_channels: int, sampler: str, num_steps: int, clip_denoised: bool):
+    scheduler = make_scheduler(sampler, num_steps, clip_denoised)
     if sampler == "ddpm" and model_channels_out == in_channels:
         # A model without learned sigma: DDPM with ADM's fixed small (posterior) variance instead.
         scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
@@ -57,7 +57,7 @@ def _scheduler_for(model_channels_out: int, in_channels: int, sampler: str, num_
 @torch.no_grad()
 def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
            guided_channels: int | None = None, size: tuple[int, int] | None = None,
-           generator: Generators = None, progress: bool = False) -> torch.Tensor:
+           generator: Generators = None, progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
     """Draw one sample per class id in ``labels``; returns (N, C, H, W) in the model's output space.
 
     ``sampler`` is one of ``ddpm`` (DiT's default: learned variance, the model's full 2C output), ``ddim``
@@ -68,6 +68,8 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     default ``model.input_size``. ``generator`` is one ``torch.Generator`` for the whole batch, or a list
     with one per sample: then sample i depends only on its own generator (not on the batch it is in),
     which is how batch sampling makes results independent of the number of processes.
+    ``clip_denoised`` clips every step's predicted x0 to [-1, 1] (ADM's pixel-space sampling; see
+    ``SamplingInfo.clip_denoised``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -90,7 +92,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     if out_channels not in (channels, 2 * channels):
         raise ValueError(f"model.out_channels is {out_channels}; expected {channels} (epsilon) or "
                          f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
-    scheduler = _scheduler_for(out_channels, channels, sampler, num_steps)
+    scheduler = _scheduler_for(out_channels, channels, sampler, num_steps, clip_denoised)
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         t_batch = torch.full((y_in.numel(),), int(t), dtype=torch.long, device=device)
         if guided:
