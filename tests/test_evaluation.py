@@ -34,12 +34,8 @@ class _Unloaded(FeatureExtractorInceptionV3):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a shared 2-core machine one thread runs Inception ~2x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

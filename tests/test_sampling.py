@@ -40,12 +40,8 @@ def tiny_dit(in_channels=3, num_classes=5, input_size=8, learn_sigma=True, mixer
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine 2 threads run ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
