@@ -171,6 +171,20 @@ def load(device_type: str) -> bool:
     return True
 
 
+def require_kernels(op: str, impl: str, device: torch.device, ready, fallback: str) -> None:
+    """Raise an error a user can act on when ``impl`` ("cpu" / "cuda") was asked for explicitly but cannot run:
+    the tensors are on another device, or the compiled kernels did not build or load (``ready()``, called
+    only once the device matches, so a mismatch never starts a build)."""
+    if device.type != impl:
+        raise ValueError(f"{op}: impl={impl!r} needs {impl} tensors, got tensors on {device}")
+    if not ready():
+        raise RuntimeError(
+            f"{op}: impl={impl!r} was asked for but the compiled {impl} kernels did not build or load (see the "
+            f"warning above, or run `python -m dit_gspn.ops.build{' --cuda' if impl == 'cuda' else ''}`); use "
+            f"impl=None or {fallback!r}"
+        )
+
+
 def loaded_variant() -> str | None:
     """The variant loaded in this process ("cpu", "cuda"), or None."""
     return _loaded_variant

@@ -125,13 +125,7 @@ def _resolve_impl(x, impl: str | None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"gspn_scan: impl must be one of {IMPLS} or None, got {impl!r}")
     if impl in ("cpu", "cuda"):
-        if x.device.type != impl:
-            raise ValueError(f"gspn_scan: impl={impl!r} needs {impl} tensors, got tensors on {x.device}")
-        if not _kernels_ready(impl):
-            raise RuntimeError(
-                f"gspn_scan: impl={impl!r} was requested but the compiled {impl} kernels could not be built "
-                f"(see the warning above for the compiler's output); use impl=None or 'composed'"
-            )
+        extension.require_kernels("gspn_scan", impl, x.device, lambda: _kernels_ready(impl), fallback="composed")
         if impl == "cuda" and max(x.shape[-2:]) > CUDA_MAX_LANES:
             raise ValueError(
                 f"gspn_scan: the CUDA kernel scans lines of at most {CUDA_MAX_LANES} pixels, got H, W = "

@@ -46,14 +46,7 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
             impl = "reference"
     if impl == "reference":
         return line_scan_reference(x, lam, wl, wc, wr, chunk)
-    if x.device.type != impl:
-        raise ValueError(f"line_scan: impl={impl!r} needs {impl} tensors, got tensors on {x.device}")
-    if not _kernels_loaded(impl):
-        raise RuntimeError(
-            f"line_scan: impl={impl!r} was asked for but the compiled {impl} kernels did not build or "
-            f"load (see the warning above, or run `python -m dit_gspn.ops.build"
-            f"{' --cuda' if impl == 'cuda' else ''}`); use impl=None to fall back to the reference"
-        )
+    extension.require_kernels("line_scan", impl, x.device, lambda: _kernels_loaded(impl), fallback="reference")
     return torch.ops.gspn.line_scan_fwd(x, lam, wl, wc, wr, int(chunk or 0))
 
 
