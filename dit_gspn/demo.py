@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-# Busy-waiting OpenMP threads make a shared 2-core machine 10x slower (measured: 8 s vs 0.3 s a step);
-# set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin 10k times before they sleep (set before torch loads libgomp). On 2 cores,
+# the demo model's step, measured one setting after another (ms/step alone / beside a second busy process):
+# libgomp's default 169 / over 2,400; this 173 / 850; OMP_WAIT_POLICY=PASSIVE 269 / 360.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
