@@ -131,6 +131,24 @@ def test_hybrid_loss_routes_gradients_as_dit(diffusion):
     assert g_mse[:, C:].abs().max() == 0 and g_mse[:, :C].abs().max() > 0
 
 
+def test_min_snr_weights_the_mse_as_diffusers_training_scripts(diffusion):
+    """snr_gamma: mse * min(SNR, gamma) / SNR with diffusers' compute_snr on DiT's schedule; the VLB is untouched."""
+    from diffusers.training_utils import compute_snr
+
+    x0, noise = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    out = torch.randn(B, 2 * C, H, W)
+    t = torch.tensor([0, 3, 40, 250, 700, 999])
+    plain = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise)
+    weighted = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise, snr_gamma=5.0)
+    snr = compute_snr(DDPMScheduler(**DIT_SCHEDULE), t).double()
+    expected = plain["mse"].double() * snr.clamp(max=5.0) / snr
+    assert (snr > 5).any() and (snr < 5).any()  # both sides of the clamp are exercised
+    # diffusers holds alpha_bar in float32: 1 - alpha_bar near t = 0 is good to ~1e-3 relative.
+    torch.testing.assert_close(weighted["mse"].double(), expected, rtol=2e-3, atol=0)
+    torch.testing.assert_close(weighted["vb"], plain["vb"])
+    torch.testing.assert_close(weighted["loss"], weighted["mse"] + weighted["vb"])
+
+
 def test_training_loss_rejects_fixed_variance_output(diffusion):
     with pytest.raises(ValueError, match="6"):
         diffusion.training_losses(lambda x, t: x, torch.randn(2, 3, 4, 4), torch.tensor([3, 4]))

@@ -100,11 +100,13 @@ class GaussianDiffusion:
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(self, model: Callable, x_start, t, model_kwargs: dict | None = None,
-                        noise: torch.Tensor | None = None) -> dict:
+                        noise: torch.Tensor | None = None, snr_gamma: float | None = None) -> dict:
         """DiT's hybrid loss per sample: {"loss": mse + vb, "mse": ..., "vb": ...}, each of shape (B,).
 
         ``model(x_t, t, **model_kwargs)`` must return 2C channels. The VLB sees the epsilon half
-        detached, so its gradient reaches only the variance channels.
+        detached, so its gradient reaches only the variance channels. ``snr_gamma``: weight the
+        epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023, as diffusers'
+        training scripts' ``--snr_gamma``); None keeps DiT's unweighted MSE.
         """
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -120,4 +122,7 @@ class GaussianDiffusion:
         frozen = torch.cat([eps.detach(), var_values], dim=1)
         vb = self.vb_terms_bpd(frozen, x_start.float(), x_t.float(), t)
         mse = _mean_flat((noise.float() - eps) ** 2)
+        if snr_gamma is not None:
+            snr = self._extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, mse)
+            mse = mse * torch.clamp(snr, max=float(snr_gamma)) / snr
         return {"loss": mse + vb, "mse": mse, "vb": vb}

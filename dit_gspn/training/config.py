@@ -52,6 +52,7 @@ DEFAULTS: dict = {
         "betas": [0.9, 0.999],
         "warmup_steps": 0,
         "grad_clip": None,          # max gradient norm; None: no clipping (DiT clips nothing)
+        "snr_gamma": None,          # Min-SNR weighting of the epsilon MSE (e.g. 5.0); None: DiT's plain MSE
         "mixed_precision": "no",    # "no", "bf16" or "fp16"
         "gradient_checkpointing": False,
         "compile": False,           # torch.compile the model

@@ -113,8 +113,9 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     ema = make_ema(model)
+    # fused: one kernel per parameter instead of ~8 small ops each (the for-loop default on CPU).
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
-                                  weight_decay=float(tc["weight_decay"]))
+                                  weight_decay=float(tc["weight_decay"]), fused=acc.device.type in ("cpu", "cuda"))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(int(tc["warmup_steps"])))
 
     step, position, last_loss = 0, (0, 0), math.nan
@@ -146,6 +147,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
                   f"the data order continues exactly, the noise streams are re-seeded")
 
     diffusion = GaussianDiffusion()
+    snr_gamma = None if tc["snr_gamma"] is None else float(tc["snr_gamma"])
     writer = CheckpointWriter(acc, run_dir, int(cc["keep_last"]))
     grids = GridWriter(acc, run_dir, data.sampling_info, lc, seed) if acc.is_main_process else None
     tensorboard = None
@@ -171,7 +173,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
             t = diffusion.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
             with acc.no_sync(model) if k < accum - 1 else nullcontext():
-                loss = diffusion.training_losses(model, x, t, dict(y=y), noise)["loss"].mean()
+                loss = diffusion.training_losses(model, x, t, dict(y=y), noise, snr_gamma)["loss"].mean()
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):
