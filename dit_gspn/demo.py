@@ -3,7 +3,7 @@
 No network, no GPU, no VAE: it trains in pixel space on the seeded shapes dataset
 (``dit_gspn.data.shapes``) with ``configs/demo.yaml``, then prints where everything went.
 
-    python -m dit_gspn.demo                       # about 4 minutes on 2 CPU cores
+    python -m dit_gspn.demo                       # about 4.5 minutes on 2 CPU cores
     python -m dit_gspn.demo train.steps=1000      # any train.py override
 """
 from __future__ import annotations
@@ -33,9 +33,12 @@ def main(argv=None) -> int:
     from dit_gspn.training import load_config, train
 
     config = load_config(args.config, args.overrides)
+    limit_minutes = config["train"].get("time_limit_minutes")
+    limit = f" or {float(limit_minutes):g} minutes, whichever comes first," if limit_minutes else ""
     config["run_dir"] = args.out or str(Path(config["run_dir"]) / time.strftime("%Y%m%d-%H%M%S"))
     print(f"GSPN-DiT demo: training {config['model']['name']} (hidden {config['model'].get('hidden_size')}, "
-          f"depth {config['model'].get('depth')}) for {config['train']['steps']} steps on the built-in shapes "
+          f"depth {config['model'].get('depth')}) for {config['train']['steps']} steps"
+          f"{limit} on the built-in shapes "
           f"dataset, pixel space, CPU. The first run also compiles the CPU scan kernel.", flush=True)
     result = train(config)
     minutes = (time.perf_counter() - start) / 60

@@ -27,8 +27,9 @@ def test_demo_config_trains_gspn_in_pixel_space_within_the_time_budget():
     config = load_config(demo.DEMO_CONFIG)
     assert config["model"]["name"].startswith("GSPN-")
     assert config["data"]["kind"] == "shapes" and config["train"]["cpu"] is True
-    # 5 minutes in all on 2 cores: the kernel build (~1 min) + training (capped) + the grid.
-    assert config["train"]["time_limit_minutes"] is not None and config["train"]["time_limit_minutes"] <= 3.5
+    # 5 minutes in all on 2 cores: imports, training capped at 4 minutes (the CPU kernel build, ~30 s on a
+    # fresh machine, happens inside it), then the grid (~15 s).
+    assert config["train"]["time_limit_minutes"] is not None and config["train"]["time_limit_minutes"] <= 4.0
 
 
 def test_demo_writes_a_checkpoint_and_a_labelled_grid_and_says_where(tmp_path, capsys, fresh_accelerate_state):
@@ -42,10 +43,29 @@ def test_demo_writes_a_checkpoint_and_a_labelled_grid_and_says_where(tmp_path, c
     assert width >= 10 * 32 and width > 3 * height  # 10 class columns, one labelled sample each
 
 
-def test_demo_quality_benchmark_smoke(tmp_path, fresh_accelerate_state):
+def _demo_quality():
     spec = importlib.util.spec_from_file_location("demo_quality", REPO / "benchmarks" / "demo_quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_silhouette_keeps_the_shape_and_drops_the_colour():
+    """A two-colour image becomes exactly its mask, whatever the two colours are."""
+    import torch
+
+    torch.manual_seed(0)
+    mask = (torch.rand(4, 1, 16, 16) < 0.4).float()
+    mask[:, :, 0, 0], mask[:, :, 0, 1] = 0, 1  # both levels present in every image
+    for fg, bg in [((0.9, -0.8, -0.8), (-0.9, -0.9, -0.7)), ((-0.6, 0.2, 0.95), (-1.0, -0.95, -1.0))]:
+        images = mask * torch.tensor(fg).view(1, 3, 1, 1) + (1 - mask) * torch.tensor(bg).view(1, 3, 1, 1)
+        out = _demo_quality().silhouette(images)
+        assert out.shape == images.shape
+        torch.testing.assert_close(out, mask.expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_demo_quality_benchmark_smoke(tmp_path, fresh_accelerate_state):
+    bench = _demo_quality()
     out = tmp_path / "q.json"
     report = bench.main(["--samples-per-class", "1", "--classifier-per-class", "4", "--classifier-epochs", "1",
                          "--sample-steps", "2", "--runs", str(tmp_path / "runs"), "--out", str(out),
@@ -54,3 +74,8 @@ def test_demo_quality_benchmark_smoke(tmp_path, fresh_accelerate_state):
     assert [r["model"] for r in report["results"]] == ["GSPN-S/4", "DiT-S/4"]
     for r in report["results"]:
         assert 0 <= r["accuracy"] <= 1 and r["num_samples"] == 10 and len(r["per_class_accuracy"]) == 10
+        assert 0 <= r["shape_accuracy"] <= 1 and len(r["per_class_shape_accuracy"]) == 10
+    rescored = bench.main(["--samples-per-class", "1", "--classifier-per-class", "4", "--classifier-epochs", "1",
+                           "--sample-steps", "2", "--out", str(tmp_path / "q2.json"),
+                           "--checkpoints", report["results"][0]["checkpoint"]])
+    assert rescored["results"][0]["train_steps"] == 1 and rescored["results"][0]["num_samples"] == 10
