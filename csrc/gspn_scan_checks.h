@@ -40,5 +40,11 @@ inline ScanShape check_inputs(const at::Tensor& x, const at::Tensor& lam, const 
   return shape;
 }
 
+// The backward's incoming gradient must have y's (that is, x's) shape and dtype.
+inline void check_grad_output(const at::Tensor& gy, const at::Tensor& x) {
+  TORCH_CHECK(gy.sizes() == x.sizes() && gy.scalar_type() == x.scalar_type(),
+              "gspn_scan backward: grad_y must match y's shape ", x.sizes(), " and dtype ", x.scalar_type(),
+              ", got ", gy.sizes(), " ", gy.scalar_type());
+}
 
 }  // namespace gspn
