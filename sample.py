@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dit_gspn.diffusion import SAMPLERS
+from dit_gspn.diffusion import SAMPLERS, check_sampler, default_sampler
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, index_generators, run_batch
 from dit_gspn.sampling.checkpoint import WEIGHT_FOLDERS, decode, load_model, load_vae, vae_scale_factor
 from dit_gspn.sampling.grid import save_labelled_grid
@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="pixels; another size than the training one needs a model without positional embedding")
 
     smp = p.add_argument_group("sampler")
-    smp.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    smp.add_argument("--sampler", choices=SAMPLERS, default=None,
+                     help="default: the checkpoint's objective's (ddpm for DiT's diffusion, euler for flow matching)")
     smp.add_argument("--num-steps", type=int, default=250)
     smp.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no classifier-free guidance")
     smp.add_argument("--guided-channels", type=int, default=None,
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
+    sampler = args.sampler or default_sampler(info.objective)
+    check_sampler(sampler, info.objective)
     model.to(state.device)
     vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
     size = map_size(model, info, vae, _pixel_size(args))
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
         print(f"note: sampling at {size} instead of the training size {model_size(model)} with a model that has a "
               f"positional embedding (recomputed for the new grid); GSPN models without one are built for this",
               file=sys.stderr)
-    sampler_kwargs = dict(sampler=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+    sampler_kwargs = dict(sampler=sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
                           guided_channels=args.guided_channels, clip_denoised=info.clip_denoised)
 
     if args.num_samples is not None:

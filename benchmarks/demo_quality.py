@@ -92,8 +92,9 @@ def evaluate_model(name: str, config_path: Path, overrides: list[str], run_dir: 
     from accelerate.state import AcceleratorState, PartialState
 
     from dit_gspn.training import load_config, train
+    from dit_gspn.training.config import resolve_objective
 
-    config = load_config(config_path, [*overrides, f"model.name={name}", f"run_dir={run_dir}"])
+    config = resolve_objective(load_config(config_path, [*overrides, f"model.name={name}", f"run_dir={run_dir}"]))
     start = time.perf_counter()
     result = train(config)
     train_seconds = time.perf_counter() - start
@@ -167,8 +168,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from dit_gspn.training import load_config
+    from dit_gspn.training.config import resolve_objective
 
-    config = load_config(args.config, args.overrides)
+    config = resolve_objective(load_config(args.config, args.overrides))
     gspn_name = config["model"]["name"]
     models = args.models or [gspn_name, gspn_name.replace("GSPN-", "DiT-")]
     sample_steps = args.sample_steps or int(config["logging"]["sample_steps"])
@@ -197,7 +199,8 @@ def main(argv=None) -> dict:
                 "(chance 0.1); shape_accuracy: the same from a CNN that sees only silhouettes (no colour); "
                 "the models trained with the same config and budget",
         "command": "python benchmarks/demo_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": str(args.config), "overrides": args.overrides, "sampler": config["logging"]["sampler"],
+        "config": str(args.config), "overrides": args.overrides, "objective": config["train"]["objective"],
+        "sampler": config["logging"]["sampler"],
         "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]), "clip_denoised": True,
         "classifier_real_accuracy": {key: round(value, 4) for key, value in real_accuracy.items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     config["run_dir"] = args.out or str(Path(config["run_dir"]) / time.strftime("%Y%m%d-%H%M%S"))
     print(f"GSPN-DiT demo: training {config['model']['name']} (hidden {config['model'].get('hidden_size')}, "
           f"depth {config['model'].get('depth')}) for {config['train']['steps']} steps"
-          f"{limit} on the built-in shapes "
-          f"dataset, pixel space, CPU. The first run also compiles the CPU scan kernel.", flush=True)
+          f"{limit} on the built-in shapes dataset ({config['train']['objective']} objective, pixel space, "
+          f"CPU). The first run also compiles the CPU scan kernel.", flush=True)
     result = train(config)
     minutes = (time.perf_counter() - start) / 60
     run = Path(result.run_dir)

@@ -154,9 +154,41 @@ def test_non_square_size_and_model_without_learned_sigma():
     assert out.shape == (2, 3, 6, 10) and torch.isfinite(out).all()
 
 
+class PointMassFlow(nn.Module):
+    """A flow-matching "model" whose data is one fixed image per class: its exact velocity (x_s - target_y) / s,
+    read from the timestep s * 1000 the sampler passes. Every ODE sampler must land on target_y."""
+
+    def __init__(self, targets: torch.Tensor):
+        super().__init__()
+        self.register_buffer("targets", targets)
+        self.num_classes, self.in_channels = targets.shape[0], targets.shape[1]
+        self.out_channels, self.input_size = self.in_channels, tuple(targets.shape[-2:])
+        self.timesteps = []
+
+    def forward(self, x, t, y):
+        assert t.dtype == torch.float32
+        self.timesteps.append(float(t[0]))
+        s = (t.double() / 1000).view(-1, 1, 1, 1)
+        return ((x.double() - self.targets[y].double()) / s).float()
+
+
+@pytest.mark.parametrize("sampler, steps", [("euler", 7), ("heun", 5)])
+def test_flow_samplers_integrate_the_velocity_in_the_training_convention(sampler, steps):
+    targets = torch.rand(3, 3, 4, 6) * 2 - 1
+    model = PointMassFlow(targets)
+    out = sample(model, [2, 0, 2], sampler=sampler, num_steps=steps, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, targets[[2, 0, 2]], rtol=1e-4, atol=1e-4)
+    # From pure noise (s = 1, timestep 1000) down through fractional timesteps, one (Euler) or two (Heun)
+    # model evaluations per step but the last.
+    assert model.timesteps[0] == 1000.0 and len(model.timesteps) == (steps if sampler == "euler" else 2 * steps - 1)
+    assert any(t != round(t) for t in model.timesteps)
+
+
 def test_sample_errors_name_the_problem():
     model = tiny_dit()
     with pytest.raises(ValueError, match="unknown sampler"):
+        sample(model, [0], sampler="lms")
+    with pytest.raises(ValueError, match="needs a flow-matching model.*outputs 6"):
         sample(model, [0], sampler="euler")
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 5\)"):
         sample(model, [5], num_steps=2)
@@ -241,6 +273,13 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "sampling.json").write_text(json.dumps({"vae": None}))
     with pytest.raises(ValueError, match=r"lacks the key\(s\) \['latent_scale', 'image_size', 'num_classes'\]"):
         load_model(tmp_path)
+    # A sampling.json from before flow matching: DiT's objective; an unknown one is named with the file.
+    info = {"vae": None, "latent_scale": 1.0, "image_size": [8, 8], "num_classes": 3}
+    (tmp_path / "sampling.json").write_text(json.dumps(info))
+    assert SamplingInfo.read(tmp_path / "sampling.json").objective == "ddpm"
+    (tmp_path / "sampling.json").write_text(json.dumps({**info, "objective": "edm"}))
+    with pytest.raises(ValueError, match=r"sampling.json: objective 'edm' is not one of \('ddpm', 'flow'\)"):
+        SamplingInfo.read(tmp_path / "sampling.json")
     with pytest.raises(FileNotFoundError, match="could not load the VAE 'no-such/vae'.*--vae DIR"):
         load_vae("no-such/vae")
 

@@ -1,5 +1,6 @@
 """Training: config overrides, the data order, checkpoints that sample.py reads, a non-finite stop,
 a real SIGKILL-and-resume that must end bitwise equal to an uninterrupted run, and 2-process DDP."""
+import math
 import os
 import signal
 import subprocess
@@ -94,6 +95,49 @@ def test_checkpoints_are_read_by_sampling_and_pruned(tmp_path, fresh_accelerate_
     assert (tmp_path / "run" / "samples" / "0000003.png").is_file() and result.grid.name == "0000006.png"
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(tiny_config(tmp_path / "run"))
+
+
+def test_objective_settings_are_checked_before_training(tmp_path):
+    from dit_gspn.training.config import resolve_objective
+
+    def resolved(*overrides):
+        return resolve_objective(load_config(None, list(overrides)))
+
+    ddpm, flow = resolved(), resolved("train.objective=flow")
+    assert (ddpm["model"]["learn_sigma"], ddpm["logging"]["sampler"]) == (True, "ddpm")
+    assert (flow["model"]["learn_sigma"], flow["logging"]["sampler"]) == (False, "euler")
+    with pytest.raises(ConfigError, match="train.objective must be one of"):
+        resolved("train.objective=edm")
+    with pytest.raises(ConfigError, match="snr_gamma.*unset it for train.objective=flow"):
+        resolved("train.objective=flow", "train.snr_gamma=5")
+    with pytest.raises(ConfigError, match="model.learn_sigma=True does not fit train.objective=flow"):
+        resolved("train.objective=flow", "model.learn_sigma=true")
+    with pytest.raises(ConfigError, match="logging.sampler: sampler 'ddpm' does not fit.*'flow'"):
+        resolved("train.objective=flow", "logging.sampler=ddpm")
+    with pytest.raises(ConfigError, match="logging.sampler: sampler 'heun' does not fit.*'ddpm'"):
+        resolved("logging.sampler=heun")
+    with pytest.raises(ConfigError, match="flow_timesteps"):
+        resolved("train.objective=flow", "train.flow_timesteps=cosine")
+
+
+def test_flow_matching_run_writes_a_checkpoint_that_samples_with_its_own_sampler(tmp_path, fresh_accelerate_state):
+    import importlib.util
+
+    from dit_gspn.sampling.checkpoint import load_model
+
+    run = tmp_path / "run"
+    result = train(tiny_config(run, train={"objective": "flow", "flow_timesteps": "logit_normal"}))
+    model, info = load_model(result.checkpoint)
+    assert info.objective == "flow" and not model.learn_sigma and model.out_channels == 3
+    assert math.isfinite(result.loss) and result.grid.is_file()
+    spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
+    sample_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_py)
+    args = ["--ckpt", str(result.checkpoint), "--num-steps", "3", "--classes", "1", "--cpu"]
+    assert sample_py.main([*args, "--out", str(tmp_path / "grid.png")]) == 0  # euler, the flow default
+    assert (tmp_path / "grid.png").is_file()
+    with pytest.raises(ValueError, match="sampler 'ddpm' does not fit a model trained with the 'flow' objective"):
+        sample_py.main([*args, "--sampler", "ddpm", "--out", str(tmp_path / "no.png")])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fresh_accelerate_state):

@@ -4,7 +4,9 @@ A training checkpoint is a directory holding ``model/`` and ``ema/`` (each writt
 ``DiT.save_pretrained``) and ``sampling.json``::
 
     {"vae": null | "<AutoencoderKL hub name or local path>", "latent_scale": 0.18215 | 1.0,
-     "image_size": [H, W], "num_classes": int, "class_names": [...] | null}
+     "image_size": [H, W], "num_classes": int, "class_names": [...] | null, "objective": "ddpm" | "flow"}
+
+(``objective`` absent: "ddpm", DiT's.)
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dit_gspn.diffusion import OBJECTIVES
+
 SAMPLING_FILE = "sampling.json"
 WEIGHT_FOLDERS = ("ema", "model")
 #: The VAE DiT's own sample.py decodes with by default.
@@ -24,13 +28,15 @@ LATENT_SCALE = 0.18215
 
 @dataclass
 class SamplingInfo:
-    """How a model's output becomes images: the VAE (None = pixel space), its latent scale, the image size."""
+    """How a model's output becomes images: the VAE (None = pixel space), its latent scale, the image size,
+    and the objective it was trained with, which decides the samplers that fit it (``check_sampler``)."""
 
     vae: str | None
     latent_scale: float
     image_size: tuple[int, int]
     num_classes: int
     class_names: list[str] | None = field(default=None)
+    objective: str = "ddpm"
 
     @property
     def clip_denoised(self) -> bool:
@@ -53,7 +59,10 @@ class SamplingInfo:
         names = raw.get("class_names")
         if names is not None and len(names) != int(raw["num_classes"]):
             raise ValueError(f"{path}: class_names has {len(names)} entries but num_classes is {raw['num_classes']}")
-        return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names)
+        objective = raw.get("objective", "ddpm")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}")
+        return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
 
     def write(self, path: str | Path) -> None:
         data = asdict(self)

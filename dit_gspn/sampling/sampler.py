@@ -3,7 +3,9 @@
 The model is any DiT-family module with ``forward(x, t, y)``, ``forward_with_cfg(x, t, y, cfg_scale,
 guided_channels)``, ``num_classes`` (also the null class id), ``in_channels``, ``input_size`` and
 ``out_channels``: ``2 * in_channels`` (epsilon, then the variance interpolation) when it learns sigma, or
-``in_channels`` (epsilon) when it does not; DDPM then uses ADM's fixed small variance.
+``in_channels`` (epsilon) when it does not; DDPM then uses ADM's fixed small variance. A flow-matching
+model (``dit_gspn.diffusion.FlowMatching``) outputs ``in_channels`` (a velocity) and is drawn with the
+``euler`` or ``heun`` sampler, which pass it fractional timesteps.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from dit_gspn.diffusion import SAMPLERS, make_scheduler
+from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, make_scheduler
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -61,7 +63,9 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     """Draw one sample per class id in ``labels``; returns (N, C, H, W) in the model's output space.
 
     ``sampler`` is one of ``ddpm`` (DiT's default: learned variance, the model's full 2C output), ``ddim``
-    or ``dpm-solver++`` (the epsilon half), over ``num_steps`` respaced steps of DiT's schedule.
+    or ``dpm-solver++`` (the epsilon half), over ``num_steps`` respaced steps of DiT's schedule; or, for a
+    flow-matching model, ``euler`` or ``heun`` (the velocity ODE, ``num_steps`` steps). Which objective a
+    checkpoint was trained with is in its ``SamplingInfo.objective`` (``check_sampler`` matches the two).
     ``cfg_scale`` > 1 uses classifier-free guidance through ``model.forward_with_cfg`` (conditional half,
     then the unconditional half with the null class ``model.num_classes``); ``guided_channels=None``
     guides all epsilon channels, ``3`` reproduces DiT's published behaviour. ``size`` = (H, W) of the map,
@@ -69,7 +73,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     with one per sample: then sample i depends only on its own generator (not on the batch it is in),
     which is how batch sampling makes results independent of the number of processes.
     ``clip_denoised`` clips every step's predicted x0 to [-1, 1] (ADM's pixel-space sampling; see
-    ``SamplingInfo.clip_denoised``).
+    ``SamplingInfo.clip_denoised``); the flow samplers ignore it.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -92,9 +96,15 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     if out_channels not in (channels, 2 * channels):
         raise ValueError(f"model.out_channels is {out_channels}; expected {channels} (epsilon) or "
                          f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
+    flow = sampler in FLOW_SAMPLERS
+    if flow and out_channels != channels:
+        raise ValueError(f"sampler {sampler!r} needs a flow-matching model, which outputs {channels} channels (a "
+                         f"velocity); this model outputs {out_channels} (epsilon and a learned variance: DDPM's)")
     scheduler = _scheduler_for(out_channels, channels, sampler, num_steps, clip_denoised)
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        t_batch = torch.full((y_in.numel(),), int(t), dtype=torch.long, device=device)
+        # Flow schedulers step through fractional timesteps (noise level x 1000); DDPM's are integers.
+        t_batch = (torch.full((y_in.numel(),), float(t), dtype=torch.float32, device=device) if flow
+                   else torch.full((y_in.numel(),), int(t), dtype=torch.long, device=device))
         if guided:
             out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y_in, cfg_scale,
                                          guided_channels=guided_channels)[:n]
@@ -103,7 +113,10 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
         if out.shape[1] != out_channels:
             raise ValueError(f"the model returned {out.shape[1]} channels; expected out_channels={out_channels}")
         out = out.float()
-        if sampler != "ddpm":
-            out = out[:, :channels]
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if flow:
+            x = scheduler.step(out, t, x).prev_sample  # an ODE step: no noise to draw
+        else:
+            if sampler != "ddpm":
+                out = out[:, :channels]
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

@@ -52,7 +52,10 @@ DEFAULTS: dict = {
         "betas": [0.9, 0.999],
         "warmup_steps": 0,
         "grad_clip": None,          # max gradient norm; None: no clipping (DiT clips nothing)
-        "snr_gamma": None,          # Min-SNR weighting of the epsilon MSE (e.g. 5.0); None: DiT's plain MSE
+        "objective": "ddpm",        # "ddpm": DiT's epsilon + learned variance, MSE + VLB; "flow": SiT's linear
+                                    # flow matching (velocity, MSE; the model then has learn_sigma=False)
+        "flow_timesteps": "uniform",  # flow: how noise levels are drawn, "uniform" or "logit_normal" (SD3)
+        "snr_gamma": None,          # ddpm: Min-SNR weighting of the epsilon MSE (e.g. 5.0); None: DiT's plain MSE
         "mixed_precision": "no",    # "no", "bf16" or "fp16"
         "gradient_checkpointing": False,
         "compile": False,           # torch.compile the model
@@ -71,7 +74,7 @@ DEFAULTS: dict = {
         "sample_every": 0,          # steps between labelled sample grids (0: only at the end)
         "sample_classes": None,     # class ids in the grid; None: up to 10 spread over the classes
         "samples_per_class": 1,
-        "sampler": "ddpm",
+        "sampler": None,            # None: the objective's default (ddpm: "ddpm", flow: "euler")
         "sample_steps": 250,
         "cfg_scale": 1.0,
     },
@@ -131,6 +134,39 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 def complete_config(config: dict) -> dict:
     """``config`` (a possibly partial dict) merged over DEFAULTS, with unknown keys rejected."""
     return _merge(DEFAULTS, config, "", "config")
+
+
+def resolve_objective(config: dict) -> dict:
+    """``config`` (complete) with its objective checked against the settings that depend on it, and
+    ``logging.sampler`` filled in with the objective's default sampler when it is None."""
+    from dit_gspn.diffusion import OBJECTIVES, check_sampler, default_sampler
+    from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
+
+    config = copy.deepcopy(config)
+    train, logging, model = config["train"], config["logging"], config["model"]
+    objective = train["objective"]
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "flow":
+        if train["snr_gamma"] is not None:
+            raise ConfigError("train.snr_gamma (Min-SNR) weights the epsilon MSE of train.objective=ddpm; "
+                              "unset it for train.objective=flow")
+        if train["flow_timesteps"] not in TIMESTEP_SAMPLING:
+            raise ConfigError(f"train.flow_timesteps must be one of {TIMESTEP_SAMPLING}, "
+                              f"got {train['flow_timesteps']!r}")
+    learn_sigma = objective == "ddpm"
+    if model.get("learn_sigma", learn_sigma) != learn_sigma:
+        raise ConfigError(f"model.learn_sigma={model['learn_sigma']} does not fit train.objective={objective}: "
+                          f"{'ddpm learns the variance' if learn_sigma else 'flow predicts a velocity only'}; "
+                          f"leave model.learn_sigma unset")
+    model["learn_sigma"] = learn_sigma
+    if logging["sampler"] is None:
+        logging["sampler"] = default_sampler(objective)
+    try:
+        check_sampler(logging["sampler"], objective)
+    except ValueError as err:
+        raise ConfigError(f"logging.sampler: {err}") from err
+    return config
 
 
 def dump_config(config: dict, path: str | os.PathLike) -> None:

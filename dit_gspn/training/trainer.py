@@ -1,8 +1,9 @@
 """The training loop: one code path for a laptop CPU, one GPU, or many nodes (accelerate decides which).
 
 DiT's recipe: AdamW (lr 1e-4, no weight decay), the hybrid MSE + VLB loss with uniform t, EMA of
-the weights. Added: warm-up, gradient clipping, gradient accumulation, mixed precision, gradient
-checkpointing, torch.compile, atomic checkpoints and exact resume.
+the weights. Added: flow matching as an alternative objective (``train.objective=flow``), warm-up,
+gradient clipping, gradient accumulation, mixed precision, gradient checkpointing, torch.compile,
+atomic checkpoints and exact resume.
 
 Exact resume: the data order is a pure function of (seed, epoch, micro-batch) (``EpochBatchSampler``),
 timesteps and noise come from a per-process generator, label dropout from the per-process global
@@ -14,17 +15,18 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dit_gspn.diffusion import GaussianDiffusion
+from dit_gspn.diffusion import FlowMatching, GaussianDiffusion
 
 from .checkpoint import (CheckpointWriter, latest_checkpoint, load_weights, read_trainer_state, resolve_resume,
                          set_rng_state)
-from .config import ConfigError, complete_config
+from .config import ConfigError, complete_config, resolve_objective
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
@@ -58,6 +60,17 @@ def build_model(config: dict, data: TrainingData):
         raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
 
 
+def build_objective(train_config: dict):
+    """(objective, loss) for ``train.objective``: ``loss(model, x, t, model_kwargs, noise)`` gives per-sample
+    losses, ``objective.sample_timesteps(batch, device, generator)`` the t it expects."""
+    if train_config["objective"] == "flow":
+        flow = FlowMatching(timestep_sampling=train_config["flow_timesteps"])
+        return flow, flow.training_losses
+    diffusion = GaussianDiffusion()
+    snr_gamma = None if train_config["snr_gamma"] is None else float(train_config["snr_gamma"])
+    return diffusion, partial(diffusion.training_losses, snr_gamma=snr_gamma)
+
+
 def _micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start: int, num_workers: int):
     """Yields (x, y, position after this batch) forever, epoch after epoch, from (epoch, start)."""
     while True:
@@ -89,7 +102,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    config = complete_config(config)
+    config = resolve_objective(complete_config(config))
     tc, lc, cc = config["train"], config["logging"], config["checkpoint"]
     run_dir = Path(config["run_dir"])
     acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
@@ -109,6 +122,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     seed = int(config["seed"])
     torch.manual_seed(seed)  # the same initial weights on every process
     data = build_training_data(config)
+    data.sampling_info.objective = tc["objective"]
     model = build_model(config, data)
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
@@ -146,8 +160,7 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
             print(f"resuming {checkpoint} with {acc.num_processes} processes instead of {state['num_processes']}: "
                   f"the data order continues exactly, the noise streams are re-seeded")
 
-    diffusion = GaussianDiffusion()
-    snr_gamma = None if tc["snr_gamma"] is None else float(tc["snr_gamma"])
+    objective, training_losses = build_objective(tc)
     writer = CheckpointWriter(acc, run_dir, int(cc["keep_last"]))
     grids = GridWriter(acc, run_dir, data.sampling_info, lc, seed) if acc.is_main_process else None
     tensorboard = None
@@ -170,10 +183,10 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
         for k in range(accum):
             x, y, position = next(batches)
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-            t = diffusion.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
+            t = objective.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
             with acc.no_sync(model) if k < accum - 1 else nullcontext():
-                loss = diffusion.training_losses(model, x, t, dict(y=y), noise, snr_gamma)["loss"].mean()
+                loss = training_losses(model, x, t, dict(y=y), noise)["loss"].mean()
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):

@@ -1,0 +1,61 @@
+"""Flow matching: SiT's linear interpolant with velocity prediction, in diffusers' flow-matching convention.
+
+A noise level s in [0, 1] mixes data and noise linearly, x_s = (1 - s) x_0 + s eps (s = 1 is pure
+noise), and the model, given x_s and the timestep ``s * num_train_timesteps``, predicts the velocity
+eps - x_0 under a plain MSE (no learned variance). That is the convention of diffusers'
+``FlowMatchEulerDiscreteScheduler`` / ``FlowMatchHeunDiscreteScheduler`` (Stable Diffusion 3's), which
+sample these models; SiT writes the same path with time reversed (t = 1 - s) and t in [0, 1].
+Noise levels are drawn uniformly, or logit-normally (SD3) through diffusers'
+``compute_density_for_timestep_sampling``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+#: How training draws noise levels: uniform on [0, 1], or sigmoid of a normal (more weight on the middle).
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+class FlowMatching:
+    """The linear interpolant, its velocity target and the training loss; the same interface as GaussianDiffusion."""
+
+    def __init__(self, num_train_timesteps: int = 1000, timestep_sampling: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0):
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.timestep_sampling = timestep_sampling
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+
+    def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(batch,) float32 noise levels s in [0, 1] (not yet scaled to the model's timestep range)."""
+        s = compute_density_for_timestep_sampling(self.timestep_sampling, batch, logit_mean=self.logit_mean,
+                                                  logit_std=self.logit_std, device="cpu", generator=generator)
+        return s.float().to(device)
+
+    @staticmethod
+    def interpolate(x_start: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_s = (1 - s) x_0 + s eps, with s of shape (B,)."""
+        s = s.view(-1, *([1] * (x_start.ndim - 1))).to(x_start.dtype)
+        return (1.0 - s) * x_start + s * noise
+
+    def training_losses(self, model: Callable, x_start, s, model_kwargs: dict | None = None,
+                        noise: torch.Tensor | None = None) -> dict:
+        """{"loss": mse, "mse": mse}, each of shape (B,): the MSE between the model's output and eps - x_0.
+
+        ``model(x_s, s * num_train_timesteps, **model_kwargs)`` must return C channels (a velocity).
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_s = self.interpolate(x_start, s, noise)
+        model_output = model(x_s, s * self.num_train_timesteps, **(model_kwargs or {}))
+        if model_output.shape != x_start.shape:
+            raise ValueError(f"model output shape {tuple(model_output.shape)} does not fit input "
+                             f"{tuple(x_start.shape)}: flow matching predicts a velocity with the input's shape "
+                             f"(a model with learn_sigma=False)")
+        target = noise.float() - x_start.float()
+        mse = ((model_output.float() - target) ** 2).mean(dim=tuple(range(1, x_start.ndim)))
+        return {"loss": mse, "mse": mse}
