@@ -167,6 +167,7 @@ def main(argv=None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to both models")
     args = parser.parse_args(argv)
 
+    from dit_gspn.diffusion import FLOW_SAMPLERS
     from dit_gspn.training import load_config
     from dit_gspn.training.config import resolve_objective
 
@@ -201,7 +202,8 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/demo_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": str(args.config), "overrides": args.overrides, "objective": config["train"]["objective"],
         "sampler": config["logging"]["sampler"],
-        "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]), "clip_denoised": True,
+        "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]),
+        "clip_denoised": config["logging"]["sampler"] not in FLOW_SAMPLERS,  # the flow samplers do not clip
         "classifier_real_accuracy": {key: round(value, 4) for key, value in real_accuracy.items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "results": results,
