@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from dit_gspn.diffusion import OBJECTIVES, check_sampler, default_sampler
+from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-4`` as a string; researchers write learning rates that way, so read it as a float."""
@@ -139,9 +142,6 @@ def complete_config(config: dict) -> dict:
 def resolve_objective(config: dict) -> dict:
     """``config`` (complete) with its objective checked against the settings that depend on it, and
     ``logging.sampler`` filled in with the objective's default sampler when it is None."""
-    from dit_gspn.diffusion import OBJECTIVES, check_sampler, default_sampler
-    from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
-
     config = copy.deepcopy(config)
     train, logging, model = config["train"], config["logging"], config["model"]
     objective = train["objective"]
