@@ -21,14 +21,16 @@ class TrainingData:
 
 
 def build_training_data(config: dict) -> TrainingData:
-    """The dataset of ``config["data"]``, checked against the model settings given in ``config["model"]``."""
+    """The dataset of ``config["data"]``, checked against the model settings given in ``config["model"]``;
+    its SamplingInfo carries ``train.objective``."""
     data, model = config["data"], config["model"]
+    objective = config["train"]["objective"]  # how the model trained on this data is to be sampled
     if data["kind"] == "shapes":
         size = int(data["image_size"])
         dataset = ShapesDataset(num_per_class=int(data["num_per_class"]), image_size=size, seed=int(config["seed"]),
                                 flip=bool(data["flip"]))
         info = SamplingInfo(vae=None, latent_scale=1.0, image_size=(size, size), num_classes=dataset.num_classes,
-                            class_names=list(dataset.class_names))
+                            class_names=list(dataset.class_names), objective=objective)
         result = TrainingData(dataset, 3, size, dataset.num_classes, info)
     elif data["kind"] == "latents":
         if not data["path"]:
@@ -43,7 +45,7 @@ def build_training_data(config: dict) -> TrainingData:
                                      flip=bool(data["flip"]))
         info = SamplingInfo(vae=index["vae"], latent_scale=float(index["latent_scale"]),
                             image_size=tuple(index["image_size"]), num_classes=int(index["num_classes"]),
-                            class_names=index.get("class_names"))
+                            class_names=index.get("class_names"), objective=objective)
         result = TrainingData(dataset, channels, input_size, int(index["num_classes"]), info)
     else:
         raise ConfigError(f"data.kind must be 'latents' or 'shapes', got {data['kind']!r}")

@@ -122,7 +122,6 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     seed = int(config["seed"])
     torch.manual_seed(seed)  # the same initial weights on every process
     data = build_training_data(config)
-    data.sampling_info.objective = tc["objective"]
     model = build_model(config, data)
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
