@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
     sampler = args.sampler or default_sampler(info.objective)
-    check_sampler(sampler, info.objective)
+    check_sampler(sampler, info.objective, args.num_steps)
     model.to(state.device)
     vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
     size = map_size(model, info, vae, _pixel_size(args))

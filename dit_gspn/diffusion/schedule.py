@@ -1,12 +1,28 @@
 """DiT's noise schedule, and the diffusers schedulers that sample with it (and with flow matching).
 
-The one place the schedule is defined: 1000 steps, linear betas 1e-4 to 0.02 (as DiT and ADM).
-A model trained with one objective is sampled only by that objective's samplers (``check_sampler``).
+The one place the schedule is defined: 1000 steps, linear betas 1e-4 to 0.02 (as DiT and ADM), held in
+float64 (``dit_betas``). A model trained with one objective is sampled only by that objective's samplers
+(``check_sampler``).
+
+``ddpm`` and ``ddim`` equal ADM's ``p_sample_loop`` and ``ddim_sample_loop`` step for step. They are built
+as ADM builds its ``SpacedDiffusion``: a diffusers scheduler over only the N kept timesteps
+(``respacing``), whose betas are 1 - alpha_bar_k / alpha_bar_{k-1} between kept steps and whose tables
+are float64, while the model is called with the original timestep of each kept step
+(``SamplingSchedule.model_timesteps``). Diffusers' DDIM steps by ``1000 // N``, which is ADM's stride only
+when N divides 1000; over the kept steps its stride is 1 for every N.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
                        FlowMatchHeunDiscreteScheduler)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .respacing import ddim_timesteps, ddpm_timesteps
 
 #: DiT's training schedule, as diffusers scheduler arguments.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -17,6 +33,15 @@ OBJECTIVE_SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("euler"
 OBJECTIVES = tuple(OBJECTIVE_SAMPLERS)
 SAMPLERS = tuple(s for samplers in OBJECTIVE_SAMPLERS.values() for s in samplers)
 FLOW_SAMPLERS = OBJECTIVE_SAMPLERS["flow"]
+
+
+def dit_betas(num_train_timesteps: int = DIT_SCHEDULE["num_train_timesteps"],
+              beta_start: float = DIT_SCHEDULE["beta_start"], beta_end: float = DIT_SCHEDULE["beta_end"]) -> np.ndarray:
+    """DiT's (ADM's linear) betas in float64: ``num_train_timesteps`` values from beta_start to beta_end."""
+    if DIT_SCHEDULE["beta_schedule"] != "linear":
+        raise NotImplementedError(f"only the linear schedule is implemented, DIT_SCHEDULE says "
+                                  f"{DIT_SCHEDULE['beta_schedule']!r}")
+    return np.linspace(beta_start, beta_end, int(num_train_timesteps), dtype=np.float64)
 
 
 def default_sampler(objective: str) -> str:
@@ -30,48 +55,98 @@ def check_objective(objective: str) -> None:
         raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
 
 
-def check_sampler(sampler: str, objective: str) -> None:
-    """Raise a ValueError unless ``sampler`` draws from models trained with ``objective``."""
+def check_sampler(sampler: str, objective: str, num_steps: int | None = None) -> None:
+    """Raise a ValueError unless ``sampler`` draws from models trained with ``objective`` (in ``num_steps``)."""
     check_objective(objective)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if sampler not in OBJECTIVE_SAMPLERS[objective]:
         raise ValueError(f"sampler {sampler!r} does not fit a model trained with the {objective!r} objective; "
                          f"use one of {OBJECTIVE_SAMPLERS[objective]}")
+    if num_steps is not None:
+        check_num_steps(sampler, num_steps)
 
 
-def make_scheduler(sampler: str = "ddpm", num_steps: int = 250, clip_denoised: bool = False):
-    """A diffusers scheduler for DiT's schedule, with ``set_timesteps(num_steps)`` already called.
-
-    ``ddpm`` uses the model's learned variance (``learned_range``: it takes the model's full 2C-channel
-    output); ``ddim`` and ``dpm-solver++`` take the epsilon half only. Timesteps are spaced as ADM
-    respaces them: DDPM and DPM-Solver++ evenly over [0, 999] (999, 995, ... for 250 steps), DDIM
-    every 1000 // N steps from 0 (ADM's ``ddimN``: 980, 960, ..., 0 for 50 steps).
-    ``euler`` and ``heun`` integrate a flow-matching model's velocity ODE from noise level 1 to 0 over
-    ``num_steps`` evenly spaced levels (Heun: 2 * num_steps - 1 model evaluations).
-    ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for
-    latents, which are not bounded); the flow samplers do not clip.
-    """
+def check_num_steps(sampler: str, num_steps: int) -> None:
+    """Raise a ValueError unless ``sampler`` can take ``num_steps`` steps (DDIM: only ADM's ``ddimN`` counts)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if sampler == "ddpm":
-        scheduler = DDPMScheduler(**DIT_SCHEDULE, variance_type="learned_range", clip_sample=clip_denoised,
-                                  timestep_spacing="linspace")
+        ddpm_timesteps(num_steps)
     elif sampler == "ddim":
-        # ADM's "ddimN" respacing (every 1000 // N steps from 0); diffusers' DDIM steps to
-        # t - 1000 // N, which only matches the timestep list under this spacing.
-        scheduler = DDIMScheduler(**DIT_SCHEDULE, clip_sample=clip_denoised, set_alpha_to_one=False,
-                                  timestep_spacing="leading")
-    elif sampler == "dpm-solver++":
+        ddim_timesteps(num_steps)
+
+
+@dataclass
+class SamplingSchedule:
+    """A configured diffusers scheduler, the model timestep each of its steps evaluates, and its step options."""
+
+    scheduler: SchedulerMixin
+    model_timesteps: torch.Tensor
+    step_kwargs: dict = field(default_factory=dict)
+
+    def steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(scheduler timestep, model timestep) pairs, first step first."""
+        return zip(self.scheduler.timesteps, self.model_timesteps)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, **kwargs):
+        """``scheduler.step`` with this schedule's options (e.g. DDIM's eps re-derived from a clipped x0)."""
+        return self.scheduler.step(model_output, timestep, sample, **self.step_kwargs, **kwargs)
+
+
+def respaced_scheduler(scheduler_class: type[SchedulerMixin], kept: Sequence[int], **config) -> SchedulerMixin:
+    """A diffusers scheduler over the kept training timesteps only (ADM's ``SpacedDiffusion``), float64 tables.
+
+    Its step k goes from kept[k] to kept[k - 1] (to x_0 after kept[0]); its timesteps are 0 .. len(kept) - 1,
+    indices into ``kept``.
+    """
+    alphas_cumprod = np.cumprod(1.0 - dit_betas())[np.asarray(kept)]
+    betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+    scheduler = scheduler_class(num_train_timesteps=len(kept), trained_betas=betas.tolist(), **config)
+    # diffusers builds float32 tables; ADM's are float64 (in float32, 1 - alpha_bar near t = 0 keeps few digits).
+    scheduler.betas = torch.from_numpy(betas)
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.from_numpy(alphas_cumprod)
+    scheduler.set_timesteps(len(kept))
+    return scheduler
+
+
+def make_schedule(sampler: str = "ddpm", num_steps: int = 250, clip_denoised: bool = False,
+                  learn_sigma: bool = True) -> SamplingSchedule:
+    """The scheduler for ``sampler`` over ``num_steps`` steps of DiT's schedule, ready to step.
+
+    ``ddpm`` is ADM's ``p_sample`` over ``space_timesteps(1000, "N")`` (any N in 1..1000): with
+    ``learn_sigma`` the model's learned variance (``learned_range``: it takes the full 2C-channel output),
+    without it DiT's fixed large variance (beta). ``ddim`` is ADM's ``ddim_sample`` with eta = 0 over
+    ``"ddimN"`` (N in ``DDIM_COUNTS``), its last step returning the x0 prediction (alpha_bar_prev = 1) and its
+    eps re-derived from the (clipped) x0; it takes the epsilon half only, as does ``dpm-solver++`` (diffusers'
+    multistep solver, order 2, over linspace timesteps). ``euler`` and ``heun`` integrate a flow-matching
+    model's velocity ODE from noise level 1 to 0 over ``num_steps`` evenly spaced levels (Heun: 2 * num_steps - 1
+    model evaluations). ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel
+    space (never for latents, which are not bounded); the flow samplers do not clip.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    check_num_steps(sampler, num_steps)
+    if sampler == "ddpm":
+        kept = ddpm_timesteps(num_steps)
+        scheduler = respaced_scheduler(DDPMScheduler, kept, clip_sample=clip_denoised,
+                                       variance_type="learned_range" if learn_sigma else "fixed_large")
+        return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps])
+    if sampler == "ddim":
+        kept = ddim_timesteps(num_steps)
+        scheduler = respaced_scheduler(DDIMScheduler, kept, clip_sample=clip_denoised, set_alpha_to_one=True,
+                                       timestep_spacing="leading")
+        return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps],
+                                dict(use_clipped_model_output=True))
+    if sampler == "dpm-solver++":
         # Thresholding with sample_max_value=1 clamps the threshold to 1: a plain clip to [-1, 1].
         scheduler = DPMSolverMultistepScheduler(**DIT_SCHEDULE, algorithm_type="dpmsolver++",
                                                 solver_order=2, timestep_spacing="linspace",
                                                 thresholding=clip_denoised, sample_max_value=1.0)
     elif sampler == "euler":
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"])
-    elif sampler == "heun":
-        scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"])
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"])
     scheduler.set_timesteps(num_steps)
-    return scheduler
+    return SamplingSchedule(scheduler, scheduler.timesteps)

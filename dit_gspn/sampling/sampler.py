@@ -3,7 +3,9 @@
 The model is any DiT-family module with ``forward(x, t, y)``, ``forward_with_cfg(x, t, y, cfg_scale,
 guided_channels)``, ``num_classes`` (also the null class id), ``in_channels``, ``input_size`` and
 ``out_channels``: ``2 * in_channels`` (epsilon, then the variance interpolation) when it learns sigma, or
-``in_channels`` (epsilon) when it does not; DDPM then uses ADM's fixed small variance. A flow-matching
+``in_channels`` (epsilon) when it does not; DDPM then uses the fixed large variance (beta), as DiT's
+``create_diffusion(learn_sigma=False)``. ``ddpm`` and ``ddim`` equal ADM's samplers step for step
+(``dit_gspn.diffusion.make_schedule``). A flow-matching
 model (``dit_gspn.diffusion.FlowMatching``) outputs ``in_channels`` (a velocity) and is drawn with the
 ``euler`` or ``heun`` sampler, which pass it fractional timesteps.
 """
@@ -12,11 +14,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, make_scheduler
+from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, make_schedule
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -47,19 +48,11 @@ def _as_labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
     return labels
 
 
-def _scheduler_for(model_channels_out: int, in_channels: int, sampler: str, num_steps: int, clip_denoised: bool):
-    scheduler = make_scheduler(sampler, num_steps, clip_denoised)
-    if sampler == "ddpm" and model_channels_out == in_channels:
-        # A model without learned sigma: DDPM with ADM's fixed small (posterior) variance instead.
-        scheduler = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
-        scheduler.set_timesteps(num_steps)
-    return scheduler
-
-
 @torch.no_grad()
 def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
            guided_channels: int | None = None, size: tuple[int, int] | None = None,
-           generator: Generators = None, progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+           generator: Generators = None, progress: bool = False, clip_denoised: bool = False,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Draw one sample per class id in ``labels``; returns (N, C, H, W) in the model's output space.
 
     ``sampler`` is one of ``ddpm`` (DiT's default: learned variance, the model's full 2C output), ``ddim``
@@ -73,7 +66,9 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     with one per sample: then sample i depends only on its own generator (not on the batch it is in),
     which is how batch sampling makes results independent of the number of processes.
     ``clip_denoised`` clips every step's predicted x0 to [-1, 1] (ADM's pixel-space sampling; see
-    ``SamplingInfo.clip_denoised``); the flow samplers ignore it.
+    ``SamplingInfo.clip_denoised``); the flow samplers ignore it. ``dtype`` is the precision of the sampler's
+    state and arithmetic (float32, or float64 with a float64 model); the initial noise is drawn in float32 for
+    either, so both start from the same point (DDPM's per-step noise is drawn in ``dtype``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -90,7 +85,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     channels = model.in_channels
     guided = cfg_scale > 1.0
 
-    x = randn_tensor((n, channels, height, width), generator=generator, device=device, dtype=torch.float32)
+    x = randn_tensor((n, channels, height, width), generator=generator, device=device, dtype=torch.float32).to(dtype)
     y_in = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
     out_channels = getattr(model, "out_channels", 2 * channels)
     if out_channels not in (channels, 2 * channels):
@@ -100,11 +95,11 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     if flow and out_channels != channels:
         raise ValueError(f"sampler {sampler!r} needs a flow-matching model, which outputs {channels} channels (a "
                          f"velocity); this model outputs {out_channels} (epsilon and a learned variance: DDPM's)")
-    scheduler = _scheduler_for(out_channels, channels, sampler, num_steps, clip_denoised)
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    schedule = make_schedule(sampler, num_steps, clip_denoised, learn_sigma=out_channels == 2 * channels)
+    for t, model_t in tqdm(list(schedule.steps()), desc="sampling", disable=not progress, leave=False):
         # Flow schedulers step through fractional timesteps (noise level x 1000); DDPM's are integers.
-        t_batch = (torch.full((y_in.numel(),), float(t), dtype=torch.float32, device=device) if flow
-                   else torch.full((y_in.numel(),), int(t), dtype=torch.long, device=device))
+        t_batch = (torch.full((y_in.numel(),), float(model_t), dtype=torch.float32, device=device) if flow
+                   else torch.full((y_in.numel(),), int(model_t), dtype=torch.long, device=device))
         if guided:
             out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y_in, cfg_scale,
                                          guided_channels=guided_channels)[:n]
@@ -112,11 +107,11 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
             out = model(x, t_batch, y_in)
         if out.shape[1] != out_channels:
             raise ValueError(f"the model returned {out.shape[1]} channels; expected out_channels={out_channels}")
-        out = out.float()
+        out = out.to(dtype)
         if flow:
-            x = scheduler.step(out, t, x).prev_sample  # an ODE step: no noise to draw
+            x = schedule.step(out, t, x).prev_sample  # an ODE step: no noise to draw
         else:
             if sampler != "ddpm":
                 out = out[:, :channels]
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
+            x = schedule.step(out, t, x, generator=generator).prev_sample
     return x
