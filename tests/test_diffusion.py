@@ -70,28 +70,58 @@ def test_learned_variance_matches_diffusers_learned_range(diffusion):
         torch.testing.assert_close(log_var, sched._get_variance(step, predicted_variance=v), rtol=1e-4, atol=1e-4)
 
 
-def test_vb_is_kl_in_bits_for_t_above_zero(diffusion):
-    x0 = torch.randn(B, C, H, W, dtype=torch.float64).clamp(-1, 1)
-    eps_true = torch.randn_like(x0)
-    t = torch.tensor([1, 5, 100, 400, 800, 999])
-    _, abar = _oracle_tables()
+def _oracle_vb_bits(x0, xt, t, eps_model, v):
+    """KL(q(x_{t-1} | x_t, x_0) || p) in bits per dimension, float64: the model's x_0 from epsilon, its
+    posterior mean by Bayes, its variance on the log-interpolation between the posterior variance and beta_t."""
+    betas, abar = _oracle_tables()
     ab = abar[t].view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps_true
-    eps_model = torch.randn_like(x0)
-    v = torch.rand_like(x0) * 2 - 1
-    vb = diffusion.vb_terms_bpd(torch.cat([eps_model, v], 1).float(), x0.float(), xt.float(), t)
-
-    # Oracle: the model's x_0 from epsilon, its posterior mean by Bayes, its variance on the
-    # log-interpolation between the posterior variance (t=1's at t=0) and beta_t.
-    betas, _ = _oracle_tables()
     pred_x0 = (xt - (1 - ab).sqrt() * eps_model) / ab.sqrt()
     model_mean, _ = _oracle_posterior(pred_x0, xt, t)
     true_mean, true_var = _oracle_posterior(x0, xt, t)
     frac = (v + 1) / 2
     model_log_var = frac * betas[t].view(-1, 1, 1, 1).log() + (1 - frac) * true_var.log()
     kl = kl_divergence(Normal(true_mean, true_var.sqrt()), Normal(model_mean, (0.5 * model_log_var).exp()))
-    oracle = kl.mean(dim=(1, 2, 3)) / math.log(2)
+    return kl.mean(dim=(1, 2, 3)) / math.log(2)
+
+
+T_ABOVE_ZERO = torch.tensor([1, 5, 100, 400, 800, 999])
+
+
+def test_vb_is_kl_in_bits_for_t_above_zero(diffusion):
+    x0 = torch.randn(B, C, H, W, dtype=torch.float64).clamp(-1, 1)
+    eps_true = torch.randn_like(x0)
+    _, abar = _oracle_tables()
+    ab = abar[T_ABOVE_ZERO].view(-1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps_true
+    eps_model = torch.randn_like(x0)
+    v = torch.rand_like(x0) * 2 - 1
+    vb = diffusion.vb_terms_bpd(torch.cat([eps_model, v], 1).float(), x0.float(), xt.float(), T_ABOVE_ZERO)
+    oracle = _oracle_vb_bits(x0, xt, T_ABOVE_ZERO, eps_model, v)
     torch.testing.assert_close(vb.double(), oracle, rtol=2e-3, atol=1e-5)
+
+
+def test_hybrid_loss_computes_in_float64_for_float64_inputs(diffusion):
+    """float64 data gives a float64 loss equal to the float64 oracle (not a float32 loss cast back)."""
+    x0 = torch.randn(B, C, H, W, dtype=torch.float64).clamp(-1, 1)
+    noise = torch.randn_like(x0)
+    out = torch.cat([torch.randn_like(x0), torch.rand_like(x0) * 2 - 1], dim=1)
+    seen = {}
+
+    def model(x, t):
+        seen["x_t"] = x
+        return out
+
+    losses = diffusion.training_losses(model, x0, T_ABOVE_ZERO, noise=noise)
+    assert all(value.dtype == torch.float64 for value in losses.values())
+    _, abar = _oracle_tables()
+    ab = abar[T_ABOVE_ZERO].view(-1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    torch.testing.assert_close(seen["x_t"], xt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses["mse"], ((noise - out[:, :C]) ** 2).mean(dim=(1, 2, 3)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(losses["vb"], _oracle_vb_bits(x0, xt, T_ABOVE_ZERO, out[:, :C], out[:, C:]),
+                               rtol=1e-10, atol=1e-12)
+    single = diffusion.training_losses(lambda x, t: out.float(), x0.float(), T_ABOVE_ZERO, noise=noise.float())
+    assert single["loss"].dtype == torch.float32  # float32 stays the default
 
 
 def test_vb_is_discretised_decoder_nll_at_t_zero(diffusion):

@@ -1,9 +1,10 @@
 """DiT's training objective: epsilon prediction with a learned variance, loss = MSE + VLB.
 
 The schedule is ``DIT_SCHEDULE`` (the one diffusers' samplers are built from), held here in
-float64 as DiT holds it. The variance parameterisation is diffusers' ``learned_range``: the
-model's second C channels v in [-1, 1] interpolate log-variances between the clipped posterior
-variance and beta_t. The VLB term is the KL between the true and the model posterior in bits,
+float64 as DiT holds it (``dit_betas``). The loss computes in the data's precision: float64 for
+float64 data, float32 for anything lower (a bf16 model output included). The variance
+parameterisation is diffusers' ``learned_range``: the model's second C channels v in [-1, 1]
+interpolate log-variances between the clipped posterior variance and beta_t. The VLB term is the KL between the true and the model posterior in bits,
 with the model's mean detached (so the VLB trains only the variance, as in Nichol & Dhariwal),
 and the discretised Gaussian decoder NLL at t = 0.
 """
@@ -16,11 +17,16 @@ import numpy as np
 import torch
 
 from .likelihood import discretized_gaussian_log_likelihood, normal_kl
-from .schedule import DIT_SCHEDULE
+from .schedule import DIT_SCHEDULE, dit_betas
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, float32 for every lower precision."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class GaussianDiffusion:
@@ -28,12 +34,9 @@ class GaussianDiffusion:
 
     def __init__(self, num_train_timesteps: int = DIT_SCHEDULE["num_train_timesteps"],
                  beta_start: float = DIT_SCHEDULE["beta_start"], beta_end: float = DIT_SCHEDULE["beta_end"]):
-        if DIT_SCHEDULE["beta_schedule"] != "linear":
-            raise NotImplementedError(f"only the linear schedule is implemented, DIT_SCHEDULE says "
-                                      f"{DIT_SCHEDULE['beta_schedule']!r}")
         self.num_timesteps = int(num_train_timesteps)
-        # Tables in float64 (as DiT/ADM); a lookup casts a row to float32.
-        betas = np.linspace(beta_start, beta_end, self.num_timesteps, dtype=np.float64)
+        # Tables in float64 (as DiT/ADM); a lookup casts a row to the tensor's compute dtype.
+        betas = dit_betas(self.num_timesteps, beta_start, beta_end)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         self.betas = betas
@@ -52,8 +55,8 @@ class GaussianDiffusion:
 
     @staticmethod
     def _extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """table[t] as float32 on ``like``'s device, shaped to broadcast over ``like``."""
-        values = torch.from_numpy(table).to(device=t.device)[t].float()
+        """table[t] in ``like``'s compute dtype (float64 or float32) on ``t``'s device, shaped to broadcast over it."""
+        values = torch.from_numpy(table).to(device=t.device)[t].to(_compute_dtype(like))
         return values.view(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,11 +120,12 @@ class GaussianDiffusion:
             raise ValueError(f"model output shape {tuple(model_output.shape)} does not fit input "
                              f"{tuple(x_start.shape)}: expected (B, {2 * channels}, "
                              f"{', '.join(map(str, x_start.shape[2:]))})")
-        model_output = model_output.float()
+        dtype = _compute_dtype(x_start)
+        model_output = model_output.to(dtype)
         eps, var_values = model_output.split(channels, dim=1)
         frozen = torch.cat([eps.detach(), var_values], dim=1)
-        vb = self.vb_terms_bpd(frozen, x_start.float(), x_t.float(), t)
-        mse = _mean_flat((noise.float() - eps) ** 2)
+        vb = self.vb_terms_bpd(frozen, x_start.to(dtype), x_t.to(dtype), t)
+        mse = _mean_flat((noise.to(dtype) - eps) ** 2)
         if snr_gamma is not None:
             snr = self._extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, mse)
             mse = mse * torch.clamp(snr, max=float(snr_gamma)) / snr
