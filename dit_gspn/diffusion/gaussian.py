@@ -4,9 +4,10 @@ The schedule is ``DIT_SCHEDULE`` (the one diffusers' samplers are built from), h
 float64 as DiT holds it (``dit_betas``). The loss computes in the data's precision: float64 for
 float64 data, float32 for anything lower (a bf16 model output included). The variance
 parameterisation is diffusers' ``learned_range``: the model's second C channels v in [-1, 1]
-interpolate log-variances between the clipped posterior variance and beta_t. The VLB term is the KL between the true and the model posterior in bits,
-with the model's mean detached (so the VLB trains only the variance, as in Nichol & Dhariwal),
-and the discretised Gaussian decoder NLL at t = 0.
+interpolate log-variances between the clipped posterior variance and beta_t. The VLB term is the
+KL between the true and the model posterior in bits, with the model's mean detached (so the VLB
+trains only the variance, as in Nichol & Dhariwal), and the discretised Gaussian decoder NLL at
+t = 0.
 """
 from __future__ import annotations
 
