@@ -18,7 +18,8 @@ _PAD = 2
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8, rounded as ADM and DiT round."""
+    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8, rounded to the nearest level as DiT's sample_ddp.py
+    rounds (ADM's image_sample.py truncates instead)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
     pixels = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
