@@ -153,6 +153,27 @@ def test_float64_sampling_equals_adm_to_float64_precision(sampler):
     assert _deviation(ours, oracle) < 1e-10
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 250), ("ddim", 10)])
+def test_samplers_on_the_gpu_equal_adm(sampler, steps, dtype, monkeypatch):
+    """The same samplers on CUDA (float64 tables on the CPU, state on the GPU) against the CPU float64 oracle."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_dit(mixer="attention").to(dtype)
+    labels = [0, 4]
+    ours = sample(model.cuda(), labels, sampler=sampler, num_steps=steps, generator=_generators(2), dtype=dtype)
+    assert ours.is_cuda and ours.dtype == dtype
+    model = model.cpu()
+    if sampler == "ddim":
+        oracle = _adm_ddim(model, labels, steps)
+    else:
+        generators, shape = _generators(2), (2, 3, 8, 8)
+        oracle = adm.ddpm_loop(_oracle_model(model, labels), _noise(generators, shape), steps,
+                               lambda: _noise(generators, shape, dtype))
+    assert _deviation(ours.cpu(), oracle) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
 def test_dpm_solver_matches_diffusers_loop():
     model = tiny_dit()
     labels = torch.tensor([1, 2])
