@@ -52,6 +52,7 @@ LINE_SCAN_CASES = [
 ]
 
 #: (name, (B, C, H, W), groups (lam, gl, gc, gr, u) or None for C, chunk, tile or 0 for pick_tile's).
+#: "extreme-logits" draws the gate logits around -1e4 and +1e4 (the stable normalisation's case).
 GSPN_SCAN_CASES = [
     ("odd", (2, 3, 5, 7), None, None, 0),
     ("mixed-groups-tile3", (1, 4, 7, 4), (2, 4, 1, 2, 4), 2, 3),
@@ -61,6 +62,7 @@ GSPN_SCAN_CASES = [
     ("chunk1", (1, 4, 3, 11), (4, 4, 4, 4, 4), 1, 4),
     ("chunk5-tile16", (1, 2, 12, 10), (1, 2, 1, 2, 1), 5, 16),
     ("more-lanes-than-threads", (1, 1, 3, 257), None, 2, 4),  # 256 threads, 257 lanes
+    ("extreme-logits", (1, 2, 5, 6), (2, 1, 2, 1, 2), None, 0),
 ]
 
 
@@ -137,13 +139,15 @@ def line_scan_inputs(shape, seed):
     return [x, lam, wl, wc, wr], gh
 
 
-def gspn_scan_inputs(shape, groups, seed):
+def gspn_scan_inputs(shape, groups, seed, extreme=False):
     B, C, H, W = shape
     g = torch.Generator().manual_seed(seed)
     groups = groups or (C,) * 5
     x = torch.randn(B, C, H, W, generator=g)
     lam = torch.rand(B, 4, groups[0], H, W, generator=g) * 0.8 + 0.2
     logits = [torch.randn(B, 4, k, H, W, generator=g) * 1.5 for k in groups[1:4]]
+    if extreme:
+        logits = [(torch.randint(0, 2, t.shape, generator=g) * 2 - 1) * 1e4 + 3 * t for t in logits]
     u = torch.randn(B, 4, groups[4], H, W, generator=g)
     gy = torch.randn(B, C, H, W, generator=g)
     return [x, lam, *logits, u], gy
@@ -178,7 +182,7 @@ class Case:
                 module, self.inputs, self.grad, self.chunk, order, seed, drop_kernel, drop_site)
         else:
             _, shape, groups, self.chunk, tile = spec
-            self.inputs, self.grad = gspn_scan_inputs(shape, groups, seed)
+            self.inputs, self.grad = gspn_scan_inputs(shape, groups, seed, extreme=name == "extreme-logits")
             self.expected = reference(gspn_scan_reference, self.inputs, self.grad, self.chunk)
             self.call = lambda order, drop_kernel=0, drop_site=-1: emulated_gspn_scan(
                 module, self.inputs, self.grad, self.chunk, tile, order, seed, drop_kernel, drop_site)
