@@ -216,6 +216,22 @@ def test_bad_impl_raises():
         gspn_scan(*inputs, impl="cuda")
 
 
+@pytest.mark.parametrize("dtype, lanes, expected", [(torch.float32, 16, "cuda"), (torch.bfloat16, 16, "cuda"),
+                                                    (torch.float64, 16, "composed"), (torch.float32, 4096, "composed")])
+def test_impl_none_on_cuda_falls_back_where_the_kernel_cannot_run(monkeypatch, dtype, lanes, expected):
+    # Decided from the device type, dtype and shape alone, so a CPU machine checks it with a stand-in tensor.
+    import importlib
+    from types import SimpleNamespace
+
+    module = importlib.import_module("dit_gspn.ops.gspn_scan")  # the package's `gspn_scan` is the function
+    monkeypatch.setattr(module, "_kernels_ready", lambda device_type: True)
+    x = SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 2, 8, lanes))
+    assert module._resolve_impl(x, None) == expected
+    if dtype == torch.float64:
+        with pytest.raises(TypeError, match="use impl='composed'"):
+            module._resolve_impl(x, "cuda")
+
+
 def test_the_op_itself_checks_shapes():
     # Direct torch.ops calls bypass the Python checks; the C++ ones still name the problem.
     x, lam, gl, gc, gr, u = make_inputs(1, 4, 3, 5)
