@@ -49,6 +49,7 @@ def asan_runs(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the module fixture: one ASan subprocess, about 25 s of CPU for all cases and orders
 @pytest.mark.parametrize("op, case", CASES, ids=[f"{op}-{case}" for op, case in CASES])
 def test_kernel_threads_match_the_reference_in_every_order(asan_runs, op, case):
     assert asan_runs["asan"], "the emulation did not run under AddressSanitizer"
@@ -70,6 +71,7 @@ def library():
     return driver.build()
 
 
+@pytest.mark.slow  # about 12 s of CPU: 14 barriers x 8 configurations x up to 2 orders
 def test_deleting_any_one_barrier_is_noticed(library):
     cases = [driver.Case(library, op, name, seed) for seed, (op, name) in enumerate(CASES)]
     noticed = {}

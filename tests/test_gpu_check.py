@@ -64,3 +64,31 @@ def test_a_bad_deadline_is_one_error_line(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path), "--deadline", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --deadline")
+
+
+# As on the GPU image: these packages cannot be imported (nor found) in the child process.
+WITHOUT_OPTIONAL_PACKAGES = """
+import importlib.abc, importlib.util, sys
+BLOCKED = {"diffusers", "torch_fidelity", "importlib_metadata"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] in BLOCKED else find_spec(name, package)
+sys.meta_path.insert(0, Block())
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def test_the_cuda_tests_collect_without_diffusers_and_torch_fidelity():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([PY, "-c", WITHOUT_OPTIONAL_PACKAGES, "--collect-only", "-q", "-m", "cuda",
+                             "-p", "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    collected = result.stdout
+    assert "tests/test_gspn_scan.py::test_cuda_kernel_matches_reference" in collected
+    assert "tests/test_line_scan_cuda.py::test_cuda_kernel_matches_reference" in collected

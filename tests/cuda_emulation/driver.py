@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.scan_parity import scaled_error  # noqa: E402
 from dit_gspn.ops import extension  # noqa: E402
 from dit_gspn.ops.reference import gspn_scan_reference, line_scan_reference, normalize_gates  # noqa: E402
 
@@ -158,14 +159,6 @@ def reference(op, inputs, grad_out, chunk):
     out = op(*leaves, chunk=chunk)
     grads = torch.autograd.grad(out, leaves, grad_out.double(), allow_unused=True)
     return [out.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-
-
-def scaled_error(actual, expected) -> float:
-    """max |actual - expected| / max(max |expected|, 1); infinity where actual holds a NaN (an unwritten output)."""
-    diff = (actual.double() - expected).abs()
-    if diff.isnan().any():
-        return float("inf")
-    return diff.max().item() / max(expected.abs().max().item(), 1.0)
 
 
 class Case:
