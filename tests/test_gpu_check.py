@@ -38,16 +38,19 @@ def test_the_deadline_cuts_a_step_short_and_skips_the_rest(tmp_path):
 
 def test_main_writes_the_log_and_summary_and_one_line_per_step(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(gpu_check, "plan", lambda args, out, site: [
         fake("fails", "import sys; sys.exit(1)"), fake("slow", "import time; time.sleep(60)", timeout=1),
-        fake("writes", f"open({str(out / 'parity.json')!r}, 'w').write('{{}}')")])
+        fake("writes", f"open({str(out / 'parity.json')!r}, 'w').write('{{}}')"),
+        fake("arch", "import os; print('arch list', os.environ['TORCH_CUDA_ARCH_LIST'])")])
     assert gpu_check.main(["--out", str(out), "--deadline", "60"]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("fails") and "failed (exit 1)" in lines[0]
+    assert len(lines) == 4 and lines[0].startswith("fails") and "failed (exit 1)" in lines[0]
     assert "timed out" in lines[1] and "passed" in lines[2]
+    assert "arch list 9.0" in (out / "gpu_check.log").read_text()  # every step sees the one arch list
     assert {p.name for p in out.iterdir()} == {"gpu_check.log", "summary.json", "parity.json"}
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["name"] for s in summary["steps"]] == ["fails", "slow", "writes"]
+    assert [s["name"] for s in summary["steps"]] == ["fails", "slow", "writes", "arch"]
 
 
 def test_the_plan_exports_one_arch_list_and_fits_the_output_limit(tmp_path, capsys):
