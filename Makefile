@@ -9,7 +9,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 # Idle OpenMP threads spin ~10k times, then sleep (dit_gspn/demo.py says why).
 export GOMP_SPINCOUNT ?= 10000
 
-.PHONY: venv test demo build-ext gpu-check clean
+.PHONY: venv test demo build-ext gpu-check wheels clean
 
 venv: $(VENV)/.installed  ## create or refresh .venv with the pinned versions (quick when nothing changed)
 
@@ -28,14 +28,23 @@ demo: venv  ## train a small GSPN-DiT on the built-in dataset, sample a labelled
 build-ext: venv  ## compile the scan kernels ahead of time (CPU; add the CUDA build with `make build-ext CUDA=1`)
 	$(PY) -m dit_gspn.ops.build $(if $(CUDA),--cuda,)
 
-# On a GPU machine whose python already has torch (no venv is built): build the CUDA kernels,
-# run the `cuda`-marked tests and the benchmarks, and write JSON results to $(RESULTS).
-gpu-check:
-	mkdir -p $(RESULTS)
-	PYTHONPATH=$(CURDIR):$$PYTHONPATH TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} $(PYTHON) -m dit_gspn.ops.build --cuda
-	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(PYTHON) -m pytest -q -m cuda tests
-	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(PYTHON) benchmarks/bench_scan.py --out $(RESULTS)/bench_scan_gpu.json
-	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(PYTHON) benchmarks/bench_model.py --out $(RESULTS)/bench_model_gpu.json --plot $(RESULTS)/bench_model_gpu.png
+# On a GPU machine whose python already has torch (no venv is built): build the CUDA kernels, run the
+# `cuda` tests, the parity summary, both benchmarks and tiny compute-sanitizer runs, each under its own
+# timeout within DEADLINE seconds, and write the log, JSON results and plot to $(OUT) (at most 8 files).
+# TORCH_CUDA_ARCH_LIST (default 9.0) is exported to every step, so the tests load the one build.
+OUT ?= $(RESULTS)/gpu-check
+DEADLINE ?= 480
+gpu-check:  ## on a GPU machine: the whole device check in one call (README, "On a GPU")
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT) --deadline $(DEADLINE) --wheels $(CURDIR)/.whl
+
+# The packages the GPU image lacks, at the versions requirements.lock pins, as wheels for its Python
+# 3.12 into .whl/ (git-ignored; carry it to the device). gpu-check installs them into a temporary folder.
+WHEELS ?= diffusers torch_fidelity importlib_metadata lazy-importer zipp regex
+space := $(subst ,, )
+wheels:  ## download the wheels the GPU image lacks into .whl/
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl \
+		$$(grep -E '^($(subst $(space),|,$(strip $(WHEELS))))==' requirements.lock)
 
 clean:
 	rm -rf .cache build *.egg-info

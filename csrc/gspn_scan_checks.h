@@ -9,12 +9,6 @@
 
 namespace gspn {
 
-// The sizes every kernel needs; channel groups are per tensor.
-struct ScanShape {
-  int64_t B, C, H, W;
-  int64_t g_lam, g_gl, g_gc, g_gr, g_u;
-};
-
 inline ScanShape check_inputs(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& gl, const at::Tensor& gc,
                        const at::Tensor& gr, const at::Tensor& u, int64_t chunk) {
   TORCH_CHECK(x.dim() == 4, "gspn_scan: x must be (B, C, H, W), got shape ", x.sizes());

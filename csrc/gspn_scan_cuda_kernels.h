@@ -1,26 +1,15 @@
-// The fused GSPN scan's CUDA kernels (forward and backward), kept apart from the launch code in
-// csrc/cuda/gspn_scan_cuda.cu so that tests/test_gspn_scan.py can also compile them as plain C++
-// with one thread per block (GSPN_CUDA_EMULATION) and check their tiling, halo and direction
-// arithmetic against the reference on a machine without a GPU. The layout of the work and the
-// memory choices are explained at the top of csrc/cuda/gspn_scan_cuda.cu.
+// The fused GSPN scan's CUDA kernels (forward and backward) and the arithmetic of their launch
+// (threads_for, pick_tile, shared-memory sizes), kept apart from the host code in
+// csrc/cuda/gspn_scan_cuda.cu so that tests/cuda_emulation/ can also compile them as plain C++
+// and run every thread of a block as a fiber (GSPN_CUDA_EMULATION), and
+// tests/test_cuda_resources.py can read ptxas's register report without ATen. The layout of the
+// work and the memory choices are explained at the top of csrc/cuda/gspn_scan_cuda.cu.
 #pragma once
 
 #include <cstdint>
 
-#include "gspn_scan_checks.h"
+#include "cuda/kernel_macros.h"
 #include "gspn_scan_common.h"
-
-#if defined(GSPN_CUDA_EMULATION)
-// Provided by the includer: threadIdx, blockIdx, blockDim, __syncthreads, atomicAdd and the
-// dynamic shared-memory buffer gspn_emulated_smem.
-#define GSPN_DEVICE inline
-#define GSPN_GLOBAL
-#define GSPN_DYNAMIC_SMEM(name) float* name = gspn_emulated_smem
-#else
-#define GSPN_DEVICE __device__ __forceinline__
-#define GSPN_GLOBAL __global__
-#define GSPN_DYNAMIC_SMEM(name) extern __shared__ float name[]
-#endif
 
 namespace gspn {
 namespace cuda_kernels {
@@ -55,7 +44,7 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scal
                                      const scalar_t* __restrict__ gl, const scalar_t* __restrict__ gc,
                                      const scalar_t* __restrict__ gr, const scalar_t* __restrict__ u,
                                      float* y_acc, scalar_t* y, ScanShape sh, int64_t chunk, int tile) {
-  GSPN_DYNAMIC_SMEM(smem);
+  GSPN_DYNAMIC_SMEM(float, smem);
   const int64_t H = sh.H, W = sh.W, HW = H * W;
   const int64_t max_lanes = H > W ? H : W;
   const int pitch = static_cast<int>(max_lanes) + 1;  // tile row pitch; +1 spreads the horizontal staging over banks
@@ -132,6 +121,9 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(const scalar_t* __restrict__ x, const scal
   }
 }
 
+// d_lam .. d_u are per-channel (B, 4, C, H, W) fp32 planes, whatever the inputs' group counts: every
+// element is written once, by the block of its (batch, channel), so no two blocks meet and the host
+// sums a group's channels afterwards in a fixed order (deterministic; no atomics).
 template <typename scalar_t>
 GSPN_GLOBAL void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ lam, const scalar_t* __restrict__ gl,
@@ -139,7 +131,7 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const sca
                                      const scalar_t* __restrict__ u, float* h_scratch, float* dx_acc,
                                      scalar_t* dx, float* d_lam, float* d_gl, float* d_gc, float* d_gr,
                                      float* d_u, ScanShape sh, int64_t chunk, int tile) {
-  GSPN_DYNAMIC_SMEM(smem);
+  GSPN_DYNAMIC_SMEM(float, smem);
   const int64_t H = sh.H, W = sh.W, HW = H * W;
   const int64_t max_lanes = H > W ? H : W;
   const int pitch = static_cast<int>(max_lanes) + 1;
@@ -159,8 +151,6 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const sca
   const scalar_t* xp = x + p * HW;
   const scalar_t* gyp = gy + p * HW;
   float* hp = h_scratch + p * HW;
-  const bool lam_shared = sh.g_lam != sh.C, gl_shared = sh.g_gl != sh.C, gc_shared = sh.g_gc != sh.C,
-             gr_shared = sh.g_gr != sh.C, u_shared = sh.g_u != sh.C;
   for (int d = 0; d < kDirections; ++d) {
     const ScanGeometry geo = scan_geometry(d, H, W);
     const int L = static_cast<int>(geo.lanes);
@@ -273,7 +263,8 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const sca
             const float dwl = l > 0 ? g * h_prev[l - 1] : 0.f;
             const float dwc = g * h_prev[l];
             const float dwr = l < L - 1 ? g * h_prev[l + 1] : 0.f;
-            normalized_weights_backward<float>(lg, cg, rg, l > 0, l < L - 1, dwl, dwc, dwr, dgl, dgc, dgr);
+            normalized_weights_backward<float>(lg, cg, rg, wl_cur[l], wc_cur[l], wr_cur[l], l > 0, l < L - 1, dwl,
+                                               dwc, dwr, dgl, dgc, dgr);
           }
           t_u[t] = gy_v * h;
           const float x_v = t_x[t];
@@ -299,29 +290,38 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(const scalar_t* __restrict__ gy, const sca
         } else {
           dx[ox] = static_cast<scalar_t>(dx_acc[ox] + t_lam[t]);
         }
-        // Each (batch, direction, group) plane is written by the blocks of its group's channels.
-        auto put = [](float* dst, bool shared, float v) {
-          if (shared) {
-            atomicAdd(dst, v);
-          } else {
-            *dst = v;
-          }
-        };
-        put(d_lam + gp.lam * HW + o, lam_shared, t_x[t]);
-        put(d_gl + gp.gl * HW + o, gl_shared, t_gl[t]);
-        put(d_gc + gp.gc * HW + o, gc_shared, t_gc[t]);
-        put(d_gr + gp.gr * HW + o, gr_shared, t_gr[t]);
-        put(d_u + gp.u * HW + o, u_shared, t_u[t]);
+        // Per-channel planes, each written by this block alone: grouped sums are taken afterwards.
+        const int64_t og = (gate_plane(b, d, c, sh.C, sh.C)) * HW + o;
+        d_lam[og] = t_x[t];
+        d_gl[og] = t_gl[t];
+        d_gc[og] = t_gc[t];
+        d_gr[og] = t_gr[t];
+        d_u[og] = t_u[t];
       }
       __syncthreads();
     }
   }
 }
 
+// Threads of one block: one per lane, rounded up to whole warps, between 64 and 256.
+inline int threads_for(int64_t max_lanes) {
+  const int64_t rounded = (max_lanes + 31) / 32 * 32;
+  return static_cast<int>(rounded < 64 ? 64 : (rounded > 256 ? 256 : rounded));
+}
+
 // Shared-memory floats of one block for a tile of `tile` steps.
 inline int64_t fwd_smem_floats(int64_t max_lanes, int64_t tile) { return 2 * max_lanes + 5 * (max_lanes + 1) * tile; }
 inline int64_t bwd_smem_floats(int64_t max_lanes, int64_t tile) {
   return 8 * max_lanes + 7 * (max_lanes + 1) * tile + (max_lanes + 1) * (tile + 1);
+}
+
+// The largest tile (<= kMaxTile steps) whose staging fits `smem_limit` bytes, or 0 if none does.
+template <typename SmemFloats>
+int pick_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
+  for (int tile = kMaxTile; tile >= 1; tile /= 2) {
+    if (static_cast<size_t>(smem_floats(max_lanes, tile)) * sizeof(float) <= smem_limit) return tile;
+  }
+  return 0;
 }
 
 }  // namespace cuda_kernels

@@ -1,4 +1,6 @@
-"""Shared test set-up: offline hubs, deterministic seeds, and the `cuda` mark's skip."""
+"""Shared test set-up: offline hubs, deterministic seeds, the `cuda` mark's skip, and modules that
+need a package the machine lacks (the GPU image has no diffusers or torch-fidelity) skipped, not errors."""
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,6 +8,39 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+
+#: Packages the project installs but a bare GPU image may lack (README, "On a GPU", says how to carry them).
+#: A test module that fails to import only because one of these is not installed is skipped, saying so; any
+#: other import error, or one of these present but broken, stays a collection error.
+OPTIONAL_PACKAGES = ("diffusers", "torch_fidelity", "importlib_metadata")
+
+
+def missing_optional_package(exc: BaseException) -> str | None:
+    """The optional package whose absence caused ``exc`` (following its causes), or None."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            top = exc.name.split(".")[0]
+            if top in OPTIONAL_PACKAGES and importlib.util.find_spec(top) is None:
+                return top
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _ModuleSkippedWithoutOptionalPackages(pytest.Module):
+    def _getobj(self):
+        try:
+            return super()._getobj()
+        except self.CollectError as exc:
+            missing = missing_optional_package(exc)
+            if missing is None:
+                raise
+            pytest.skip(f"{self.path.name} needs {missing}, which is not installed (README: On a GPU)", allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name == "conftest.py":
+        return None
+    return _ModuleSkippedWithoutOptionalPackages.from_parent(parent, path=module_path)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,7 +44,8 @@ SHAPES = [
     ((3, 2, 1, 9), None),  # H = 1
     ((2, 3, 17, 1), 2),  # W = 1
     ((1, 1, 40, 1024), None),  # one thread per column, a full block
-    ((1, 2, 12, 3001), 5),  # several columns per thread
+    ((1, 2, 12, 2001), 5),  # several columns per thread
+    ((1, 1, 6, 2048), None),  # the widest row: 512 threads x 4 columns
 ]
 
 

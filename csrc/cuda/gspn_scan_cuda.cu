@@ -22,8 +22,10 @@
 // forward and backward: a transient C-sized map inside one op instead of 4 x C maps per layer
 // kept alive across the network, for one extra read of the inputs.
 //
-// Gate gradients of grouped tensors (G < C) are sums over the group's channels, accumulated with
-// fp32 atomics (planes of one group run in different blocks); with G == C they are plain stores.
+// Gate gradients of grouped tensors (G < C) are sums over the group's channels: the kernel writes
+// per-channel fp32 planes (a transient (B, 4, C, H, W) map per grouped tensor) and the host sums
+// each group's channels with one reduction, so the result is the same on every run (float atomics
+// across blocks would add in a different order each time).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -45,20 +47,13 @@ namespace {
 
 using namespace cuda_kernels;
 
-// The largest tile (<= kMaxTile steps) whose staging fits the device's shared memory per block.
+// The tile for lines of `max_lanes` pixels on this device, or an error naming the way out.
 template <typename SmemFloats>
-int pick_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
-  for (int tile = kMaxTile; tile >= 1; tile /= 2) {
-    if (static_cast<size_t>(smem_floats(max_lanes, tile)) * sizeof(float) <= smem_limit) return tile;
-  }
-  TORCH_CHECK(false, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
+int checked_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
+  const int tile = pick_tile(max_lanes, smem_floats, smem_limit);
+  TORCH_CHECK(tile > 0, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
               " bytes of shared memory a block may use on this GPU; use impl='composed' for this map size");
-  return 0;
-}
-
-int threads_for(int64_t max_lanes) {
-  const int64_t rounded = (max_lanes + 31) / 32 * 32;
-  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(64, rounded)));
+  return tile;
 }
 
 template <typename T>
@@ -103,7 +98,7 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
   TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
   const int64_t max_lanes = std::max(sh.H, sh.W);
   const size_t smem_limit = smem_per_block_limit();
-  const int tile = pick_tile(max_lanes, fwd_smem_floats, smem_limit);
+  const int tile = checked_tile(max_lanes, fwd_smem_floats, smem_limit);
   const size_t smem = fwd_smem_floats(max_lanes, tile) * sizeof(float);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
@@ -130,10 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto gy = gy_in.contiguous(), x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(),
        gc = gc_in.contiguous(), gr = gr_in.contiguous(), u = u_in.contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
-  // Grouped gradients are atomic sums and need zeros; per-channel ones are fully overwritten.
-  auto grad_buffer = [&](const at::Tensor& t) {
-    return t.size(2) == sh.C ? at::empty(t.sizes(), f32) : at::zeros(t.sizes(), f32);
-  };
+  // Per-channel gradient planes, fully overwritten by the kernel (see gspn_scan_bwd_kernel).
+  auto grad_buffer = [&](const at::Tensor&) { return at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, f32); };
   auto d_lam = grad_buffer(lam), d_gl = grad_buffer(gl), d_gc = grad_buffer(gc), d_gr = grad_buffer(gr),
        d_u = grad_buffer(u);
   auto d_x = at::empty_like(x);
@@ -141,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
     const int64_t max_lanes = std::max(sh.H, sh.W);
     const size_t smem_limit = smem_per_block_limit();
-    const int tile = pick_tile(max_lanes, bwd_smem_floats, smem_limit);
+    const int tile = checked_tile(max_lanes, bwd_smem_floats, smem_limit);
     const size_t smem = bwd_smem_floats(max_lanes, tile) * sizeof(float);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     auto h_scratch = at::empty(x.sizes(), f32);
@@ -158,8 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  // A group's gradient is the sum over its channels (channel c is in group c / (C / G)).
   const auto dt = x.scalar_type();
-  return {d_x, d_lam.to(dt), d_gl.to(dt), d_gc.to(dt), d_gr.to(dt), d_u.to(dt)};
+  auto group_sum = [&](const at::Tensor& per_channel, const at::Tensor& t) {
+    const int64_t G = t.size(2);
+    if (G == sh.C) return per_channel.to(dt);
+    return per_channel.view({sh.B, kDirections, G, sh.C / G, sh.H, sh.W}).sum(3).to(dt);
+  };
+  return {d_x, group_sum(d_lam, lam), group_sum(d_gl, gl), group_sum(d_gc, gc), group_sum(d_gr, gr), group_sum(d_u, u)};
 }
 
 }  // namespace

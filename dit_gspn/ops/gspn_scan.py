@@ -37,6 +37,8 @@ IMPL_ENV = "DIT_GSPN_SCAN_IMPL"
 #: The CUDA kernel stages one lane vector per tensor in shared memory; lines longer than this
 #: (max(H, W)) go to the composed path under ``impl=None`` and are an error under ``impl="cuda"``.
 CUDA_MAX_LANES = 2048
+#: The dtypes the CUDA kernel computes; others (float64) go to the composed path under ``impl=None``.
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GATE_NAMES = ("lam", "gl", "gc", "gr", "u")
 
 
@@ -119,7 +121,7 @@ def _resolve_impl(x, impl: str | None) -> str:
         device = x.device.type
         if device not in ("cpu", "cuda") or not _kernels_ready(device):
             return "composed"
-        if device == "cuda" and max(x.shape[-2:]) > CUDA_MAX_LANES:
+        if device == "cuda" and (max(x.shape[-2:]) > CUDA_MAX_LANES or x.dtype not in CUDA_DTYPES):
             return "composed"
         return device
     if impl not in IMPLS:
@@ -131,6 +133,8 @@ def _resolve_impl(x, impl: str | None) -> str:
                 f"gspn_scan: the CUDA kernel scans lines of at most {CUDA_MAX_LANES} pixels, got H, W = "
                 f"{tuple(x.shape[-2:])}; use impl='composed'"
             )
+        if impl == "cuda" and x.dtype not in CUDA_DTYPES:
+            raise TypeError(f"gspn_scan: the CUDA kernel computes {CUDA_DTYPES}, got {x.dtype}; use impl='composed'")
     return impl
 
 

@@ -17,9 +17,9 @@ from .reference import line_scan_reference
 IMPLS = ("reference", "cpu", "cuda")
 
 _ARG_NAMES = ("x", "lam", "wl", "wc", "wr")
-#: The widest row the CUDA kernel scans (1024 threads x 4 columns); wider maps use the reference
-#: under impl=None and are an error under impl="cuda".
-CUDA_MAX_W = 4096
+#: The widest row the CUDA kernel scans (512 threads x 4 columns: csrc/line_scan_cuda_kernels.h's kMaxW);
+#: wider maps use the reference under impl=None and are an error under impl="cuda".
+CUDA_MAX_W = 2048
 
 
 def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = None):

@@ -48,14 +48,26 @@ def normalize_gates(gl, gc, gr):
 
     wl is 0 at j = 0 and wr is 0 at j = W-1 (those neighbours do not exist), so the edges are
     normalised over two gates (over one when W = 1). Returns (wl, wc, wr) in the inputs' dtype.
+
+    Stable for any finite logits: with m the largest logit of the neighbours that exist and
+    c = min(m, 0), s_k = mask_k / (exp(c) + exp(c - g_k)) = mask_k exp(logsigmoid(g_k) - c) and
+    w_k = s_k / sum_m s_m. The factor exp(-c) cancels, so this is sigmoid / sum for ordinary logits,
+    and the limit of it (a softmax) where every sigmoid underflows; the largest s_k is at least 1/2,
+    so the sum is never 0/0. The kernels compute the same (csrc/gspn_scan_common.h).
     """
     dtype = gl.dtype
     cd = _compute_dtype(dtype)
-    sl, sc, sr = (g.to(cd).sigmoid() for g in (gl, gc, gr))
-    W = sl.shape[-1]
-    edge = torch.ones(W, dtype=cd, device=sl.device)
-    sl = sl * edge.index_fill(0, torch.tensor([0], device=sl.device), 0.0)
-    sr = sr * edge.index_fill(0, torch.tensor([W - 1], device=sr.device), 0.0)
+    gl, gc, gr = (g.to(cd) for g in (gl, gc, gr))
+    W = gl.shape[-1]
+    j = torch.arange(W, device=gl.device)
+    has_left, has_right = j > 0, j < W - 1
+    neg_inf = torch.tensor(float("-inf"), dtype=cd, device=gl.device)
+    m = torch.maximum(gc, torch.maximum(torch.where(has_left, gl, neg_inf), torch.where(has_right, gr, neg_inf)))
+    c = m.clamp(max=0).detach()  # w does not depend on c: no gradient flows through it
+    # exp of a masked -inf argument: an absent neighbour is exactly 0 with a zero (not NaN) gradient.
+    sl = torch.exp(torch.where(has_left, F.logsigmoid(gl) - c, neg_inf))
+    sc = torch.exp(F.logsigmoid(gc) - c)
+    sr = torch.exp(torch.where(has_right, F.logsigmoid(gr) - c, neg_inf))
     total = sl + sc + sr
     return (sl / total).to(dtype), (sc / total).to(dtype), (sr / total).to(dtype)
 

@@ -1,0 +1,19 @@
+// What a CUDA kernel header needs from the compiler, in two builds: nvcc, and plain C++ where
+// tests/cuda_emulation/ runs every thread of a block as a fiber (GSPN_CUDA_EMULATION). The
+// emulation provides threadIdx, blockIdx, blockDim, __syncthreads and gspn_emulated_smem.
+#pragma once
+
+#if defined(GSPN_CUDA_EMULATION)
+#define GSPN_DEVICE inline
+#define GSPN_GLOBAL
+#define GSPN_LAUNCH_BOUNDS(threads)
+#define GSPN_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(gspn_emulated_smem)
+#else
+#define GSPN_DEVICE __device__ __forceinline__
+#define GSPN_GLOBAL __global__
+#define GSPN_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
+// One untyped extern buffer: extern __shared__ arrays of different types in templates would clash.
+#define GSPN_DYNAMIC_SMEM(type, name)                          \
+  extern __shared__ __align__(16) unsigned char gspn_smem_raw[]; \
+  type* name = reinterpret_cast<type*>(gspn_smem_raw)
+#endif

@@ -1,0 +1,109 @@
+// A C interface (for ctypes) that runs the CUDA kernels of csrc/ (line_scan_cuda_kernels.h,
+// gspn_scan_cuda_kernels.h) on the CPU, one fiber per CUDA thread (fibers.h), with the launch
+// shapes the CUDA host code computes. Built by tests/cuda_emulation/driver.py with plain g++ (no
+// torch headers: seconds to build), optionally with AddressSanitizer. Every buffer is float32 and
+// contiguous; the caller allocates (and poisons) them. Each function returns 0, or 1 with the
+// error (barrier divergence) in last_error(); it writes the barrier line counts of its forward and
+// backward launch to sites[0], sites[1].
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include "fibers.h"
+
+#define GSPN_CUDA_EMULATION
+#include "gspn_scan_cuda_kernels.h"
+#include "line_scan_cuda_kernels.h"
+
+namespace {
+
+using fibers::Order;
+using fibers::Scheduler;
+
+// Shared memory a block may opt in to on an H100 / H200 (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+constexpr size_t kSmemOptinBytes = 232448;
+
+std::string error_text;
+
+// drop_kernel: 0 none, 1 forward, 2 backward; drop_site: the barrier line to delete there.
+void plant(int which, int drop_kernel, int drop_site) {
+  Scheduler::get().drop_barrier(which == drop_kernel ? drop_site : -1);
+}
+
+template <typename Fn>
+int guarded(Fn&& fn) {
+  try {
+    fn();
+    Scheduler::get().drop_barrier(-1);
+    return 0;
+  } catch (const std::exception& exc) {
+    Scheduler::get().drop_barrier(-1);
+    error_text = exc.what();
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* last_error() { return error_text.c_str(); }
+
+// Forward then backward of the line scan over `planes` (H, W) planes; chunk 0 scans the whole height.
+int line_scan(const float* x, const float* lam, const float* wl, const float* wc, const float* wr, const float* gh,
+              float* h, float* dx, float* dlam, float* dwl, float* dwc, float* dwr, int64_t planes, int64_t H,
+              int64_t W, int64_t chunk, int order, uint64_t seed, int drop_kernel, int drop_site, int64_t* sites) {
+  using namespace gspn::line_scan_kernels;
+  return guarded([&] {
+    if (W > kMaxW) throw std::runtime_error("W exceeds the kernel's limit");
+    const LaunchShape l = launch_shape(planes, W);
+    const GspnDim3 grid{static_cast<unsigned>(l.blocks), 1, 1};
+    const GspnDim3 block{static_cast<unsigned>(l.tw), static_cast<unsigned>(l.planes_per_block), 1};
+    const Order ord = static_cast<Order>(order);
+    plant(1, drop_kernel, drop_site);
+    with_fwd_kernel<float, float>(l, [&](auto kernel) {
+      Scheduler::get().launch(grid, block, fwd_smem_bytes<float>(l, W), ord, seed, kernel, x, lam, wl, wc, wr, h,
+                              planes, H, W, chunk);
+    });
+    sites[0] = Scheduler::get().barrier_sites();
+    plant(2, drop_kernel, drop_site);
+    with_bwd_kernel<float, float>(l, [&](auto kernel) {
+      Scheduler::get().launch(grid, block, bwd_smem_bytes<float>(l, W), ord, seed + 1, kernel, gh, h, x, lam, wl, wc,
+                              wr, dx, dlam, dwl, dwc, dwr, planes, H, W, chunk);
+    });
+    sites[1] = Scheduler::get().barrier_sites();
+  });
+}
+
+// Forward then backward of the fused scan. shape: B, C, H, W, then the group counts of lam, gl,
+// gc, gr, u. The gate gradients are per-channel (B, 4, C, H, W) planes, as the CUDA kernel writes
+// them (the host sums the groups). tile 0 picks the tile the CUDA host code would on an H100 / H200.
+int gspn_scan(const float* x, const float* lam, const float* gl, const float* gc, const float* gr, const float* u,
+              const float* gy, float* y, float* h_scratch, float* dx, float* dlam, float* dgl, float* dgc, float* dgr,
+              float* du, const int64_t* shape, int64_t chunk, int tile, int order, uint64_t seed, int drop_kernel,
+              int drop_site, int64_t* sites) {
+  using namespace gspn;
+  using namespace gspn::cuda_kernels;
+  return guarded([&] {
+    const ScanShape sh{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6], shape[7], shape[8]};
+    const int64_t lanes = std::max(sh.H, sh.W);
+    const int fwd_tile = tile > 0 ? tile : pick_tile(lanes, fwd_smem_floats, kSmemOptinBytes);
+    const int bwd_tile = tile > 0 ? tile : pick_tile(lanes, bwd_smem_floats, kSmemOptinBytes);
+    if (fwd_tile == 0 || bwd_tile == 0) throw std::runtime_error("lines too long for the shared memory");
+    const GspnDim3 grid{static_cast<unsigned>(sh.B * sh.C), 1, 1};
+    const GspnDim3 block{static_cast<unsigned>(threads_for(lanes)), 1, 1};
+    const Order ord = static_cast<Order>(order);
+    plant(1, drop_kernel, drop_site);
+    Scheduler::get().launch(grid, block, fwd_smem_floats(lanes, fwd_tile) * sizeof(float), ord, seed,
+                            gspn_scan_fwd_kernel<float>, x, lam, gl, gc, gr, u, y, y, sh, chunk, fwd_tile);
+    sites[0] = Scheduler::get().barrier_sites();
+    plant(2, drop_kernel, drop_site);
+    Scheduler::get().launch(grid, block, bwd_smem_floats(lanes, bwd_tile) * sizeof(float), ord, seed + 1,
+                            gspn_scan_bwd_kernel<float>, gy, x, lam, gl, gc, gr, u, h_scratch, dx, dx, dlam, dgl, dgc,
+                            dgr, du, sh, chunk, bwd_tile);
+    sites[1] = Scheduler::get().barrier_sites();
+  });
+}
+
+}  // extern "C"
