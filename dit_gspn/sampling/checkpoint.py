@@ -113,6 +113,7 @@ def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
     if not ckpt.exists():
         raise MissingFileError(f"checkpoint {ckpt} does not exist")
     if (ckpt / SAMPLING_FILE).is_file():
+        SamplingInfo.read(ckpt / SAMPLING_FILE)  # a damaged sampling.json is named before a missing folder
         folder = ckpt / weights
         if not (folder / "config.json").is_file():
             raise MissingFileError(f"{folder} has no config.json: a training checkpoint holds model/ and ema/, "
