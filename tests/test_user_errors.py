@@ -124,6 +124,9 @@ def test_negative_steps_and_other_config_mistakes_are_one_line_before_anything_r
         "train.grad_accum_steps=3")
     assert "data.path" in refused("data.kind=latents", f"data.path={tmp_path / 'none'}")
     assert "logging.sample_classes must be a list of class ids" in refused("logging.sample_classes=3")
+    with pytest.raises(ConfigError, match=r"logging.sample_classes \[12\] are outside \[0, 10\)"):
+        train(load_config(config, ["logging.sample_classes=[1, 12]"]))
+    _reset_accelerate()
 
 
 def test_a_batch_larger_than_the_dataset_is_refused_before_the_model_is_built(tmp_path, fresh_accelerate_state,
@@ -413,6 +416,31 @@ def test_nan_rows_in_a_latent_shard_are_named_not_blamed_on_the_learning_rate(tm
     with pytest.raises(ShardError, match=r"NaN or infinite values \(not a learning-rate problem\): "
                                          r".*shard-00001.safetensors row 2 \(latents\), read at step 1"):
         train(config)
+
+
+def test_weights_that_became_infinite_are_never_saved_as_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                fresh_accelerate_state):
+    from dit_gspn.training import NonFiniteLossError
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the loss of step 4 was finite; its update overflows
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"weights became NaN or infinite by step 4.*last good checkpoint: "
+                                                 r".*0000002"):
+        train(_small(run, train={"steps": 6}))
+    assert [p.name for p in list_checkpoints(run)] == ["0000002"]
+    weights = _weights(run / "checkpoints" / "0000002")
+    assert all(bool(v.isfinite().all()) for v in weights.values())
 
 
 # --- The shared mechanism -------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .config import ConfigError, complete_config, config_changes, read_saved_con
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
-from .grids import GridWriter
+from .grids import GridWriter, grid_labels
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -198,6 +198,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     torch.manual_seed(seed)  # the same initial weights on every process
     data = build_training_data(config)
     _check_fits_dataset(data, micro_batch, acc.num_processes, config)
+    grid_labels(data.num_classes, lc["sample_classes"], lc["samples_per_class"])  # the classes exist
     model = build_model(config, data)
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
