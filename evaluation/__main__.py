@@ -45,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     for flag in ("batch_size", "kid_subset_size", "kid_subsets", "isc_splits", "prc_neighborhood"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -119,6 +119,7 @@ def test_negative_steps_and_other_config_mistakes_are_one_line_before_anything_r
     assert "train.ema_decay must be a number >= 0 and < 1, got 1.5" in refused("train.ema_decay=1.5")
     assert "train.cpu must be true or false, got 'yes please'" in refused("train.cpu=yes please")
     assert "data.kind must be one of latents, shapes" in refused("data.kind=jpegs")
+    assert "model.use_pos_embed must be true or false, got 'maybe'" in refused("model.use_pos_embed=maybe")
     assert "data.image_size=18 must be divisible by the patch size 4" in refused("data.image_size=18")
     assert "train.global_batch_size=8 must be divisible by train.grad_accum_steps=3" in refused(
         "train.grad_accum_steps=3")

@@ -173,8 +173,11 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     config = resolve_objective(config)
     tc, lc, cc = config["train"], config["logging"], config["checkpoint"]
     run_dir = Path(config["run_dir"])
-    acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    try:
+        acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
+                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    except ValueError as err:  # accelerate's word on a precision the device cannot do (fp16 on a CPU, ...)
+        raise ConfigError(f"train.mixed_precision={tc['mixed_precision']} with train.cpu={tc['cpu']}: {err}") from err
     accum = int(tc["grad_accum_steps"])
     per_step = acc.num_processes * accum
     if tc["global_batch_size"] % per_step:
