@@ -239,7 +239,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     state = (tmp_path / "run" / "checkpoints" / "0000003" / "trainer_state.json").read_text()
     assert '"num_processes": 2' in state
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "0000003" / "rng").iterdir()) == \
-        ["rank0.pt", "rank1.pt"]
+        ["rank0.safetensors", "rank1.safetensors"]
     saved = load_file(tmp_path / "run" / "checkpoints" / "0000003" / "model" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
     # ... and the steps did train: the weights moved from the (seeded) initial ones.

@@ -185,8 +185,8 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                           f"processes x grad_accum_steps = {acc.num_processes} x {accum}")
     micro_batch = tc["global_batch_size"] // per_step
 
+    check_writable(_run_folders(run_dir, lc))  # on every process: none waits at a barrier for a failed one
     if acc.is_main_process:
-        check_writable(_run_folders(run_dir, lc))
         for note in recover_leftovers(run_dir):
             print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
     acc.wait_for_everyone()
