@@ -264,6 +264,31 @@ def test_a_planted_pickle_is_refused_with_one_line_and_never_runs(trained_run, t
     assert not marker.exists()
 
 
+def test_a_checkpoint_from_before_safetensors_rng_files_still_loads_and_a_planted_one_is_refused(trained_run,
+                                                                                               tmp_path):
+    from dit_gspn.training.checkpoint import load_rng_state
+
+    root, config = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    latest = list_checkpoints(run)[-1]
+    rng = load_rng_state(latest / "rng" / "rank0.safetensors")
+    # The files as the previous version wrote them: torch.save of the schedule and of the RNG dict.
+    torch.save(__import__("json").loads((latest / "lr_scheduler.json").read_text()), latest / "lr_scheduler.pt")
+    torch.save(rng, latest / "rng" / "rank0.pt")
+    (latest / "lr_scheduler.json").unlink()
+    (latest / "rng" / "rank0.safetensors").unlink()
+    state = checkpoint_module.find_rng_state(latest, 0)
+    assert state["python"] == rng["python"] and torch.equal(state["noise"], rng["noise"])
+    np.testing.assert_array_equal(state["numpy"][1], rng["numpy"][1])
+    assert checkpoint_module.load_lr_scheduler_state(latest)["last_epoch"] == 4
+    marker = tmp_path / "code-ran"
+    (latest / "rng" / "rank0.pt").write_bytes(pickle.dumps({"numpy": _Planted(marker)}))
+    with pytest.raises(UserError, match=r"rank0.pt was refused"):
+        checkpoint_module.find_rng_state(latest, 0)
+    assert not marker.exists()
+
+
 def test_resume_refuses_a_changed_config_and_a_different_model_is_one_line(trained_run, tmp_path, capsys):
     train_main = load_script("train").main
     root, config = trained_run

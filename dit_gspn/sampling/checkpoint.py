@@ -189,15 +189,24 @@ def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = 
     return model.eval(), info
 
 
+def load_plain_values(path: Path, allowed: list = ()):
+    """``torch.load(path, weights_only=True)``: tensors and plain values only (and the ``allowed`` globals),
+    so a file that would run code is refused with a CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{path} is missing") from err
+    except Exception as err:  # UnpicklingError for a planted object; anything else is a damaged file
+        raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values (loading a "
+                              f"checkpoint never needs to run code), or it is damaged ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
 def _load_state_dict_file(path: Path, model_name: str, image_size, num_classes: int, vae: str | None):
     from dit_gspn.models import create_model
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for anything but tensors and plain values; or a damaged file
-        raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values (loading it "
-                              f"would run code from it), or it is not a torch file "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    state = load_plain_values(path)
     if isinstance(state, dict) and isinstance(state.get("ema"), dict):
         state = state["ema"]  # a DiT training checkpoint rather than a released model
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

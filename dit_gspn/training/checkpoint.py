@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dit_gspn.sampling.checkpoint import CheckpointError
+from dit_gspn.sampling.checkpoint import CheckpointError, load_plain_values
 
 STATE_FILE = "trainer_state.json"
 LR_SCHEDULER_FILE = "lr_scheduler.json"
@@ -127,18 +127,25 @@ def rng_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / "rng" / f"rank{rank}.safetensors"
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a NumPy array needs (the RNG files of checkpoints written before safetensors)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def find_rng_state(checkpoint: Path, rank: int) -> dict | None:
+    """Process ``rank``'s RNG states in ``checkpoint`` (None if it has none): ``rank<r>.safetensors``, or the
+    ``rank<r>.pt`` of a checkpoint from before, read with ``weights_only=True``."""
+    path = rng_file(checkpoint, rank)
+    if path.is_file():
+        return load_rng_state(path)
+    legacy = path.with_suffix(".pt")
+    return load_plain_values(legacy, _numpy_array_globals()) if legacy.is_file() else None
+
+
 def load_optimizer_state(checkpoint: Path) -> dict:
-    """The optimizer state of ``checkpoint``, unpickled with ``weights_only=True`` (tensors and plain
-    values only): a file that would run code is refused, naming it."""
-    path = checkpoint / OPTIMIZER_FILE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path} is missing: {checkpoint} is not a complete training checkpoint") from err
-    except Exception as err:  # UnpicklingError for a planted object; anything else is a damaged file
-        raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values (a checkpoint "
-                              f"never needs to run code to load), or it is damaged ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    """The optimizer state of ``checkpoint`` (tensors and plain values only, see ``load_plain_values``)."""
+    return load_plain_values(checkpoint / OPTIMIZER_FILE)
 
 
 def save_lr_scheduler_state(state: dict, path: Path) -> None:
@@ -146,7 +153,10 @@ def save_lr_scheduler_state(state: dict, path: Path) -> None:
 
 
 def load_lr_scheduler_state(checkpoint: Path) -> dict:
+    """The learning-rate schedule's state: ``lr_scheduler.json``, or the ``.pt`` of a checkpoint from before."""
     path = checkpoint / LR_SCHEDULER_FILE
+    if not path.is_file() and path.with_suffix(".pt").is_file():
+        return load_plain_values(path.with_suffix(".pt"))
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -28,8 +28,8 @@ from dit_gspn.diffusion import FlowMatching, GaussianDiffusion
 from dit_gspn.sampling.checkpoint import CheckpointError, state_dict_mismatch
 
 from .checkpoint import (CheckpointWriter, check_writable, latest_checkpoint, load_lr_scheduler_state,
-                         load_optimizer_state, load_rng_state, load_weights, read_trainer_state, recover_leftovers,
-                         resolve_resume, rng_file, set_rng_state)
+                         find_rng_state, load_optimizer_state, load_weights, read_trainer_state, recover_leftovers,
+                         resolve_resume, set_rng_state)
 from .config import ConfigError, complete_config, config_changes, read_saved_config, resolve_objective, validate_config
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
@@ -223,8 +223,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                               f"global_batch_size / grad_accum_steps the same to resume")
         optimizer_state = load_optimizer_state(checkpoint)
         scheduler_state = load_lr_scheduler_state(checkpoint)
-        rng_path = rng_file(checkpoint, acc.process_index)
-        rng = load_rng_state(rng_path) if state["num_processes"] == acc.num_processes and rng_path.is_file() else None
+        rng = find_rng_state(checkpoint, acc.process_index) if state["num_processes"] == acc.num_processes else None
     if tc["compile"]:
         model.compile()
     model, optimizer = acc.prepare(model, optimizer)
