@@ -221,6 +221,28 @@ def test_a_kill_inside_a_checkpoint_rewrite_loses_nothing_and_is_cleaned_up(tmp_
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")) == []
 
 
+def test_recovery_handles_every_state_a_kill_can_leave(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+
+    def folder(name, complete=True, tag=""):
+        (root / name / "model").mkdir(parents=True)
+        (root / name / "model" / "tag").write_text(tag or name)
+        if complete:
+            (root / name / "trainer_state.json").write_text("{}")
+
+    folder("0000002", complete=False)  # pruning killed after its trainer_state.json went
+    folder("0000004")
+    folder(".old-0000004")  # the rewrite of step 4 was done; removing the old folder was not
+    folder(".old-0000006", tag="the old step 6")  # killed between the renames of step 6's rewrite
+    folder(".tmp-0000006")
+    folder(".tmp-0000008", complete=False)  # killed while writing step 8
+    notes = checkpoint_module.recover_leftovers(tmp_path / "run")
+    assert sorted(p.name for p in root.iterdir()) == ["0000004", "0000006"]
+    assert (root / "0000006" / "model" / "tag").read_text() == "the old step 6"
+    assert "restored 0000006 from .old-0000006" in notes and len(notes) == 5
+    assert checkpoint_module.recover_leftovers(tmp_path / "run") == []
+
+
 # --- Nothing runs code from a checkpoint; --resume compares configs ------------------------------------------
 
 class _Planted:
