@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, run_main
-from dit_gspn.diffusion import SAMPLERS, check_sampler, default_sampler
+from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
+from dit_gspn.diffusion import DIT_SCHEDULE, SAMPLERS, check_sampler, default_sampler
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
 from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, decode, load_model, load_vae, read_checkpoint_info,
                                           vae_scale_factor)
@@ -99,9 +99,11 @@ def map_size(model, info, vae, pixels: tuple[int, int] | None) -> tuple[int, int
     """The (H, W) of the map the model samples for an image of ``pixels`` (None: the training size)."""
     if pixels is None:
         return model_size(model)
-    factor = vae_scale_factor(vae) if vae is not None else 1
+    factor = (vae_scale_factor(vae) if vae is not None else 1) * model.patch_size
     if pixels[0] % factor or pixels[1] % factor:
-        raise UserError(f"--image-size {pixels[0]} {pixels[1]} must be divisible by the VAE's factor {factor}")
+        raise UserError(f"--image-size {pixels[0]} {pixels[1]} must be divisible by {factor} (the VAE's factor "
+                        f"{factor // model.patch_size} x the model's patch size {model.patch_size})")
+    factor //= model.patch_size
     return (pixels[0] // factor, pixels[1] // factor)
 
 
@@ -124,6 +126,9 @@ def main(argv=None) -> int:
         raise UserError(f"--sampler: {err}") from err
     if args.guided_channels is not None and info.vae is None and args.guided_channels > 3:
         raise UserError(f"--guided-channels {args.guided_channels}: a pixel-space model has 3 channels")
+    if info.objective == "ddpm" and args.num_steps > DIT_SCHEDULE["num_train_timesteps"]:
+        raise UserError(f"--num-steps {args.num_steps}: at most {DIT_SCHEDULE['num_train_timesteps']}, the "
+                        f"diffusion's training steps")
     bad = [c for c in (args.classes or []) if c >= info.num_classes]
     if bad:
         raise UserError(f"--classes {bad}: the model has {info.num_classes} classes, ids 0..{info.num_classes - 1}")
@@ -131,6 +136,7 @@ def main(argv=None) -> int:
         check_batch_output(args.out or "samples/samples.npz")
     elif args.out is not None and Path(args.out).is_dir():
         raise OutputExistsError(f"--out {args.out} is a folder; name the grid image file, e.g. {args.out}/grid.png")
+    check_output_path(args.out or "samples/grid.png")
 
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 DEBUG_ENV = "DIT_GSPN_DEBUG"
 #: The exit code of a user's mistake (argparse's own code for bad arguments).
@@ -46,6 +47,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def file_in_the_way(path) -> Path | None:
+    """The file (not folder) among ``path``'s parents that keeps ``path`` from being created, if any."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
+def check_output_path(path, flag: str = "--out") -> None:
+    """Refuse an output path under a file, before any work: ``OutputExistsError`` naming the file."""
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise OutputExistsError(f"{flag} {path}: {blocker} is a file, not a folder")
 
 
 def debug_requested(argv=None) -> bool:

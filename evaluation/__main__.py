@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from dit_gspn.cli import ArgumentParser, run_main
+from dit_gspn.cli import ArgumentParser, check_output_path, run_main
 
 from .fidelity import FEATURE_LAYERS, METRICS, Settings, evaluate
 from .weights import ENV_WEIGHTS
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    for flag in ("report", "save_stats"):
+        if getattr(args, flag):
+            check_output_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

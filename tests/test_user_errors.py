@@ -439,6 +439,10 @@ def test_batch_sampling_redraws_damaged_shards(trained_run, tmp_path, fresh_acce
     assert "batch mode (--num-samples) writes an .npz" in refused("--num-samples", "4", "--out", "x.png")
     assert "already exists" in refused("--num-samples", "4", "--out", str(tmp_path / "a.npz"))
     assert "invalid choice: 'euler2'" in refused("--sampler", "euler2")
+    assert "--num-steps 1001: at most 1000" in refused("--num-steps", "1001")
+    assert "--image-size 18 18 must be divisible by 4" in refused("--image-size", "18", "--num-steps", "1")
+    (tmp_path / "file").write_text("")
+    assert f"{tmp_path / 'file'} is a file, not a folder" in refused("--out", str(tmp_path / "file" / "g.png"))
 
 
 # --- NaN rows in latent shards --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit_gspn.cli import OutputExistsError, UserError
+from dit_gspn.cli import OutputExistsError, UserError, check_output_path
 
 from .checkpoint import SamplingInfo, decode
 from .grid import to_uint8
@@ -153,9 +153,7 @@ def check_batch_output(out: str | Path) -> None:
     out = Path(out)
     if out.exists():
         raise OutputExistsError(f"{out} already exists: delete it or choose another --out")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise OutputExistsError(f"--out {out}: {blocker} is a file, not a folder")
+    check_output_path(out)
 
 
 def check_manifest(shard_dir: Path, settings: dict, write: bool) -> None:

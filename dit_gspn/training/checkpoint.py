@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dit_gspn.cli import file_in_the_way
 from dit_gspn.sampling.checkpoint import CheckpointError, load_plain_values
 
 STATE_FILE = "trainer_state.json"
@@ -230,8 +231,8 @@ def check_writable(folders) -> None:
             probe.unlink()
         except OSError as err:
             what = "is a file, not a folder" if folder.is_file() else f"cannot be written ({err.strerror})"
-            blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
-            if blocker is not None and blocker != folder:
+            blocker = file_in_the_way(folder)
+            if blocker is not None:
                 what = f"cannot be created: {blocker} is a file, not a folder"
             raise ConfigError(f"{folder} {what}; the run writes there. Choose another run_dir or fix it "
                               f"before training") from err
