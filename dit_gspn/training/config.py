@@ -338,7 +338,8 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, given: dict) -> dict[str, tuple]:
     """The dotted keys (old value, new value) in which ``given`` differs from ``saved`` (both resolved
     configs), leaving out ``RESUME_SAFE_KEYS``."""
-    old, new = _flatten(saved), _flatten(given)
+    # A key the saved config lacks (added to DEFAULTS since) counts as its default.
+    old, new = {**_flatten(DEFAULTS), **_flatten(saved)}, _flatten(given)
     changed = {}
     for key in sorted(set(old) | set(new)):
         if any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS):
