@@ -9,6 +9,7 @@ sha256 *and* the weights' sha256 (torch-fidelity's own cache key leaves the weig
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,9 +71,9 @@ class InceptionFeatures:
         try:
             model = create_feature_extractor(FEATURE_EXTRACTOR, list(layers), cuda=False, verbose=False,
                                              feature_extractor_weights_path=str(self.weights_path))
-        except RuntimeError as err:
+        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise EvalInputError(f"{self.weights_path} is not a state dict of torch-fidelity's "
-                             f"FeatureExtractorInceptionV3: {err}") from err
+                                 f"FeatureExtractorInceptionV3: {err}") from err
         self.model = model.to(device)
         self.device = device
         self.layers = tuple(layers)
