@@ -137,6 +137,24 @@ def _run_folders(run_dir: Path, logging: dict) -> list[Path]:
     return folders
 
 
+def _open_run_folder(config: dict, resume: str | None, allow_config_change: bool, acc) -> Path | None:
+    """Check that every folder the run writes to is writable, undo what a killed run left in its checkpoints,
+    and return the checkpoint to resume (None: a fresh start), its config compared with ``config``."""
+    run_dir = Path(config["run_dir"])
+    check_writable(_run_folders(run_dir, config["logging"]))  # on every process: none waits for a failed one
+    if acc.is_main_process:
+        for note in recover_leftovers(run_dir):
+            print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
+    acc.wait_for_everyone()
+    checkpoint = resolve_resume(resume, run_dir)
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
+                          f"another run_dir")
+    if checkpoint is not None:
+        _check_resume_config(checkpoint, config, allow_config_change, acc.is_main_process)
+    return checkpoint
+
+
 def _finite(tensors) -> bool:
     return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
@@ -185,17 +203,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                           f"processes x grad_accum_steps = {acc.num_processes} x {accum}")
     micro_batch = tc["global_batch_size"] // per_step
 
-    check_writable(_run_folders(run_dir, lc))  # on every process: none waits at a barrier for a failed one
-    if acc.is_main_process:
-        for note in recover_leftovers(run_dir):
-            print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
-    acc.wait_for_everyone()
-    checkpoint = resolve_resume(resume, run_dir)
-    if resume is None and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
-                          f"another run_dir")
-    if checkpoint is not None:
-        _check_resume_config(checkpoint, config, allow_config_change, acc.is_main_process)
+    checkpoint = _open_run_folder(config, resume, allow_config_change, acc)
 
     seed = int(config["seed"])
     torch.manual_seed(seed)  # the same initial weights on every process
