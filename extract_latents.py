@@ -7,13 +7,14 @@ Re-running the same command skips the shards already written.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 
+from dit_gspn.cli import ArgumentParser, run_main
 from dit_gspn.data.extract import DEFAULT_VAE, LATENT_SCALE, extract_latents
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
     parser.add_argument("--out", required=True, help="folder for the shards and index.json")
     parser.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or local folder")
@@ -27,13 +28,19 @@ def main(argv=None) -> None:
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling from the VAE posterior")
     args = parser.parse_args(argv)
+    for flag, least in (("image_size", 1), ("shard_size", 1), ("batch_size", 1), ("num_workers", 0)):
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    if not args.latent_scale > 0:
+        parser.error(f"--latent-scale must be > 0, got {args.latent_scale}")
     index = extract_latents(args.data, args.out, vae=args.vae, image_size=args.image_size, flip=args.flip,
                             shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
                             latent_dtype=args.latent_dtype, seed=args.seed, latent_scale=args.latent_scale,
                             mixed_precision=args.mixed_precision)
     print(f"{index['num_latents']} latents of shape {tuple(index['latent_shape'])} in {len(index['shards'])} "
           f"shard(s) under {args.out}; {index['num_skipped']} unreadable file(s) skipped (listed in index.json)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -8,16 +8,17 @@ Batch mode is resumable: run the same command again after a kill and finished sh
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from dit_gspn.diffusion import SAMPLERS, check_sampler, default_sampler
-from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, index_generators, run_batch
-from dit_gspn.sampling.checkpoint import WEIGHT_FOLDERS, decode, load_model, load_vae, vae_scale_factor
+from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
+from dit_gspn.diffusion import SAMPLERS, check_num_steps, check_sampler, default_sampler
+from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
+from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, decode, load_model, load_vae, read_checkpoint_info,
+                                          vae_scale_factor)
 from dit_gspn.sampling.grid import save_labelled_grid
 from dit_gspn.sampling.sampler import model_size, sample
 
@@ -25,8 +26,8 @@ from dit_gspn.sampling.sampler import model_size, sample
 IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
     src = p.add_argument_group("model")
     src.add_argument("--ckpt", required=True, help="a training checkpoint dir (sampling.json, ema/, model/), a "
                      "save_pretrained folder, or with --model a state-dict .pt file")
@@ -59,9 +60,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="batch mode: i.i.d. uniform classes, or balanced (N / num_classes each)")
     out.add_argument("--keep-shards", action="store_true", help="batch mode: keep <out>.shards/ after assembling")
     args = p.parse_args(argv)
-    if args.image_size is not None and len(args.image_size) not in (1, 2):
-        p.error("--image-size takes H or H W")
+    check_args(p, args)
     return args
+
+
+def check_args(p, args) -> None:
+    """The arguments' ranges and combinations, before anything is loaded."""
+    if args.image_size is not None and (len(args.image_size) not in (1, 2) or min(args.image_size) < 1):
+        p.error(f"--image-size takes H or H W (positive pixels), got {' '.join(map(str, args.image_size))}")
+    for flag in ("num_steps", "batch_size", "decode_batch_size", "per_class", "num_samples", "guided_channels"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.cfg_scale < 0:
+        p.error(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.classes is not None and min(args.classes) < 0:
+        p.error(f"--classes are class ids >= 0, got {args.classes}")
+    batch = args.num_samples is not None
+    if batch and args.classes is not None:
+        p.error("--classes is for a grid; batch mode (--num-samples) draws classes by --class-mode")
+    if args.out is not None:
+        suffix = Path(args.out).suffix.lower()
+        if batch and suffix != ".npz":
+            p.error(f"--out {args.out}: batch mode (--num-samples) writes an .npz")
+        if not batch and suffix not in (".png", ".jpg", ".jpeg", ".webp"):
+            p.error(f"--out {args.out}: a grid is written as an image (.png), or pass --num-samples for an .npz")
 
 
 def _pixel_size(args) -> tuple[int, int] | None:
@@ -74,9 +99,11 @@ def map_size(model, info, vae, pixels: tuple[int, int] | None) -> tuple[int, int
     """The (H, W) of the map the model samples for an image of ``pixels`` (None: the training size)."""
     if pixels is None:
         return model_size(model)
-    factor = vae_scale_factor(vae) if vae is not None else 1
+    factor = (vae_scale_factor(vae) if vae is not None else 1) * model.patch_size
     if pixels[0] % factor or pixels[1] % factor:
-        raise ValueError(f"--image-size {pixels[0]} {pixels[1]} must be divisible by the VAE's factor {factor}")
+        raise UserError(f"--image-size {pixels[0]} {pixels[1]} must be divisible by {factor} (the VAE's factor "
+                        f"{factor // model.patch_size} x the model's patch size {model.patch_size})")
+    factor //= model.patch_size
     return (pixels[0] // factor, pixels[1] // factor)
 
 
@@ -90,10 +117,30 @@ def main(argv=None) -> int:
     from accelerate import PartialState
 
     args = parse_args(argv)
+    # Everything the arguments and the checkpoint's sampling.json can tell is checked before any weights load.
+    info = read_checkpoint_info(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
+    sampler = args.sampler or default_sampler(info.objective)
+    try:
+        check_sampler(sampler, info.objective)
+    except ValueError as err:
+        raise UserError(f"--sampler: {err}") from err
+    try:
+        check_num_steps(sampler, args.num_steps)
+    except ValueError as err:
+        raise UserError(f"--num-steps: {err}") from err
+    if args.guided_channels is not None and info.vae is None and args.guided_channels > 3:
+        raise UserError(f"--guided-channels {args.guided_channels}: a pixel-space model has 3 channels")
+    bad = [c for c in (args.classes or []) if c >= info.num_classes]
+    if bad:
+        raise UserError(f"--classes {bad}: the model has {info.num_classes} classes, ids 0..{info.num_classes - 1}")
+    if args.num_samples is not None:
+        check_batch_output(args.out or "samples/samples.npz")
+    elif args.out is not None and Path(args.out).is_dir():
+        raise OutputExistsError(f"--out {args.out} is a folder; name the grid image file, e.g. {args.out}/grid.png")
+    check_output_path(args.out or "samples/grid.png")
+
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
-    sampler = args.sampler or default_sampler(info.objective)
-    check_sampler(sampler, info.objective, args.num_steps)
     model.to(state.device)
     vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
     size = map_size(model, info, vae, _pixel_size(args))
@@ -135,4 +182,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

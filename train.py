@@ -8,19 +8,23 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from dit_gspn.cli import ArgumentParser, run_main
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue the run: alone, from its newest checkpoint; or from the checkpoint folder given")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config differs from the checkpoint's in a key that changes the "
+                             "run (model, seed, data, optimisation): the run is then no exact continuation")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=2e-4 run_dir=runs/x")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
         args.overrides.insert(0, args.resume)  # `--resume key=value`: the value was an override
         args.resume = "latest"
@@ -28,16 +32,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from dit_gspn.data import ShardError
-    from dit_gspn.training import ConfigError, NonFiniteLossError, load_config, train
-
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        result = train(config, resume=args.resume)
-    except (ConfigError, ShardError, NonFiniteLossError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    from dit_gspn.training import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {result.step} (loss {result.loss:.4f}); checkpoint: {result.checkpoint}"
               + (f"; samples: {result.grid}" if result.grid else ""))
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    code = run_main(main)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo workers can abort at interpreter exit even after destroy_process_group; leave at once.
         import torch.distributed as dist

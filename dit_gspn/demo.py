@@ -8,7 +8,6 @@ No network, no GPU, no VAE: it trains in pixel space on the seeded shapes datase
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,11 +18,13 @@ from pathlib import Path
 # libgomp's default 169 / over 2,400; this 173 / 850; OMP_WAIT_POLICY=PASSIVE 269 / 360.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+from dit_gspn.cli import ArgumentParser, run_main  # noqa: E402 (after the OpenMP setting)
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="the demo's config (default: configs/demo.yaml)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/demo/<date-time>)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -54,4 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -9,10 +9,11 @@ statistics .npz (mu, sigma: ADM's VIRTUAL_imagenet256_labeled.npz, or one writte
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from dit_gspn.cli import ArgumentParser, check_output_path, run_main
 
 from .fidelity import FEATURE_LAYERS, METRICS, Settings, evaluate
 from .weights import ENV_WEIGHTS
@@ -20,9 +21,8 @@ from .weights import ENV_WEIGHTS
 DEFAULT_CACHE = Path(".cache") / "evaluation"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m evaluation", description=__doc__)
     p.add_argument("samples", help="folder of images, ADM .npz, or statistics .npz")
     p.add_argument("reference", nargs="?", default=None, help="the same kinds; omit for IS only / --save-stats")
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
@@ -44,7 +44,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Inception features for FID, KID and precision/recall (2048 = the standard pool layer)")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("report", "save_stats"):
+        if getattr(args, flag):
+            check_output_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    for flag in ("batch_size", "kid_subset_size", "kid_subsets", "isc_splits", "prc_neighborhood"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -53,13 +64,11 @@ def main(argv=None) -> int:
                         kid_subset_size=args.kid_subset_size, prc_neighborhood=args.prc_neighborhood,
                         device=args.device, stats_from_images=args.stats_from_images,
                         feature_layer=args.feature_layer)
-    try:
-        report = evaluate(args.samples, args.reference, metrics=args.metrics, weights=args.weights,
-                          settings=settings, cache_dir=args.cache_dir or None, save_stats=args.save_stats,
-                          progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = evaluate(args.samples, args.reference, metrics=args.metrics, weights=args.weights,
+                      settings=settings, cache_dir=args.cache_dir or None, save_stats=args.save_stats,
+                      progress=not args.quiet)
+    for note in report["warnings"]:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     text = json.dumps(report, indent=2)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
@@ -69,4 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -9,6 +9,7 @@ sha256 *and* the weights' sha256 (torch-fidelity's own cache key leaves the weig
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
-from .inputs import EvalInput, open_input, sha256_file
+from .inputs import EvalInput, EvalInputError, open_input, sha256_file
 from .weights import resolve_inception_weights
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -32,6 +33,8 @@ LOGITS = "logits_unbiased"
 #: Inception layers torch-fidelity offers for FID / KID / precision-recall (2048 = the standard pool features).
 FEATURE_LAYERS = ("64", "192", "768", "2048")
 METRICS = ("fid", "isc", "kid", "prc")
+#: FID from fewer samples than this is biased far above its 50K value (ADM, DiT and torch-fidelity use 50K).
+FID_MIN_SAMPLES = 10_000
 
 
 @dataclass
@@ -51,7 +54,7 @@ class Settings:
 
     def __post_init__(self):
         if self.feature_layer not in FEATURE_LAYERS:
-            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
+            raise EvalInputError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
 
 
 class InceptionFeatures:
@@ -68,9 +71,9 @@ class InceptionFeatures:
         try:
             model = create_feature_extractor(FEATURE_EXTRACTOR, list(layers), cuda=False, verbose=False,
                                              feature_extractor_weights_path=str(self.weights_path))
-        except RuntimeError as err:
-            raise ValueError(f"{self.weights_path} is not a state dict of torch-fidelity's "
-                             f"FeatureExtractorInceptionV3: {err}") from err
+        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+            raise EvalInputError(f"{self.weights_path} is not a state dict of torch-fidelity's "
+                                 f"FeatureExtractorInceptionV3: {err}") from err
         self.model = model.to(device)
         self.device = device
         self.layers = tuple(layers)
@@ -110,11 +113,11 @@ def _stored_stats(source: EvalInput, weights_sha256: str, layer: str) -> dict:
     meta = source.metadata()
     made_with = meta.get("weights_sha256")
     if made_with is not None and made_with != weights_sha256:
-        raise ValueError(f"{source.path} was computed with Inception weights sha256 {made_with[:12]}…, but these "
+        raise EvalInputError(f"{source.path} was computed with Inception weights sha256 {made_with[:12]}…, but these "
                          f"are {weights_sha256[:12]}…: recompute it with the same --weights")
     stats = source.stats()
     if stats["mu"].shape[0] != int(layer):
-        raise ValueError(f"{source.path} holds statistics of {stats['mu'].shape[0]}-d features, but the feature "
+        raise EvalInputError(f"{source.path} holds statistics of {stats['mu'].shape[0]}-d features, but the feature "
                          f"layer is {layer}: pass --feature-layer {stats['mu'].shape[0]} or recompute them")
     return stats
 
@@ -131,13 +134,36 @@ def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[s
         return [m for m in METRICS if possible[m]]
     for metric in requested:
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+            raise EvalInputError(f"unknown metric {metric!r}; choose from {METRICS}")
         if not possible[metric]:
             why = ("it needs two inputs" if second is None else
                    "it needs images on both sides, and a statistics file holds none" if metric in ("kid", "prc")
                    else "the first input holds statistics only, no images")
-            raise ValueError(f"cannot compute {metric}: {why}")
+            raise EvalInputError(f"cannot compute {metric}: {why}")
     return [m for m in METRICS if m in requested]
+
+
+def _sample_count_warnings(first: EvalInput, second: EvalInput | None, chosen: list[str],
+                           settings: Settings) -> list[str]:
+    """What makes these metrics less meaningful than they look: too few samples for FID, a shrunk KID subset."""
+    notes = []
+    dim = int(settings.feature_layer)
+    if "fid" in chosen:
+        for source in (first, second):
+            if source.has_images and not (source.has_stats and not settings.stats_from_images):
+                if source.count <= dim:
+                    notes.append(f"FID from {source.count} samples of {source.path}: the {dim}-d feature covariance "
+                                 f"needs more than {dim} samples to be full rank, so this FID is not meaningful "
+                                 f"(50,000 is the standard)")
+                elif source.count < FID_MIN_SAMPLES:
+                    notes.append(f"FID from {source.count} samples of {source.path} is biased upwards and not "
+                                 f"comparable with published 50,000-sample FIDs")
+    if "kid" in chosen:
+        smallest = min(first.count, second.count)
+        if smallest < settings.kid_subset_size:
+            notes.append(f"KID subset size shrunk from {settings.kid_subset_size} to {smallest}, the smaller input's "
+                         f"sample count")
+    return notes
 
 
 def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: list[str] | None = None,
@@ -155,8 +181,12 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
     second = open_input(input2) if input2 is not None else None
     chosen = wanted_metrics(first, second, metrics)
     if not chosen and save_stats is None:
-        raise ValueError("nothing to compute: give two inputs, or images for IS, or --save-stats")
+        raise EvalInputError("nothing to compute: give two inputs, or images for IS, or --save-stats")
+    for source in (first, second):
+        if source is not None:
+            source.check()  # a corrupt or odd-sized input is named before the weights load
     layer = settings.feature_layer
+    warnings = _sample_count_warnings(first, second, chosen, settings)
     extractor = InceptionFeatures(weights, settings.device, (layer, LOGITS) if "isc" in chosen else (layer,))
     cache = Path(cache_dir) if cache_dir is not None else None
     sources = [s for s in (first, second) if s is not None]
@@ -219,6 +249,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         inputs.append(entry)
     return {
         "metrics": results,
+        "warnings": warnings,
         "inputs": inputs,
         "settings": dict(asdict(settings), **used, metrics=chosen, feature_extractor=FEATURE_EXTRACTOR,
                          prc_features=f"{FEATURE_EXTRACTOR} {layer}", weights=str(extractor.weights_path),

@@ -16,10 +16,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.data.image_folder import to_rgb_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CHUNK = 1 << 22
+
+
+class EvalInputError(UserError, ValueError):
+    """An evaluation input that cannot be used; the message names the file and what is wrong."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -60,8 +67,33 @@ class EvalInput:
 
     @cached_property
     def _npz_keys(self) -> list[str]:
-        with np.load(self.path) as data:
-            return list(data.files)
+        try:
+            with np.load(self.path) as data:
+                return list(data.files)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise EvalInputError(f"{self.path} is not a readable .npz ({type(err).__name__}: {err}); "
+                                 f"truncated or not written by numpy?") from err
+
+    def check(self) -> None:
+        """Read what can be checked without computing anything (an .npz's header; every image's header and
+        size in a folder), so that a bad input is named before any weights load."""
+        if self.kind == "folder":
+            sizes = {}
+            for path in self.files:
+                try:
+                    with Image.open(path) as img:
+                        img.verify()
+                        sizes.setdefault(img.size, path)
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                    raise EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); "
+                                         f"remove or replace it") from err
+                if len(sizes) > 1:
+                    (first_size, first), (size, odd) = list(sizes.items())[:2]
+                    raise EvalInputError(f"{odd} is {size[0]}x{size[1]} pixels but {first} (and the files before "
+                                         f"it) {first_size[0]}x{first_size[1]}: every image of {self.path} must "
+                                         f"have the same size")
+        elif self.has_images:
+            self.count  # noqa: B018  (reads and checks arr_0's header)
 
     @cached_property
     def count(self) -> int | None:
@@ -70,17 +102,20 @@ class EvalInput:
             return len(self.files)
         if not self.has_images:
             return None
-        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
-            return _read_npy_header(f, self.path)[0][0]
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
+                return _read_npy_header(f, self.path)[0][0]
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise EvalInputError(f"{self.path}: arr_0 cannot be read ({type(err).__name__}: {err})") from err
 
     def stats(self) -> dict[str, np.ndarray]:
         """The stored FID statistics, as float64 ``mu`` (D,) and ``sigma`` (D, D)."""
         if not self.has_stats:
-            raise ValueError(f"{self.path} holds no mu/sigma statistics")
+            raise EvalInputError(f"{self.path} holds no mu/sigma statistics")
         with np.load(self.path) as data:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{self.path}: mu must be (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
+            raise EvalInputError(f"{self.path}: mu must be (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
         return {"mu": mu, "sigma": sigma}
 
     def metadata(self) -> dict:
@@ -98,7 +133,7 @@ class EvalInput:
         elif self.has_images:
             yield from _npz_batches(self.path, batch_size)
         else:
-            raise ValueError(f"{self.path} holds statistics only (mu/sigma), no images: it can serve FID, "
+            raise EvalInputError(f"{self.path} holds statistics only (mu/sigma), no images: it can serve FID, "
                              f"not IS, KID or precision/recall")
 
     def describe(self) -> dict:
@@ -111,24 +146,28 @@ def open_input(path: str | Path) -> EvalInput:
     if path.is_dir():
         found = EvalInput(path, "folder")
         if not found.files:
-            raise ValueError(f"{path} holds no images with extensions {IMAGE_EXTENSIONS}")
+            raise EvalInputError(f"{path} holds no images with extensions {IMAGE_EXTENSIONS}")
         return found
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected a folder of images or an .npz)")
+        raise MissingFileError(f"{path} does not exist (expected a folder of images or an .npz)")
     if path.suffix != ".npz":
-        raise ValueError(f"{path}: expected a folder of images or an .npz (ADM's layout), got a {path.suffix} file")
+        raise EvalInputError(f"{path}: expected a folder of images or an .npz (ADM's layout), got a {path.suffix} file")
     found = EvalInput(path, "npz")
     keys = found._npz_keys
     if "arr_0" not in keys:
         if not {"mu", "sigma"} <= set(keys):
-            raise ValueError(f"{path} has neither arr_0 (images) nor mu and sigma (statistics); keys: {keys}")
+            raise EvalInputError(f"{path} has neither arr_0 (images) nor mu and sigma (statistics); keys: {keys}")
         found.kind = "stats"
     return found
 
 
 def _read_image(path: Path) -> torch.Tensor:
-    with Image.open(path) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(to_rgb_array(img)).permute(2, 0, 1).contiguous()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); "
+                             f"remove or replace it") from err
 
 
 def _read_npy_header(f, path) -> tuple[tuple, np.dtype]:
@@ -138,7 +177,7 @@ def _read_npy_header(f, path) -> tuple[tuple, np.dtype]:
     else:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (ADM's layout); "
+        raise EvalInputError(f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (ADM's layout); "
                          f"got {dtype} {shape}{' (Fortran order)' if fortran else ''}")
     return shape, dtype
 
@@ -151,6 +190,6 @@ def _npz_batches(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
             n = min(batch_size, shape[0] - start)
             raw = f.read(n * per_image)
             if len(raw) != n * per_image:
-                raise ValueError(f"{path}: arr_0 ends after {start} of {shape[0]} images (truncated file?)")
+                raise EvalInputError(f"{path}: arr_0 ends after {start} of {shape[0]} images (truncated file?)")
             images = np.frombuffer(raw, dtype=np.uint8).reshape(n, *shape[1:])
             yield torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()

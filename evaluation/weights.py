@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+from dit_gspn.cli import MissingFileError
+
 ENV_WEIGHTS = "DIT_GSPN_INCEPTION_WEIGHTS"
 
 
@@ -26,7 +28,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
         given = Path(given)
         if not given.is_file():
             source = "--weights" if path else f"${ENV_WEIGHTS}"
-            raise FileNotFoundError(f"Inception weights {given} (from {source}) do not exist")
+            raise MissingFileError(f"Inception weights {given} (from {source}) do not exist")
         return given
     cached = default_weights_path()
     if cached.is_file():
@@ -35,7 +37,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
     except Exception as err:  # no network, proxy, HTTP error: all end the same way for the user
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no Inception-v3 weights: none given with --weights or ${ENV_WEIGHTS}, and torch-fidelity's "
             f"download from {URL_INCEPTION_V3} failed ({type(err).__name__}: {err}). Download that file where "
             f"there is network and pass it with --weights PATH or ${ENV_WEIGHTS}=PATH (or put it at {cached})."

@@ -133,6 +133,12 @@ def test_kid_and_precision_recall(full_report, direct_features):
     assert 0 <= full_report["metrics"]["precision"] <= 1 and 0 <= full_report["metrics"]["recall"] <= 1
 
 
+def test_report_warns_of_too_few_samples_for_fid_and_a_shrunk_kid_subset(full_report):
+    fid, fid_b, kid = full_report["warnings"]
+    assert fid.startswith(f"FID from {N} samples of ") and "not meaningful" in fid and "b.npz" in fid_b
+    assert kid == f"KID subset size shrunk from 1000 to {N}, the smaller input's sample count"
+
+
 def test_report_names_inputs_hashes_counts_and_settings(full_report, sets, random_weights):
     root = sets["root"]
     first, second = full_report["inputs"]

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dit_gspn.cli import UserError
 from dit_gspn.training import ConfigError, NonFiniteLossError, list_checkpoints, load_config, train
 from dit_gspn.training.data_order import EpochBatchSampler
 
@@ -84,7 +85,8 @@ def test_checkpoints_are_read_by_sampling_and_pruned(tmp_path, fresh_accelerate_
     assert names == ["0000004", "0000006"] and result.checkpoint.name == "0000006"
     ckpt = result.checkpoint
     assert {p.name for p in ckpt.iterdir()} >= {"model", "ema", "sampling.json", "config.yaml", "optimizer.pt",
-                                                "lr_scheduler.pt", "trainer_state.json", "rng"}
+                                                "lr_scheduler.json", "trainer_state.json", "rng"}
+    assert [p.name for p in (ckpt / "rng").iterdir()] == ["rank0.safetensors"]  # no pickles in a checkpoint
     model, info = load_model(ckpt, weights="ema")
     assert info.vae is None and info.latent_scale == 1.0 and info.image_size == (16, 16)
     assert info.num_classes == 10 and info.class_names[2] == "blue triangle"
@@ -116,6 +118,8 @@ def test_objective_settings_are_checked_before_training(tmp_path):
         resolved("train.objective=flow", "logging.sampler=ddpm")
     with pytest.raises(ConfigError, match="logging.sampler: sampler 'heun' does not fit.*'ddpm'"):
         resolved("logging.sampler=heun")
+    with pytest.raises(ConfigError, match="logging.sample_steps: DDIM cannot take exactly 60 steps.*59 or 63"):
+        resolved("logging.sampler=ddim", "logging.sample_steps=60")
     with pytest.raises(ConfigError, match="flow_timesteps"):
         resolved("train.objective=flow", "train.flow_timesteps=cosine")
 
@@ -136,7 +140,7 @@ def test_flow_matching_run_writes_a_checkpoint_that_samples_with_its_own_sampler
     args = ["--ckpt", str(result.checkpoint), "--num-steps", "3", "--classes", "1", "--cpu"]
     assert sample_py.main([*args, "--out", str(tmp_path / "grid.png")]) == 0  # euler, the flow default
     assert (tmp_path / "grid.png").is_file()
-    with pytest.raises(ValueError, match="sampler 'ddpm' does not fit a model trained with the 'flow' objective"):
+    with pytest.raises(UserError, match="sampler 'ddpm' does not fit a model trained with the 'flow' objective"):
         sample_py.main([*args, "--sampler", "ddpm", "--out", str(tmp_path / "no.png")])
 
 
@@ -237,7 +241,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     state = (tmp_path / "run" / "checkpoints" / "0000003" / "trainer_state.json").read_text()
     assert '"num_processes": 2' in state
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "0000003" / "rng").iterdir()) == \
-        ["rank0.pt", "rank1.pt"]
+        ["rank0.safetensors", "rank1.safetensors"]
     saved = load_file(tmp_path / "run" / "checkpoints" / "0000003" / "model" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
     # ... and the steps did train: the weights moved from the (seeded) initial ones.

@@ -15,7 +15,28 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dit_gspn.cli import MissingFileError, UserError
+
 from .transforms import center_crop_arr
+
+#: PIL modes of more than 8 bits per sample, and the largest value each holds. PIL's own ``convert("RGB")``
+#: clips them at 255 (a 16-bit greyscale PNG comes out almost all white), so they are scaled instead.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+class ImageFolderError(UserError, ValueError):
+    """An image folder that cannot be read as classes of images; the message names the folder."""
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """``img`` as uint8 (H, W, 3) RGB. 16-bit (and 32-bit integer) greyscale is scaled from 0..65535 and float
+    greyscale from 0..1 to 0..255, where PIL's ``convert("RGB")`` would clip every value above 255."""
+    top = _WIDE_MODES.get(img.mode)
+    if top is None:
+        return np.array(img.convert("RGB"))
+    grey = np.asarray(img, dtype=np.float64)
+    grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 @dataclass
@@ -37,18 +58,19 @@ class ClassFolderImages(Dataset):
     def __init__(self, root: str | os.PathLike, image_size: int):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
+            raise MissingFileError(f"image folder {self.root} does not exist")
         self.class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.class_names:
-            raise ValueError(f"{self.root} holds no class folders: expected {self.root}/<class>/<image files>")
+            raise ImageFolderError(f"{self.root} holds no class folders: expected {self.root}/<class>/<image files>")
         self.image_size = int(image_size)
         self.files: list[tuple[str, int]] = []
         for label, name in enumerate(self.class_names):
             for dirpath, dirnames, filenames in os.walk(self.root / name):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 self.files += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if not f.startswith(".")]
-        if not self.files:
-            raise ValueError(f"the class folders under {self.root} hold no files")
+            if not self.files or self.files[-1][1] != label:
+                raise ImageFolderError(f"class folder {self.root / name} holds no files: every class folder needs "
+                                       f"images (its label would have none); remove it or add its images")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -58,7 +80,7 @@ class ClassFolderImages(Dataset):
         item = {"image": None, "label": label, "index": index, "path": path, "error": None}
         try:
             with Image.open(path) as img:
-                arr = center_crop_arr(img.convert("RGB"), self.image_size)
+                arr = center_crop_arr(Image.fromarray(to_rgb_array(img)), self.image_size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             item["error"] = f"{type(exc).__name__}: {exc}"
             return item

@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from dit_gspn.cli import UserError
+
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
 
@@ -32,7 +34,7 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A latent folder or shard that cannot be used; the message names the file and what is wrong."""
 
 
@@ -170,10 +172,20 @@ class LatentShardDataset(Dataset):
         state["_handles"] = {}
         return state
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _row(self, index: int) -> tuple[int, int, int]:
+        """(flipped, shard, row) of dataset item ``index``."""
         flipped, i = divmod(index, self.num_latents)
         shard = bisect.bisect_right(self.starts, i) - 1
-        row = i - self.starts[shard]
+        return flipped, shard, i - self.starts[shard]
+
+    def locate(self, index: int) -> str:
+        """Where item ``index`` is stored, for messages: ``<shard file> row <r> (latents_flipped)``."""
+        flipped, shard, row = self._row(index)
+        return f"{self.files[shard]} row {row} ({'latents_flipped' if flipped else 'latents'})"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        flipped, shard, row = self._row(index)
+        i = index % self.num_latents
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(str(self.files[shard]), framework="pt")

@@ -13,7 +13,9 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,12 +23,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dit_gspn.cli import OutputExistsError, UserError, check_output_path
+
 from .checkpoint import SamplingInfo, decode
 from .grid import to_uint8
 from .sampler import sample
 
 CLASS_MODES = ("uniform", "balanced")
 MANIFEST = "run.json"
+
+
+class BatchError(UserError, ValueError):
+    """A batch-sampling job that cannot continue as asked (shards drawn with other settings, ...)."""
 
 
 def index_seed(seed: int, index: int) -> int:
@@ -124,22 +132,42 @@ def shard_path(shard_dir: Path, shard: int) -> Path:
 
 
 def _shard_done(path: Path, expected: np.ndarray) -> bool:
+    """Whether ``path`` is a finished shard of these indices; a damaged one (truncated, empty, not an npz:
+    no run of ours writes those, writes are atomic) is said so, removed, and drawn again."""
+    if not path.is_file():
+        return False
     try:
         with np.load(path) as data:
-            return np.array_equal(data["indices"], expected)
-    except (OSError, ValueError, KeyError):  # missing, or unreadable: draw it again
-        return False
+            if np.array_equal(data["indices"], expected) and len(data["images"]) == len(expected):
+                return True
+            why = "it holds other sample indices"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        why = f"it cannot be read ({type(err).__name__}: {err})"
+    print(f"warning: shard {path} is drawn again: {why}", file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+    return False
+
+
+def check_batch_output(out: str | Path) -> None:
+    """Refuse an ``out`` that exists (it would be overwritten) before any sampling starts."""
+    out = Path(out)
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists: delete it or choose another --out")
+    check_output_path(out)
 
 
 def check_manifest(shard_dir: Path, settings: dict, write: bool) -> None:
     """Refuse to mix shards drawn with other settings; ``write`` (main process) records them on first use."""
     path = shard_dir / MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise BatchError(f"{path} is not valid JSON ({err}); delete {shard_dir} to start the batch over") from err
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-            raise ValueError(f"{shard_dir} holds shards drawn with other settings ({detail}); delete that "
+            raise BatchError(f"{shard_dir} holds shards drawn with other settings ({detail}); delete that "
                              f"folder or choose another --out")
     elif write:
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +177,7 @@ def check_manifest(shard_dir: Path, settings: dict, write: bool) -> None:
 
 
 def _images_done(plan: BatchPlan, shard_dir: Path) -> int:
-    done = {int(p.stem.split("_")[1]) for p in shard_dir.glob("shard_*.npz")}
+    done = {int(p.stem.split("_")[1]) for p in shard_dir.glob("shard_*.npz") if p.stem.split("_")[1].isdigit()}
     return sum(len(plan.shard_indices(k)) for k in done if k < plan.num_shards)
 
 
@@ -211,8 +239,7 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
     on the main process, None elsewhere.
     """
     shard_dir = shard_dir_for(out)
-    if Path(out).exists():
-        raise FileExistsError(f"{out} already exists: delete it or choose another --out")
+    check_batch_output(out)
     settings = dict(settings, **asdict(plan))
     check_manifest(shard_dir, settings, write=rank == 0)
     barrier()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dit_gspn.cli import MissingFileError, UserError
 from dit_gspn.diffusion import OBJECTIVES
 
 SAMPLING_FILE = "sampling.json"
@@ -24,6 +25,10 @@ WEIGHT_FOLDERS = ("ema", "model")
 #: The VAE DiT's own sample.py decodes with by default.
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 LATENT_SCALE = 0.18215
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: damaged, of another model, or holding more than weights and values."""
 
 
 @dataclass
@@ -49,19 +54,19 @@ class SamplingInfo:
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
+            raise CheckpointError(f"{path} is not valid JSON: {err}") from err
         missing = [k for k in ("vae", "latent_scale", "image_size", "num_classes") if k not in raw]
         if missing:
-            raise ValueError(f"{path} lacks the key(s) {missing}; expected vae, latent_scale, image_size, "
+            raise CheckpointError(f"{path} lacks the key(s) {missing}; expected vae, latent_scale, image_size, "
                              f"num_classes and class_names")
         size = raw["image_size"]
         size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         names = raw.get("class_names")
         if names is not None and len(names) != int(raw["num_classes"]):
-            raise ValueError(f"{path}: class_names has {len(names)} entries but num_classes is {raw['num_classes']}")
+            raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is {raw['num_classes']}")
         objective = raw.get("objective", "ddpm")
         if objective not in OBJECTIVES:
-            raise ValueError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}")
+            raise CheckpointError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}")
         return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
 
     def write(self, path: str | Path) -> None:
@@ -83,10 +88,81 @@ def vae_scale_factor(vae) -> int:
 
 def infer_sampling_info(model, vae: str | None = None) -> SamplingInfo:
     """A SamplingInfo for a bare model folder: 4 input channels = SD-VAE latents at 1/8 size, else pixels."""
-    height, width = (model.input_size, model.input_size) if isinstance(model.input_size, int) else model.input_size
-    if model.in_channels == 4:
-        return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * height, 8 * width), model.num_classes)
-    return SamplingInfo(vae, 1.0 if vae is None else LATENT_SCALE, (height, width), model.num_classes)
+    return _info_from_model_config(model.input_size, model.in_channels, model.num_classes, vae)
+
+
+def _info_from_model_config(input_size, in_channels: int, num_classes: int, vae: str | None) -> SamplingInfo:
+    height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if in_channels == 4:
+        return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * height, 8 * width), num_classes)
+    return SamplingInfo(vae, 1.0 if vae is None else LATENT_SCALE, (height, width), num_classes)
+
+
+def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
+    """``state_dict``, ``training`` or ``pretrained``, after checking that what that kind needs is there."""
+    if weights not in WEIGHT_FOLDERS:
+        raise CheckpointError(f"weights must be one of {WEIGHT_FOLDERS}, got {weights!r}")
+    if model_name is not None:
+        from dit_gspn.models import DiT_models
+
+        if model_name not in DiT_models:
+            raise CheckpointError(f"--model {model_name!r} is not a zoo model; known: {', '.join(DiT_models)}")
+        if not ckpt.is_file():
+            raise MissingFileError(f"state-dict file {ckpt} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
+        return "state_dict"
+    if not ckpt.exists():
+        raise MissingFileError(f"checkpoint {ckpt} does not exist")
+    if (ckpt / SAMPLING_FILE).is_file():
+        SamplingInfo.read(ckpt / SAMPLING_FILE)  # a damaged sampling.json is named before a missing folder
+        folder = ckpt / weights
+        if not (folder / "config.json").is_file():
+            raise MissingFileError(f"{folder} has no config.json: a training checkpoint holds model/ and ema/, "
+                                   f"each written by DiT.save_pretrained")
+        return "training"
+    if (ckpt / "config.json").is_file():
+        return "pretrained"
+    if ckpt.is_file():
+        raise CheckpointError(f"{ckpt} is a file: pass --model (a zoo name such as DiT-XL/2) to load it as a "
+                              f"state dict")
+    raise MissingFileError(f"{ckpt} holds neither {SAMPLING_FILE} (a training checkpoint) nor config.json "
+                           f"(a save_pretrained folder)")
+
+
+def read_checkpoint_info(ckpt: str | Path, weights: str = "ema", model_name: str | None = None,
+                         image_size: tuple[int, int] | None = None, num_classes: int = 1000,
+                         vae: str | None = None) -> SamplingInfo:
+    """The SamplingInfo ``load_model`` gives for these arguments, read without loading any weights, so that
+    a command can check its other arguments first. (For a state-dict file the image size is the one given:
+    the training size is only known once its positional embedding is read.)"""
+    ckpt = Path(ckpt)
+    kind = _checkpoint_kind(ckpt, weights, model_name)
+    if kind == "state_dict":
+        size = image_size or (256, 256)
+        return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, tuple(size), num_classes)
+    if kind == "training":
+        info = SamplingInfo.read(ckpt / SAMPLING_FILE)
+        if vae is not None:
+            info.vae = vae
+        return info
+    config = _read_model_config(ckpt)
+    return _info_from_model_config(config.get("input_size", 32), config.get("in_channels", 4),
+                                   config.get("num_classes", 1000), vae)
+
+
+def _read_model_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder / 'config.json'} is not readable JSON ({err})") from err
+
+
+def _from_pretrained(folder: Path):
+    """DiT.from_pretrained from safetensors only (never a pickled .bin), with a damaged folder named."""
+    try:
+        return _dit_class().from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{folder} does not hold a loadable DiT (config.json + safetensors weights): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
 def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = None,
@@ -98,46 +174,43 @@ def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = 
     - ``model_name`` (a zoo name such as ``DiT-XL/2``) with a state-dict file, e.g. DiT's official
       ``DiT-XL-2-256x256.pt``; the training size is read from its positional embedding (else
       ``image_size``, pixels, default 256).
-    ``vae`` overrides the checkpoint's VAE (a hub name or a local folder).
+    ``vae`` overrides the checkpoint's VAE (a hub name or a local folder). Nothing is unpickled beyond
+    tensors and plain values.
     """
     ckpt = Path(ckpt)
-    if weights not in WEIGHT_FOLDERS:
-        raise ValueError(f"weights must be one of {WEIGHT_FOLDERS}, got {weights!r}")
-    if model_name is not None:
+    kind = _checkpoint_kind(ckpt, weights, model_name)
+    if kind == "state_dict":
         return _load_state_dict_file(ckpt, model_name, image_size or (256, 256), num_classes, vae)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    if (ckpt / SAMPLING_FILE).is_file():
-        info = SamplingInfo.read(ckpt / SAMPLING_FILE)
-        folder = ckpt / weights
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} has no config.json: a training checkpoint holds model/ and ema/, "
-                                    f"each written by DiT.save_pretrained")
-        model = _dit_class().from_pretrained(folder)
-        if vae is not None:
-            info.vae = vae
-    elif (ckpt / "config.json").is_file():
-        model = _dit_class().from_pretrained(ckpt)
-        info = infer_sampling_info(model, vae)
-    elif ckpt.is_file():
-        raise ValueError(f"{ckpt} is a file: pass --model (a zoo name such as DiT-XL/2) to load it as a state dict")
-    else:
-        raise FileNotFoundError(f"{ckpt} holds neither {SAMPLING_FILE} (a training checkpoint) nor config.json "
-                                f"(a save_pretrained folder)")
+    info = read_checkpoint_info(ckpt, weights, model_name, image_size, num_classes, vae)
+    model = _from_pretrained(ckpt / weights if kind == "training" else ckpt)
     if info.num_classes != model.num_classes:
-        raise ValueError(f"{ckpt / SAMPLING_FILE} says num_classes={info.num_classes} but the model has "
-                         f"{model.num_classes}")
+        raise CheckpointError(f"{ckpt / SAMPLING_FILE} says num_classes={info.num_classes} but the model has "
+                              f"{model.num_classes}")
     return model.eval(), info
+
+
+def load_plain_values(path: Path, allowed: list = ()):
+    """``torch.load(path, weights_only=True)``: tensors and plain values only (and the ``allowed`` globals),
+    so a file that would run code is refused with a CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{path} is missing") from err
+    except Exception as err:  # UnpicklingError for a planted object; anything else is a damaged file
+        raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values (loading a "
+                              f"checkpoint never needs to run code), or it is damaged ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
 
 
 def _load_state_dict_file(path: Path, model_name: str, image_size, num_classes: int, vae: str | None):
     from dit_gspn.models import create_model
 
-    if not path.is_file():
-        raise FileNotFoundError(f"state-dict file {path} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_plain_values(path)
     if isinstance(state, dict) and isinstance(state.get("ema"), dict):
         state = state["ema"]  # a DiT training checkpoint rather than a released model
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (names -> tensors)")
     if "pos_embed" in state:
         # The training size is in the stored positional embedding: (1, (size / patch)^2, hidden).
         grid = math.isqrt(state["pos_embed"].shape[1])
@@ -148,10 +221,23 @@ def _load_state_dict_file(path: Path, model_name: str, image_size, num_classes: 
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not fit {model_name} at {8 * latent_size}px with {num_classes} classes: "
-                         f"{err}") from err
+        raise CheckpointError(f"{path} does not fit {model_name} at {8 * latent_size}px with {num_classes} "
+                              f"classes: {state_dict_mismatch(model, state)}") from err
     return model.eval(), SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * latent_size, 8 * latent_size),
                                       num_classes)
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: dict) -> str:
+    """One line on why ``state`` does not load into ``model``: counts of missing, unexpected and
+    mis-shaped keys, with the first of each."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(found)} {what} (e.g. {found[0]})" for what, found in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shaped)) if found]
+    return "; ".join(parts) or "the keys and shapes match"
 
 
 def load_vae(name_or_path: str):
@@ -162,7 +248,7 @@ def load_vae(name_or_path: str):
     try:
         return AutoencoderKL.from_pretrained(local if local.is_dir() else name_or_path).eval()
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"could not load the VAE {name_or_path!r}: it is not a local folder with an AutoencoderKL "
             f"(config.json + weights), and the hub could not provide it (offline? HF_HUB_OFFLINE set?). "
             f"Download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "

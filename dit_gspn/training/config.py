@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from dit_gspn.diffusion import OBJECTIVES, check_sampler, default_sampler
+from dit_gspn.cli import UserError
+from dit_gspn.diffusion import OBJECTIVES, check_num_steps, check_sampler, default_sampler
 from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
 
 
@@ -84,7 +85,7 @@ DEFAULTS: dict = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key, the file and what was expected."""
 
 
@@ -139,6 +140,155 @@ def complete_config(config: dict) -> dict:
     return _merge(DEFAULTS, config, "", "config")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(key: str, value, *, integer: bool = False, minimum=None, below=None, optional: bool = False,
+            above=None) -> None:
+    """Check that ``value`` (config key ``key``) is a number in range, or raise a ConfigError saying what fits."""
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    ok_type = _is_int(value) if integer else (_is_int(value) or isinstance(value, float))
+    bounds = []
+    if minimum is not None:
+        bounds.append(f">= {minimum}")
+    if above is not None:
+        bounds.append(f"> {above}")
+    if below is not None:
+        bounds.append(f"< {below}")
+    want = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}{' or null' if optional else ''}"
+    if not ok_type or value != value:  # NaN fails every range
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+    if ((minimum is not None and value < minimum) or (above is not None and value <= above)
+            or (below is not None and value >= below)):
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _flag(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DATA_KINDS = ("latents", "shapes")
+
+
+def _check_model_section(model: dict) -> None:
+    import inspect
+
+    from dit_gspn.models import DiT, DiT_models
+
+    name = model.get("name")
+    if name not in DiT_models:
+        close = difflib.get_close_matches(str(name), DiT_models, n=3)
+        raise ConfigError(f"model.name {name!r} is not a zoo model"
+                          + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + f"; known: {', '.join(DiT_models)}")
+    accepted = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
+    for key, value in model.items():
+        if key == "name":
+            continue
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3)
+            raise ConfigError(f"unknown key 'model.{key}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                              + f"; DiT takes: {', '.join(accepted)}")
+    for key in ("hidden_size", "depth", "num_heads", "patch_size", "in_channels", "num_classes",
+                "gspn_proxy_ratio"):
+        if key in model:
+            _number(f"model.{key}", model[key], integer=True, minimum=1)
+    for key in ("gspn_chunk", "gspn_gate_groups"):
+        if key in model:
+            _number(f"model.{key}", model[key], integer=True, minimum=1, optional=True)
+    if "gspn_global_layers" in model:
+        _number("model.gspn_global_layers", model["gspn_global_layers"], integer=True, minimum=0, optional=True)
+    for key in ("learn_sigma", "gspn_dwconv", "gspn_skip", "gspn_output_gate", "use_pos_embed"):
+        if key in model and not (model[key] is None and key == "use_pos_embed"):
+            _flag(f"model.{key}", model[key])
+    if "class_dropout_prob" in model:
+        _number("model.class_dropout_prob", model["class_dropout_prob"], minimum=0, below=1)
+    if "mlp_ratio" in model:
+        _number("model.mlp_ratio", model["mlp_ratio"], above=0)
+    hidden, heads = model.get("hidden_size"), model.get("num_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        raise ConfigError(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
+
+
+def validate_config(config: dict) -> None:
+    """Check every key of a complete config (types, ranges, choices, the zoo name, divisibility) before
+    anything is built; raise a ConfigError naming the key, its value and what would fit."""
+    if not isinstance(config["run_dir"], str) or not config["run_dir"].strip():
+        raise ConfigError(f"run_dir must be a folder path, got {config['run_dir']!r}")
+    _number("seed", config["seed"], integer=True, minimum=0)
+    _check_model_section(config["model"])
+
+    data = config["data"]
+    _choice("data.kind", data["kind"], DATA_KINDS)
+    if data["kind"] == "latents":
+        if not isinstance(data["path"], str) or not data["path"]:
+            raise ConfigError("data.path must name a latent folder (written by extract_latents.py) for "
+                              "data.kind=latents")
+        if not Path(data["path"]).is_dir():
+            raise ConfigError(f"data.path {data['path']} is not a folder: extract latents into it first "
+                              f"(extract_latents.py --out {data['path']})")
+    _flag("data.flip", data["flip"])
+    _number("data.num_per_class", data["num_per_class"], integer=True, minimum=1)
+    _number("data.image_size", data["image_size"], integer=True, minimum=1)
+    _number("data.num_workers", data["num_workers"], integer=True, minimum=0)
+    if data["kind"] == "shapes":
+        patch = int(config["model"].get("patch_size", config["model"]["name"].rsplit("/", 1)[-1]))
+        if data["image_size"] % patch:
+            raise ConfigError(f"data.image_size={data['image_size']} must be divisible by the patch size {patch} "
+                              f"of {config['model']['name']}")
+
+    train = config["train"]
+    _number("train.steps", train["steps"], integer=True, minimum=1)
+    _number("train.global_batch_size", train["global_batch_size"], integer=True, minimum=1)
+    _number("train.grad_accum_steps", train["grad_accum_steps"], integer=True, minimum=1)
+    if train["global_batch_size"] % train["grad_accum_steps"]:
+        raise ConfigError(f"train.global_batch_size={train['global_batch_size']} must be divisible by "
+                          f"train.grad_accum_steps={train['grad_accum_steps']}")
+    _number("train.lr", train["lr"], above=0)
+    _number("train.weight_decay", train["weight_decay"], minimum=0)
+    betas = train["betas"]
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas!r}")
+    _number("train.warmup_steps", train["warmup_steps"], integer=True, minimum=0)
+    _number("train.grad_clip", train["grad_clip"], above=0, optional=True)
+    _choice("train.objective", train["objective"], OBJECTIVES)
+    _choice("train.flow_timesteps", train["flow_timesteps"], TIMESTEP_SAMPLING)
+    _number("train.snr_gamma", train["snr_gamma"], above=0, optional=True)
+    _choice("train.mixed_precision", train["mixed_precision"], MIXED_PRECISION)
+    for key in ("gradient_checkpointing", "compile", "ema_warmup", "cpu"):
+        _flag(f"train.{key}", train[key])
+    _number("train.ema_decay", train["ema_decay"], minimum=0, below=1)
+    _number("train.time_limit_minutes", train["time_limit_minutes"], above=0, optional=True)
+
+    checkpoint = config["checkpoint"]
+    _number("checkpoint.every", checkpoint["every"], integer=True, minimum=1)
+    _number("checkpoint.keep_last", checkpoint["keep_last"], integer=True, minimum=1)
+
+    logging = config["logging"]
+    _number("logging.every", logging["every"], integer=True, minimum=1)
+    _flag("logging.tensorboard", logging["tensorboard"])
+    _number("logging.sample_every", logging["sample_every"], integer=True, minimum=0)
+    classes = logging["sample_classes"]
+    if classes is not None and not (isinstance(classes, list) and classes and all(_is_int(c) and c >= 0
+                                                                                 for c in classes)):
+        raise ConfigError(f"logging.sample_classes must be a list of class ids (integers >= 0) or null, "
+                          f"got {classes!r}")
+    _number("logging.samples_per_class", logging["samples_per_class"], integer=True, minimum=1)
+    _number("logging.sample_steps", logging["sample_steps"], integer=True, minimum=1)
+    _number("logging.cfg_scale", logging["cfg_scale"], minimum=0)
+
+
 def resolve_objective(config: dict) -> dict:
     """``config`` (complete) with its objective checked against the settings that depend on it, and
     ``logging.sampler`` filled in with the objective's default sampler when it is None."""
@@ -166,7 +316,57 @@ def resolve_objective(config: dict) -> dict:
         check_sampler(logging["sampler"], objective)
     except ValueError as err:
         raise ConfigError(f"logging.sampler: {err}") from err
+    try:
+        check_num_steps(logging["sampler"], logging["sample_steps"])
+    except ValueError as err:
+        raise ConfigError(f"logging.sample_steps: {err}") from err
     return config
+
+
+#: Keys a resumed run may change without changing its arithmetic: where it writes, how long it runs,
+#: how often it logs and saves, the device and the loader's worker count.
+RESUME_SAFE_KEYS = ("run_dir", "train.steps", "train.time_limit_minutes", "train.cpu", "train.compile",
+                    "data.num_workers", "checkpoint.", "logging.")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, given: dict) -> dict[str, tuple]:
+    """The dotted keys (old value, new value) in which ``given`` differs from ``saved`` (both resolved
+    configs), leaving out ``RESUME_SAFE_KEYS``."""
+    # A key the saved config lacks (added to DEFAULTS since) counts as its default.
+    old, new = {**_flatten(DEFAULTS), **_flatten(saved)}, _flatten(given)
+    changed = {}
+    for key in sorted(set(old) | set(new)):
+        if any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            changed[key] = (old.get(key), new.get(key))
+    return changed
+
+
+def read_saved_config(checkpoint: str | os.PathLike) -> dict:
+    """The resolved config a checkpoint was written with (its ``config.yaml``)."""
+    path = Path(checkpoint) / "config.yaml"
+    try:
+        saved = _yaml(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is missing or not YAML ({exc}); it records the config the checkpoint was "
+                          f"trained with") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a config mapping")
+    return saved
 
 
 def dump_config(config: dict, path: str | os.PathLike) -> None:

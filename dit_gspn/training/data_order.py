@@ -34,9 +34,19 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.start)
 
-    def __iter__(self):
+    def _order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.dataset_size, generator=generator)
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def _slice(self, order: torch.Tensor, batch: int) -> list[int]:
+        begin = batch * self.global_batch + self.rank * self.micro_batch_size
+        return order[begin: begin + self.micro_batch_size].tolist()
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """The dataset indices of this process's micro-batch ``batch`` of the epoch (what ``__iter__`` yields)."""
+        return self._slice(self._order(), batch)
+
+    def __iter__(self):
+        order = self._order()
         for b in range(self.start, self.batches_per_epoch):
-            begin = b * self.global_batch + self.rank * self.micro_batch_size
-            yield order[begin: begin + self.micro_batch_size].tolist()
+            yield self._slice(order, b)

@@ -32,6 +32,9 @@ def build_training_data(config: dict) -> TrainingData:
         info = SamplingInfo(vae=None, latent_scale=1.0, image_size=(size, size), num_classes=dataset.num_classes,
                             class_names=list(dataset.class_names), objective=objective)
         result = TrainingData(dataset, 3, size, dataset.num_classes, info)
+        if model.get("num_classes") is not None and int(model["num_classes"]) < dataset.num_classes:
+            raise ConfigError(f"model.num_classes={model['num_classes']} but the shapes dataset has "
+                              f"{dataset.num_classes} classes; unset it or set it to >= {dataset.num_classes}")
     elif data["kind"] == "latents":
         if not data["path"]:
             raise ConfigError("data.path must name a latent folder (written by extract_latents.py) for "

@@ -11,6 +11,8 @@ from PIL import Image
 from dit_gspn.sampling import sample, save_labelled_grid
 from dit_gspn.sampling.checkpoint import SamplingInfo, decode, load_vae
 
+from .config import ConfigError
+
 
 def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> tuple[list[int], int]:
     """(labels, images per row): one column per class (``classes``, or up to 10 spread evenly), ``per_class`` rows."""
@@ -18,7 +20,8 @@ def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> 
         classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
     bad = [c for c in classes if not 0 <= int(c) < num_classes]
     if bad:
-        raise ValueError(f"logging.sample_classes {bad} are outside [0, {num_classes})")
+        raise ConfigError(f"logging.sample_classes {bad} are outside [0, {num_classes}): the data has "
+                          f"{num_classes} classes")
     return [int(c) for c in classes] * int(per_class), len(classes)
 
 

@@ -22,19 +22,23 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dit_gspn.cli import UserError
+from dit_gspn.data import ShardError
 from dit_gspn.diffusion import FlowMatching, GaussianDiffusion
+from dit_gspn.sampling.checkpoint import CheckpointError, state_dict_mismatch
 
-from .checkpoint import (CheckpointWriter, latest_checkpoint, load_weights, read_trainer_state, resolve_resume,
-                         set_rng_state)
-from .config import ConfigError, complete_config, resolve_objective
+from .checkpoint import (CheckpointWriter, check_writable, latest_checkpoint, load_lr_scheduler_state,
+                         find_rng_state, load_optimizer_state, load_weights, read_trainer_state, recover_leftovers,
+                         resolve_resume, set_rng_state)
+from .config import ConfigError, complete_config, config_changes, read_saved_config, resolve_objective, validate_config
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
-from .grids import GridWriter
+from .grids import GridWriter, grid_labels
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss (or the weights) became NaN or infinite; the run stopped without writing a checkpoint."""
 
 
 @dataclass
@@ -56,7 +60,7 @@ def build_model(config: dict, data: TrainingData):
     kwargs.update(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
     try:
         return create_model(config["model"]["name"], **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
 
 
@@ -92,21 +96,106 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps)
 
 
-def train(config: dict, resume: str | None = None) -> TrainResult:
+def _load_model_weights(module: torch.nn.Module, folder: Path, name: str) -> None:
+    state = load_weights(folder)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"the {name} weights in {folder} do not fit the model of this config: "
+                              f"{state_dict_mismatch(module, state)}") from err
+
+
+def _check_resume_config(checkpoint: Path, config: dict, allow_change: bool, is_main: bool) -> None:
+    """Refuse (unless ``allow_change``) a resume whose config differs from the checkpoint's in a key that
+    changes the arithmetic of the run, naming each such key with its old and new value."""
+    changes = config_changes(read_saved_config(checkpoint), config)
+    if not changes:
+        return
+    detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changes.items())
+    if not allow_change:
+        raise ConfigError(f"--resume {checkpoint}: the config differs from the one it was trained with ({detail}); "
+                          f"an exact resume needs the same model, seed, data and training settings. Drop these "
+                          f"overrides, or pass --allow-config-change to continue with them anyway")
+    if is_main:
+        print(f"resuming {checkpoint} with a changed config ({detail}): the run is no longer an exact "
+              f"continuation", flush=True)
+
+
+def _check_fits_dataset(data: TrainingData, micro_batch: int, num_processes: int, config: dict) -> None:
+    if len(data.dataset) < micro_batch * num_processes:
+        tc = config["train"]
+        raise ConfigError(f"train.global_batch_size={tc['global_batch_size']} / train.grad_accum_steps="
+                          f"{tc['grad_accum_steps']} gives {micro_batch * num_processes} samples per micro-batch, "
+                          f"but the dataset holds only {len(data.dataset)}: lower the batch size or use more data")
+
+
+def _run_folders(run_dir: Path, logging: dict) -> list[Path]:
+    """Every folder the run will write to."""
+    folders = [run_dir, run_dir / "checkpoints", run_dir / "samples"]
+    if logging["tensorboard"]:
+        folders.append(run_dir / "tensorboard")
+    return folders
+
+
+def _open_run_folder(config: dict, resume: str | None, allow_config_change: bool, acc) -> Path | None:
+    """Check that every folder the run writes to is writable, undo what a killed run left in its checkpoints,
+    and return the checkpoint to resume (None: a fresh start), its config compared with ``config``."""
+    run_dir = Path(config["run_dir"])
+    check_writable(_run_folders(run_dir, config["logging"]))  # on every process: none waits for a failed one
+    if acc.is_main_process:
+        for note in recover_leftovers(run_dir):
+            print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
+    acc.wait_for_everyone()
+    checkpoint = resolve_resume(resume, run_dir)
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
+                          f"another run_dir")
+    if checkpoint is not None:
+        _check_resume_config(checkpoint, config, allow_config_change, acc.is_main_process)
+    return checkpoint
+
+
+def _finite(tensors) -> bool:
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
+
+def _non_finite_inputs(step_inputs, dataset, micro_batch: int, acc, seed: int) -> list[str]:
+    """Where the non-finite values among this step's micro-batches come from (dataset rows), if any."""
+    found = []
+    for x, (epoch, after) in step_inputs:
+        bad_rows = (~x.isfinite()).flatten(1).any(1).nonzero().flatten().tolist()
+        if not bad_rows:
+            continue
+        order = EpochBatchSampler(len(dataset), micro_batch, acc.num_processes, acc.process_index, seed,
+                                  epoch=epoch).batch_indices(after - 1)
+        locate = getattr(dataset, "locate", lambda i: f"item {i}")
+        found += [locate(order[r]) for r in bad_rows]
+    return found
+
+
+def train(config: dict, resume: str | None = None, allow_config_change: bool = False) -> TrainResult:
     """Run (or continue) the training run that ``config`` describes; see ``configs/*.yaml`` for the keys.
 
     ``resume``: None (fresh start; an existing run directory with checkpoints is an error),
     "latest" (continue from the newest complete checkpoint, or start fresh if there is none), or a
-    checkpoint directory. Raises ``NonFiniteLossError`` naming the step and the last good checkpoint.
+    checkpoint directory, whose saved config must match ``config`` in every key that changes the run's
+    arithmetic unless ``allow_config_change``. The whole config, the data and the run folder are checked
+    before the model is built. Raises ``NonFiniteLossError`` naming the step and the last good checkpoint
+    (``ShardError`` naming the shard rows when the data holds the NaN).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    config = resolve_objective(complete_config(config))
+    config = complete_config(config)
+    validate_config(config)
+    config = resolve_objective(config)
     tc, lc, cc = config["train"], config["logging"], config["checkpoint"]
     run_dir = Path(config["run_dir"])
-    acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    try:
+        acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
+                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    except ValueError as err:  # accelerate's word on a precision the device cannot do (fp16 on a CPU, ...)
+        raise ConfigError(f"train.mixed_precision={tc['mixed_precision']} with train.cpu={tc['cpu']}: {err}") from err
     accum = int(tc["grad_accum_steps"])
     per_step = acc.num_processes * accum
     if tc["global_batch_size"] % per_step:
@@ -114,14 +203,13 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
                           f"processes x grad_accum_steps = {acc.num_processes} x {accum}")
     micro_batch = tc["global_batch_size"] // per_step
 
-    checkpoint = resolve_resume(resume, run_dir)
-    if resume is None and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
-                          f"another run_dir")
+    checkpoint = _open_run_folder(config, resume, allow_config_change, acc)
 
     seed = int(config["seed"])
     torch.manual_seed(seed)  # the same initial weights on every process
     data = build_training_data(config)
+    _check_fits_dataset(data, micro_batch, acc.num_processes, config)
+    grid_labels(data.num_classes, lc["sample_classes"], lc["samples_per_class"])  # the classes exist
     model = build_model(config, data)
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
@@ -134,13 +222,16 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     step, position, last_loss = 0, (0, 0), math.nan
     if checkpoint is not None:
         state = read_trainer_state(checkpoint)
-        model.load_state_dict(load_weights(checkpoint / "model"))
-        ema.load_state_dict(load_weights(checkpoint / "ema"))
+        _load_model_weights(model, checkpoint / "model", "model")
+        _load_model_weights(ema, checkpoint / "ema", "EMA")
         step, position = int(state["step"]), (int(state["epoch"]), int(state["batch_in_epoch"]))
         if state["global_micro_batch"] != micro_batch * acc.num_processes:
             raise ConfigError(f"{checkpoint} was trained with {state['global_micro_batch']} samples per micro-batch "
                               f"over all processes; this launch gives {micro_batch * acc.num_processes}: keep "
                               f"global_batch_size / grad_accum_steps the same to resume")
+        optimizer_state = load_optimizer_state(checkpoint)
+        scheduler_state = load_lr_scheduler_state(checkpoint)
+        rng = find_rng_state(checkpoint, acc.process_index) if state["num_processes"] == acc.num_processes else None
     if tc["compile"]:
         model.compile()
     model, optimizer = acc.prepare(model, optimizer)
@@ -150,11 +241,13 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     noise_generator = torch.Generator().manual_seed(seed * 1_000_003 + acc.process_index)
     torch.manual_seed(seed * 1_000_003 + 7919 * (acc.process_index + 1))  # label dropout, per process
     if checkpoint is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
-        lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=False))
-        rng_file = checkpoint / "rng" / f"rank{acc.process_index}.pt"
-        if state["num_processes"] == acc.num_processes and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False), noise_generator)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{checkpoint / 'optimizer.pt'} does not fit this model's optimizer: {err}") from err
+        lr_scheduler.load_state_dict(scheduler_state)
+        if rng is not None:
+            set_rng_state(rng, noise_generator)
         elif acc.is_main_process:
             print(f"resuming {checkpoint} with {acc.num_processes} processes instead of {state['num_processes']}: "
                   f"the data order continues exactly, the noise streams are re-seeded")
@@ -179,8 +272,10 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=acc.device)
+        step_inputs = []
         for k in range(accum):
             x, y, position = next(batches)
+            step_inputs.append((x, position))
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
             t = objective.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
@@ -192,6 +287,12 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
             last = writer.latest() or checkpoint
             if tensorboard is not None:
                 tensorboard.close()
+            sources = _non_finite_inputs(step_inputs, data.dataset, micro_batch, acc, seed)
+            if sources:
+                raise ShardError(f"the training data holds NaN or infinite values (not a learning-rate problem): "
+                                 f"{', '.join(sources[:5])}{f' and {len(sources) - 5} more' if len(sources) > 5 else ''}"
+                                 f", read at step {step + 1}; re-extract those shards (delete them and re-run "
+                                 f"extract_latents.py)")
             raise NonFiniteLossError(
                 f"the loss became {step_loss.item()} at step {step + 1} (no checkpoint written for it); "
                 f"last good checkpoint: {last if last else 'none (nothing was saved yet)'}. Resume from it "
@@ -226,6 +327,13 @@ def train(config: dict, resume: str | None = None) -> TrainResult:
             window_steps, window_start = 0, time.perf_counter()
 
         if step % int(cc["every"]) == 0 or step == total:
+            if not _finite([*raw_model.parameters(), *ema.parameters()]):
+                last = writer.latest() or checkpoint
+                raise NonFiniteLossError(
+                    f"the weights became NaN or infinite by step {step} although the loss was finite (an overflow "
+                    f"in the gradients?); no checkpoint written for it; last good checkpoint: "
+                    f"{last if last else 'none (nothing was saved yet)'}. Resume from it with a lower train.lr "
+                    f"or train.grad_clip set.")
             checkpoint = writer.write(step, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       sampling_info=data.sampling_info, config=config, noise_generator=noise_generator,
                                       trainer_state={"epoch": position[0], "batch_in_epoch": position[1],
