@@ -286,5 +286,7 @@ def test_flow_timestep_shift_is_off_by_default_and_set_from_the_config():
         resolve_objective(complete_config({"train": {"flow_shift": 3.0}}))  # DiT's objective has no shift
     with pytest.raises(ConfigError, match="logging.flow_shift"):
         resolve_objective(complete_config({"train": {"objective": "flow"}, "logging": {"flow_shift": -1}}))
+    with pytest.raises(ConfigError, match="logging.guidance_interval: the guidance interval must be"):
+        resolve_objective(complete_config({"logging": {"guidance_interval": [0.9, 0.1]}}))
     with pytest.raises(ValueError, match="timestep shift must be a positive number"):
         FlowMatching(shift=0.0)

@@ -695,6 +695,24 @@ def test_grid_mode_writes_labelled_png_at_a_non_square_size(batch_ckpt, tmp_path
     assert "classes [1, 3]" in capsys.readouterr().out
 
 
+def test_cli_records_the_guidance_interval_and_shift_and_refuses_bad_ones(batch_ckpt, tmp_path, capsys):
+    from dit_gspn.sampling.batch import MANIFEST
+
+    sample_main = _import_sample_py()
+    out = tmp_path / "interval.npz"
+    assert sample_main(["--ckpt", str(batch_ckpt / "ckpt"), "--num-steps", "3", "--num-samples", "2",
+                        "--batch-size", "2", "--cfg-scale", "2", "--guidance-interval", "0.2", "0.6",
+                        "--keep-shards", "--out", str(out)]) == 0
+    settings = json.loads((tmp_path / "interval.npz.shards" / MANIFEST).read_text())
+    assert settings["guidance_interval"] == [0.2, 0.6] and settings["flow_shift"] == 1.0
+    assert settings["num_steps"] == 3 and settings["sampler"] == "ddpm"
+    for bad, message in ((["--guidance-interval", "0.7", "0.1"], "error: --guidance-interval: the guidance interval"),
+                         (["--flow-shift", "0"], "error: --flow-shift: the timestep shift must be")):
+        with pytest.raises(SystemExit):
+            sample_main(["--ckpt", str(batch_ckpt / "ckpt"), *bad])
+        assert message in capsys.readouterr().err
+
+
 def _import_sample_py():
     spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
     module = importlib.util.module_from_spec(spec)
