@@ -302,8 +302,10 @@ def _sd3_shift(s, shift):
 
 
 def _ode_oracle(u, x, num_steps, heun, shift=1.0):
-    """Euler / Heun (Euler on the step that reaches 0) in float64 over N equal steps from s = 1 to 0, shifted."""
-    levels = _sd3_shift(np.linspace(1.0, 0.0, num_steps + 1), shift)
+    """Euler / Heun (Euler on the step that reaches 0) in float64, shifted: Euler over N equal steps from s = 1
+    to 0; Heun over N - 1 equal steps from 1 to 0.001, then one to 0 (diffusers' grid)."""
+    grid = np.append(np.linspace(1.0, 0.001, num_steps), 0.0) if heun else np.linspace(1.0, 0.0, num_steps + 1)
+    levels = _sd3_shift(grid, shift)
     for s, s_next in zip(levels[:-1], levels[1:]):
         h = s_next - s
         d = u(x, s)
@@ -315,7 +317,8 @@ def _ode_oracle(u, x, num_steps, heun, shift=1.0):
 @pytest.mark.parametrize("sampler, steps, shift", [("euler", 5, 1.0), ("heun", 4, 1.0), ("euler", 6, 3.0),
                                                    ("heun", 3, 2.5)])
 def test_flow_ode_samplers_take_n_equal_steps_and_the_shifted_grid(sampler, steps, shift):
-    """N steps of size 1/N from s = 1 to 0 (no step of 0.001 at the end), SD3-shifted when asked."""
+    """Euler: N steps of size 1/N from s = 1 to 0 (no step of 0.001 at the end); Heun: diffusers' grid, whose
+    first-order last step stays 0.001; both SD3-shifted when asked (once: diffusers' Heun shifts its end twice)."""
     model = tiny_dit(learn_sigma=False)
     labels = [0, 4]
     gens = _generators(2)

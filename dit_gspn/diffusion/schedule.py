@@ -22,7 +22,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        FlowMatchHeunDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .flow import check_shift, ode_noise_levels
+from .flow import HEUN_LAST_LEVEL, check_shift, ode_noise_levels
 from .flow_sde import FlowSDEScheduler
 from .respacing import ddim_timesteps, ddpm_timesteps
 
@@ -130,13 +130,15 @@ def respaced_scheduler(scheduler_class: type[SchedulerMixin], kept: Sequence[int
 
 
 def flow_ode_scheduler(sampler: str, num_steps: int, shift: float = 1.0) -> SchedulerMixin:
-    """diffusers' flow-matching Euler or Heun scheduler over ``ode_noise_levels(num_steps, shift)``.
+    """diffusers' flow-matching Euler or Heun scheduler over ``ode_noise_levels``: N equal steps for Euler, for
+    Heun diffusers' grid ending at ``HEUN_LAST_LEVEL`` (its last step, to 0, is first order); shifted once.
 
     Both are configured with shift 1 and given the (already shifted) grid: Euler through ``set_timesteps(
     sigmas=...)``, Heun (whose ``set_timesteps`` takes no grid) by laying the grid out as its ``set_timesteps``
     does, every level after the first twice (the predictor's and the corrector's evaluation).
     """
-    levels = torch.from_numpy(ode_noise_levels(num_steps, shift)).float()
+    last_level = HEUN_LAST_LEVEL if sampler == "heun" else None
+    levels = torch.from_numpy(ode_noise_levels(num_steps, shift, last_level)).float()
     train_steps = DIT_SCHEDULE["num_train_timesteps"]
     if sampler == "euler":
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=train_steps)
@@ -161,8 +163,9 @@ def make_schedule(sampler: str = "ddpm", num_steps: int | None = None, clip_deno
     ``"ddimN"`` (N in ``DDIM_COUNTS``), its last step returning the x0 prediction (alpha_bar_prev = 1) and its
     eps re-derived from the (clipped) x0; it takes the epsilon half only, as does ``dpm-solver++`` (diffusers'
     multistep solver, order 2, over linspace timesteps). ``euler`` and ``heun`` integrate a flow-matching
-    model's velocity ODE from noise level 1 to 0 in ``num_steps`` equal steps (``ode_noise_levels``; Heun:
-    2 * num_steps - 1 model evaluations); ``sde`` is SiT's Euler-Maruyama sampler (``FlowSDEScheduler``).
+    model's velocity ODE from noise level 1 to 0 in ``num_steps`` steps (``ode_noise_levels``: equal ones for
+    Euler; Heun's last one 0.001, and 2 * num_steps - 1 model evaluations); ``sde`` is SiT's Euler-Maruyama
+    sampler (``FlowSDEScheduler``).
     ``flow_shift`` applies SD3's timestep shift to the flow samplers' grid (1: none; the diffusion samplers
     refuse another value). ``num_steps=None`` takes the sampler's default (``DEFAULT_NUM_STEPS``).
     ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for
