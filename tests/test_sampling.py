@@ -325,7 +325,7 @@ def test_flow_ode_samplers_take_n_equal_steps_and_the_shifted_grid(sampler, step
     ours = sample(model, labels, sampler=sampler, num_steps=steps, flow_shift=shift, generator=gens)
     oracle = _ode_oracle(_flow_oracle_model(model, labels), _noise(_generators(2), ours.shape), steps,
                          heun=sampler == "heun", shift=shift)
-    assert _deviation(ours, oracle) < 1e-5
+    assert _deviation(ours, oracle) < 5e-5  # float32 steps and timesteps: up to 9.4e-6 seen; a wrong grid > 1e-3
     if shift != 1.0:  # the shift does move the grid
         assert _deviation(ours, _ode_oracle(_flow_oracle_model(model, labels), _noise(_generators(2), ours.shape),
                                             steps, heun=sampler == "heun")) > 1e-3
