@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
-from dit_gspn.diffusion import SAMPLERS, check_num_steps, check_sampler, default_sampler
+from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, check_num_steps, check_sampler, default_num_steps, default_sampler
+from dit_gspn.diffusion.flow import check_shift
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
 from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, decode, load_model, load_vae, read_checkpoint_info,
                                           vae_scale_factor)
 from dit_gspn.sampling.grid import save_labelled_grid
-from dit_gspn.sampling.sampler import model_size, sample
+from dit_gspn.sampling.sampler import check_guidance_interval, model_size, sample
 
 #: DiT's sample.py classes (ImageNet ids), used for 1000-class models.
 IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -41,10 +42,15 @@ def parse_args(argv=None):
     smp = p.add_argument_group("sampler")
     smp.add_argument("--sampler", choices=SAMPLERS, default=None,
                      help="default: the checkpoint's objective's (ddpm for DiT's diffusion, euler for flow matching)")
-    smp.add_argument("--num-steps", type=int, default=250)
+    smp.add_argument("--num-steps", type=int, default=None,
+                     help="default: the sampler's (250 for ddpm, ddim, dpm-solver++ and sde; 50 for euler, heun)")
     smp.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no classifier-free guidance")
     smp.add_argument("--guided-channels", type=int, default=None,
                      help="guide only the first N channels (3 = DiT's published FIDs); default all")
+    smp.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                     help="guide only steps whose noise level (model timestep / 1000) is in [LOW, HIGH]")
+    smp.add_argument("--flow-shift", type=float, default=1.0,
+                     help="flow samplers: SD3's timestep shift of the grid, s' = k s / (1 + (k - 1) s); 1 = none")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model and the VAE decode")
     smp.add_argument("--batch-size", type=int, default=32, help="images per forward pass (= per shard)")
@@ -76,6 +82,12 @@ def check_args(p, args) -> None:
         p.error(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
+    for option, check, value in (("--guidance-interval", check_guidance_interval, args.guidance_interval),
+                                 ("--flow-shift", check_shift, args.flow_shift)):
+        try:
+            check(value)
+        except ValueError as err:
+            p.error(f"{option}: {err}")
     if args.classes is not None and min(args.classes) < 0:
         p.error(f"--classes are class ids >= 0, got {args.classes}")
     batch = args.num_samples is not None
@@ -124,10 +136,14 @@ def main(argv=None) -> int:
         check_sampler(sampler, info.objective)
     except ValueError as err:
         raise UserError(f"--sampler: {err}") from err
+    num_steps = args.num_steps if args.num_steps is not None else default_num_steps(sampler)
     try:
-        check_num_steps(sampler, args.num_steps)
+        check_num_steps(sampler, num_steps)
     except ValueError as err:
         raise UserError(f"--num-steps: {err}") from err
+    if args.flow_shift != 1.0 and sampler not in FLOW_SAMPLERS:
+        raise UserError(f"--flow-shift {args.flow_shift}: the timestep shift applies to flow matching's samplers "
+                        f"{FLOW_SAMPLERS}, not to {sampler!r}; leave it at 1")
     if args.guided_channels is not None and info.vae is None and args.guided_channels > 3:
         raise UserError(f"--guided-channels {args.guided_channels}: a pixel-space model has 3 channels")
     bad = [c for c in (args.classes or []) if c >= info.num_classes]
@@ -148,8 +164,9 @@ def main(argv=None) -> int:
         print(f"note: sampling at {size} instead of the training size {model_size(model)} with a model that has a "
               f"positional embedding (recomputed for the new grid); GSPN models without one are built for this",
               file=sys.stderr)
-    sampler_kwargs = dict(sampler=sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-                          guided_channels=args.guided_channels, clip_denoised=info.clip_denoised)
+    sampler_kwargs = dict(sampler=sampler, num_steps=num_steps, cfg_scale=args.cfg_scale,
+                          guided_channels=args.guided_channels, guidance_interval=args.guidance_interval,
+                          flow_shift=args.flow_shift, clip_denoised=info.clip_denoised)
 
     if args.num_samples is not None:
         out = args.out or "samples/samples.npz"

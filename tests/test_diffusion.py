@@ -249,3 +249,44 @@ def test_flow_loss_rejects_a_learned_variance_output():
     with pytest.raises(ValueError, match="learn_sigma=False"):
         FlowMatching().training_losses(lambda x, t: torch.cat([x, x], 1), torch.randn(2, 3, 4, 4),
                                        torch.tensor([0.3, 0.5]))
+
+
+@pytest.mark.parametrize("shift", [3.0, 0.5])
+def test_flow_timestep_shift_draws_sd3s_shifted_levels(shift):
+    """Training's levels with SD3's shift s' = k s / (1 + (k - 1) s): the same draws as without it, mapped by the
+    formula (float64 here), and distributed by its CDF P(s' <= x) = x / (k - (k - 1) x) for uniform s."""
+    from scipy.stats import kstest
+
+    from dit_gspn.diffusion import FlowMatching, shift_noise_levels
+
+    plain = FlowMatching().sample_timesteps(4000, "cpu", torch.Generator().manual_seed(3)).double()
+    shifted = FlowMatching(shift=shift).sample_timesteps(4000, "cpu", torch.Generator().manual_seed(3))
+    assert shifted.dtype == torch.float32
+    torch.testing.assert_close(shifted.double(), shift * plain / (1 + (shift - 1) * plain), rtol=1e-6, atol=1e-7)
+    assert kstest(shifted.double().numpy(), lambda x: x / (shift - (shift - 1) * x)).pvalue > 1e-3
+    assert (shifted.mean() > plain.mean()) == (shift > 1)  # a shift above 1 trains more at high noise
+    s = np.random.default_rng(0).random(50)
+    np.testing.assert_allclose(shift_noise_levels(s, shift), shift * s / (1 + (shift - 1) * s), rtol=1e-15)
+    assert shift_noise_levels(np.array([0.0, 1.0]), shift).tolist() == [0.0, 1.0]
+
+
+def test_flow_timestep_shift_is_off_by_default_and_set_from_the_config():
+    from dit_gspn.diffusion import FlowMatching
+    from dit_gspn.training.config import ConfigError, complete_config, resolve_objective
+    from dit_gspn.training.trainer import build_objective
+
+    g = torch.Generator().manual_seed(1)
+    default = FlowMatching().sample_timesteps(64, "cpu", g)
+    assert torch.equal(FlowMatching(shift=1.0).sample_timesteps(64, "cpu", torch.Generator().manual_seed(1)),
+                       default)
+    config = resolve_objective(complete_config({"train": {"objective": "flow", "flow_shift": 3.0}}))
+    assert config["train"]["flow_shift"] == 3.0 and build_objective(config["train"])[0].shift == 3.0
+    assert resolve_objective(complete_config({"train": {"objective": "flow"}}))["train"]["flow_shift"] == 1.0
+    with pytest.raises(ConfigError, match="train.flow_shift must be a number > 0 for train.objective=flow"):
+        resolve_objective(complete_config({"train": {"flow_shift": 3.0}}))  # DiT's objective has no shift
+    with pytest.raises(ConfigError, match="logging.flow_shift"):
+        resolve_objective(complete_config({"train": {"objective": "flow"}, "logging": {"flow_shift": -1}}))
+    with pytest.raises(ConfigError, match="logging.guidance_interval: the guidance interval must be"):
+        resolve_objective(complete_config({"logging": {"guidance_interval": [0.9, 0.1]}}))
+    with pytest.raises(ValueError, match="timestep shift must be a positive number"):
+        FlowMatching(shift=0.0)

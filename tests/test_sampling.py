@@ -20,6 +20,7 @@ from PIL import Image
 
 import adm_oracle as adm
 
+from dit_gspn.cli import UserError
 from dit_gspn.models import create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.sampling import sample, save_labelled_grid
@@ -231,7 +232,7 @@ class PointMassFlow(nn.Module):
         return ((x.double() - self.targets[y].double()) / s).float()
 
 
-@pytest.mark.parametrize("sampler, steps", [("euler", 7), ("heun", 5)])
+@pytest.mark.parametrize("sampler, steps", [("euler", 7), ("heun", 6)])
 def test_flow_samplers_integrate_the_velocity_in_the_training_convention(sampler, steps):
     targets = torch.rand(3, 3, 4, 6) * 2 - 1
     model = PointMassFlow(targets)
@@ -279,6 +280,221 @@ def test_guided_channels_three_is_dit_published_behaviour():
     three = sample(model, [0, 1], generator=_generators(2), guided_channels=3, **kwargs)
     torch.testing.assert_close(all_channels, four)
     assert (three - all_channels).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flow samplers' grid and default steps, SiT's SDE, the guidance interval, the timestep shift
+# ----------------------------------------------------------------------------------------------------------
+
+def _flow_oracle_model(model, labels):
+    """The flow model in float64, as u(x, s): the velocity eps - x_0 at noise level s (timestep 1000 s)."""
+    model64 = copy.deepcopy(model).double()
+    labels = torch.as_tensor(labels)
+
+    @torch.no_grad()
+    def velocity(x, s):
+        return model64(x, torch.full((len(labels),), 1000.0 * s, dtype=torch.float64), labels)
+    return velocity
+
+
+def _sd3_shift(s, shift):
+    """SD3's shift written out: s' = shift s / (1 + (shift - 1) s)."""
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def _ode_oracle(u, x, num_steps, heun, shift=1.0):
+    """Euler / Heun (Euler on the step that reaches 0) in float64, shifted: Euler over N equal steps from s = 1
+    to 0; Heun over N - 1 equal steps from 1 to 0.001, then one to 0 (diffusers' grid)."""
+    grid = np.append(np.linspace(1.0, 0.001, num_steps), 0.0) if heun else np.linspace(1.0, 0.0, num_steps + 1)
+    levels = _sd3_shift(grid, shift)
+    for s, s_next in zip(levels[:-1], levels[1:]):
+        h = s_next - s
+        d = u(x, s)
+        x_pred = x + h * d
+        x = x + h / 2 * (d + u(x_pred, s_next)) if heun and s_next > 0 else x_pred
+    return x
+
+
+@pytest.mark.parametrize("sampler, steps, shift", [("euler", 5, 1.0), ("heun", 4, 1.0), ("euler", 6, 3.0),
+                                                   ("heun", 3, 2.5)])
+def test_flow_ode_samplers_take_n_equal_steps_and_the_shifted_grid(sampler, steps, shift):
+    """Euler: N steps of size 1/N from s = 1 to 0 (no step of 0.001 at the end); Heun: diffusers' grid, whose
+    first-order last step stays 0.001; both SD3-shifted when asked (once: diffusers' Heun shifts its end twice)."""
+    model = tiny_dit(learn_sigma=False)
+    labels = [0, 4]
+    gens = _generators(2)
+    ours = sample(model, labels, sampler=sampler, num_steps=steps, flow_shift=shift, generator=gens)
+    oracle = _ode_oracle(_flow_oracle_model(model, labels), _noise(_generators(2), ours.shape), steps,
+                         heun=sampler == "heun", shift=shift)
+    assert _deviation(ours, oracle) < 5e-5  # float32 steps and timesteps: up to 9.4e-6 seen; a wrong grid > 1e-3
+    if shift != 1.0:  # the shift does move the grid
+        assert _deviation(ours, _ode_oracle(_flow_oracle_model(model, labels), _noise(_generators(2), ours.shape),
+                                            steps, heun=sampler == "heun")) > 1e-3
+
+
+def test_flow_euler_error_is_that_of_n_uniform_steps():
+    """For u = c s (x_0 = x_1 - c / 2 exactly), N uniform Euler steps give x_1 - c (N + 1) / (2 N)."""
+    c = torch.linspace(-2.0, 3.0, 3 * 4 * 4).view(1, 3, 4, 4)
+
+    class Linear(PointMassFlow):
+        def forward(self, x, t, y):
+            self.timesteps.append(float(t[0]))
+            return (c * (t / 1000).view(-1, 1, 1, 1)).expand_as(x).contiguous()
+
+    for n in (1, 2, 5):
+        model = Linear(torch.zeros(1, 3, 4, 4))
+        out = sample(model, [0], sampler="euler", num_steps=n, generator=_generators(1))
+        start = _noise(_generators(1), out.shape)
+        torch.testing.assert_close(out.double(), start - c.double() * (n + 1) / (2 * n), rtol=1e-6, atol=1e-6)
+
+
+def _sit_sde_oracle(velocity, x, num_steps, draw_noise, last_step_size=0.04):
+    """SiT's ``Sampler.sample_sde`` with its sample.py defaults, in SiT's own time t (0 = noise, 1 = data), float64.
+
+    Linear path x_t = t x_data + (1 - t) noise: alpha_t = t, sigma_t = 1 - t. score(x, t) = (alpha_t / alpha_t' v
+    - x) / (sigma_t^2 - alpha_t / alpha_t' sigma_t' sigma_t) = (t v - x) / (1 - t); diffusion w(t) = sigma_t
+    ("sigma" form, norm 1); SDE drift v + w score. Euler-Maruyama on linspace(0, 1 - last, N) (N - 1 steps,
+    x + drift dt + sqrt(2 w) sqrt(dt) z), then the "Mean" last step x + drift(x, 1 - last) last.
+    """
+    t_grid = np.linspace(0.0, 1.0 - last_step_size, num_steps)
+    dt = t_grid[1] - t_grid[0]
+
+    def drift_and_w(x, t):
+        v = velocity(x, t)
+        score = (t * v - x) / (1.0 - t)
+        w = 1.0 - t
+        return v + w * score, w
+
+    for t in t_grid[:-1]:
+        drift, w = drift_and_w(x, t)
+        x = x + drift * dt + math.sqrt(2.0 * w) * math.sqrt(dt) * draw_noise()
+    drift, _ = drift_and_w(x, t_grid[-1])
+    return x + drift * last_step_size
+
+
+@pytest.mark.parametrize("steps", [2, 6])
+def test_sde_sampler_equals_sits_euler_maruyama(steps):
+    """Our convention -> SiT's: t = 1 - s, SiT's velocity is x_data - noise = -(our output eps - x_0), and the
+    model sees 1000 s = 1000 (1 - t). Same initial and per-step noise (one generator per sample, in order)."""
+    model = tiny_dit(learn_sigma=False)
+    labels = [1, 3, 0]
+    counting = []
+    ours = sample(model, labels, sampler="sde", num_steps=steps, generator=_generators(3))
+    u = _flow_oracle_model(model, labels)
+
+    def sit_velocity(x, t):
+        counting.append(t)
+        return -u(x, 1.0 - t)
+
+    gens = _generators(3)
+    start = _noise(gens, ours.shape)
+    oracle = _sit_sde_oracle(sit_velocity, start, steps, lambda: _noise(gens, ours.shape))
+    assert len(counting) == steps
+    assert _deviation(ours, oracle) < 1e-5
+    other = sample(model, labels, sampler="sde", num_steps=steps, generator=_generators(3, seed=7))
+    assert (other - ours).abs().max() > 1e-2  # the per-step noise does enter
+
+
+def test_sde_sampler_lands_near_the_data_of_a_point_mass():
+    """With the exact velocity of one image per class, SiT's SDE ends within its last step's reach of it: at
+    s = 0.04, x = (1 - s) x_0 + s e, and SiT's noise-free "Mean" step leaves x_0 - s e (std 0.04, not 0)."""
+    targets = torch.rand(2, 3, 4, 4) * 2 - 1
+    model = PointMassFlow(targets)
+    out = sample(model, [1, 0] * 8, sampler="sde", num_steps=100, generator=_generators(16))
+    error = out - targets[[1, 0] * 8]
+    assert abs(float(error.mean())) < 0.01 and 0.03 < float(error.std()) < 0.05
+    assert len(model.timesteps) == 100 and model.timesteps[0] == 1000.0
+
+
+def test_default_steps_are_the_samplers():
+    """250 for DiT's samplers and SiT's SDE, 50 for the flow ODE samplers (SiT's sample_ode default)."""
+    from dit_gspn.diffusion import DEFAULT_NUM_STEPS, make_schedule
+    from dit_gspn.training.config import DEFAULTS, complete_config, resolve_objective
+
+    counts = {name: len(make_schedule(name).model_timesteps) for name in DEFAULT_NUM_STEPS}
+    assert counts == {"ddpm": 250, "ddim": 250, "dpm-solver++": 250, "euler": 50, "heun": 99, "sde": 250}
+    model = PointMassFlow(torch.zeros(1, 3, 2, 2))
+    sample(model, [0], sampler="euler")
+    assert len(model.timesteps) == 50
+    flow = resolve_objective(complete_config({"train": {"objective": "flow"}}))
+    assert flow["logging"]["sampler"] == "euler" and flow["logging"]["sample_steps"] == 50
+    assert resolve_objective(DEFAULTS)["logging"]["sample_steps"] == 250
+
+
+class GuidanceRecorder(nn.Module):
+    """Wraps a model and records, per call, (noise level = timestep / 1000, whether it was the guided call)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        for name in ("num_classes", "in_channels", "out_channels", "input_size"):
+            setattr(self, name, getattr(model, name))
+        self.calls = []
+
+    def forward(self, x, t, y):
+        assert len(x) == len(y) == len(t)
+        self.calls.append((float(t[0]) / 1000, False))
+        return self.inner(x, t, y)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=None):
+        self.calls.append((float(t[0]) / 1000, True))
+        return self.inner.forward_with_cfg(x, t, y, cfg_scale, guided_channels=guided_channels)
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 9), ("ddim", 10), ("dpm-solver++", 8), ("euler", 8),
+                                            ("heun", 5), ("sde", 8)])
+def test_guidance_interval_guides_exactly_the_steps_inside_it(sampler, steps):
+    model = GuidanceRecorder(tiny_dit(learn_sigma=sampler in ("ddpm", "ddim", "dpm-solver++")))
+    kwargs = dict(sampler=sampler, num_steps=steps, cfg_scale=3.0)
+    full = sample(model, [0, 2], generator=_generators(2), **kwargs)
+    assert all(guided for _, guided in model.calls)
+    model.calls.clear()
+    limited = sample(model, [0, 2], generator=_generators(2), guidance_interval=(0.3, 0.7), **kwargs)
+    guided = [guided for _, guided in model.calls]
+    assert guided == [0.3 <= level <= 0.7 for level, _ in model.calls]
+    assert any(guided) and not all(guided)
+    assert (limited - full).abs().max() > 1e-3
+    # Off, and an interval covering every level, are the same draw, bit for bit.
+    model.calls.clear()
+    everywhere = sample(model, [0, 2], generator=_generators(2), guidance_interval=(0.0, 1.0), **kwargs)
+    assert torch.equal(everywhere, full) and all(guided for _, guided in model.calls)
+    # An interval no step is in: the unguided sampler.
+    nowhere = sample(model, [0, 2], generator=_generators(2), guidance_interval=(5e-4, 5e-4), **kwargs)
+    plain = sample(model, [0, 2], generator=_generators(2), **dict(kwargs, cfg_scale=1.0))
+    assert torch.equal(nowhere, plain)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_interval_equals_adm_with_guidance_on_those_steps(sampler):
+    """ADM's loops with the guided model on the steps at t / 1000 in [0.25, 0.6], the conditional one elsewhere."""
+    model = tiny_dit(in_channels=4)
+    labels, interval, steps = [1, 3], (0.25, 0.6), 10
+    guided_fn, plain_fn = _oracle_model(model, labels, 3.0, 3), _oracle_model(model, labels)
+
+    def model_fn(x, t):
+        return (guided_fn if interval[0] <= t / 1000 <= interval[1] else plain_fn)(x, t)
+
+    ours = sample(model, labels, sampler=sampler, num_steps=steps, cfg_scale=3.0, guided_channels=3,
+                  guidance_interval=interval, generator=_generators(2))
+    gens = _generators(2)
+    start = _noise(gens, ours.shape)
+    if sampler == "ddpm":
+        oracle = adm.ddpm_loop(model_fn, start, steps, lambda: _noise(gens, ours.shape))
+    else:
+        oracle = adm.ddim_loop(model_fn, start, steps)
+    assert _deviation(ours, oracle) < 1e-4
+
+
+def test_guidance_interval_and_shift_are_checked():
+    model = tiny_dit()
+    with pytest.raises(ValueError, match="guidance interval must be two noise levels"):
+        sample(model, [0], num_steps=2, cfg_scale=2.0, guidance_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match="timestep shift applies to flow matching"):
+        sample(model, [0], num_steps=2, flow_shift=3.0)
+    with pytest.raises(ValueError, match="timestep shift must be a positive number"):
+        sample(tiny_dit(learn_sigma=False), [0], sampler="euler", num_steps=2, flow_shift=0.0)
+    with pytest.raises(ValueError, match="sde sampler takes at least 2 steps"):
+        sample(tiny_dit(learn_sigma=False), [0], sampler="sde", num_steps=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,6 +688,14 @@ def test_resume_with_other_settings_is_refused(batch_ckpt):
         check_manifest(shard_dir, {"cfg_scale": 4.0}, write=True)
 
 
+def test_a_manifest_from_before_the_guidance_interval_and_shift_resumes_with_them_off(batch_ckpt):
+    shard_dir = batch_ckpt / "older.npz.shards"
+    check_manifest(shard_dir, {"cfg_scale": 2.0}, write=True)  # written without the two newer keys
+    check_manifest(shard_dir, {"cfg_scale": 2.0, "guidance_interval": None, "flow_shift": 1.0}, write=True)
+    with pytest.raises(ValueError, match=r"flow_shift: 1.0 then, 3.0 now"):
+        check_manifest(shard_dir, {"cfg_scale": 2.0, "guidance_interval": None, "flow_shift": 3.0}, write=True)
+
+
 def test_grid_mode_writes_labelled_png_at_a_non_square_size(batch_ckpt, tmp_path, capsys):
     sample_main = _import_sample_py()
     assert sample_main(["--ckpt", str(batch_ckpt / "ckpt"), "--num-steps", "3", "--classes", "1", "3",
@@ -481,6 +705,23 @@ def test_grid_mode_writes_labelled_png_at_a_non_square_size(batch_ckpt, tmp_path
     # 2 per row, 2 rows; 8x16 tiles enlarged 6x to 48x96, plus padding and the caption strip
     assert grid.size == (2 * (96 + 4), 2 * (48 + 16 + 4))
     assert "classes [1, 3]" in capsys.readouterr().out
+
+
+def test_cli_records_the_guidance_interval_and_shift_and_refuses_bad_ones(batch_ckpt, tmp_path):
+    from dit_gspn.sampling.batch import MANIFEST
+
+    sample_main = _import_sample_py()
+    out = tmp_path / "interval.npz"
+    assert sample_main(["--ckpt", str(batch_ckpt / "ckpt"), "--num-steps", "3", "--num-samples", "2",
+                        "--batch-size", "2", "--cfg-scale", "2", "--guidance-interval", "0.2", "0.6",
+                        "--keep-shards", "--out", str(out)]) == 0
+    settings = json.loads((tmp_path / "interval.npz.shards" / MANIFEST).read_text())
+    assert settings["guidance_interval"] == [0.2, 0.6] and settings["flow_shift"] == 1.0
+    assert settings["num_steps"] == 3 and settings["sampler"] == "ddpm"
+    for bad, message in ((["--guidance-interval", "0.7", "0.1"], "--guidance-interval: the guidance interval"),
+                         (["--flow-shift", "0"], "--flow-shift: the timestep shift must be")):
+        with pytest.raises(UserError, match=message):
+            sample_main(["--ckpt", str(batch_ckpt / "ckpt"), *bad])
 
 
 def _import_sample_py():

@@ -441,6 +441,7 @@ def test_batch_sampling_redraws_damaged_shards(trained_run, tmp_path, fresh_acce
     assert "invalid choice: 'euler2'" in refused("--sampler", "euler2")
     assert "--num-steps: DDPM takes 1 to 1000 steps, got 1001" in refused("--num-steps", "1001")
     assert "the nearest counts that can are 59 or 63" in refused("--sampler", "ddim", "--num-steps", "60")
+    assert "--flow-shift 3.0: the timestep shift applies to flow matching's samplers" in refused("--flow-shift", "3")
     assert "--image-size 18 18 must be divisible by 4" in refused("--image-size", "18", "--num-steps", "1")
     (tmp_path / "file").write_text("")
     assert f"{tmp_path / 'file'} is a file, not a folder" in refused("--out", str(tmp_path / "file" / "g.png"))

@@ -22,17 +22,25 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        FlowMatchHeunDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .flow import HEUN_LAST_LEVEL, check_shift, ode_noise_levels
+from .flow_sde import FlowSDEScheduler
 from .respacing import ddim_timesteps, ddpm_timesteps
 
 #: DiT's training schedule, as diffusers scheduler arguments.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 #: The samplers of each training objective, its default first: DiT's epsilon + learned variance
-#: (``GaussianDiffusion``), and flow matching's velocity (``FlowMatching``, an ODE).
-OBJECTIVE_SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("euler", "heun")}
+#: (``GaussianDiffusion``), and flow matching's velocity (``FlowMatching``: two ODE samplers and SiT's SDE).
+OBJECTIVE_SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("euler", "heun", "sde")}
 OBJECTIVES = tuple(OBJECTIVE_SAMPLERS)
 SAMPLERS = tuple(s for samplers in OBJECTIVE_SAMPLERS.values() for s in samplers)
 FLOW_SAMPLERS = OBJECTIVE_SAMPLERS["flow"]
+#: The samplers that draw fresh noise at every step (they take the sampling generator).
+STOCHASTIC_SAMPLERS = ("ddpm", "sde")
+
+#: Steps a sampler takes unless told otherwise: DiT's (ADM's) 250 for the diffusion samplers; for the flow
+#: ODE samplers SiT's ``Sampler.sample_ode`` default, 50; for SiT's SDE the 250 of its ``sample.py``.
+DEFAULT_NUM_STEPS = {"ddpm": 250, "ddim": 250, "dpm-solver++": 250, "euler": 50, "heun": 50, "sde": 250}
 
 
 def dit_betas(num_train_timesteps: int = DIT_SCHEDULE["num_train_timesteps"],
@@ -48,6 +56,13 @@ def default_sampler(objective: str) -> str:
     """The sampler a model trained with ``objective`` is drawn with unless one is named."""
     check_objective(objective)
     return OBJECTIVE_SAMPLERS[objective][0]
+
+
+def default_num_steps(sampler: str) -> int:
+    """The number of steps ``sampler`` takes unless one is named (``DEFAULT_NUM_STEPS``)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    return DEFAULT_NUM_STEPS[sampler]
 
 
 def check_objective(objective: str) -> None:
@@ -68,9 +83,12 @@ def check_sampler(sampler: str, objective: str, num_steps: int | None = None) ->
 
 
 def check_num_steps(sampler: str, num_steps: int) -> None:
-    """Raise a ValueError unless ``sampler`` can take ``num_steps`` steps (DDIM: only ADM's ``ddimN`` counts)."""
+    """Raise a ValueError unless ``sampler`` can take ``num_steps`` steps (DDIM: only ADM's ``ddimN`` counts;
+    SiT's SDE: at least 2)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if sampler == "sde" and num_steps < 2:
+        raise ValueError(f"the sde sampler takes at least 2 steps, got {num_steps}")
     if sampler == "ddpm":
         ddpm_timesteps(num_steps)
     elif sampler == "ddim":
@@ -111,8 +129,32 @@ def respaced_scheduler(scheduler_class: type[SchedulerMixin], kept: Sequence[int
     return scheduler
 
 
-def make_schedule(sampler: str = "ddpm", num_steps: int = 250, clip_denoised: bool = False,
-                  learn_sigma: bool = True) -> SamplingSchedule:
+def flow_ode_scheduler(sampler: str, num_steps: int, shift: float = 1.0) -> SchedulerMixin:
+    """diffusers' flow-matching Euler or Heun scheduler over ``ode_noise_levels``: N equal steps for Euler, for
+    Heun diffusers' grid ending at ``HEUN_LAST_LEVEL`` (its last step, to 0, is first order); shifted once.
+
+    Both are configured with shift 1 and given the (already shifted) grid: Euler through ``set_timesteps(
+    sigmas=...)``, Heun (whose ``set_timesteps`` takes no grid) by laying the grid out as its ``set_timesteps``
+    does, every level after the first twice (the predictor's and the corrector's evaluation).
+    """
+    last_level = HEUN_LAST_LEVEL if sampler == "heun" else None
+    levels = torch.from_numpy(ode_noise_levels(num_steps, shift, last_level)).float()
+    train_steps = DIT_SCHEDULE["num_train_timesteps"]
+    if sampler == "euler":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=train_steps)
+        scheduler.set_timesteps(sigmas=levels.tolist())
+        return scheduler
+    scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=train_steps)
+    scheduler.set_timesteps(num_steps)
+    timesteps = levels * train_steps
+    sigmas = torch.cat([levels, torch.zeros(1)])
+    scheduler.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
+    scheduler.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+    return scheduler
+
+
+def make_schedule(sampler: str = "ddpm", num_steps: int | None = None, clip_denoised: bool = False,
+                  learn_sigma: bool = True, flow_shift: float = 1.0) -> SamplingSchedule:
     """The scheduler for ``sampler`` over ``num_steps`` steps of DiT's schedule, ready to step.
 
     ``ddpm`` is ADM's ``p_sample`` over ``space_timesteps(1000, "N")`` (any N in 1..1000): with
@@ -121,13 +163,29 @@ def make_schedule(sampler: str = "ddpm", num_steps: int = 250, clip_denoised: bo
     ``"ddimN"`` (N in ``DDIM_COUNTS``), its last step returning the x0 prediction (alpha_bar_prev = 1) and its
     eps re-derived from the (clipped) x0; it takes the epsilon half only, as does ``dpm-solver++`` (diffusers'
     multistep solver, order 2, over linspace timesteps). ``euler`` and ``heun`` integrate a flow-matching
-    model's velocity ODE from noise level 1 to 0 over ``num_steps`` evenly spaced levels (Heun: 2 * num_steps - 1
-    model evaluations). ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel
-    space (never for latents, which are not bounded); the flow samplers do not clip.
+    model's velocity ODE from noise level 1 to 0 in ``num_steps`` steps (``ode_noise_levels``: equal ones for
+    Euler; Heun's last one 0.001, and 2 * num_steps - 1 model evaluations); ``sde`` is SiT's Euler-Maruyama
+    sampler (``FlowSDEScheduler``).
+    ``flow_shift`` applies SD3's timestep shift to the flow samplers' grid (1: none; the diffusion samplers
+    refuse another value). ``num_steps=None`` takes the sampler's default (``DEFAULT_NUM_STEPS``).
+    ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for
+    latents, which are not bounded); the flow samplers do not clip.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    num_steps = default_num_steps(sampler) if num_steps is None else num_steps
     check_num_steps(sampler, num_steps)
+    flow_shift = check_shift(flow_shift)
+    if sampler in FLOW_SAMPLERS:
+        if sampler == "sde":
+            scheduler = FlowSDEScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"], shift=flow_shift)
+            scheduler.set_timesteps(num_steps)
+        else:
+            scheduler = flow_ode_scheduler(sampler, num_steps, flow_shift)
+        return SamplingSchedule(scheduler, scheduler.timesteps)
+    if flow_shift != 1.0:
+        raise ValueError(f"the timestep shift applies to flow matching's samplers {FLOW_SAMPLERS}, not to "
+                         f"{sampler!r}; leave it at 1")
     if sampler == "ddpm":
         kept = ddpm_timesteps(num_steps)
         scheduler = respaced_scheduler(DDPMScheduler, kept, clip_sample=clip_denoised,
@@ -139,14 +197,9 @@ def make_schedule(sampler: str = "ddpm", num_steps: int = 250, clip_denoised: bo
                                        timestep_spacing="leading")
         return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps],
                                 dict(use_clipped_model_output=True))
-    if sampler == "dpm-solver++":
-        # Thresholding with sample_max_value=1 clamps the threshold to 1: a plain clip to [-1, 1].
-        scheduler = DPMSolverMultistepScheduler(**DIT_SCHEDULE, algorithm_type="dpmsolver++",
-                                                solver_order=2, timestep_spacing="linspace",
-                                                thresholding=clip_denoised, sample_max_value=1.0)
-    elif sampler == "euler":
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"])
-    else:
-        scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"])
+    # dpm-solver++. Thresholding with sample_max_value=1 clamps the threshold to 1: a plain clip to [-1, 1].
+    scheduler = DPMSolverMultistepScheduler(**DIT_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                            timestep_spacing="linspace", thresholding=clip_denoised,
+                                            sample_max_value=1.0)
     scheduler.set_timesteps(num_steps)
     return SamplingSchedule(scheduler, scheduler.timesteps)

@@ -31,6 +31,8 @@ from .sampler import sample
 
 CLASS_MODES = ("uniform", "balanced")
 MANIFEST = "run.json"
+#: Settings added after the manifest's first version, with the value that means what their absence meant.
+MANIFEST_DEFAULTS = {"guidance_interval": None, "flow_shift": 1.0}
 
 
 class BatchError(UserError, ValueError):
@@ -161,7 +163,7 @@ def check_manifest(shard_dir: Path, settings: dict, write: bool) -> None:
     path = shard_dir / MANIFEST
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
+            old = {**MANIFEST_DEFAULTS, **json.loads(path.read_text())}
         except json.JSONDecodeError as err:
             raise BatchError(f"{path} is not valid JSON ({err}); delete {shard_dir} to start the batch over") from err
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}

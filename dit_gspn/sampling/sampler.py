@@ -7,7 +7,11 @@ guided_channels)``, ``num_classes`` (also the null class id), ``in_channels``, `
 ``create_diffusion(learn_sigma=False)``. ``ddpm`` and ``ddim`` equal ADM's samplers step for step
 (``dit_gspn.diffusion.make_schedule``). A flow-matching
 model (``dit_gspn.diffusion.FlowMatching``) outputs ``in_channels`` (a velocity) and is drawn with the
-``euler`` or ``heun`` sampler, which pass it fractional timesteps.
+``euler`` or ``heun`` ODE sampler or SiT's ``sde``, which pass it fractional timesteps.
+
+Classifier-free guidance can be limited to an interval of noise levels (Kynkaanniemi et al. 2024): a step
+whose noise level (the model's timestep / 1000: s for flow matching, t / 1000 for DiT's diffusion) lies
+outside it evaluates the conditional model alone.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, make_schedule
+from dit_gspn.diffusion import DIT_SCHEDULE, FLOW_SAMPLERS, SAMPLERS, STOCHASTIC_SAMPLERS, make_schedule
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -48,32 +52,53 @@ def _as_labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
     return labels
 
 
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """``interval`` as (low, high) with 0 <= low <= high <= 1, or None (guide every step); else a ValueError."""
+    if interval is None:
+        return None
+    low, high = (float(v) for v in interval)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"the guidance interval must be two noise levels 0 <= low <= high <= 1, got {low}, {high}")
+    return low, high
+
+
+def guided_at(noise_level: float, interval: tuple[float, float] | None) -> bool:
+    """Whether a guided sampler guides a step at ``noise_level``: inside [low, high], ends included."""
+    return interval is None or interval[0] <= noise_level <= interval[1]
+
+
 @torch.no_grad()
-def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
-           guided_channels: int | None = None, size: tuple[int, int] | None = None,
+def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None, cfg_scale: float = 1.0,
+           guided_channels: int | None = None, guidance_interval: tuple[float, float] | None = None,
+           flow_shift: float = 1.0, size: tuple[int, int] | None = None,
            generator: Generators = None, progress: bool = False, clip_denoised: bool = False,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Draw one sample per class id in ``labels``; returns (N, C, H, W) in the model's output space.
 
     ``sampler`` is one of ``ddpm`` (DiT's default: learned variance, the model's full 2C output), ``ddim``
     or ``dpm-solver++`` (the epsilon half), over ``num_steps`` respaced steps of DiT's schedule; or, for a
-    flow-matching model, ``euler`` or ``heun`` (the velocity ODE, ``num_steps`` steps). Which objective a
+    flow-matching model, ``euler`` or ``heun`` (the velocity ODE, ``num_steps`` equal steps) or ``sde``
+    (SiT's Euler-Maruyama), over a grid shifted by ``flow_shift`` (SD3's timestep shift; 1 = none).
+    ``num_steps=None`` takes the sampler's default (``DEFAULT_NUM_STEPS``). Which objective a
     checkpoint was trained with is in its ``SamplingInfo.objective`` (``check_sampler`` matches the two).
     ``cfg_scale`` > 1 uses classifier-free guidance through ``model.forward_with_cfg`` (conditional half,
     then the unconditional half with the null class ``model.num_classes``); ``guided_channels=None``
-    guides all epsilon channels, ``3`` reproduces DiT's published behaviour. ``size`` = (H, W) of the map,
+    guides all epsilon channels, ``3`` reproduces DiT's published behaviour. ``guidance_interval`` =
+    (low, high) guides only the steps whose noise level (model timestep / 1000) is in [low, high] and
+    evaluates the conditional model alone at the others; None guides every step. ``size`` = (H, W) of the map,
     default ``model.input_size``. ``generator`` is one ``torch.Generator`` for the whole batch, or a list
     with one per sample: then sample i depends only on its own generator (not on the batch it is in),
     which is how batch sampling makes results independent of the number of processes.
     ``clip_denoised`` clips every step's predicted x0 to [-1, 1] (ADM's pixel-space sampling; see
     ``SamplingInfo.clip_denoised``); the flow samplers ignore it. ``dtype`` is the precision of the sampler's
     state and arithmetic (float32, or float64 with a float64 model); the initial noise is drawn in float32 for
-    either, so both start from the same point (DDPM's per-step noise is drawn in ``dtype``).
+    either, so both start from the same point (DDPM's and the SDE's per-step noise is drawn in ``dtype``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    guidance_interval = check_guidance_interval(guidance_interval)
     device = _model_device(model)
     labels = _as_labels(labels, model.num_classes, device)
     n = labels.numel()
@@ -86,7 +111,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     guided = cfg_scale > 1.0
 
     x = randn_tensor((n, channels, height, width), generator=generator, device=device, dtype=torch.float32).to(dtype)
-    y_in = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
+    y_guided = torch.cat([labels, torch.full_like(labels, model.num_classes)])
     out_channels = getattr(model, "out_channels", 2 * channels)
     if out_channels not in (channels, 2 * channels):
         raise ValueError(f"model.out_channels is {out_channels}; expected {channels} (epsilon) or "
@@ -95,23 +120,26 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int = 250, cfg_sc
     if flow and out_channels != channels:
         raise ValueError(f"sampler {sampler!r} needs a flow-matching model, which outputs {channels} channels (a "
                          f"velocity); this model outputs {out_channels} (epsilon and a learned variance: DDPM's)")
-    schedule = make_schedule(sampler, num_steps, clip_denoised, learn_sigma=out_channels == 2 * channels)
+    schedule = make_schedule(sampler, num_steps, clip_denoised, learn_sigma=out_channels == 2 * channels,
+                             flow_shift=flow_shift)
     for t, model_t in tqdm(list(schedule.steps()), desc="sampling", disable=not progress, leave=False):
+        guide = guided and guided_at(float(model_t) / DIT_SCHEDULE["num_train_timesteps"], guidance_interval)
+        rows = 2 * n if guide else n
         # Flow schedulers step through fractional timesteps (noise level x 1000); DDPM's are integers.
-        t_batch = (torch.full((y_in.numel(),), float(model_t), dtype=torch.float32, device=device) if flow
-                   else torch.full((y_in.numel(),), int(model_t), dtype=torch.long, device=device))
-        if guided:
-            out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y_in, cfg_scale,
+        t_batch = (torch.full((rows,), float(model_t), dtype=torch.float32, device=device) if flow
+                   else torch.full((rows,), int(model_t), dtype=torch.long, device=device))
+        if guide:
+            out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y_guided, cfg_scale,
                                          guided_channels=guided_channels)[:n]
         else:
-            out = model(x, t_batch, y_in)
+            out = model(x, t_batch, labels)
         if out.shape[1] != out_channels:
             raise ValueError(f"the model returned {out.shape[1]} channels; expected out_channels={out_channels}")
         out = out.to(dtype)
-        if flow:
-            x = schedule.step(out, t, x).prev_sample  # an ODE step: no noise to draw
-        else:
-            if sampler != "ddpm":
-                out = out[:, :channels]
+        if not flow and sampler != "ddpm":
+            out = out[:, :channels]
+        if sampler in STOCHASTIC_SAMPLERS:
             x = schedule.step(out, t, x, generator=generator).prev_sample
+        else:
+            x = schedule.step(out, t, x).prev_sample  # ODE steps and DDIM (eta = 0) draw no noise
     return x

@@ -14,8 +14,9 @@ from pathlib import Path
 import yaml
 
 from dit_gspn.cli import UserError
-from dit_gspn.diffusion import OBJECTIVES, check_num_steps, check_sampler, default_sampler
+from dit_gspn.diffusion import OBJECTIVES, check_num_steps, check_sampler, default_num_steps, default_sampler
 from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
+from dit_gspn.sampling.sampler import check_guidance_interval
 
 
 class _Loader(yaml.SafeLoader):
@@ -59,6 +60,7 @@ DEFAULTS: dict = {
         "objective": "ddpm",        # "ddpm": DiT's epsilon + learned variance, MSE + VLB; "flow": SiT's linear
                                     # flow matching (velocity, MSE; the model then has learn_sigma=False)
         "flow_timesteps": "uniform",  # flow: how noise levels are drawn, "uniform" or "logit_normal" (SD3)
+        "flow_shift": 1.0,          # flow: SD3's timestep shift of the drawn levels, s' = k s / (1 + (k-1) s); 1: none
         "snr_gamma": None,          # ddpm: Min-SNR weighting of the epsilon MSE (e.g. 5.0); None: DiT's plain MSE
         "mixed_precision": "no",    # "no", "bf16" or "fp16"
         "gradient_checkpointing": False,
@@ -79,8 +81,10 @@ DEFAULTS: dict = {
         "sample_classes": None,     # class ids in the grid; None: up to 10 spread over the classes
         "samples_per_class": 1,
         "sampler": None,            # None: the objective's default (ddpm: "ddpm", flow: "euler")
-        "sample_steps": 250,
+        "sample_steps": None,       # None: the sampler's default (250 for ddpm, 50 for euler, ...)
         "cfg_scale": 1.0,
+        "guidance_interval": None,  # [low, high]: guide only steps at noise levels (timestep / 1000) in it
+        "flow_shift": 1.0,          # flow samplers: SD3's timestep shift of the grid; 1: none
     },
 }
 
@@ -304,6 +308,11 @@ def resolve_objective(config: dict) -> dict:
         if train["flow_timesteps"] not in TIMESTEP_SAMPLING:
             raise ConfigError(f"train.flow_timesteps must be one of {TIMESTEP_SAMPLING}, "
                               f"got {train['flow_timesteps']!r}")
+    for section, key in (("train", "flow_shift"), ("logging", "flow_shift")):
+        shift = config[section][key]
+        if not isinstance(shift, (int, float)) or not shift > 0 or (objective != "flow" and shift != 1):
+            raise ConfigError(f"{section}.{key} must be a number > 0 for train.objective=flow and 1 (no shift) "
+                              f"otherwise, got {shift!r}")
     learn_sigma = objective == "ddpm"
     if model.get("learn_sigma", learn_sigma) != learn_sigma:
         raise ConfigError(f"model.learn_sigma={model['learn_sigma']} does not fit train.objective={objective}: "
@@ -312,6 +321,12 @@ def resolve_objective(config: dict) -> dict:
     model["learn_sigma"] = learn_sigma
     if logging["sampler"] is None:
         logging["sampler"] = default_sampler(objective)
+    if logging["sample_steps"] is None:
+        logging["sample_steps"] = default_num_steps(logging["sampler"])
+    try:
+        check_guidance_interval(logging["guidance_interval"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"logging.guidance_interval: {err}") from err
     try:
         check_sampler(logging["sampler"], objective)
     except ValueError as err:

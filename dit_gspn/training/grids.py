@@ -54,7 +54,8 @@ class GridWriter:
         if self.info.vae is not None and self._decoder() is None:
             return None
         out = sample(ema, self.labels, sampler=self.logging["sampler"], num_steps=int(self.logging["sample_steps"]),
-                     cfg_scale=float(self.logging["cfg_scale"]), generator=torch.Generator().manual_seed(self.seed),
+                     cfg_scale=float(self.logging["cfg_scale"]), guidance_interval=self.logging["guidance_interval"],
+                     flow_shift=float(self.logging["flow_shift"]), generator=torch.Generator().manual_seed(self.seed),
                      clip_denoised=self.info.clip_denoised)
         images = decode(out, self.info, self._vae)
         return save_labelled_grid(images.cpu(), self.labels, self.folder / f"{step:07d}.png",

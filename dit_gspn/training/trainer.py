@@ -68,7 +68,7 @@ def build_objective(train_config: dict):
     """(objective, loss) for ``train.objective``: ``loss(model, x, t, model_kwargs, noise)`` gives per-sample
     losses, ``objective.sample_timesteps(batch, device, generator)`` the t it expects."""
     if train_config["objective"] == "flow":
-        flow = FlowMatching(timestep_sampling=train_config["flow_timesteps"])
+        flow = FlowMatching(timestep_sampling=train_config["flow_timesteps"], shift=train_config["flow_shift"])
         return flow, flow.training_losses
     diffusion = GaussianDiffusion()
     snr_gamma = None if train_config["snr_gamma"] is None else float(train_config["snr_gamma"])
