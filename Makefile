@@ -8,6 +8,14 @@ RESULTS ?= benchmarks/results
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 # Idle OpenMP threads spin ~10k times, then sleep (dit_gspn/demo.py says why).
 export GOMP_SPINCOUNT ?= 10000
+# The package finds CUDA as torch does: CUDA_HOME, else the nvcc on PATH. On this project's machines that
+# nvcc is a wrapper in /usr/local/bin (torch would guess /usr/local, which lacks libcudart): name the toolkit.
+ifeq ($(origin CUDA_HOME),undefined)
+CUDA_HOME := $(firstword $(wildcard /usr/local/cuda-13.0))
+endif
+ifneq ($(CUDA_HOME),)
+export CUDA_HOME
+endif
 
 .PHONY: venv test demo build-ext gpu-check wheels clean
 
@@ -35,7 +43,7 @@ build-ext: venv  ## compile the scan kernels ahead of time (CPU; add the CUDA bu
 OUT ?= $(RESULTS)/gpu-check
 DEADLINE ?= 480
 gpu-check:  ## on a GPU machine: the whole device check in one call (README, "On a GPU")
-	$(PYTHON) benchmarks/gpu_check.py --out $(OUT) --deadline $(DEADLINE) --wheels $(CURDIR)/.whl
+	$(PYTHON) -m benchmarks.gpu_check --out $(OUT) --deadline $(DEADLINE) --wheels $(CURDIR)/.whl
 
 # The packages the GPU image lacks, at the versions requirements.lock pins, as wheels for its Python
 # 3.12 into .whl/ (git-ignored; carry it to the device). gpu-check installs them into a temporary folder.

@@ -3,9 +3,9 @@
 milliseconds, GB/s of the bytes the op must move, and the fraction of the measured copy
 bandwidth. Writes JSON with ``--out``.
 
-    python benchmarks/bench_scan.py                      # GPU if there is one, else CPU shapes
-    python benchmarks/bench_scan.py --device cpu --out benchmarks/results/bench_scan_cpu.json
-    python benchmarks/bench_scan.py --smoke              # seconds: tiny shapes (for tests)
+    python -m benchmarks.bench_scan                      # GPU if there is one, else CPU shapes
+    python -m benchmarks.bench_scan --device cpu --out benchmarks/results/bench_scan_cpu.json
+    python -m benchmarks.bench_scan --smoke              # seconds: tiny shapes (for tests)
 
 Bytes counted per element of the (..., H, W) map: line_scan forward reads 5 maps and writes 1;
 its backward reads 7 (grad_h, h and the 5 inputs) and writes 5. gspn_scan (per-channel gates)
@@ -21,14 +21,10 @@ import sys
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.timing import copy_bandwidth, device_description, gbps, time_callable  # noqa: E402
-from dit_gspn.ops import extension, line_scan, normalize_gates  # noqa: E402
+from benchmarks.timing import copy_bandwidth, device_description, gbps, time_callable
+from dit_gspn.ops import extension, line_scan, normalize_gates
 
 GPU_SHAPES = [(32, 4608, 16, 16), (8, 512, 128, 128), (1, 64, 1024, 1024)]  # DiT-XL/2 tokens x 4C; high-res
 CPU_SHAPES = [(8, 64, 64, 64), (32, 256, 16, 16)]
@@ -183,7 +179,7 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         results = run(device, shapes, dtype, repeat, max_seconds, include_gspn=not args.no_gspn_scan)
-    results["command"] = " ".join(["python", "benchmarks/bench_scan.py", *(argv if argv is not None else sys.argv[1:])])
+    results["command"] = " ".join(["python", "-m", "benchmarks.bench_scan", *(argv if argv is not None else sys.argv[1:])])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

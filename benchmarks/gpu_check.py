@@ -4,8 +4,8 @@ compute-sanitizer runs, each under its own timeout inside one global deadline; g
 step, end with one line per step (passed / failed / timed out / skipped), and leave at most 8 files
 in the output folder: the log, the step summary, the test report, the JSON results and the plot.
 
-    python3 benchmarks/gpu_check.py --out DIR [--deadline 480] [--wheels .whl]   # what `make gpu-check` runs
-    python3 benchmarks/gpu_check.py --out DIR --dry-run                            # print the plan only
+    python3 -m benchmarks.gpu_check --out DIR [--deadline 480] [--wheels .whl]   # what `make gpu-check` runs
+    python3 -m benchmarks.gpu_check --out DIR --dry-run                            # print the plan only
 
 Every step runs with the same environment: ``TORCH_CUDA_ARCH_LIST`` (default 9.0, H100 / H200) and
 one extension cache, so the test process loads the build instead of compiling again. Wheels in
@@ -110,17 +110,17 @@ def plan(args, out: Path, wheel_site: Path) -> list[Step]:
     scan_shapes = "32,4608,16,16;8,512,128,128" + ("" if small else ";1,64,1024,1024")  # bench_scan's GPU_SHAPES
     model_sizes = ["B/2"] if small else ["B/2", "XL/2"]
     model_resolutions = ["256", "512"] if small else ["256", "512", "1024"]
-    tiny_parity = [py, "benchmarks/scan_parity.py", "--device", "cuda", "--tiny", "--out", os.devnull]
+    tiny_parity = [py, "-m", "benchmarks.scan_parity", "--device", "cuda", "--tiny", "--out", os.devnull]
     return [
         Step("wheels", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(wheel_site),
                         *map(str, wheels)], 90, None if wheels else f"no wheels in {args.wheels} (`make wheels`)"),
         Step("build", [py, "-m", "dit_gspn.ops.build", "--cuda"], 240),
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests",
                             f"--junitxml={out / 'cuda_tests.xml'}"], 200),
-        Step("parity", [py, "benchmarks/scan_parity.py", "--device", "cuda", "--out", str(out / "parity.json")], 60),
-        Step("bench-scan", [py, "benchmarks/bench_scan.py", "--device", "cuda", "--shapes", scan_shapes,
+        Step("parity", [py, "-m", "benchmarks.scan_parity", "--device", "cuda", "--out", str(out / "parity.json")], 60),
+        Step("bench-scan", [py, "-m", "benchmarks.bench_scan", "--device", "cuda", "--shapes", scan_shapes,
                             "--repeat", "10", "--max-seconds", "2", "--out", str(out / "bench_scan_gpu.json")], 120),
-        Step("bench-model", [py, "benchmarks/bench_model.py", "--device", "cuda", "--sizes", *model_sizes,
+        Step("bench-model", [py, "-m", "benchmarks.bench_model", "--device", "cuda", "--sizes", *model_sizes,
                              "--resolutions", *model_resolutions, "--warmup", "1", "--iters", "3",
                              "--out", str(out / "bench_model_gpu.json"), "--plot", str(out / "bench_model_gpu.png")],
              150),
@@ -132,7 +132,7 @@ def plan(args, out: Path, wheel_site: Path) -> list[Step]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/gpu_check.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; at most 8 files land there)")
     parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S,
                         help=f"seconds for all steps together (default {DEFAULT_DEADLINE_S:.0f})")

@@ -3,8 +3,8 @@ the float64 PyTorch reference, forward and backward, per dtype and shape, as sca
 |kernel - reference| / max(max |reference|, 1)) with the tolerance each must meet, and whether two
 backward runs with grouped gates are bitwise equal. Writes JSON; exits 1 if any row fails.
 
-    python benchmarks/scan_parity.py --device cuda --out parity.json
-    python benchmarks/scan_parity.py --device cuda --tiny --out parity.json   # one small shape per op
+    python -m benchmarks.scan_parity --device cuda --out parity.json
+    python -m benchmarks.scan_parity --device cuda --tiny --out parity.json   # one small shape per op
 """
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.timing import device_description  # noqa: E402
-from dit_gspn.ops import gspn_scan, line_scan, normalize_gates  # noqa: E402
-from dit_gspn.ops.reference import gspn_scan_reference, line_scan_reference  # noqa: E402
+from benchmarks.timing import device_description
+from dit_gspn.ops import gspn_scan, line_scan, normalize_gates
+from dit_gspn.ops.reference import gspn_scan_reference, line_scan_reference
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 LINE_SCAN_SHAPES = [((4, 16, 16, 16), None), ((2, 8, 64, 200), 7), ((1, 2, 12, 2048), None)]

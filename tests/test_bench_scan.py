@@ -1,12 +1,8 @@
 """A seconds-long smoke run of the scan benchmark: it runs, times every line_scan implementation
 of this device and writes the JSON the README's tables are made from."""
 import json
-import sys
-from pathlib import Path
 
-# benchmarks/ is a top-level folder of the repository, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import bench_scan  # noqa: E402
+from benchmarks import bench_scan
 
 
 def test_bench_scan_smoke_writes_json(tmp_path):

@@ -20,7 +20,7 @@ def test_bench_model_smoke_writes_results_and_plot(tmp_path):
     out, png = tmp_path / "bench_model.json", tmp_path / "bench_model.png"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--smoke", "--device", "cpu",
+        [sys.executable, "-m", "benchmarks.bench_model", "--smoke", "--device", "cpu",
          "--out", str(out), "--plot", str(png)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"bench_model.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"

@@ -1,7 +1,6 @@
 """ptxas's resource report for sm_90 (H100 / H200): no CUDA kernel variant spills registers to local
 memory. Compiles only the kernel headers (no ATen: seconds) for every dtype and column variant the
 host code launches; needs nvcc, not a GPU."""
-import os
 import re
 import shutil
 import subprocess
@@ -42,8 +41,8 @@ template void gspn_scan_variants<c10::BFloat16>();
 
 
 def nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or str(extension.DEFAULT_CUDA_HOME)
-    candidate = Path(home) / "bin" / "nvcc"
+    home = extension.cuda_home()
+    candidate = Path(home or "") / "bin" / "nvcc"
     return str(candidate) if candidate.exists() else shutil.which("nvcc")
 
 

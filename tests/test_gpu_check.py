@@ -5,9 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import gpu_check  # noqa: E402
-from benchmarks.gpu_check import Step, run_steps  # noqa: E402
+from benchmarks import gpu_check
+from benchmarks.gpu_check import Step, run_steps
 
 PY = sys.executable
 
@@ -58,6 +57,9 @@ def test_the_plan_exports_one_arch_list_and_fits_the_output_limit(tmp_path, caps
     printed = capsys.readouterr().out
     names = [line.split(" ")[0] for line in printed.splitlines()[:-1]]
     assert names == ["wheels", "build", "cuda-tests", "parity", "bench-scan", "bench-model", "memcheck", "racecheck"]
+    # the benchmarks run as modules of the benchmarks package, not as script paths
+    assert "-m benchmarks.scan_parity" in printed and "-m benchmarks.bench_model" in printed
+    assert ".py " not in printed
     assert "wheels (<= 90 s): skipped" in printed and "TORCH_CUDA_ARCH_LIST=" in printed
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
     assert len(gpu_check.OUTPUT_FILES) <= 8

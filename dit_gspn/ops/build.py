@@ -2,7 +2,8 @@
 
 Compiles the CPU variant (or, with ``--cuda``, the CUDA variant, which holds the CPU kernels
 too) into the cache that :mod:`dit_gspn.ops.extension` loads from, and prints where it built
-and how long it took. A later ``import dit_gspn`` then loads the kernels without compiling.
+and how long it took (or that the cache already held a build of the same sources and flags).
+A later ``import dit_gspn`` then loads the kernels without compiling.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from . import extension
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dit_gspn.ops.build", description=__doc__.splitlines()[0])
     parser.add_argument("--cuda", action="store_true",
-                        help="build the CUDA variant (needs nvcc; CUDA_HOME defaults to /usr/local/cuda-13.0 "
-                             "and TORCH_CUDA_ARCH_LIST to 9.0 when no GPU is visible)")
+                        help="build the CUDA variant (needs nvcc, found as torch finds it: CUDA_HOME, else the nvcc "
+                             "on PATH; TORCH_CUDA_ARCH_LIST defaults to 9.0 when no GPU is visible)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     args = parser.parse_args(argv)
     variant = "cuda" if args.cuda else "cpu"
@@ -26,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- report any build failure as one readable message
         print(f"build failed:\n{exc}", file=sys.stderr)
         return 1
-    print(f"built {variant} kernels in {seconds:.1f} s: {path}")
+    if extension.loaded_build().compiled:
+        print(f"built {variant} kernels in {seconds:.1f} s: {path}")
+    else:
+        print(f"{variant} kernels already built from the same sources and flags, loaded in {seconds:.1f} s: {path}")
     return 0
 
 

@@ -1,39 +1,67 @@
 """Builds and loads the compiled ``torch.ops.gspn`` kernels: one extension per process, cached on disk.
 
-Two variants, built with ``torch.utils.cpp_extension.load`` (ninja) from the sources in ``csrc/``:
+Two variants, built with ``torch.utils.cpp_extension.load`` (ninja) from the sources in ``csrc/``
+(the checkout's, or the copy an installed wheel carries: :mod:`dit_gspn.resources`):
 
 - ``cpu``: sorted ``csrc/cpu/*.cpp``;
 - ``cuda``: the same plus sorted ``csrc/cuda/*.cu``, compiled with ``-DGSPN_WITH_CUDA``. It holds
   the CPU kernels too, so a process with a GPU loads only this one.
 
 Both define the one ``TORCH_LIBRARY(gspn)`` (``csrc/cpu/registration.cpp``), so at most one of
-them can live in a process. The cache is ``$DIT_GSPN_CACHE`` (default
-``~/.cache/dit_gspn/extensions``), one folder per torch/Python version, so a cached build
-loads instantly. A failed build warns once, naming the compiler's last lines, and
-:func:`load` answers False from then on: the dispatch falls back to the next implementation.
+them can live in a process. The cache is ``$DIT_GSPN_CACHE`` (default ``~/.cache/dit_gspn/extensions``),
+one folder per build, named by the variant and a key that hashes everything the build reads: the
+sources' content (the variant's ``.cpp`` / ``.cu`` files and every header under ``csrc/``), the flags,
+the compiler and the torch / Python / CUDA versions. A build compiles a snapshot of the sources copied
+into its folder, so its ninja file names no checkout: checkouts with the same sources share one build,
+and changed sources get a folder of their own instead of overwriting a library other processes load.
+Builds run under a file lock per folder; a build is finished once its ``build.json`` (the key and the
+library's sha256) is written, and only a finished build whose library matches that record is loaded,
+so a concurrent first run waits and loads what the other one built. A failed build warns once, naming
+the compiler's last lines, and :func:`load` answers False from then on: the dispatch falls back to the
+next implementation.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
-#: The repository's C++/CUDA sources.
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-#: Where a CUDA toolkit matching the torch build lives on the project's build machine.
-DEFAULT_CUDA_HOME = Path("/usr/local/cuda-13.0")
+from .. import resources
+
+#: The C++/CUDA sources (read at each build, so a test may point it at a copy).
+CSRC = resources.CSRC
 #: The architecture built when no GPU is present to detect one (H100 / H200).
 DEFAULT_CUDA_ARCH = "9.0"
+#: Files every variant's build may include, wherever they sit under CSRC.
+HEADER_SUFFIXES = (".h", ".cuh")
+#: A finished build's record (key, library, sha256), written last.
+BUILD_RECORD = "build.json"
 
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
-_loaded_variant: str | None = None  # the variant living in this process, if any
+
+@dataclass(frozen=True)
+class LoadedBuild:
+    """The build living in this process: its variant, library, key, and whether this process compiled it."""
+
+    variant: str
+    library: Path
+    key: str
+    compiled: bool
+
+
+_loaded: LoadedBuild | None = None  # the build living in this process, if any
 _failed: dict[str, str] = {}  # variant -> why its build failed (warned once)
 _hooks: list = []  # callables run once the library is loaded (Python-side registrations)
 
@@ -53,86 +81,162 @@ def sources(variant: str) -> list[Path]:
     return files
 
 
-def configure_cuda_toolkit() -> None:
-    """Point torch's extension builder at the CUDA toolkit when the environment does not.
+def source_snapshot(variant: str) -> dict[str, bytes]:
+    """Every file the build of ``variant`` reads, as {path relative to CSRC: content}: its sources and all headers."""
+    files = set(sources(variant)) | {p for p in CSRC.rglob("*") if p.suffix in HEADER_SUFFIXES and p.is_file()}
+    return {path.relative_to(CSRC).as_posix(): path.read_bytes() for path in sorted(files)}
 
-    Sets ``CUDA_HOME`` to /usr/local/cuda-13.0 when unset and that folder exists (the ``nvcc``
-    on PATH would make torch guess /usr/local, which lacks libcudart), and
-    ``TORCH_CUDA_ARCH_LIST`` to 9.0 when unset and no GPU is visible to detect one.
-    """
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit as torch finds it: ``$CUDA_HOME`` (or ``$CUDA_PATH``), else the ``nvcc`` on PATH, else
+    /usr/local/cuda; None when there is none."""
     import torch.utils.cpp_extension as cpp_extension
 
-    if "CUDA_HOME" not in os.environ and DEFAULT_CUDA_HOME.is_dir():
-        os.environ["CUDA_HOME"] = str(DEFAULT_CUDA_HOME)
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
+
+
+def configure_cuda_toolkit() -> None:
+    """Prepare torch's extension builder for a CUDA build: keep its CUDA home in step with ``$CUDA_HOME`` (torch
+    reads it once, at import), and set ``TORCH_CUDA_ARCH_LIST`` to 9.0 when unset and no GPU is visible to
+    detect one (torch then fails with an IndexError)."""
+    import torch.utils.cpp_extension as cpp_extension
+
     if "CUDA_HOME" in os.environ:
-        # torch reads CUDA_HOME once, at import; keep its copy in step with the environment.
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
 
 
-def build(variant: str, verbose: bool = False) -> Path:
-    """Compile (or find in the cache) ``variant`` and load it into this process; return its .so path.
-
-    Raises RuntimeError (with the compiler's output) when the build fails, and when another
-    variant is already loaded in this process.
-    """
-    global _loaded_variant
-    if variant not in ("cpu", "cuda"):
-        raise ValueError(f"variant must be 'cpu' or 'cuda', got {variant!r}")
-    if _loaded_variant is not None:
-        if _loaded_variant == variant:
-            return _library_path(variant)
-        raise RuntimeError(
-            f"the {_loaded_variant!r} gspn extension is already loaded in this process; "
-            f"the {variant!r} one defines the same ops: build it in a fresh process"
-        )
-    import torch.utils.cpp_extension as cpp_extension
-
-    name = f"dit_gspn_{variant}"
-    build_dir = cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+def build_flags(variant: str) -> dict:
+    """Everything besides the sources that decides what the build of ``variant`` produces (part of its key)."""
     defines = ["-DGSPN_WITH_CUDA"] if variant == "cuda" else []
+    flags = {"variant": variant, "torch": torch.__version__, "python": sys.version.split()[0],
+             "cxx": os.environ.get("CXX", "c++"), "ldflags": LDFLAGS}
     if variant == "cuda":
         configure_cuda_toolkit()
         for folder in _missing_cuda_library_headers():
             defines += ["-isystem", str(folder)]
+        flags.update(cuda_home=cuda_home(), torch_cuda=torch.version.cuda,
+                     arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"), cuda_cflags=CUDA_CFLAGS + defines)
+    flags["cflags"] = CFLAGS + defines
+    return flags
+
+
+def build_key(snapshot: dict[str, bytes], flags: dict) -> str:
+    """The sha256 naming a build: of the flags and of every source's relative path and content."""
+    digest = hashlib.sha256(json.dumps(flags, sort_keys=True).encode())
+    for name in sorted(snapshot):
+        digest.update(f"\0{name}\0{len(snapshot[name])}\0".encode())
+        digest.update(snapshot[name])
+    return digest.hexdigest()
+
+
+def build_folder(variant: str, key: str) -> Path:
+    """The cache folder of the build of ``variant`` with ``key``."""
+    return cache_dir() / f"dit_gspn_{variant}-{key[:16]}"
+
+
+def finished_library(folder: Path, key: str) -> Path | None:
+    """The library of the finished build in ``folder`` when its record names ``key`` and the library's sha256
+    matches the record; None for a missing, unfinished, foreign or damaged build."""
+    try:
+        record = json.loads((folder / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    library = folder / str(record.get("library", ""))
+    if record.get("key") != key or not library.is_file() or _sha256(library) != record.get("sha256"):
+        return None
+    return library
+
+
+def build(variant: str, verbose: bool = False) -> Path:
+    """Load ``variant`` into this process, from the cache when a finished build of the same sources and flags is
+    there, else compiling it first (under the build folder's lock); return its library's path.
+
+    Raises RuntimeError (with the compiler's output) when the build fails, and when another
+    variant is already loaded in this process.
+    """
+    global _loaded
+    if variant not in ("cpu", "cuda"):
+        raise ValueError(f"variant must be 'cpu' or 'cuda', got {variant!r}")
+    if _loaded is not None:
+        if _loaded.variant == variant:
+            return _loaded.library
+        raise RuntimeError(
+            f"the {_loaded.variant!r} gspn extension is already loaded in this process; "
+            f"the {variant!r} one defines the same ops: build it in a fresh process"
+        )
+    snapshot = source_snapshot(variant)
+    flags = build_flags(variant)
+    key = build_key(snapshot, flags)
+    folder = build_folder(variant, key)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        library = finished_library(folder, key)
+        compiled = library is None
+        if compiled:
+            library = _compile(variant, folder, snapshot, flags, key, verbose)  # loads it too
+        else:
+            torch.ops.load_library(str(library))
+    _loaded = LoadedBuild(variant, library, key, compiled)
+    for hook in _hooks:
+        hook()
+    return library
+
+
+def _compile(variant: str, folder: Path, snapshot: dict[str, bytes], flags: dict, key: str, verbose: bool) -> Path:
+    """Compile ``snapshot`` in a clean ``folder``, load the library, then write the record that finishes the build."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished or damaged build: start clean
+    src = folder / "src"
+    for name, content in snapshot.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(content)
+    name = f"dit_gspn_{variant}"
+    compiled = {p.relative_to(CSRC).as_posix() for p in sources(variant)}
     path = cpp_extension.load(
         name=name,
-        sources=[str(p) for p in sources(variant)],
-        extra_cflags=CFLAGS + defines,
-        extra_cuda_cflags=CUDA_CFLAGS + defines,
-        extra_ldflags=LDFLAGS,
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(build_dir),
+        sources=[str(src / n) for n in sorted(snapshot) if n in compiled],
+        extra_cflags=flags["cflags"],
+        extra_cuda_cflags=flags.get("cuda_cflags"),
+        extra_ldflags=flags["ldflags"],
+        extra_include_paths=[str(src)],
+        build_directory=str(folder),
         with_cuda=variant == "cuda",
         is_python_module=False,
         verbose=verbose,
     )
-    _loaded_variant = variant
-    for hook in _hooks:
-        hook()
-    return Path(path) if path else _library_path(variant)
+    library = Path(path) if path else folder / f"{name}.so"
+    record = {"key": key, "library": library.name, "sha256": _sha256(library), "flags": flags,
+              "sources": sorted(snapshot), "built_from": str(CSRC), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    partial = folder / f"{BUILD_RECORD}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, folder / BUILD_RECORD)
+    return library
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _missing_cuda_library_headers() -> list[Path]:
     """Header folders of the pip CUDA libraries (cuSPARSE, cuBLAS, ...) when the toolkit lacks them.
 
-    ATen's CUDA headers include cusparse.h; a bare toolkit (such as /usr/local/cuda-13.0 here)
-    does not ship it, but torch's CUDA wheel depends on the ``nvidia-*`` packages that do.
-    They go after the toolkit's own include folder, so they only fill what it lacks.
+    ATen's CUDA headers include cusparse.h; a bare toolkit may not ship it, but torch's CUDA wheel
+    depends on the ``nvidia-*`` packages that do. They go after the toolkit's own include folder,
+    so they only fill what it lacks.
     """
-    import torch.utils.cpp_extension as cpp_extension
-
-    home = cpp_extension.CUDA_HOME
+    home = cuda_home()
     if home and (Path(home) / "include" / "cusparse.h").exists():
         return []
     site = Path(torch.__file__).resolve().parent.parent / "nvidia"
     return sorted(p for p in site.glob("*/include") if (p / "cusparse.h").exists())
-
-
-def _library_path(variant: str) -> Path:
-    return cache_dir() / f"dit_gspn_{variant}" / f"dit_gspn_{variant}.so"
 
 
 def _variant_for(device_type: str) -> str:
@@ -152,9 +256,9 @@ def load(device_type: str) -> bool:
     if device_type not in ("cpu", "cuda"):
         return False
     variant = _variant_for(device_type)
-    if _loaded_variant is not None:
+    if _loaded is not None:
         # The CUDA variant serves CPU tensors too; the CPU variant cannot serve CUDA tensors.
-        return _loaded_variant == variant or _loaded_variant == "cuda"
+        return _loaded.variant in (variant, "cuda")
     if variant in _failed:
         return False
     try:
@@ -187,13 +291,18 @@ def require_kernels(op: str, impl: str, device: torch.device, ready, fallback: s
 
 def loaded_variant() -> str | None:
     """The variant loaded in this process ("cpu", "cuda"), or None."""
-    return _loaded_variant
+    return _loaded.variant if _loaded is not None else None
+
+
+def loaded_build() -> LoadedBuild | None:
+    """The build loaded in this process (and whether this process compiled it), or None."""
+    return _loaded
 
 
 def on_load(hook) -> None:
     """Run ``hook()`` once the library is loaded (now, if it already is): Python-side op registrations."""
     _hooks.append(hook)
-    if _loaded_variant is not None:
+    if _loaded is not None:
         hook()
 
 
