@@ -19,8 +19,9 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from dit_gspn.cli import ArgumentParser, run_main  # noqa: E402 (after the OpenMP setting)
+from dit_gspn.resources import CONFIGS  # noqa: E402
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
 
 
 def main(argv=None) -> int:

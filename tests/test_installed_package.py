@@ -97,8 +97,6 @@ def test_the_installed_demo_trains_from_its_shipped_config(installed, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "0000002" / "ema" / "config.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="dit_gspn/demo.py resolves configs/ next to the package (the checkout's "
-                   "layout); it needs DEMO_CONFIG = dit_gspn.resources.CONFIGS / 'demo.yaml' (not this branch's file)")
 def test_the_installed_demo_finds_its_default_config(installed):
     result = installed(code="from pathlib import Path; from dit_gspn import demo; print(Path(demo.DEMO_CONFIG).is_file())")
     assert result.returncode == 0, result.stderr[-4000:]
