@@ -86,12 +86,14 @@ class EvalInput:
                         sizes.setdefault(img.size, path)
                 except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                     raise EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); "
-                                         f"remove or replace it") from err
+                                         f"remove or replace it, or make a reference of the folder with "
+                                         f"python -m evaluation.reference (skips such files)") from err
                 if len(sizes) > 1:
                     (first_size, first), (size, odd) = list(sizes.items())[:2]
                     raise EvalInputError(f"{odd} is {size[0]}x{size[1]} pixels but {first} (and the files before "
                                          f"it) {first_size[0]}x{first_size[1]}: every image of {self.path} must "
-                                         f"have the same size")
+                                         f"have the same size; python -m evaluation.reference {self.path} "
+                                         f"--image-size S center-crops them (ADM's crop) into a reference")
         elif self.has_images:
             self.count  # noqa: B018  (reads and checks arr_0's header)
 

@@ -66,7 +66,7 @@ def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = 
     arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_savez(path, *arrays)
+    atomic_savez(path, *arrays)
     return path
 
 
@@ -82,7 +82,8 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def _atomic_savez(path: Path, *arrays, **named) -> None:
+def atomic_savez(path: Path, *arrays, **named) -> None:
+    """``np.savez`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, *arrays, **named)
@@ -203,7 +204,7 @@ def sample_shards(model, plan: BatchPlan, shard_dir: Path, *, info: SamplingInfo
             out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
                 plan.seed, indices), size=size, **sample_kwargs)
             images = to_uint8(decode(out, info, vae, decode_batch_size))
-        _atomic_savez(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
+        atomic_savez(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
                       rank=np.int64(rank))
         bar.update(_images_done(plan, shard_dir) - bar.n)
     bar.close()
