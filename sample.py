@@ -17,8 +17,8 @@ import torch
 from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
 from dit_gspn.diffusion import SAMPLERS, check_num_steps, check_sampler, default_sampler
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
-from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, decode, load_model, load_vae, read_checkpoint_info,
-                                          vae_scale_factor)
+from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, checkpoint_sha256, decode, load_model, load_vae,
+                                          read_checkpoint_info, vae_scale_factor)
 from dit_gspn.sampling.grid import save_labelled_grid
 from dit_gspn.sampling.sampler import model_size, sample
 
@@ -163,8 +163,9 @@ def main(argv=None) -> int:
     if args.num_samples is not None:
         out = args.out or "samples/samples.npz"
         plan = BatchPlan(args.num_samples, info.num_classes, args.batch_size, args.class_mode, args.seed)
-        settings = dict(ckpt=str(Path(args.ckpt).resolve()), weights=args.weights, model=args.model,
-                        vae=info.vae, size=list(size), bf16=args.bf16, **sampler_kwargs)
+        settings = dict(ckpt=str(Path(args.ckpt).resolve()),
+                        checkpoint_sha256=checkpoint_sha256(args.ckpt, args.weights), weights=args.weights, model=args.model, objective=info.objective, vae=info.vae,
+                        size=list(size), bf16=args.bf16, **sampler_kwargs)
         run_batch(model, plan, out, info=info, settings=settings, vae=vae, rank=state.process_index,
                   world_size=state.num_processes, barrier=state.wait_for_everyone, keep_shards=args.keep_shards,
                   size=size, bf16=args.bf16, decode_batch_size=args.decode_batch_size, **sampler_kwargs)

@@ -24,7 +24,9 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
-from .inputs import EvalInput, EvalInputError, open_input, sha256_file
+from dit_gspn.hashing import sha256_file
+
+from .inputs import EvalInput, EvalInputError, open_input
 from .weights import resolve_inception_weights
 
 FEATURE_EXTRACTOR = "inception-v3-compat"

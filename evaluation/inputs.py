@@ -7,7 +7,6 @@ memory at once.
 """
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,21 +19,14 @@ from PIL import Image, UnidentifiedImageError
 
 from dit_gspn.cli import MissingFileError, UserError
 from dit_gspn.data.image_folder import to_rgb_array
+from dit_gspn.hashing import sha256_file, sha256_files
+from dit_gspn.sampling.provenance import read_provenance
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_CHUNK = 1 << 22
 
 
 class EvalInputError(UserError, ValueError):
     """An evaluation input that cannot be used; the message names the file and what is wrong."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -48,10 +40,7 @@ class EvalInput:
     def sha256(self) -> str:
         if self.kind != "folder":
             return sha256_file(self.path)
-        digest = hashlib.sha256()
-        for file in self.files:
-            digest.update(str(file.relative_to(self.path)).encode() + b"\0" + sha256_file(file).encode())
-        return digest.hexdigest()
+        return sha256_files(self.path, self.files)
 
     @cached_property
     def files(self) -> list[Path]:
@@ -139,7 +128,13 @@ class EvalInput:
                              f"not IS, KID or precision/recall")
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind, "sha256": self.sha256, "count": self.count}
+        """What the report says of this input; a sample ``.npz``'s provenance file (how it was drawn) is copied."""
+        entry = {"path": str(self.path), "kind": self.kind, "sha256": self.sha256, "count": self.count}
+        if self.kind != "folder":
+            provenance = read_provenance(self.path)
+            if provenance is not None:
+                entry["provenance"] = provenance
+        return entry
 
 
 def open_input(path: str | Path) -> EvalInput:

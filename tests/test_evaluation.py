@@ -286,3 +286,16 @@ def test_reference_resumes_from_its_finished_chunks(random_weights, tmp_path, mo
         np.testing.assert_array_equal(a["mu"], b["mu"])
     with pytest.raises(UserError, match="already exists"):
         reference.build_reference(folder, tmp_path / "whole.npz", 32, **kwargs)
+
+
+def test_the_report_copies_a_sample_npz_provenance(full_report, sets, random_weights, tmp_path):
+    from dit_gspn.sampling.provenance import write_provenance
+
+    samples = tmp_path / "samples.npz"
+    write_npz(samples, sets["b"])
+    write_provenance(samples, {"checkpoint_sha256": "ab" * 32, "sampler": "euler", "num_steps": 50}, len(sets["b"]))
+    report = evaluate(samples, sets["root"] / "a_stats.npz", metrics=["fid"], weights=random_weights, settings=FAST)
+    provenance = report["inputs"][0]["provenance"]
+    assert provenance["checkpoint_sha256"] == "ab" * 32 and provenance["count"] == N
+    assert provenance["samples"] == "samples.npz" and "torch" in provenance["versions"]
+    assert "provenance" not in report["inputs"][1]

@@ -1,7 +1,9 @@
 """DiT's and SiT's own checkpoint files (made here in their train.py's exact format, small sizes) load and
 sample as those projects' sampling equations say: ADM's DDPM for DiT, SiT's velocity ODE for SiT."""
 import argparse
+import hashlib
 import importlib.util
+import json
 import pathlib
 import pickle
 from pathlib import Path
@@ -123,6 +125,13 @@ def test_dit_checkpoint_samples_through_sample_py_as_adms_ddpm(tmp_path):
                               "--seed", str(seed), "--cpu", "--out", str(out)]) == 0
     images, labels = read_npz(out)
     np.testing.assert_array_equal(labels, BatchPlan(n, CLASSES, 32, "uniform", seed).labels())
+    provenance = json.loads((tmp_path / "samples.provenance.json").read_text())
+    assert provenance["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert {k: provenance[k] for k in ("sampler", "num_steps", "cfg_scale", "seed", "num_samples", "count",
+                                       "class_mode", "weights", "model", "objective")} == dict(
+        sampler="ddpm", num_steps=steps, cfg_scale=1.0, seed=seed, num_samples=n, count=n, class_mode="uniform",
+        weights="ema", model="DiT-XL/2", objective="ddpm")
+    assert provenance["versions"]["torch"] == torch.__version__ and provenance["guided_channels"] is None
 
     # ADM's p_sample loop (tests/adm_oracle.py, float64) on DiT's network as DiT's sample.py calls it.
     net64 = ema.double()

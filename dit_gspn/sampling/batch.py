@@ -27,6 +27,7 @@ from dit_gspn.cli import OutputExistsError, UserError, check_output_path
 
 from .checkpoint import SamplingInfo, decode
 from .grid import to_uint8
+from .provenance import provenance_path, write_provenance
 from .sampler import sample
 
 CLASS_MODES = ("uniform", "balanced")
@@ -150,10 +151,11 @@ def _shard_done(path: Path, expected: np.ndarray) -> bool:
 
 
 def check_batch_output(out: str | Path) -> None:
-    """Refuse an ``out`` that exists (it would be overwritten) before any sampling starts."""
+    """Refuse an ``out`` (or its provenance file) that exists, as it would be overwritten, before any sampling."""
     out = Path(out)
-    if out.exists():
-        raise OutputExistsError(f"{out} already exists: delete it or choose another --out")
+    for path in (out, provenance_path(out)):
+        if path.exists():
+            raise OutputExistsError(f"{path} already exists: delete it or choose another --out")
     check_output_path(out)
 
 
@@ -234,7 +236,8 @@ def assemble(plan: BatchPlan, shard_dir: Path, out: str | Path) -> Path:
 def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, settings: dict, vae=None,
               rank: int = 0, world_size: int = 1, barrier=lambda: None, keep_shards: bool = False,
               **kwargs) -> Path | None:
-    """The whole batch job for one process: check/record settings, draw shards, and (main process) assemble.
+    """The whole batch job for one process: check/record settings, draw shards, and (main process) assemble
+    them into ``out`` with its provenance file (``settings``, the plan, versions; see ``provenance``).
 
     ``barrier`` waits for all processes (e.g. ``PartialState().wait_for_everyone``). Returns the ``.npz`` path
     on the main process, None elsewhere.
@@ -252,6 +255,7 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
     if rank != 0:
         return None
     path = assemble(plan, shard_dir, out)
+    write_provenance(path, settings, plan.num_samples)
     skipped = len(plan.shards_of(0, world_size)) - len(drawn)
     print(f"wrote {path} ({plan.num_samples} samples; this process drew {len(drawn)} shards in {elapsed:.1f} s"
           f"{f', skipped {skipped} finished ones' if skipped else ''})", flush=True)

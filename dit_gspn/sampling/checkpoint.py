@@ -18,6 +18,7 @@ import torch
 
 from dit_gspn.cli import MissingFileError, UserError
 from dit_gspn.diffusion import OBJECTIVES
+from dit_gspn.hashing import sha256_path
 
 SAMPLING_FILE = "sampling.json"
 WEIGHT_FOLDERS = ("ema", "model")
@@ -200,6 +201,15 @@ def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = 
     if num_classes is not None and num_classes != info.num_classes:
         raise CheckpointError(f"{ckpt} holds a model of {info.num_classes} classes, not {num_classes}")
     return model.eval(), info
+
+
+def checkpoint_sha256(ckpt: str | Path, weights: str = "ema") -> str:
+    """The sha256 of what ``load_model`` reads: a ``.pt`` file, a training checkpoint's ``weights`` folder,
+    or a save_pretrained folder."""
+    ckpt = Path(ckpt)
+    if ckpt.is_dir() and (ckpt / SAMPLING_FILE).is_file():
+        return sha256_path(ckpt / weights)
+    return sha256_path(ckpt)
 
 
 def load_plain_values(path: Path, allowed: list = ()):
