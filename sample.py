@@ -22,10 +22,6 @@ from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, checkpoint_sha256, dec
 from dit_gspn.sampling.grid import save_labelled_grid
 from dit_gspn.sampling.sampler import model_size, sample
 
-#: DiT's sample.py classes (ImageNet ids), used for 1000-class models.
-IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     src = p.add_argument_group("model")
@@ -119,7 +115,9 @@ def check_classes(classes: list[int] | None, num_classes: int) -> None:
 def grid_classes(args, num_classes: int) -> list[int]:
     if args.classes is not None:
         return args.classes
-    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 8)))
+    from dit_gspn.training.grids import default_grid_classes
+
+    return default_grid_classes(num_classes)
 
 
 def main(argv=None) -> int:
