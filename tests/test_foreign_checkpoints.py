@@ -108,10 +108,21 @@ def _initial_noise(n, seed):
     return torch.cat([torch.randn((1, 4, LATENT, LATENT), generator=g) for g in gens]).double(), gens
 
 
-def _decoded(latents, vae_dir, scale=0.18215):
+def _sample_py_npz(model_name, ckpt, vae_dir, sampler, steps, n, seed, out):
+    """sample.py's batch mode on a .pt checkpoint (4 heads, a local VAE, CPU); the .npz's (images, labels)."""
+    assert _sample_py_main()(["--model", model_name, "--ckpt", str(ckpt), "--num-heads", "4", "--vae", str(vae_dir),
+                              "--sampler", sampler, "--num-steps", str(steps), "--num-samples", str(n),
+                              "--seed", str(seed), "--cpu", "--out", str(out)]) == 0
+    return read_npz(out)
+
+
+def _assert_decodes_to(images, latents, vae_dir, scale=0.18215):
+    """``images`` (uint8) are ``latents`` decoded by the VAE, up to a rounding flip in under 1% of the values."""
     vae = load_vae(str(vae_dir))
     with torch.no_grad():
-        return to_uint8(vae.decode(latents.float() / scale).sample.clamp(-1, 1))
+        expected = to_uint8(vae.decode(latents.float() / scale).sample.clamp(-1, 1))
+    diff = np.abs(images.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 def test_dit_checkpoint_samples_through_sample_py_as_adms_ddpm(tmp_path):
@@ -119,11 +130,7 @@ def test_dit_checkpoint_samples_through_sample_py_as_adms_ddpm(tmp_path):
     _, ema = save_train_py_checkpoint(path)
     vae_dir = _tiny_vae_dir(tmp_path)
     n, steps, seed = 4, 5, 3
-    out = tmp_path / "samples.npz"
-    assert _sample_py_main()(["--model", "DiT-XL/2", "--ckpt", str(path), "--num-heads", "4", "--vae", str(vae_dir),
-                              "--sampler", "ddpm", "--num-steps", str(steps), "--num-samples", str(n),
-                              "--seed", str(seed), "--cpu", "--out", str(out)]) == 0
-    images, labels = read_npz(out)
+    images, labels = _sample_py_npz("DiT-XL/2", path, vae_dir, "ddpm", steps, n, seed, tmp_path / "samples.npz")
     np.testing.assert_array_equal(labels, BatchPlan(n, CLASSES, 32, "uniform", seed).labels())
     provenance = json.loads((tmp_path / "samples.provenance.json").read_text())
     assert provenance["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -144,8 +151,7 @@ def test_dit_checkpoint_samples_through_sample_py_as_adms_ddpm(tmp_path):
 
     draw = lambda: torch.cat([torch.randn((1, 4, LATENT, LATENT), generator=g) for g in gens]).double()
     oracle = adm.ddpm_loop(model_fn, x, steps, draw, learned=True, clip=False)
-    diff = np.abs(images.astype(int) - _decoded(oracle, vae_dir).astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    _assert_decodes_to(images, oracle, vae_dir)
 
 
 def sit_euler(net, x, labels, sigmas, cfg_scale=1.0):
@@ -188,15 +194,10 @@ def test_sit_checkpoint_through_sample_py_and_a_non_linear_sit_refused(tmp_path)
     _, ema = save_train_py_checkpoint(path, project="SiT")
     vae_dir = _tiny_vae_dir(tmp_path)
     n, steps, seed = 2, 4, 5
-    out = tmp_path / "sit.npz"
-    assert _sample_py_main()(["--model", "SiT-XL/2", "--ckpt", str(path), "--num-heads", "4", "--vae", str(vae_dir),
-                              "--sampler", "euler", "--num-steps", str(steps), "--num-samples", str(n),
-                              "--seed", str(seed), "--cpu", "--out", str(out)]) == 0
-    images, labels = read_npz(out)
+    images, labels = _sample_py_npz("SiT-XL/2", path, vae_dir, "euler", steps, n, seed, tmp_path / "sit.npz")
     x, _ = _initial_noise(n, seed)
     oracle = sit_euler(ema.double(), x, torch.as_tensor(labels), make_schedule("euler", steps).scheduler.sigmas)
-    diff = np.abs(images.astype(int) - _decoded(oracle, vae_dir).astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    _assert_decodes_to(images, oracle, vae_dir)
 
     raw = torch.load(path, weights_only=False)
     raw["args"].path_type = "GVP"
