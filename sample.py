@@ -18,23 +18,22 @@ from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_out
 from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, check_num_steps, check_sampler, default_num_steps, default_sampler
 from dit_gspn.diffusion.flow import check_shift
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
-from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, decode, load_model, load_vae, read_checkpoint_info,
-                                          vae_scale_factor)
+from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, checkpoint_sha256, decode, load_model, load_vae,
+                                          read_checkpoint_info, vae_scale_factor)
 from dit_gspn.sampling.grid import save_labelled_grid
 from dit_gspn.sampling.sampler import check_guidance_interval, model_size, sample
-
-#: DiT's sample.py classes (ImageNet ids), used for 1000-class models.
-IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
-
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     src = p.add_argument_group("model")
     src.add_argument("--ckpt", required=True, help="a training checkpoint dir (sampling.json, ema/, model/), a "
-                     "save_pretrained folder, or with --model a state-dict .pt file")
+                     "save_pretrained folder, or with --model DiT's or SiT's .pt (a released state dict or their "
+                     "train.py checkpoint)")
     src.add_argument("--weights", choices=WEIGHT_FOLDERS, default="ema", help="which weights of a training checkpoint")
-    src.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2) for a state-dict --ckpt")
-    src.add_argument("--num-classes", type=int, default=1000, help="class count of a state-dict --ckpt")
+    src.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2), or SiT-XL/2 etc. for a SiT model, "
+                     "of a .pt --ckpt; its sizes and class count are read from the state dict's shapes")
+    src.add_argument("--num-heads", type=int, default=None,
+                     help="attention heads of a .pt --ckpt whose width is not the zoo model's")
     src.add_argument("--vae", default=None, help="AutoencoderKL hub name or local folder (overrides the checkpoint's)")
     src.add_argument("--image-size", type=int, nargs="+", default=None, metavar=("H", "W"),
                      help="pixels; another size than the training one needs a model without positional embedding")
@@ -74,7 +73,7 @@ def check_args(p, args) -> None:
     """The arguments' ranges and combinations, before anything is loaded."""
     if args.image_size is not None and (len(args.image_size) not in (1, 2) or min(args.image_size) < 1):
         p.error(f"--image-size takes H or H W (positive pixels), got {' '.join(map(str, args.image_size))}")
-    for flag in ("num_steps", "batch_size", "decode_batch_size", "per_class", "num_samples", "guided_channels"):
+    for flag in ("num_steps", "num_heads", "batch_size", "decode_batch_size", "per_class", "num_samples", "guided_channels"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -119,10 +118,18 @@ def map_size(model, info, vae, pixels: tuple[int, int] | None) -> tuple[int, int
     return (pixels[0] // factor, pixels[1] // factor)
 
 
+def check_classes(classes: list[int] | None, num_classes: int) -> None:
+    bad = [c for c in (classes or []) if c >= num_classes]
+    if bad:
+        raise UserError(f"--classes {bad}: the model has {num_classes} classes, ids 0..{num_classes - 1}")
+
+
 def grid_classes(args, num_classes: int) -> list[int]:
     if args.classes is not None:
         return args.classes
-    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 8)))
+    from dit_gspn.training.grids import default_grid_classes
+
+    return default_grid_classes(num_classes)
 
 
 def main(argv=None) -> int:
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     # Everything the arguments and the checkpoint's sampling.json can tell is checked before any weights load.
-    info = read_checkpoint_info(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
+    info = read_checkpoint_info(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae)
     sampler = args.sampler or default_sampler(info.objective)
     try:
         check_sampler(sampler, info.objective)
@@ -146,9 +153,8 @@ def main(argv=None) -> int:
                         f"{FLOW_SAMPLERS}, not to {sampler!r}; leave it at 1")
     if args.guided_channels is not None and info.vae is None and args.guided_channels > 3:
         raise UserError(f"--guided-channels {args.guided_channels}: a pixel-space model has 3 channels")
-    bad = [c for c in (args.classes or []) if c >= info.num_classes]
-    if bad:
-        raise UserError(f"--classes {bad}: the model has {info.num_classes} classes, ids 0..{info.num_classes - 1}")
+    if args.model is None:  # a .pt file's class count is known once its shapes are read
+        check_classes(args.classes, info.num_classes)
     if args.num_samples is not None:
         check_batch_output(args.out or "samples/samples.npz")
     elif args.out is not None and Path(args.out).is_dir():
@@ -156,7 +162,8 @@ def main(argv=None) -> int:
     check_output_path(args.out or "samples/grid.png")
 
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
-    model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.num_classes, args.vae)
+    model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae, args.num_heads)
+    check_classes(args.classes, info.num_classes)
     model.to(state.device)
     vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
     size = map_size(model, info, vae, _pixel_size(args))
@@ -171,8 +178,9 @@ def main(argv=None) -> int:
     if args.num_samples is not None:
         out = args.out or "samples/samples.npz"
         plan = BatchPlan(args.num_samples, info.num_classes, args.batch_size, args.class_mode, args.seed)
-        settings = dict(ckpt=str(Path(args.ckpt).resolve()), weights=args.weights, model=args.model,
-                        vae=info.vae, size=list(size), bf16=args.bf16, **sampler_kwargs)
+        settings = dict(ckpt=str(Path(args.ckpt).resolve()), checkpoint_sha256=checkpoint_sha256(args.ckpt, args.weights),
+                        weights=args.weights, model=args.model, objective=info.objective, vae=info.vae,
+                        size=list(size), bf16=args.bf16, **sampler_kwargs)
         run_batch(model, plan, out, info=info, settings=settings, vae=vae, rank=state.process_index,
                   world_size=state.num_processes, barrier=state.wait_for_everyone, keep_shards=args.keep_shards,
                   size=size, bf16=args.bf16, decode_batch_size=args.decode_batch_size, **sampler_kwargs)

@@ -4,7 +4,11 @@
     accelerate launch --multi_gpu --num_processes 8 train.py --config configs/gspn_xl2_256.yaml
     python train.py --config configs/demo.yaml train.steps=2000 run_dir=runs/longer   # overrides
     python train.py --config configs/demo.yaml --resume                # continue the newest checkpoint
-    python train.py --config configs/demo.yaml --resume runs/demo/checkpoints/0000200
+    python train.py --resume runs/demo/checkpoints/0000200 train.steps=4000   # its config.yaml + overrides
+
+``--resume CHECKPOINT`` takes the checkpoint's own ``config.yaml`` as the base config and applies the
+overrides on top (``--config`` is then not read); ``--resume`` alone continues the newest checkpoint of the
+``--config`` run.
 """
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-from dit_gspn.cli import ArgumentParser, run_main
+from dit_gspn.cli import ArgumentParser, MissingFileError, run_main
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("--config", default=None,
+                        help="YAML file (see configs/); not needed with --resume CHECKPOINT, whose config.yaml is used")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue the run: alone, from its newest checkpoint; or from the checkpoint folder given")
     parser.add_argument("--allow-config-change", action="store_true",
@@ -28,14 +33,31 @@ def parse_args(argv=None):
     if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
         args.overrides.insert(0, args.resume)  # `--resume key=value`: the value was an override
         args.resume = "latest"
+    if args.config is None and args.resume in (None, "latest"):
+        parser.error("--config is required (or --resume CHECKPOINT, whose own config.yaml is the base)")
     return args
+
+
+def base_config_path(args) -> Path:
+    """The YAML the run's config starts from: a resumed checkpoint's own config.yaml, else ``--config``."""
+    if args.resume not in (None, "latest"):
+        saved = Path(args.resume) / "config.yaml"
+        if saved.is_file():
+            if args.config is not None:
+                print(f"note: --resume {args.resume}: its config.yaml is the base config; --config {args.config} "
+                      f"is not read (put changes in key=value overrides)", file=sys.stderr, flush=True)
+            return saved
+    if args.config is None:
+        raise MissingFileError(f"--resume {args.resume}: {Path(args.resume) / 'config.yaml'} does not exist; a "
+                               f"training checkpoint holds it (or pass --config with the run's config)")
+    return Path(args.config)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dit_gspn.training import load_config, train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(base_config_path(args), args.overrides)
     result = train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {result.step} (loss {result.loss:.4f}); checkpoint: {result.checkpoint}"

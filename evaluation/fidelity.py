@@ -24,7 +24,9 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
-from .inputs import EvalInput, EvalInputError, open_input, sha256_file
+from dit_gspn.hashing import sha256_file
+
+from .inputs import EvalInput, EvalInputError, open_input
 from .weights import resolve_inception_weights
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -84,11 +86,16 @@ class InceptionFeatures:
         with tqdm(total=source.count, unit="img", desc=f"features {source.path.name}", disable=not progress,
                   leave=False) as bar:
             for batch in source.batches(batch_size):
-                features = self.model.convert_features_tuple_to_dict(self.model(batch.to(self.device)))
-                for layer in self.layers:
-                    parts[layer].append(features[layer].cpu())
+                for layer, feature in self.batch_features(batch).items():
+                    parts[layer].append(feature)
                 bar.update(len(batch))
         return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
+
+    @torch.no_grad()
+    def batch_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (B, 3, H, W) images -> {layer: (B, D) features on the CPU}."""
+        features = self.model.convert_features_tuple_to_dict(self.model(images.to(self.device)))
+        return {layer: features[layer].cpu() for layer in self.layers}
 
 
 def fid_stats(features: torch.Tensor) -> dict[str, np.ndarray]:

@@ -7,7 +7,6 @@ memory at once.
 """
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,21 +19,14 @@ from PIL import Image, UnidentifiedImageError
 
 from dit_gspn.cli import MissingFileError, UserError
 from dit_gspn.data.image_folder import to_rgb_array
+from dit_gspn.hashing import sha256_file, sha256_files
+from dit_gspn.sampling.provenance import read_provenance
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_CHUNK = 1 << 22
 
 
 class EvalInputError(UserError, ValueError):
     """An evaluation input that cannot be used; the message names the file and what is wrong."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -48,10 +40,7 @@ class EvalInput:
     def sha256(self) -> str:
         if self.kind != "folder":
             return sha256_file(self.path)
-        digest = hashlib.sha256()
-        for file in self.files:
-            digest.update(str(file.relative_to(self.path)).encode() + b"\0" + sha256_file(file).encode())
-        return digest.hexdigest()
+        return sha256_files(self.path, self.files)
 
     @cached_property
     def files(self) -> list[Path]:
@@ -86,12 +75,14 @@ class EvalInput:
                         sizes.setdefault(img.size, path)
                 except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                     raise EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); "
-                                         f"remove or replace it") from err
+                                         f"remove or replace it, or make a reference of the folder with "
+                                         f"python -m evaluation.reference (skips such files)") from err
                 if len(sizes) > 1:
                     (first_size, first), (size, odd) = list(sizes.items())[:2]
                     raise EvalInputError(f"{odd} is {size[0]}x{size[1]} pixels but {first} (and the files before "
                                          f"it) {first_size[0]}x{first_size[1]}: every image of {self.path} must "
-                                         f"have the same size")
+                                         f"have the same size; python -m evaluation.reference {self.path} "
+                                         f"--image-size S center-crops them (ADM's crop) into a reference")
         elif self.has_images:
             self.count  # noqa: B018  (reads and checks arr_0's header)
 
@@ -137,7 +128,13 @@ class EvalInput:
                              f"not IS, KID or precision/recall")
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind, "sha256": self.sha256, "count": self.count}
+        """What the report says of this input; a sample ``.npz``'s provenance file (how it was drawn) is copied."""
+        entry = {"path": str(self.path), "kind": self.kind, "sha256": self.sha256, "count": self.count}
+        if self.kind != "folder":
+            provenance = read_provenance(self.path)
+            if provenance is not None:
+                entry["provenance"] = provenance
+        return entry
 
 
 def open_input(path: str | Path) -> EvalInput:

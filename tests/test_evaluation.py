@@ -16,6 +16,7 @@ import torch.nn as nn
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from dit_gspn.cli import UserError
 from dit_gspn.sampling.batch import write_npz
 from evaluation import ENV_WEIGHTS, Settings, evaluate, resolve_inception_weights
 from evaluation import open_input
@@ -213,3 +214,88 @@ def test_input_errors_are_actionable(sets, random_weights, tmp_path):
         evaluate(other, root / "b.npz", metrics=["fid"], weights=random_weights, settings=FAST)
     with pytest.raises(ValueError, match="statistics of 64-d features, but the feature layer is 2048"):
         evaluate(root / "a_stats.npz", root / "b.npz", metrics=["fid"], weights=random_weights)
+
+
+def _user_folder(root):
+    """Class folders as users have them: sizes that differ, PNG and JPEG, a nested folder, one corrupt file."""
+    rng = np.random.default_rng(3)
+    sizes = {"cat/a.png": (40, 52), "cat/sub/b.jpg": (64, 48), "cat/c.png": (33, 33), "dog/d.png": (32, 90),
+             "dog/e.jpg": (70, 70), "dog/f.png": (48, 40)}
+    for name, (h, w) in sizes.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_images(int(rng.integers(100)), (1.0, 0.7, 0.5))[0]).resize((w, h)).save(root / name)
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return sorted(root / name for name in sizes)
+
+
+def test_reference_from_a_user_folder_skips_the_corrupt_file_and_serves_the_evaluator(random_weights, sets,
+                                                                                      tmp_path, capsys):
+    from dit_gspn.data import center_crop_arr
+    from evaluation.reference import main as reference_main
+
+    folder = tmp_path / "my_images"
+    good = _user_folder(folder)
+    with pytest.raises(UserError, match="(readable image|same size).*evaluation.reference"):
+        evaluate(sets["root"] / "a.npz", folder, metrics=["fid"], weights=random_weights, settings=FAST)
+
+    ref, batch = tmp_path / "ref.npz", tmp_path / "ref_batch.npz"
+    assert reference_main([str(folder), "--image-size", "32", "--out", str(ref), "--images-npz", str(batch),
+                           "--weights", str(random_weights), "--chunk-size", "3", "--feature-layer", LAYER,
+                           "--device", "cpu", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "from 6 of 7 files, skipped 1 unreadable" in out and "broken.png" in err
+    assert "broken.png" in (tmp_path / "ref.npz.skipped.txt").read_text()
+    assert not (tmp_path / "ref.npz.parts").exists()
+    # The batch holds ADM's crop of every readable file, in sorted order.
+    crops = np.stack([center_crop_arr(Image.open(p).convert("RGB"), 32) for p in good])
+    with np.load(batch) as data:
+        np.testing.assert_array_equal(data["arr_0"], crops)
+    # Statistics summed over chunks equal torch-fidelity's of the same images (evaluated from the batch).
+    from_stats = evaluate(sets["root"] / "b.npz", ref, metrics=["fid"], weights=random_weights, settings=FAST)
+    from_images = evaluate(sets["root"] / "b.npz", batch, metrics=["fid"], weights=random_weights, settings=FAST)
+    assert from_stats["inputs"][1]["kind"] == "stats"
+    assert from_stats["metrics"]["frechet_inception_distance"] == pytest.approx(
+        from_images["metrics"]["frechet_inception_distance"], rel=1e-6)
+    assert evaluation_main([str(sets["root"] / "b.npz"), str(ref), "--weights", str(random_weights),
+                            "--metrics", "fid", "--feature-layer", LAYER, "--device", "cpu", "--quiet"]) == 0
+
+
+def test_reference_resumes_from_its_finished_chunks(random_weights, tmp_path, monkeypatch, capsys):
+    import evaluation.reference as reference
+
+    folder = tmp_path / "my_images"
+    _user_folder(folder)
+    kwargs = dict(weights=random_weights, chunk_size=2, feature_layer=LAYER, progress=False)
+    whole = reference.build_reference(folder, tmp_path / "whole.npz", 32, **kwargs)
+    process, calls = reference.process_chunk, []
+
+    def killed_after_two(*args, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        process(*args, **kw)
+
+    monkeypatch.setattr(reference, "process_chunk", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        reference.build_reference(folder, tmp_path / "resumed.npz", 32, **kwargs)
+    monkeypatch.setattr(reference, "process_chunk", process)
+    resumed = reference.build_reference(folder, tmp_path / "resumed.npz", 32, **kwargs)
+    assert resumed["reused_chunks"] == 2 and whole["reused_chunks"] == 0 and resumed["count"] == whole["count"] == 6
+    with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        np.testing.assert_allclose(a["sigma"], b["sigma"], rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(a["mu"], b["mu"])
+    with pytest.raises(UserError, match="already exists"):
+        reference.build_reference(folder, tmp_path / "whole.npz", 32, **kwargs)
+
+
+def test_the_report_copies_a_sample_npz_provenance(full_report, sets, random_weights, tmp_path):
+    from dit_gspn.sampling.provenance import write_provenance
+
+    samples = tmp_path / "samples.npz"
+    write_npz(samples, sets["b"])
+    write_provenance(samples, {"checkpoint_sha256": "ab" * 32, "sampler": "euler", "num_steps": 50}, len(sets["b"]))
+    report = evaluate(samples, sets["root"] / "a_stats.npz", metrics=["fid"], weights=random_weights, settings=FAST)
+    provenance = report["inputs"][0]["provenance"]
+    assert provenance["checkpoint_sha256"] == "ab" * 32 and provenance["count"] == N
+    assert provenance["samples"] == "samples.npz" and "torch" in provenance["versions"]
+    assert "provenance" not in report["inputs"][1]

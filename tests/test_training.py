@@ -320,3 +320,54 @@ def test_gradient_checkpointing_matches_and_bf16_trains(tmp_path, fresh_accelera
     assert torch.isfinite(torch.tensor(bf16.loss))
     assert not torch.equal(bf16.model.state_dict()["final_layer.linear.weight"],
                            plain.model.state_dict()["final_layer.linear.weight"])
+
+
+def _train_py_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _logged_steps(folder: Path, tag: str) -> list[int]:
+    """Every step of ``tag`` in the run's TensorBoard event files, as TensorBoard reads them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), purge_orphaned_data=True)
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_resume_from_an_earlier_checkpoint_uses_its_config_and_purges_abandoned_tensorboard_steps(
+        tmp_path, fresh_accelerate_state, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(run, logging={"tensorboard": True}, checkpoint={"every": 2, "keep_last": 3}))
+    assert _logged_steps(run / "tensorboard", "train/loss") == [1, 2, 3, 4, 5, 6]
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    # The demo preset is another model: were it the base, the resume would be refused as a changed config.
+    assert _train_py_main()(["--config", str(REPO / "configs" / "demo.yaml"), "--resume",
+                             str(run / "checkpoints" / "0000002"), "train.steps=5"]) == 0
+    captured = capsys.readouterr()
+    assert "config.yaml is the base config" in captured.err and "trained to step 5" in captured.out
+    assert _logged_steps(run / "tensorboard", "train/loss") == [1, 2, 3, 4, 5]
+
+
+def test_presets_grid_classes_follow_the_models_class_count(monkeypatch, tmp_path):
+    from dit_gspn.training.grids import IMAGENET_GRID_CLASSES, grid_labels
+    from dit_gspn.training.trainer import set_compile_cache
+
+    preset = load_config(REPO / "configs" / "gspn_xl2_256.yaml")
+    assert grid_labels(1000, preset["logging"]["sample_classes"], 1) == (IMAGENET_GRID_CLASSES, 8)
+    assert grid_labels(10, preset["logging"]["sample_classes"], 2) == (list(range(10)) * 2, 10)
+    assert grid_labels(3, preset["logging"]["sample_classes"], 1) == ([0, 1, 2], 3)
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert set_compile_cache() == tmp_path / ".cache" / "dit_gspn" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".cache" / "dit_gspn" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert set_compile_cache() == tmp_path / "mine"

@@ -280,7 +280,7 @@ def test_a_planted_pickle_is_refused_with_one_line_and_never_runs(trained_run, t
 
     evil = tmp_path / "weights.pt"
     evil.write_bytes(pickle.dumps({"x_embedder.proj.weight": _Planted(marker)}))
-    proc = run_here(load_script("sample").main, ["--model", "GSPN-S/4", "--ckpt", evil, "--num-classes", "10",
+    proc = run_here(load_script("sample").main, ["--model", "GSPN-S/4", "--ckpt", evil,
                                                  "--cpu", "--out", tmp_path / "grid.png"], capsys)
     assert_one_line_error(proc, str(evil), "refused")
     assert not marker.exists()

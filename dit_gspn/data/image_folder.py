@@ -39,6 +39,17 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+#: What PIL raises for a file it cannot decode (truncated, not an image, a broken header).
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+
+
+def adm_crop_file(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """The image file at ``path`` as ADM's center crop: uint8 (S, S, 3) RGB. Raises one of
+    ``UNREADABLE_IMAGE_ERRORS`` for a file that does not decode."""
+    with Image.open(path) as img:
+        return center_crop_arr(Image.fromarray(to_rgb_array(img)), image_size)
+
+
 @dataclass
 class ImageBatch:
     """A collated batch: the images that decoded, their labels and dataset indices, and the files skipped."""
@@ -79,9 +90,8 @@ class ClassFolderImages(Dataset):
         path, label = self.files[index]
         item = {"image": None, "label": label, "index": index, "path": path, "error": None}
         try:
-            with Image.open(path) as img:
-                arr = center_crop_arr(Image.fromarray(to_rgb_array(img)), self.image_size)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            arr = adm_crop_file(path, self.image_size)
+        except UNREADABLE_IMAGE_ERRORS as exc:
             item["error"] = f"{type(exc).__name__}: {exc}"
             return item
         item["image"] = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0

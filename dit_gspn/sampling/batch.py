@@ -27,6 +27,7 @@ from dit_gspn.cli import OutputExistsError, UserError, check_output_path
 
 from .checkpoint import SamplingInfo, decode
 from .grid import to_uint8
+from .provenance import provenance_path, write_provenance
 from .sampler import sample
 
 CLASS_MODES = ("uniform", "balanced")
@@ -68,7 +69,7 @@ def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = 
     arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_savez(path, *arrays)
+    atomic_savez(path, *arrays)
     return path
 
 
@@ -84,7 +85,8 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def _atomic_savez(path: Path, *arrays, **named) -> None:
+def atomic_savez(path: Path, *arrays, **named) -> None:
+    """``np.savez`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, *arrays, **named)
@@ -151,10 +153,11 @@ def _shard_done(path: Path, expected: np.ndarray) -> bool:
 
 
 def check_batch_output(out: str | Path) -> None:
-    """Refuse an ``out`` that exists (it would be overwritten) before any sampling starts."""
+    """Refuse an ``out`` (or its provenance file) that exists, as it would be overwritten, before any sampling."""
     out = Path(out)
-    if out.exists():
-        raise OutputExistsError(f"{out} already exists: delete it or choose another --out")
+    for path in (out, provenance_path(out)):
+        if path.exists():
+            raise OutputExistsError(f"{path} already exists: delete it or choose another --out")
     check_output_path(out)
 
 
@@ -205,7 +208,7 @@ def sample_shards(model, plan: BatchPlan, shard_dir: Path, *, info: SamplingInfo
             out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
                 plan.seed, indices), size=size, **sample_kwargs)
             images = to_uint8(decode(out, info, vae, decode_batch_size))
-        _atomic_savez(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
+        atomic_savez(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
                       rank=np.int64(rank))
         bar.update(_images_done(plan, shard_dir) - bar.n)
     bar.close()
@@ -235,7 +238,8 @@ def assemble(plan: BatchPlan, shard_dir: Path, out: str | Path) -> Path:
 def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, settings: dict, vae=None,
               rank: int = 0, world_size: int = 1, barrier=lambda: None, keep_shards: bool = False,
               **kwargs) -> Path | None:
-    """The whole batch job for one process: check/record settings, draw shards, and (main process) assemble.
+    """The whole batch job for one process: check/record settings, draw shards, and (main process) assemble
+    them into ``out`` with its provenance file (``settings``, the plan, versions; see ``provenance``).
 
     ``barrier`` waits for all processes (e.g. ``PartialState().wait_for_everyone``). Returns the ``.npz`` path
     on the main process, None elsewhere.
@@ -253,6 +257,7 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
     if rank != 0:
         return None
     path = assemble(plan, shard_dir, out)
+    write_provenance(path, settings, plan.num_samples)
     skipped = len(plan.shards_of(0, world_size)) - len(drawn)
     print(f"wrote {path} ({plan.num_samples} samples; this process drew {len(drawn)} shards in {elapsed:.1f} s"
           f"{f', skipped {skipped} finished ones' if skipped else ''})", flush=True)

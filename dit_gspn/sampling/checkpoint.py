@@ -11,7 +11,6 @@ A training checkpoint is a directory holding ``model/`` and ``ema/`` (each writt
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from dit_gspn.cli import MissingFileError, UserError
 from dit_gspn.diffusion import OBJECTIVES
+from dit_gspn.hashing import sha256_path
 
 SAMPLING_FILE = "sampling.json"
 WEIGHT_FOLDERS = ("ema", "model")
@@ -105,8 +105,12 @@ def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
     if model_name is not None:
         from dit_gspn.models import DiT_models
 
-        if model_name not in DiT_models:
-            raise CheckpointError(f"--model {model_name!r} is not a zoo model; known: {', '.join(DiT_models)}")
+        from .sit import SIT_PREFIX, network_name
+
+        if network_name(model_name) not in DiT_models:
+            sit_names = [SIT_PREFIX + n[len("DiT-"):] for n in DiT_models if n.startswith("DiT-")]
+            raise CheckpointError(f"--model {model_name!r} is not a zoo model; known: "
+                                  f"{', '.join([*DiT_models, *sit_names])}")
         if not ckpt.is_file():
             raise MissingFileError(f"state-dict file {ckpt} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
         return "state_dict"
@@ -129,16 +133,18 @@ def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
 
 
 def read_checkpoint_info(ckpt: str | Path, weights: str = "ema", model_name: str | None = None,
-                         image_size: tuple[int, int] | None = None, num_classes: int = 1000,
-                         vae: str | None = None) -> SamplingInfo:
+                         image_size: tuple[int, int] | None = None, vae: str | None = None) -> SamplingInfo:
     """The SamplingInfo ``load_model`` gives for these arguments, read without loading any weights, so that
-    a command can check its other arguments first. (For a state-dict file the image size is the one given:
-    the training size is only known once its positional embedding is read.)"""
+    a command can check its other arguments first. (For a state-dict file the image size is the one given and
+    the class count ImageNet's: its training size and class count are only known once its shapes are read.)"""
     ckpt = Path(ckpt)
     kind = _checkpoint_kind(ckpt, weights, model_name)
     if kind == "state_dict":
+        from .sit import is_sit_name
+
         size = image_size or (256, 256)
-        return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, tuple(size), num_classes)
+        return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, tuple(size), 1000,
+                            objective="flow" if is_sit_name(model_name) else "ddpm")
     if kind == "training":
         info = SamplingInfo.read(ckpt / SAMPLING_FILE)
         if vae is not None:
@@ -166,27 +172,44 @@ def _from_pretrained(folder: Path):
 
 
 def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = None,
-               image_size: tuple[int, int] | None = None, num_classes: int = 1000, vae: str | None = None):
+               image_size: tuple[int, int] | None = None, vae: str | None = None, num_heads: int | None = None,
+               num_classes: int | None = None):
     """(model in eval mode on CPU, SamplingInfo) from any of the three checkpoint forms.
 
     - a training checkpoint directory (``sampling.json``, ``ema/``, ``model/``): ``weights`` picks the folder;
     - a ``save_pretrained`` folder (``config.json``): latent or pixel space inferred from its in_channels;
-    - ``model_name`` (a zoo name such as ``DiT-XL/2``) with a state-dict file, e.g. DiT's official
-      ``DiT-XL-2-256x256.pt``; the training size is read from its positional embedding (else
-      ``image_size``, pixels, default 256).
+    - ``model_name`` (a zoo name such as ``DiT-XL/2``, or ``SiT-XL/2`` for a SiT model) with DiT's or SiT's
+      ``.pt`` file: a released state dict (``DiT-XL-2-256x256.pt``) or their train.py checkpoint, whose
+      ``weights`` (``ema`` by default) are taken; the sizes come from the state dict's shapes
+      (``num_heads`` where the width is not the zoo's), see ``state_dict_file``.
+    ``num_classes``, if given, must be the checkpoint's class count (a CheckpointError otherwise).
     ``vae`` overrides the checkpoint's VAE (a hub name or a local folder). Nothing is unpickled beyond
     tensors and plain values.
     """
     ckpt = Path(ckpt)
     kind = _checkpoint_kind(ckpt, weights, model_name)
     if kind == "state_dict":
-        return _load_state_dict_file(ckpt, model_name, image_size or (256, 256), num_classes, vae)
-    info = read_checkpoint_info(ckpt, weights, model_name, image_size, num_classes, vae)
-    model = _from_pretrained(ckpt / weights if kind == "training" else ckpt)
-    if info.num_classes != model.num_classes:
-        raise CheckpointError(f"{ckpt / SAMPLING_FILE} says num_classes={info.num_classes} but the model has "
-                              f"{model.num_classes}")
+        from .state_dict_file import load_state_dict_file
+
+        model, info = load_state_dict_file(ckpt, model_name, weights, image_size, vae, num_heads)
+    else:
+        info = read_checkpoint_info(ckpt, weights, model_name, image_size, vae)
+        model = _from_pretrained(ckpt / weights if kind == "training" else ckpt)
+        if info.num_classes != model.num_classes:
+            raise CheckpointError(f"{ckpt / SAMPLING_FILE} says num_classes={info.num_classes} but the model has "
+                                  f"{model.num_classes}")
+    if num_classes is not None and num_classes != info.num_classes:
+        raise CheckpointError(f"{ckpt} holds a model of {info.num_classes} classes, not {num_classes}")
     return model.eval(), info
+
+
+def checkpoint_sha256(ckpt: str | Path, weights: str = "ema") -> str:
+    """The sha256 of what ``load_model`` reads: a ``.pt`` file, a training checkpoint's ``weights`` folder,
+    or a save_pretrained folder."""
+    ckpt = Path(ckpt)
+    if ckpt.is_dir() and (ckpt / SAMPLING_FILE).is_file():
+        return sha256_path(ckpt / weights)
+    return sha256_path(ckpt)
 
 
 def load_plain_values(path: Path, allowed: list = ()):
@@ -198,33 +221,12 @@ def load_plain_values(path: Path, allowed: list = ()):
     except FileNotFoundError as err:
         raise MissingFileError(f"{path} is missing") from err
     except Exception as err:  # UnpicklingError for a planted object; anything else is a damaged file
+        lines = str(err).splitlines() or [""]
+        # torch names the refused object on a later line ("... Unsupported global: GLOBAL module.name ...").
+        why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
         raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values (loading a "
                               f"checkpoint never needs to run code), or it is damaged ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
-
-
-def _load_state_dict_file(path: Path, model_name: str, image_size, num_classes: int, vae: str | None):
-    from dit_gspn.models import create_model
-
-    state = load_plain_values(path)
-    if isinstance(state, dict) and isinstance(state.get("ema"), dict):
-        state = state["ema"]  # a DiT training checkpoint rather than a released model
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (names -> tensors)")
-    if "pos_embed" in state:
-        # The training size is in the stored positional embedding: (1, (size / patch)^2, hidden).
-        grid = math.isqrt(state["pos_embed"].shape[1])
-        latent_size = grid * int(model_name.rsplit("/", 1)[-1])
-    else:
-        latent_size = image_size[0] // 8
-    model = create_model(model_name, input_size=latent_size, num_classes=num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit {model_name} at {8 * latent_size}px with {num_classes} "
-                              f"classes: {state_dict_mismatch(model, state)}") from err
-    return model.eval(), SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * latent_size, 8 * latent_size),
-                                      num_classes)
+                              f"{why})") from err
 
 
 def state_dict_mismatch(model: torch.nn.Module, state: dict) -> str:

@@ -78,7 +78,7 @@ DEFAULTS: dict = {
         "every": 100,               # steps between TensorBoard scalars and the bar's loss
         "tensorboard": True,
         "sample_every": 0,          # steps between labelled sample grids (0: only at the end)
-        "sample_classes": None,     # class ids in the grid; None: up to 10 spread over the classes
+        "sample_classes": None,     # class ids in the grid; None: DiT's for 1000 classes, else up to 10 spread
         "samples_per_class": 1,
         "sampler": None,            # None: the objective's default (ddpm: "ddpm", flow: "euler")
         "sample_steps": None,       # None: the sampler's default (250 for ddpm, 50 for euler, ...)

@@ -14,10 +14,23 @@ from dit_gspn.sampling.checkpoint import SamplingInfo, decode, load_vae
 from .config import ConfigError
 
 
+#: DiT's sample.py classes (ImageNet ids): the default grid of a 1000-class model.
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def default_grid_classes(num_classes: int) -> list[int]:
+    """The classes a grid shows when none are named: DiT's ImageNet ones for 1000 classes, else up to 10
+    spread evenly over the model's classes."""
+    if num_classes == 1000:
+        return list(IMAGENET_GRID_CLASSES)
+    return np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
+
+
 def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> tuple[list[int], int]:
-    """(labels, images per row): one column per class (``classes``, or up to 10 spread evenly), ``per_class`` rows."""
+    """(labels, images per row): one column per class (``classes``, or ``default_grid_classes``), ``per_class``
+    rows."""
     if classes is None:
-        classes = np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
+        classes = default_grid_classes(num_classes)
     bad = [c for c in classes if not 0 <= int(c) < num_classes]
     if bad:
         raise ConfigError(f"logging.sample_classes {bad} are outside [0, {num_classes}): the data has "

@@ -12,6 +12,7 @@ RNG; a checkpoint stores the position and every state, so a resumed run repeats 
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -137,6 +138,13 @@ def _run_folders(run_dir: Path, logging: dict) -> list[Path]:
     return folders
 
 
+def set_compile_cache() -> Path:
+    """Point torch.compile's cache at ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``~/.cache/dit_gspn/inductor``
+    (not a temp folder that is recompiled into every run); returns it."""
+    default = Path.home() / ".cache" / "dit_gspn" / "inductor"
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+
+
 def _open_run_folder(config: dict, resume: str | None, allow_config_change: bool, acc) -> Path | None:
     """Check that every folder the run writes to is writable, undo what a killed run left in its checkpoints,
     and return the checkpoint to resume (None: a fresh start), its config compared with ``config``."""
@@ -233,6 +241,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
         scheduler_state = load_lr_scheduler_state(checkpoint)
         rng = find_rng_state(checkpoint, acc.process_index) if state["num_processes"] == acc.num_processes else None
     if tc["compile"]:
+        set_compile_cache()
         model.compile()
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
@@ -258,7 +267,8 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     tensorboard = None
     if acc.is_main_process and lc["tensorboard"]:
         from torch.utils.tensorboard import SummaryWriter
-        tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        # A resume from an earlier checkpoint drops the abandoned run's events after it (they are logged again).
+        tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if checkpoint else None)
     batches = _micro_batches(data.dataset, micro_batch, acc, seed, *position, int(config["data"]["num_workers"]))
 
     total = int(tc["steps"])

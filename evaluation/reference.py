@@ -1,0 +1,207 @@
+"""python -m evaluation.reference FOLDER --image-size 256 --out ref_stats.npz [--images-npz ref_batch.npz]
+
+The step ADM's reference batches come from, for the user's own images: every image file under FOLDER
+(recursively, so ImageNet-style class folders too, any sizes), ADM's center crop at ``--image-size``, then
+Inception-v3 pool features -> FID statistics (``mu``, ``sigma``, with the Inception weights' hash) that
+``python -m evaluation SAMPLES ref_stats.npz`` takes as the reference; optionally the crops as an ADM-style
+``.npz`` (``arr_0``, uint8 N x S x S x 3). A file that does not decode is skipped, never fatal: each is listed in
+``<out>.skipped.txt`` and counted in the summary. Work is saved every ``--chunk-size`` images in
+``<out>.parts/`` (feature sums, crops if asked): run the same command again after a kill and the finished
+chunks are kept.
+
+The statistics are torch-fidelity's (mean, unbiased covariance) accumulated in float64 as sums over chunks,
+so an ImageNet-sized folder never holds its features in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dit_gspn.cli import ArgumentParser, MissingFileError, OutputExistsError, check_output_path, run_main
+from dit_gspn.data.image_folder import UNREADABLE_IMAGE_ERRORS, adm_crop_file
+from dit_gspn.sampling.batch import atomic_savez, check_manifest
+
+from .fidelity import FEATURE_LAYERS, POOL, InceptionFeatures, write_stats
+from .inputs import EvalInput, EvalInputError
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively), in sorted order: the same files the evaluator reads."""
+    if not folder.is_dir():
+        raise MissingFileError(f"image folder {folder} does not exist")
+    files = EvalInput(folder, "folder").files
+    if not files:
+        raise EvalInputError(f"{folder} holds no image files (searched recursively)")
+    return files
+
+
+def listing_sha256(folder: Path, files: list[Path]) -> str:
+    """A hash of the folder's listing (relative paths and sizes): what a resumed run must find unchanged."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(folder)}\0{file.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def _chunk_path(parts: Path, k: int) -> Path:
+    return parts / f"chunk_{k:06d}.npz"
+
+
+def _chunk_done(path: Path) -> bool:
+    try:
+        with np.load(path) as data:
+            return {"count", "sum", "outer", "skipped"} <= set(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        path.unlink(missing_ok=True)  # a damaged chunk (never written by us: writes are atomic) is redone
+        return False
+
+
+def process_chunk(files: list[Path], path: Path, extractor: InceptionFeatures, image_size: int,
+                  batch_size: int, keep_images: bool, bar) -> None:
+    """Crop, featurise and sum one chunk of files into ``path``; unreadable files go to its ``skipped``."""
+    (layer,) = extractor.layers
+    dim = int(layer)
+    total, outer = np.zeros(dim), np.zeros((dim, dim))
+    crops, skipped = [], []
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for file in files[start:start + batch_size]:
+            try:
+                batch.append(adm_crop_file(file, image_size))
+            except UNREADABLE_IMAGE_ERRORS as err:
+                skipped.append(f"{file}\t{type(err).__name__}: {err}")
+            bar.update(1)
+        if not batch:
+            continue
+        images = np.stack(batch)
+        features = extractor.batch_features(torch.from_numpy(images).permute(0, 3, 1, 2))[layer].double().numpy()
+        total += features.sum(0)
+        outer += features.T @ features
+        if keep_images:
+            crops.append(images)
+    named = dict(count=np.int64(len(files) - len(skipped)), sum=total, outer=outer, skipped=np.asarray(json.dumps(skipped)))
+    if keep_images:
+        named["images"] = np.concatenate(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
+    atomic_savez(path, **named)
+
+
+def statistics_from_sums(count: int, total: np.ndarray, outer: np.ndarray) -> dict[str, np.ndarray]:
+    """mu and the unbiased covariance (torch-fidelity's, numpy's ``cov``) from the sums of x and x x^T."""
+    mu = total / count
+    sigma = (outer - count * np.outer(mu, mu)) / (count - 1)
+    return {"mu": mu, "sigma": sigma}
+
+
+def write_images_npz(path: Path, chunk_paths: list[Path], count: int, image_size: int) -> None:
+    """The crops of every chunk as one ADM-layout ``.npz`` (``arr_0``), streamed: one chunk in memory at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    header = {"descr": "|u1", "fortran_order": False, "shape": (count, image_size, image_size, 3)}
+    with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, \
+            archive.open("arr_0.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in chunk_paths:
+            with np.load(chunk) as data:
+                f.write(np.ascontiguousarray(data["images"]).tobytes())
+    tmp.replace(path)
+
+
+def build_reference(folder: str | Path, out: str | Path, image_size: int, *, weights=None,
+                    images_npz: str | Path | None = None, chunk_size: int = 10_000, batch_size: int = 50,
+                    device: str = "cpu", feature_layer: str = POOL, progress: bool = True) -> dict:
+    """Write ``out`` (FID statistics) and optionally ``images_npz`` from ``folder``; returns a summary dict
+    (count, skipped files with reasons, reused chunks). Resumes from ``<out>.parts/``."""
+    folder, out = Path(folder), Path(out)
+    for target in (out, images_npz):
+        if target is not None and Path(target).exists():
+            raise OutputExistsError(f"{target} already exists: delete it or choose another path")
+        if target is not None:
+            check_output_path(target)
+    files = image_files(folder)
+    extractor = InceptionFeatures(weights, device, (feature_layer,))
+    parts = out.with_name(out.name + ".parts")
+    listing = listing_sha256(folder, files)
+    settings = dict(folder=str(folder.resolve()), image_size=image_size, chunk_size=chunk_size, files=len(files),
+                    listing_sha256=listing, weights_sha256=extractor.weights_sha256, images=images_npz is not None,
+                    feature_layer=feature_layer)
+    check_manifest(parts, settings, write=True)
+    chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
+    done = [_chunk_done(_chunk_path(parts, k)) for k in range(len(chunks))]
+    reused = sum(done)
+    with tqdm(total=len(files), initial=sum(len(c) for c, d in zip(chunks, done) if d), unit="img",
+              desc="reference", disable=not progress, dynamic_ncols=True) as bar:
+        for k, chunk in enumerate(chunks):
+            if not done[k]:
+                process_chunk(chunk, _chunk_path(parts, k), extractor, image_size, batch_size,
+                              images_npz is not None, bar)
+    count, total, outer, skipped = 0, 0.0, 0.0, []
+    for k in range(len(chunks)):
+        with np.load(_chunk_path(parts, k)) as data:
+            count += int(data["count"])
+            total = total + data["sum"]
+            outer = outer + data["outer"]
+            skipped += json.loads(str(data["skipped"]))
+    if count < 2:
+        raise EvalInputError(f"{folder}: only {count} of {len(files)} image files could be read; FID statistics "
+                             f"need at least 2 images")
+    write_stats(out, statistics_from_sums(count, total, outer), weights_sha256=extractor.weights_sha256,
+                count=count, source_sha256=listing)
+    if images_npz is not None:
+        write_images_npz(Path(images_npz), [_chunk_path(parts, k) for k in range(len(chunks))], count, image_size)
+    skipped_list = out.with_name(out.name + ".skipped.txt")
+    if skipped:
+        skipped_list.write_text("\n".join(skipped) + "\n")
+    shutil.rmtree(parts)
+    return {"count": count, "files": len(files), "skipped": skipped, "skipped_list": str(skipped_list),
+            "reused_chunks": reused, "chunks": len(chunks)}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m evaluation.reference", description=__doc__)
+    p.add_argument("folder", help="a folder of images, searched recursively (class folders included)")
+    p.add_argument("--image-size", type=int, required=True, help="ADM's center crop to this square size (pixels)")
+    p.add_argument("--out", required=True, help="the reference statistics .npz to write")
+    p.add_argument("--images-npz", default=None, help="also write the crops as an ADM-style .npz (arr_0)")
+    p.add_argument("--weights", default=None, help="Inception-v3 state dict (as python -m evaluation --weights)")
+    p.add_argument("--chunk-size", type=int, default=10_000, help="images per resumable chunk")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--feature-layer", choices=FEATURE_LAYERS, default=POOL,
+                   help="Inception features (2048 = the standard pool layer; the evaluator's --feature-layer)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for flag in ("image_size", "chunk_size", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("out", "images_npz"):
+        value = getattr(args, flag)
+        if value is not None and Path(value).suffix != ".npz":
+            p.error(f"--{flag.replace('_', '-')} {value}: the file is written as an .npz")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    summary = build_reference(args.folder, args.out, args.image_size, weights=args.weights,
+                              images_npz=args.images_npz, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                              device=args.device, feature_layer=args.feature_layer, progress=not args.quiet)
+    for line in summary["skipped"][:10]:
+        print(f"warning: skipped {line.replace(chr(9), ': ', 1)}", file=sys.stderr)
+    more = f" (all listed in {summary['skipped_list']})" if summary["skipped"] else ""
+    reused = f"; kept {summary['reused_chunks']} finished chunks" if summary["reused_chunks"] else ""
+    print(f"wrote {args.out} from {summary['count']} of {summary['files']} files, skipped "
+          f"{len(summary['skipped'])} unreadable{more}{reused}"
+          f"{f'; crops in {args.images_npz}' if args.images_npz else ''}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
