@@ -92,22 +92,27 @@ def train_classifier(image_size: int, per_class: int, epochs: int, seed: int,
     return net, accuracy
 
 
-def evaluate_model(name: str, config_path: Path, overrides: list[str], run_dir: Path, classifiers: dict,
+def evaluate_model(spec: str, config_path: Path, overrides: list[str], run_dir: Path, classifiers: dict,
                    samples_per_class: int, sample_steps: int, seed: int) -> dict:
-    """Train ``name`` with the demo config, then score its EMA's samples (``score_samples``)."""
+    """Train the model ``spec`` names with the demo config, then score its EMA's samples (``score_samples``).
+
+    ``spec`` is a zoo name, optionally followed by overrides of its own: ``GSPN-S/4,model.gspn_gate_groups=null``.
+    """
     from accelerate.state import AcceleratorState, PartialState
 
     from dit_gspn.training import load_config, train
     from dit_gspn.training.config import resolve_objective
 
-    config = resolve_objective(load_config(config_path, [*overrides, f"model.name={name}", f"run_dir={run_dir}"]))
+    name, *own_overrides = spec.split(",")
+    config = resolve_objective(load_config(config_path, [*overrides, *own_overrides, f"model.name={name}",
+                                                         f"run_dir={run_dir}"]))
     start = time.perf_counter()
     result = train(config)
     train_seconds = time.perf_counter() - start
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     return {
-        "model": name, "params": sum(p.numel() for p in result.ema.parameters()),
+        "model": spec, "params": sum(p.numel() for p in result.ema.parameters()),
         "train_steps": result.step, "train_seconds": round(train_seconds, 1), "final_loss": round(result.loss, 4),
         **score_samples(result.ema.eval(), config, classifiers, samples_per_class, sample_steps, seed),
         "checkpoint": str(result.checkpoint), "grid": str(result.grid),
@@ -187,7 +192,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--models", nargs="+", default=None,
-                        help="zoo names to compare (default: the demo's GSPN model and its DiT twin)")
+                        help="zoo names to compare (default: the demo's GSPN model and its DiT twin), each "
+                             "optionally with overrides of its own: GSPN-S/4,model.gspn_gate_groups=null")
     parser.add_argument("--samples-per-class", type=int, default=20)
     parser.add_argument("--sample-steps", type=int, default=None, help="default: the config's logging.sample_steps")
     parser.add_argument("--classifier-per-class", type=int, default=300)
@@ -223,10 +229,9 @@ def main(argv=None) -> dict:
         runs = Path(args.runs or tempfile.mkdtemp(prefix="demo_quality_"))
         for name in models:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            results.append({"seed": seed, **evaluate_model(name, Path(args.config), overrides,
-                                                           runs / f"{name.replace('/', '_')}-s{seed}-{stamp}",
-                                                           classifiers, args.samples_per_class, sample_steps,
-                                                           seed=seed)})
+            run_dir = runs / f"{name.split(',')[0].replace('/', '_')}-s{seed}-{stamp}"
+            results.append({"seed": seed, **evaluate_model(name, Path(args.config), overrides, run_dir, classifiers,
+                                                           args.samples_per_class, sample_steps, seed=seed)})
             print(json.dumps(results[-1]), flush=True)
     report = {
         "what": "accuracy of a CNN trained on real built-in shapes, applied to class-conditional samples "
