@@ -150,9 +150,15 @@ template <bool kAdd, typename acc_t, typename dst_t>
 void scatter_frame(const acc_t* frame, const ScanGeometry& geo, dst_t* plane) {
   for (int64_t s = 0; s < geo.steps; ++s) {
     const acc_t* in = frame + s * geo.lanes;
-    for (int64_t l = 0; l < geo.lanes; ++l) {
-      dst_t& out = plane[geo.offset(s, l)];
-      out = kAdd ? static_cast<dst_t>(acc_t(out) + in[l]) : static_cast<dst_t>(in[l]);
+    if (geo.lane_stride == 1) {
+      dst_t* row = plane + geo.origin + s * geo.step_stride;
+      for (int64_t l = 0; l < geo.lanes; ++l)
+        row[l] = kAdd ? static_cast<dst_t>(acc_t(row[l]) + in[l]) : static_cast<dst_t>(in[l]);
+    } else {
+      for (int64_t l = 0; l < geo.lanes; ++l) {
+        dst_t& out = plane[geo.offset(s, l)];
+        out = kAdd ? static_cast<dst_t>(acc_t(out) + in[l]) : static_cast<dst_t>(in[l]);
+      }
     }
   }
 }
