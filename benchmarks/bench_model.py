@@ -7,17 +7,17 @@ Two sections (``--sections``, default both):
   AdamW step under bf16 autocast, batch ``--train-batch``) at each of ``--resolutions``, the
   sampling step time (forward with classifier-free guidance at batch 2 x ``--sample-batch``) at
   each of ``--sample-resolutions`` (default: the same), and the peak memory of each; a model that
-  runs out of memory is recorded as such and the sweep goes on. With ``--rounds R`` the whole
-  GSPN, DiT sequence is measured R times and each time is the median over the rounds, so that a
-  shared machine's changing load slows both models alike.
+  runs out of memory is recorded as such and the sweep goes on. With ``--interleave`` (the default
+  on a CPU) both models are built together and their timed steps alternate, so that a shared
+  machine's changing load slows both alike; each time is then the median of ``--iters`` steps.
 - ``mixer``: the whole GSPN mixer (projections included), forward + backward, with the fused scan
   against the same mixer on the unfused ops (``gspn_scan_impl("composed")``); the issue's target
   is a 3x speed-up.
 
 Defaults by device: on a GPU, B/2 and XL/2 at 256 512 1024 2048 pixels (4-channel latents of
-32..256), batch 8 for both steps, one round. On a CPU, the issue-15 comparison: S/2 and B/2, the
-training step at 256 px with batch 4 and the sampling step at 1024 px with batch 1, 3 rounds (any
-of these can be set). JSON goes to ``--out`` (with the device named), a plot of step time and
+32..256), batch 8 for both steps. On a CPU, the issue-15 comparison: S/2 and B/2, the training
+step at 256 px with batch 4 and the sampling step at 1024 px with batch 1, interleaved (any of
+these can be set). JSON goes to ``--out`` (with the device named), a plot of step time and
 memory against resolution to ``--plot``. ``--smoke`` runs tiny models at tiny sizes in seconds
 (on CPU), to test the script, not to measure anything.
 
@@ -108,7 +108,8 @@ def bench_model(name: str, resolution: int, args, device: torch.device, override
     return row
 
 
-def _bench_training(model, latent: int, args, device: torch.device) -> dict:
+def training_step(model, latent: int, args, device: torch.device):
+    """One training step of ``model`` (forward + backward + AdamW under bf16 autocast) as a closure."""
     model.train()
     # As the trainer builds it (fused: one kernel per parameter).
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type in ("cpu", "cuda"))
@@ -126,6 +127,11 @@ def _bench_training(model, latent: int, args, device: torch.device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _bench_training(model, latent: int, args, device: torch.device) -> dict:
+    step = training_step(model, latent, args, device)
     try:
         reset_peak_memory(device)
         ms = time_call(step, device, args.warmup, args.iters)
@@ -135,12 +141,12 @@ def _bench_training(model, latent: int, args, device: torch.device) -> dict:
             raise
         return {"train_step_ms": None, "train_peak_mib": None, "train_oom": True}
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer
+        del step
         reset_peak_memory(device)
 
 
-def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
+def sampling_step(model, latent: int, args, device: torch.device):
+    """One sampling step of ``model`` (the CFG forward at batch 2 x sample_batch, bf16 autocast) as a closure."""
     model.eval()
     n = args.sample_batch
     half = torch.randn(n, LATENT_CHANNELS, latent, latent, device=device)
@@ -154,6 +160,11 @@ def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
         with autocast(device):
             model.forward_with_cfg(x, t, y, cfg_scale=4.0)
 
+    return step
+
+
+def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
+    step = sampling_step(model, latent, args, device)
     try:
         reset_peak_memory(device)
         ms = time_call(step, device, args.warmup, args.iters)
@@ -162,6 +173,38 @@ def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
         if not is_out_of_memory(exc):
             raise
         return {"sample_step_ms": None, "sample_peak_mib": None, "sample_oom": True}
+
+
+def bench_pair_interleaved(size: str, resolution: int, args, device: torch.device, overrides: dict) -> list[dict]:
+    """GSPN-<size> and DiT-<size> at ``resolution`` with their timed steps alternating (a GSPN step, a DiT
+    step, ...), so that a shared machine's changing load falls on both alike. Both models stay resident and
+    out-of-memory is not caught: for a CPU, where bench_model's one-model-at-a-time sweep cannot compare."""
+    latent = resolution // VAE_DOWNSAMPLE
+    rows, models = {}, {}
+    for family in ("GSPN", "DiT"):
+        name = f"{family}-{size}"
+        models[family] = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS,
+                                      num_classes=args.num_classes, **overrides)
+        rows[family] = {"model": name, "resolution": resolution, "latent": latent, "train_batch": args.train_batch,
+                        "sample_batch": args.sample_batch,
+                        "params_m": sum(p.numel() for p in models[family].parameters()) / 1e6,
+                        "tokens": (latent // models[family].patch_size) ** 2}
+    for kind, resolutions, make in (("train", args.resolutions, training_step),
+                                    ("sample", args.sample_resolutions, sampling_step)):
+        if resolution not in resolutions:
+            continue
+        steps = {family: make(model, latent, args, device) for family, model in models.items()}
+        times = {family: [] for family in steps}
+        for _ in range(args.warmup):
+            for step in steps.values():
+                step()
+        for _ in range(args.iters):
+            for family, step in steps.items():
+                times[family].append(time_callable(step, device, warmup=0, repeat=1)["median_ms"])
+        for family, row in rows.items():
+            row.update({f"{kind}_step_ms": statistics.median(times[family]), f"{kind}_step_ms_each": times[family],
+                        f"{kind}_peak_mib": None, f"{kind}_oom": False})
+    return [rows["GSPN"], rows["DiT"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,21 +286,6 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
-def median_over_rounds(rounds: list[list[dict]]) -> list[dict]:
-    """Rows of several rounds (same models, same order) -> one row each, every time the median over the
-    rounds (the per-round times kept as ``*_rounds``); a row that ran out of memory in any round stays OOM."""
-    merged = []
-    for same in zip(*rounds):
-        row = dict(same[-1])
-        for key in ("train_step_ms", "sample_step_ms"):
-            values = [r.get(key) for r in same]
-            if key in row and all(v is not None for v in values):
-                row[key] = statistics.median(values)
-                row[f"{key}_rounds"] = values
-        merged.append(row)
-    return merged
-
-
 def plot(report: dict, path: Path) -> None:
     """Train/sample step time and peak memory against resolution, one line per model; OOM marked x."""
     import matplotlib
@@ -313,7 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=None, help="default: 8 on a GPU, 4 on a CPU")
     p.add_argument("--sample-batch", type=int, default=None,
                    help="N; the CFG forward runs at 2N (default: 8 on a GPU, 1 on a CPU)")
-    p.add_argument("--rounds", type=int, default=None, help="default: 1 on a GPU, 3 on a CPU")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate GSPN's and DiT's timed steps (default: on a CPU)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -323,14 +352,12 @@ def parse_args(argv=None):
     cpu = torch.device(args.device).type == "cpu"
     defaults = {"sizes": ["S/2", "B/2"] if cpu else ["B/2", "XL/2"],
                 "resolutions": [256] if cpu else [256, 512, 1024, 2048],
-                "train_batch": 4 if cpu else 8, "sample_batch": 1 if cpu else 8, "rounds": 3 if cpu else 1}
+                "train_batch": 4 if cpu else 8, "sample_batch": 1 if cpu else 8, "interleave": cpu}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.sample_resolutions is None:
         args.sample_resolutions = [1024] if cpu and args.resolutions == [256] else list(args.resolutions)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -341,7 +368,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.sizes, args.resolutions, args.sample_resolutions = ["S/2"], [32, 64], [32, 64]
         args.train_batch = args.sample_batch = 1
-        args.warmup, args.iters, args.rounds = 0, 1, 1
+        args.warmup, args.iters = 0, 1
         overrides = {"depth": 1, "hidden_size": 32, "num_heads": 2}
 
     report = {"device": device_description(device), "smoke": args.smoke, "torch_threads": torch.get_num_threads(),
@@ -349,16 +376,17 @@ def main(argv=None) -> dict:
                                                   for k, v in vars(args).items()}}
     if "models" in args.sections:
         resolutions = sorted(set(args.resolutions) | set(args.sample_resolutions))
-        rounds = []
-        for r in range(args.rounds):
-            rows = []
-            for size in args.sizes:
-                for resolution in resolutions:
-                    for family in ("GSPN", "DiT"):
-                        rows.append(bench_model(f"{family}-{size}", resolution, args, device, overrides))
-                        print(json.dumps({"round": r, **rows[-1]}), flush=True)
-            rounds.append(rows)
-        report["models"] = median_over_rounds(rounds)
+        report["models"] = []
+        for size in args.sizes:
+            for resolution in resolutions:
+                if args.interleave:
+                    rows = bench_pair_interleaved(size, resolution, args, device, overrides)
+                else:
+                    rows = [bench_model(f"{family}-{size}", resolution, args, device, overrides)
+                            for family in ("GSPN", "DiT")]
+                for row in rows:
+                    report["models"].append(row)
+                    print(json.dumps(row), flush=True)
         report["goals"] = goals(report["models"])
         print(json.dumps(report["goals"], indent=1), flush=True)
     if "mixer" in args.sections:
