@@ -2,21 +2,27 @@
 
 Two sections (``--sections``, default both):
 
-- ``models``: for each size (``--sizes``, default B/2 and XL/2) and image resolution (``--resolutions``,
-  default 256 512 1024 2048 pixels, i.e. 4-channel latents of 32..256), GSPN-<size> and DiT-<size>
+- ``models``: for each size (``--sizes``) and image resolution, GSPN-<size> and DiT-<size>
   (attention through scaled_dot_product_attention): the training step time (forward + backward +
-  AdamW step under bf16 autocast, batch ``--train-batch``), the sampling step time (forward with
-  classifier-free guidance at batch 2 x ``--sample-batch``) and the peak memory of each; a model
-  that runs out of memory is recorded as such and the sweep goes on.
+  AdamW step under bf16 autocast, batch ``--train-batch``) at each of ``--resolutions``, the
+  sampling step time (forward with classifier-free guidance at batch 2 x ``--sample-batch``) at
+  each of ``--sample-resolutions`` (default: the same), and the peak memory of each; a model that
+  runs out of memory is recorded as such and the sweep goes on. With ``--interleave`` (the default
+  on a CPU) both models are built together and their timed steps alternate, so that a shared
+  machine's changing load slows both alike; each time is then the median of ``--iters`` steps.
 - ``mixer``: the whole GSPN mixer (projections included), forward + backward, with the fused scan
   against the same mixer on the unfused ops (``gspn_scan_impl("composed")``); the issue's target
   is a 3x speed-up.
 
-JSON goes to ``--out`` (with the device named), a plot of step time and memory against
-resolution to ``--plot``. ``--smoke`` runs tiny models at tiny sizes in seconds (on CPU), to test
-the script, not to measure anything.
+Defaults by device: on a GPU, B/2 and XL/2 at 256 512 1024 2048 pixels (4-channel latents of
+32..256), batch 8 for both steps. On a CPU, the issue-15 comparison: S/2 and B/2, the training
+step at 256 px with batch 4 and the sampling step at 1024 px with batch 1, interleaved (any of
+these can be set). JSON goes to ``--out`` (with the device named), a plot of step time and
+memory against resolution to ``--plot``. ``--smoke`` runs tiny models at tiny sizes in seconds
+(on CPU), to test the script, not to measure anything.
 
     python benchmarks/bench_model.py --out benchmarks/results/bench_model_gpu.json --plot benchmarks/results/bench_model_gpu.png
+    python benchmarks/bench_model.py --device cpu --out benchmarks/results/bench_model_cpu.json
 
 The scan alone (every implementation, GB/s and fraction of the copy bandwidth) is
 ``benchmarks/bench_scan.py``'s job.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,7 +81,8 @@ def autocast(device: torch.device):
 
 
 def bench_model(name: str, resolution: int, args, device: torch.device, overrides: dict) -> dict:
-    """Training and sampling step of zoo model ``name`` at ``resolution`` pixels; OOM is recorded, not raised."""
+    """Training step (if ``resolution`` is in ``args.resolutions``) and sampling step (if in
+    ``args.sample_resolutions``) of zoo model ``name`` at ``resolution`` pixels; OOM is recorded, not raised."""
     latent = resolution // VAE_DOWNSAMPLE
     row = {"model": name, "resolution": resolution, "latent": latent,
            "train_batch": args.train_batch, "sample_batch": args.sample_batch}
@@ -85,8 +93,10 @@ def bench_model(name: str, resolution: int, args, device: torch.device, override
                                  **overrides)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["tokens"] = (latent // model.patch_size) ** 2
-        row.update(_bench_training(model, latent, args, device))
-        row.update(_bench_sampling(model, latent, args, device))
+        if resolution in args.resolutions:
+            row.update(_bench_training(model, latent, args, device))
+        if resolution in args.sample_resolutions:
+            row.update(_bench_sampling(model, latent, args, device))
     except Exception as exc:  # noqa: BLE001 -- an OOM anywhere is a result; anything else is re-raised
         if not is_out_of_memory(exc):
             raise
@@ -98,9 +108,11 @@ def bench_model(name: str, resolution: int, args, device: torch.device, override
     return row
 
 
-def _bench_training(model, latent: int, args, device: torch.device) -> dict:
+def training_step(model, latent: int, args, device: torch.device):
+    """One training step of ``model`` (forward + backward + AdamW under bf16 autocast) as a closure."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    # As the trainer builds it (fused: one kernel per parameter).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type in ("cpu", "cuda"))
     n = args.train_batch
     x = torch.randn(n, LATENT_CHANNELS, latent, latent, device=device)
     t = torch.randint(0, 1000, (n,), device=device)
@@ -115,6 +127,11 @@ def _bench_training(model, latent: int, args, device: torch.device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _bench_training(model, latent: int, args, device: torch.device) -> dict:
+    step = training_step(model, latent, args, device)
     try:
         reset_peak_memory(device)
         ms = time_call(step, device, args.warmup, args.iters)
@@ -124,12 +141,12 @@ def _bench_training(model, latent: int, args, device: torch.device) -> dict:
             raise
         return {"train_step_ms": None, "train_peak_mib": None, "train_oom": True}
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer
+        del step
         reset_peak_memory(device)
 
 
-def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
+def sampling_step(model, latent: int, args, device: torch.device):
+    """One sampling step of ``model`` (the CFG forward at batch 2 x sample_batch, bf16 autocast) as a closure."""
     model.eval()
     n = args.sample_batch
     half = torch.randn(n, LATENT_CHANNELS, latent, latent, device=device)
@@ -143,6 +160,11 @@ def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
         with autocast(device):
             model.forward_with_cfg(x, t, y, cfg_scale=4.0)
 
+    return step
+
+
+def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
+    step = sampling_step(model, latent, args, device)
     try:
         reset_peak_memory(device)
         ms = time_call(step, device, args.warmup, args.iters)
@@ -153,21 +175,56 @@ def _bench_sampling(model, latent: int, args, device: torch.device) -> dict:
         return {"sample_step_ms": None, "sample_peak_mib": None, "sample_oom": True}
 
 
+def bench_pair_interleaved(size: str, resolution: int, args, device: torch.device, overrides: dict) -> list[dict]:
+    """GSPN-<size> and DiT-<size> at ``resolution`` with their timed steps alternating (a GSPN step, a DiT
+    step, ...), so that a shared machine's changing load falls on both alike. Both models stay resident and
+    out-of-memory is not caught: for a CPU, where bench_model's one-model-at-a-time sweep cannot compare."""
+    latent = resolution // VAE_DOWNSAMPLE
+    rows, models = {}, {}
+    for family in ("GSPN", "DiT"):
+        name = f"{family}-{size}"
+        models[family] = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS,
+                                      num_classes=args.num_classes, **overrides)
+        rows[family] = {"model": name, "resolution": resolution, "latent": latent, "train_batch": args.train_batch,
+                        "sample_batch": args.sample_batch,
+                        "params_m": sum(p.numel() for p in models[family].parameters()) / 1e6,
+                        "tokens": (latent // models[family].patch_size) ** 2}
+    for kind, resolutions, make in (("train", args.resolutions, training_step),
+                                    ("sample", args.sample_resolutions, sampling_step)):
+        if resolution not in resolutions:
+            continue
+        steps = {family: make(model, latent, args, device) for family, model in models.items()}
+        times = {family: [] for family in steps}
+        for _ in range(args.warmup):
+            for step in steps.values():
+                step()
+        for _ in range(args.iters):
+            for family, step in steps.items():
+                times[family].append(time_callable(step, device, warmup=0, repeat=1)["median_ms"])
+        for family, row in rows.items():
+            row.update({f"{kind}_step_ms": statistics.median(times[family]), f"{kind}_step_ms_each": times[family],
+                        f"{kind}_peak_mib": None, f"{kind}_oom": False})
+    return [rows["GSPN"], rows["DiT"]]
+
+
 # ----------------------------------------------------------------------------------------------
 # mixer
 
 
-def hidden_size(name: str) -> int:
-    """The zoo model's hidden size, read from a model built on the meta device (no memory, no init cost)."""
+def mixer_settings(name: str, overrides: dict) -> tuple[int, int | None]:
+    """The zoo model's hidden size and gate groups, read from a model built on the meta device (no memory,
+    no init cost)."""
     with torch.device("meta"):
-        return create_model(name).config.hidden_size
+        config = create_model(name, **overrides).config
+    return config.hidden_size, config.gspn_gate_groups
 
 
-def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
+def bench_mixer(dim: int, gate_groups: int | None, resolution: int, patch: int, args, device: torch.device,
+                chunk: int | None) -> dict:
     """GSPN mixer forward + backward under bf16 autocast: fused scan against the composed ops."""
     grid = resolution // VAE_DOWNSAMPLE // patch
     with torch.device(device):
-        mixer = GSPNMixer(dim, chunk=chunk)
+        mixer = GSPNMixer(dim, chunk=chunk, gate_groups=gate_groups)
     tokens = torch.randn(args.train_batch, grid * grid, dim, device=device, requires_grad=True)
 
     def step():
@@ -175,7 +232,8 @@ def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.devic
             out = mixer(tokens, (grid, grid))
         out.float().sum().backward()
 
-    row = {"dim": dim, "resolution": resolution, "grid": [grid, grid], "batch": args.train_batch, "chunk": chunk}
+    row = {"dim": dim, "gate_groups": gate_groups, "resolution": resolution, "grid": [grid, grid],
+           "batch": args.train_batch, "chunk": chunk}
     for impl in ("fused", "composed"):
         try:
             with gspn_scan_impl(None if impl == "fused" else "composed"):
@@ -198,20 +256,33 @@ def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.devic
 # reporting
 
 
+#: (size, step, resolution, target DiT time / GSPN time or None where the ratio is only reported).
+GOALS = (
+    ("XL/2", "train", 256, 1.0), ("XL/2", "train", 1024, 4.0),  # GPU
+    ("S/2", "train", 256, 1.0), ("S/2", "sample", 1024, 2.0),  # CPU, issue 15
+    ("B/2", "train", 256, None), ("B/2", "sample", 1024, None),
+)
+
+
 def goals(rows: list[dict]) -> dict:
-    """The issue's goals, evaluated where both models were measured: XL/2 train-step ratios and memory."""
+    """The issues' goals, evaluated where both models were measured: DiT's step time over GSPN's
+    (and for training whether GSPN's peak memory is below DiT's, where it is tracked)."""
     def find(model, res):
         return next((r for r in rows if r["model"] == model and r["resolution"] == res), None)
 
     out = {}
-    for res, target in ((256, 1.0), (1024, 4.0)):
-        g, d = find("GSPN-XL/2", res), find("DiT-XL/2", res)
-        if g and d and g.get("train_step_ms") and d.get("train_step_ms"):
-            speedup = d["train_step_ms"] / g["train_step_ms"]
-            entry = {"dit_over_gspn_train_time": speedup, "target": target, "met": speedup >= target}
-            if g.get("train_peak_mib") and d.get("train_peak_mib"):
-                entry["gspn_peak_below_dit"] = g["train_peak_mib"] < d["train_peak_mib"]
-            out[f"xl2_{res}px"] = entry
+    for size, step, res, target in GOALS:
+        g, d = find(f"GSPN-{size}", res), find(f"DiT-{size}", res)
+        key = f"{step}_step_ms"
+        if not (g and d and g.get(key) and d.get(key)):
+            continue
+        ratio = d[key] / g[key]
+        entry = {"dit_over_gspn_time": round(ratio, 3), "gspn_ms": g[key], "dit_ms": d[key], "target": target}
+        if target is not None:
+            entry["met"] = ratio >= target
+        if step == "train" and g.get("train_peak_mib") and d.get("train_peak_mib"):
+            entry["gspn_peak_below_dit"] = g["train_peak_mib"] < d["train_peak_mib"]
+        out[f"{size.replace('/', '')}_{step}_{res}px"] = entry
     return out
 
 
@@ -237,7 +308,7 @@ def plot(report: dict, path: Path) -> None:
             ok = [(res, v) for res, v in pts if v]
             style = "--" if name.startswith("DiT") else "-"
             line = ax.plot([p[0] for p in ok], [p[1] for p in ok], style, marker="o", label=name)[0]
-            oom = [res for res, v in pts if not v]
+            oom = [r["resolution"] for r in rows if r["model"] == name and r.get(key.split("_")[0] + "_oom")]
             if oom and ok:
                 ax.plot(oom, [max(p[1] for p in ok)] * len(oom), "x", color=line.get_color(), markersize=10)
         ax.set_xscale("log", base=2)
@@ -261,16 +332,33 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p.add_argument("--plot", type=Path, default=None, help="PNG plot of time and memory against resolution")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    p.add_argument("--sizes", nargs="+", default=["B/2", "XL/2"], help="zoo sizes, each run as GSPN- and DiT-")
-    p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512, 1024, 2048], help="image pixels")
-    p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--sample-batch", type=int, default=8, help="N; the CFG forward runs at 2N")
+    p.add_argument("--sizes", nargs="+", default=None,
+                   help="zoo sizes, each run as GSPN- and DiT- (default: B/2 XL/2 on a GPU, S/2 B/2 on a CPU)")
+    p.add_argument("--resolutions", nargs="+", type=int, default=None,
+                   help="image pixels of the training steps (default: 256 512 1024 2048 on a GPU, 256 on a CPU)")
+    p.add_argument("--sample-resolutions", nargs="+", type=int, default=None,
+                   help="image pixels of the sampling steps (default: --resolutions on a GPU, 1024 on a CPU)")
+    p.add_argument("--train-batch", type=int, default=None, help="default: 8 on a GPU, 4 on a CPU")
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="N; the CFG forward runs at 2N (default: 8 on a GPU, 1 on a CPU)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate GSPN's and DiT's timed steps (default: on a CPU)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes, one iteration: tests the script")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cpu = torch.device(args.device).type == "cpu"
+    defaults = {"sizes": ["S/2", "B/2"] if cpu else ["B/2", "XL/2"],
+                "resolutions": [256] if cpu else [256, 512, 1024, 2048],
+                "train_batch": 4 if cpu else 8, "sample_batch": 1 if cpu else 8, "interleave": cpu}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.sample_resolutions is None:
+        args.sample_resolutions = [1024] if cpu and args.resolutions == [256] else list(args.resolutions)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -278,31 +366,35 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     overrides: dict = {}
     if args.smoke:
-        args.sizes, args.resolutions = ["S/2"], [32, 64]
+        args.sizes, args.resolutions, args.sample_resolutions = ["S/2"], [32, 64], [32, 64]
         args.train_batch = args.sample_batch = 1
         args.warmup, args.iters = 0, 1
         overrides = {"depth": 1, "hidden_size": 32, "num_heads": 2}
-    elif device.type == "cpu":
-        print("warning: full-size model benchmarks on CPU take hours; use --smoke", file=sys.stderr)
 
-    report = {"device": device_description(device), "smoke": args.smoke,
+    report = {"device": device_description(device), "smoke": args.smoke, "torch_threads": torch.get_num_threads(),
               "autocast": "bfloat16", "config": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}}
     if "models" in args.sections:
+        resolutions = sorted(set(args.resolutions) | set(args.sample_resolutions))
         report["models"] = []
         for size in args.sizes:
-            for resolution in args.resolutions:
-                for family in ("GSPN", "DiT"):
-                    row = bench_model(f"{family}-{size}", resolution, args, device, overrides)
+            for resolution in resolutions:
+                if args.interleave:
+                    rows = bench_pair_interleaved(size, resolution, args, device, overrides)
+                else:
+                    rows = [bench_model(f"{family}-{size}", resolution, args, device, overrides)
+                            for family in ("GSPN", "DiT")]
+                for row in rows:
                     report["models"].append(row)
                     print(json.dumps(row), flush=True)
         report["goals"] = goals(report["models"])
+        print(json.dumps(report["goals"], indent=1), flush=True)
     if "mixer" in args.sections:
         report["mixer"] = []
         for size in args.sizes:
-            dim = overrides.get("hidden_size") or hidden_size(f"GSPN-{size}")
+            dim, gate_groups = mixer_settings(f"GSPN-{size}", overrides)
             for resolution in args.resolutions:
-                row = bench_mixer(dim, resolution, int(size.split("/")[1]), args, device, chunk=None)
+                row = bench_mixer(dim, gate_groups, resolution, int(size.split("/")[1]), args, device, chunk=None)
                 row["size"] = size
                 report["mixer"].append(row)
                 print(json.dumps(row), flush=True)

@@ -12,12 +12,18 @@ levels stretched to [0, 1] per image, so colour and brightness carry no class): 
 where the shapes themselves are drawn right.
 
     python benchmarks/demo_quality.py --out benchmarks/results/demo_quality.json
+    # equal steps, three seeds (data, initial weights, noise and the classifiers follow the seed):
+    python benchmarks/demo_quality.py --seeds 0 1 2 train.steps=700 train.time_limit_minutes=null
+
+With ``--seeds`` every model is trained and scored once per seed, and ``summary`` gives each model's
+mean and standard deviation over the seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import platform
 import sys
 import tempfile
@@ -86,22 +92,27 @@ def train_classifier(image_size: int, per_class: int, epochs: int, seed: int,
     return net, accuracy
 
 
-def evaluate_model(name: str, config_path: Path, overrides: list[str], run_dir: Path, classifiers: dict,
+def evaluate_model(spec: str, config_path: Path, overrides: list[str], run_dir: Path, classifiers: dict,
                    samples_per_class: int, sample_steps: int, seed: int) -> dict:
-    """Train ``name`` with the demo config, then score its EMA's samples (``score_samples``)."""
+    """Train the model ``spec`` names with the demo config, then score its EMA's samples (``score_samples``).
+
+    ``spec`` is a zoo name, optionally followed by overrides of its own: ``GSPN-S/4,model.gspn_gate_groups=null``.
+    """
     from accelerate.state import AcceleratorState, PartialState
 
     from dit_gspn.training import load_config, train
     from dit_gspn.training.config import resolve_objective
 
-    config = resolve_objective(load_config(config_path, [*overrides, f"model.name={name}", f"run_dir={run_dir}"]))
+    name, *own_overrides = spec.split(",")
+    config = resolve_objective(load_config(config_path, [*overrides, *own_overrides, f"model.name={name}",
+                                                         f"run_dir={run_dir}"]))
     start = time.perf_counter()
     result = train(config)
     train_seconds = time.perf_counter() - start
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     return {
-        "model": name, "params": sum(p.numel() for p in result.ema.parameters()),
+        "model": spec, "params": sum(p.numel() for p in result.ema.parameters()),
         "train_steps": result.step, "train_seconds": round(train_seconds, 1), "final_loss": round(result.loss, 4),
         **score_samples(result.ema.eval(), config, classifiers, samples_per_class, sample_steps, seed),
         "checkpoint": str(result.checkpoint), "grid": str(result.grid),
@@ -145,6 +156,32 @@ def score_samples(ema: nn.Module, config: dict, classifiers: dict, samples_per_c
     return scores
 
 
+def train_classifiers(config: dict, args, seed: int) -> tuple[dict, dict]:
+    """The colour and the silhouette classifier for ``seed``, and their accuracies on held-out real shapes."""
+    classifiers, real_accuracy = {}, {}
+    for key, view in (("accuracy", None), ("shape_accuracy", silhouette)):
+        classifiers[key], real_accuracy[key] = train_classifier(
+            int(config["data"]["image_size"]), args.classifier_per_class, args.classifier_epochs,
+            seed=10_000 + seed, view=view)
+        print(f"seed {seed}: {key} of its classifier on held-out real shapes: {real_accuracy[key]:.3f}", flush=True)
+    return classifiers, real_accuracy
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per model: how many runs, and the mean and standard deviation (over seeds) of each accuracy and the loss."""
+    summary = {}
+    for name in dict.fromkeys(r["model"] for r in results if "model" in r):
+        runs = [r for r in results if r.get("model") == name]
+        entry = {"runs": len(runs)}
+        for key in ("accuracy", "shape_accuracy", "final_loss", "train_steps"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                entry[f"{key}_mean"] = round(statistics.fmean(values), 4)
+                entry[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+        summary[name] = entry
+    return summary
+
+
 def _pixel_info(config):
     from dit_gspn.sampling.checkpoint import SamplingInfo
     size = int(config["data"]["image_size"])
@@ -155,11 +192,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--models", nargs="+", default=None,
-                        help="zoo names to compare (default: the demo's GSPN model and its DiT twin)")
+                        help="zoo names to compare (default: the demo's GSPN model and its DiT twin), each "
+                             "optionally with overrides of its own: GSPN-S/4,model.gspn_gate_groups=null")
     parser.add_argument("--samples-per-class", type=int, default=20)
     parser.add_argument("--sample-steps", type=int, default=None, help="default: the config's logging.sample_steps")
     parser.add_argument("--classifier-per-class", type=int, default=300)
     parser.add_argument("--classifier-epochs", type=int, default=3)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="train and score every model once per seed (overrides the config's seed)")
     parser.add_argument("--runs", default=None, help="where the two training runs go (default: a temp folder)")
     parser.add_argument("--checkpoints", nargs="+", default=None, metavar="DIR",
                         help="score these training checkpoints instead of training (e.g. one run's snapshots)")
@@ -175,25 +215,23 @@ def main(argv=None) -> dict:
     gspn_name = config["model"]["name"]
     models = args.models or [gspn_name, gspn_name.replace("GSPN-", "DiT-")]
     sample_steps = args.sample_steps or int(config["logging"]["sample_steps"])
-    classifiers, real_accuracy = {}, {}
-    for key, view in (("accuracy", None), ("shape_accuracy", silhouette)):
-        classifiers[key], real_accuracy[key] = train_classifier(
-            int(config["data"]["image_size"]), args.classifier_per_class, args.classifier_epochs,
-            seed=10_000 + int(config["seed"]), view=view)
-        print(f"{key} of its classifier on held-out real shapes: {real_accuracy[key]:.3f}", flush=True)
-    results = []
-    if args.checkpoints:
-        for checkpoint in args.checkpoints:
-            results.append(evaluate_checkpoint(Path(checkpoint), config, classifiers, args.samples_per_class,
-                                               sample_steps, seed=int(config["seed"])))
-            print(json.dumps(results[-1]), flush=True)
-    else:
+    seeds = args.seeds or [int(config["seed"])]
+    results, real_accuracy = [], {}
+    for seed in seeds:
+        overrides = [*args.overrides, f"seed={seed}"] if args.seeds else args.overrides
+        classifiers, real_accuracy[seed] = train_classifiers(config, args, seed)
+        if args.checkpoints:
+            for checkpoint in args.checkpoints:
+                results.append({"seed": seed, **evaluate_checkpoint(Path(checkpoint), config, classifiers,
+                                                                    args.samples_per_class, sample_steps, seed=seed)})
+                print(json.dumps(results[-1]), flush=True)
+            continue
         runs = Path(args.runs or tempfile.mkdtemp(prefix="demo_quality_"))
         for name in models:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            results.append(evaluate_model(name, Path(args.config), args.overrides,
-                                          runs / f"{name.replace('/', '_')}-{stamp}", classifiers,
-                                          args.samples_per_class, sample_steps, seed=int(config["seed"])))
+            run_dir = runs / f"{name.split(',')[0].replace('/', '_')}-s{seed}-{stamp}"
+            results.append({"seed": seed, **evaluate_model(name, Path(args.config), overrides, run_dir, classifiers,
+                                                           args.samples_per_class, sample_steps, seed=seed)})
             print(json.dumps(results[-1]), flush=True)
     report = {
         "what": "accuracy of a CNN trained on real built-in shapes, applied to class-conditional samples "
@@ -204,9 +242,12 @@ def main(argv=None) -> dict:
         "sampler": config["logging"]["sampler"],
         "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]),
         "clip_denoised": config["logging"]["sampler"] not in FLOW_SAMPLERS,  # the flow samplers do not clip
-        "classifier_real_accuracy": {key: round(value, 4) for key, value in real_accuracy.items()},
+        "seeds": seeds,
+        "classifier_real_accuracy": {str(seed): {key: round(value, 4) for key, value in accuracies.items()}
+                                     for seed, accuracies in real_accuracy.items()},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "results": results,
+        "summary": summarize(results),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

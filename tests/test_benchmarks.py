@@ -30,6 +30,7 @@ def test_bench_model_smoke_writes_results_and_plot(tmp_path):
     assert {r["model"] for r in models} == {"GSPN-S/2", "DiT-S/2"}
     assert {r["resolution"] for r in models} == set(report["config"]["resolutions"])
     assert len(models) == 2 * len(report["config"]["resolutions"])
+    assert report["config"]["interleave"] is True  # the CPU default: GSPN's and DiT's steps alternate
     for row in models:
         assert row["train_oom"] is False and row["sample_oom"] is False
         assert row["train_step_ms"] > 0 and row["sample_step_ms"] > 0
@@ -54,3 +55,19 @@ def test_bench_scan_smoke_times_every_gspn_scan_implementation(tmp_path):
         for phase in ("forward", "backward", "forward_backward"):
             assert record[phase]["median_ms"] > 0 and record[phase]["gbps"] > 0
             assert record[phase]["fraction_of_copy_bandwidth"] > 0
+
+
+def test_bench_model_goals_are_dits_time_over_gspns_where_both_were_measured():
+    from benchmarks import bench_model
+
+    rows = [{"model": "GSPN-S/2", "resolution": 256, "train_step_ms": 20.0},
+            {"model": "DiT-S/2", "resolution": 256, "train_step_ms": 12.0},
+            {"model": "GSPN-S/2", "resolution": 1024, "sample_step_ms": 6.0},
+            {"model": "DiT-S/2", "resolution": 1024, "sample_step_ms": 18.0},
+            {"model": "GSPN-B/2", "resolution": 256, "train_step_ms": 5.0}]
+    goals = bench_model.goals(rows)
+    assert goals["S2_train_256px"]["dit_over_gspn_time"] == pytest.approx(0.6)
+    assert goals["S2_train_256px"]["met"] is False
+    assert goals["S2_sample_1024px"]["dit_over_gspn_time"] == pytest.approx(3.0)
+    assert goals["S2_sample_1024px"]["met"] is True
+    assert set(goals) == {"S2_train_256px", "S2_sample_1024px"}  # B/2 lacks its DiT twin

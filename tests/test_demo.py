@@ -79,3 +79,15 @@ def test_demo_quality_benchmark_smoke(tmp_path, fresh_accelerate_state):
                            "--sample-steps", "2", "--out", str(tmp_path / "q2.json"),
                            "--checkpoints", report["results"][0]["checkpoint"]])
     assert rescored["results"][0]["train_steps"] == 1 and rescored["results"][0]["num_samples"] == 10
+
+
+def test_demo_quality_summary_gives_each_models_mean_and_spread_over_seeds():
+    results = [{"model": "A", "seed": s, "accuracy": a, "shape_accuracy": b, "final_loss": 0.1, "train_steps": 5}
+               for s, a, b in ((0, 0.5, 0.2), (1, 0.7, 0.4), (2, 0.9, 0.9))]
+    results.append({"model": "B", "seed": 0, "accuracy": 1.0, "shape_accuracy": 0.6, "final_loss": 0.2, "train_steps": 5})
+    summary = _demo_quality().summarize(results)
+    assert summary["A"]["runs"] == 3 and summary["B"]["runs"] == 1
+    assert summary["A"]["accuracy_mean"] == pytest.approx(0.7)
+    assert summary["A"]["accuracy_std"] == pytest.approx(0.2)  # sample standard deviation of 0.5, 0.7, 0.9
+    assert summary["A"]["shape_accuracy_mean"] == pytest.approx(0.5)
+    assert summary["B"]["shape_accuracy_std"] == 0.0

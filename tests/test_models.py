@@ -38,6 +38,9 @@ def test_zoo_names_are_dits_for_both_mixers():
     assert (model.config.hidden_size, model.config.num_heads, model.patch_size) == (384, 6, 4)
     assert model.config.mixer == "gspn" and create_model("DiT-S/8", depth=1).config.mixer == "attention"
     assert isinstance(model.blocks[0].mixer, GSPNMixer)
+    # The zoo's GSPN models share gates over 8 channel groups; an override restores per-channel gates.
+    assert model.config.gspn_gate_groups == 8 and model.blocks[0].mixer.gate_groups == 8
+    assert create_model("GSPN-S/4", depth=1, gspn_gate_groups=None).blocks[0].mixer.gate_groups == 384
 
 
 def test_unknown_model_name_lists_the_known_names():
@@ -45,7 +48,7 @@ def test_unknown_model_name_lists_the_known_names():
         create_model("GSPN-M/2")
 
 
-def test_gspn_parameter_counts_are_within_ten_percent_of_dit():
+def test_gspn_parameter_counts_are_within_three_percent_of_dit():
     counts = {}
     with torch.device("meta"):
         for name in DiT_models:
@@ -53,7 +56,7 @@ def test_gspn_parameter_counts_are_within_ten_percent_of_dit():
     for size in ("S", "B", "L", "XL"):
         for p in (2, 4, 8):
             ratio = counts[f"GSPN-{size}/{p}"] / counts[f"DiT-{size}/{p}"]
-            assert 0.9 < ratio < 1.1, (size, p, ratio)
+            assert 0.97 <= ratio <= 1.03, (size, p, ratio)
     # DiT's published sizes (million parameters, the frozen pos_embed not counted).
     assert round(counts["DiT-XL/2"] / 1e6, 1) == 674.8 and round(counts["DiT-S/2"] / 1e6, 1) == 32.9
 

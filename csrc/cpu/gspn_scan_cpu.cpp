@@ -3,10 +3,21 @@
 //
 // Contract: dit_gspn/ops/reference.py::gspn_scan_reference (raw gate logits in, normalisation
 // inside, the four directions read from the original layout, u gating and the direction sum
-// fused). Computes in float32 for half types, in float64 for float64 (gradcheck). The gates'
-// sigmoids come from one vectorised ATen pass (see gate_sigmoid); masking and normalisation
-// happen in the scan loops, which run on per-direction frames (see gather_frame) so that the
-// compiler vectorises them.
+// fused). Computes in float32 for half types, in float64 for float64 (gradcheck).
+//
+// Gate normalisation (the Stability-Context Condition), stable for any logits: with m the largest
+// logit among a position's valid neighbours and c = min(m, 0),
+//     s_k = mask_k / (exp(c) + exp(c - g_k)) = mask_k sigmoid(g_k) / exp(c),   w_k = s_k / sum_m s_m,
+// which is sigmoid / sum for ordinary logits and the softmax limit where every sigmoid underflows
+// (the largest s_k is at least 1/2, so the sum is never 0). It runs inside the kernels, once per
+// (batch, direction, gate group) and thread, on a vectorisable exp (exp_lanes), so the op makes no
+// ATen pass over the logits and a channel group's channels share one normalisation.
+//
+// Each direction runs on "frames": its operands in scan order (row s is step s, lanes contiguous),
+// in the compute type, so that the per-step loops over lanes are branch-free and contiguous and the
+// compiler vectorises them. x (and the backward's grad_y) is laid out once per plane, row-major
+// and transposed, and read by the four directions through strided row views (no copy at all for a
+// float32 top-down / bottom-up scan); y and dx accumulate the same way.
 //
 // Memory: the forward saves nothing but its inputs (autograd keeps them). The backward
 // recomputes each direction's hidden states into one (H, W) scratch plane per thread instead
@@ -20,6 +31,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -34,11 +48,88 @@ namespace {
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Each direction runs on "frames": its operands copied into (S, L) buffers in scan order (row s is
-// step s, lanes contiguous), converted to the compute type, with the left gate zeroed on lane 0
-// and the right gate on lane L-1. The per-step loops over lanes are then branch-free and
-// contiguous, so the compiler vectorises them; the copies are cheap next to the scan's arithmetic
-// (a direction scanning along W would otherwise walk its lanes W elements apart).
+// The gate normalisation's compares and clamps become selects only where no code depends on the
+// floating-point exception flags (GCC keeps branches otherwise, and the lane loop does not vectorise).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+// exp(v), branch-free so that loops calling it vectorise (std::exp's do not): Cody-Waite range
+// reduction and Cephes' degree-6 polynomial, within 2 ulp of expf. Arguments are clamped to
+// [-87, 88], so a result that would underflow is ~1e-38 and one that would overflow ~1.7e38.
+__attribute__((always_inline)) inline float exp_lanes(float v) {
+  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
+  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
+  const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+inline double exp_lanes(double v) { return std::exp(v); }
+
+// The normalised weights of one position from its logits (see the top of the file); with kGrad
+// also wq_k = w_k (1 - sigmoid(g_k)) = w_k / (1 + exp(g_k)), the factor of the logit gradients.
+template <typename acc_t, bool kLeft, bool kRight, bool kGrad>
+__attribute__((always_inline)) inline void normalize_position(acc_t g_l, acc_t g_c, acc_t g_r, acc_t& w_l, acc_t& w_c, acc_t& w_r, acc_t& q_l,
+                               acc_t& q_c, acc_t& q_r) {
+  acc_t m = g_c;
+  if (kLeft) m = g_l > m ? g_l : m;
+  if (kRight) m = g_r > m ? g_r : m;
+  const acc_t c = m < acc_t(0) ? m : acc_t(0);
+  const acc_t e_c = exp_lanes(c);
+  const acc_t s_l = kLeft ? acc_t(1) / (e_c + exp_lanes(c - g_l)) : acc_t(0);
+  const acc_t s_c = acc_t(1) / (e_c + exp_lanes(c - g_c));
+  const acc_t s_r = kRight ? acc_t(1) / (e_c + exp_lanes(c - g_r)) : acc_t(0);
+  const acc_t inv_total = acc_t(1) / (s_l + s_c + s_r);
+  w_l = s_l * inv_total;
+  w_c = s_c * inv_total;
+  w_r = s_r * inv_total;
+  if (kGrad) {
+    q_l = kLeft ? w_l / (acc_t(1) + exp_lanes(g_l)) : acc_t(0);
+    q_c = w_c / (acc_t(1) + exp_lanes(g_c));
+    q_r = kRight ? w_r / (acc_t(1) + exp_lanes(g_r)) : acc_t(0);
+  }
+}
+
+// Lane l of logit rows -> weight rows (in place) and, with kGrad, wq rows.
+template <typename acc_t, bool kLeft, bool kRight, bool kGrad>
+__attribute__((always_inline)) inline void normalize_lane(int64_t l, acc_t* __restrict__ gl, acc_t* __restrict__ gc, acc_t* __restrict__ gr,
+                           acc_t* __restrict__ ql, acc_t* __restrict__ qc, acc_t* __restrict__ qr) {
+  acc_t a, b, c;
+  normalize_position<acc_t, kLeft, kRight, kGrad>(gl[l], gc[l], gr[l], gl[l], gc[l], gr[l], a, b, c);
+  if constexpr (kGrad) {
+    ql[l] = a;
+    qc[l] = b;
+    qr[l] = c;
+  }
+}
+
+// Logit frames of S rows x L lanes -> weight frames, in place (lane 0 has no left neighbour, lane
+// L-1 no right one); with kGrad also the wq frames (ql, qc, qr; unused otherwise).
+template <typename acc_t, bool kGrad>
+void normalize_frames(int64_t S, int64_t L, acc_t* gl, acc_t* gc, acc_t* gr, acc_t* ql, acc_t* qc, acc_t* qr) {
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t r = kGrad ? s * L : 0;
+    acc_t *l_ = gl + s * L, *c_ = gc + s * L, *r_ = gr + s * L;
+    acc_t *ql_ = kGrad ? ql + r : nullptr, *qc_ = kGrad ? qc + r : nullptr, *qr_ = kGrad ? qr + r : nullptr;
+    if (L == 1) {
+      normalize_lane<acc_t, false, false, kGrad>(0, l_, c_, r_, ql_, qc_, qr_);
+      continue;
+    }
+    normalize_lane<acc_t, false, true, kGrad>(0, l_, c_, r_, ql_, qc_, qr_);
+    for (int64_t l = 1; l < L - 1; ++l) normalize_lane<acc_t, true, true, kGrad>(l, l_, c_, r_, ql_, qc_, qr_);
+    normalize_lane<acc_t, true, false, kGrad>(L - 1, l_, c_, r_, ql_, qc_, qr_);
+  }
+}
+
+#pragma GCC pop_options
 
 // frame[s * L + l] = plane[geo.offset(s, l)].
 template <typename src_t, typename acc_t>
@@ -54,158 +145,281 @@ void gather_frame(const src_t* plane, const ScanGeometry& geo, acc_t* frame) {
   }
 }
 
-// plane[geo.offset(s, l)] += frame[s * L + l].
-template <typename acc_t>
-void scatter_add_frame(const acc_t* frame, const ScanGeometry& geo, acc_t* plane) {
+// plane[geo.offset(s, l)] (+)= frame[s * L + l], converted to the plane's type.
+template <bool kAdd, typename acc_t, typename dst_t>
+void scatter_frame(const acc_t* frame, const ScanGeometry& geo, dst_t* plane) {
   for (int64_t s = 0; s < geo.steps; ++s) {
     const acc_t* in = frame + s * geo.lanes;
     if (geo.lane_stride == 1) {
-      acc_t* row = plane + geo.origin + s * geo.step_stride;
-      for (int64_t l = 0; l < geo.lanes; ++l) row[l] += in[l];
+      dst_t* row = plane + geo.origin + s * geo.step_stride;
+      for (int64_t l = 0; l < geo.lanes; ++l)
+        row[l] = kAdd ? static_cast<dst_t>(acc_t(row[l]) + in[l]) : static_cast<dst_t>(in[l]);
     } else {
-      for (int64_t l = 0; l < geo.lanes; ++l) plane[geo.offset(s, l)] += in[l];
+      for (int64_t l = 0; l < geo.lanes; ++l) {
+        dst_t& out = plane[geo.offset(s, l)];
+        out = kAdd ? static_cast<dst_t>(acc_t(out) + in[l]) : static_cast<dst_t>(in[l]);
+      }
     }
   }
 }
 
-// The gate sigmoids of one direction as frames, masked at the lane edges (normalize_gates' masks).
-template <typename acc_t>
-void gather_gates(const acc_t* sig_l, const acc_t* sig_c, const acc_t* sig_r, const ScanGeometry& geo, acc_t* sl,
-                  acc_t* sc, acc_t* sr) {
-  gather_frame(sig_l, geo, sl);
-  gather_frame(sig_c, geo, sc);
-  gather_frame(sig_r, geo, sr);
-  for (int64_t s = 0; s < geo.steps; ++s) {
-    sl[s * geo.lanes] = acc_t(0);
-    sr[s * geo.lanes + geo.lanes - 1] = acc_t(0);
-  }
-}
+// Rows of a plane in one direction's scan order: row s starts at base + s * stride.
+template <typename T>
+struct RowView {
+  T* base;
+  int64_t stride;
+  T* row(int64_t s) const { return base + s * stride; }
+};
 
-// One step of the recurrence over L lanes: h[l] = lam x + (sl hp[l-1] + sc hp[l] + sr hp[l+1]) / (sl + sc + sr),
-// hp the previous step's states with a zero on each side (hp[-1] = hp[L] = 0), or h = lam x on a restart.
+// One (H, W) plane in the compute type, row-major and transposed, viewed in each direction's
+// scan order (directions 0 / 1 read the row-major layout forwards / backwards, 2 / 3 the
+// transposed one). A float32 plane is read in place, not copied.
+template <typename acc_t>
+struct PlaneLayouts {
+  int64_t H = 0, W = 0;
+  std::vector<acc_t> row_major, transposed;
+  const acc_t* rows = nullptr;
+
+  PlaneLayouts(int64_t H_, int64_t W_) : H(H_), W(W_), row_major(H_ * W_), transposed(H_ * W_) {}
+
+  template <typename src_t>
+  void load(const src_t* plane) {
+    if constexpr (std::is_same_v<src_t, acc_t>) {
+      rows = plane;
+    } else {
+      for (int64_t i = 0; i < H * W; ++i) row_major[i] = acc_t(plane[i]);
+      rows = row_major.data();
+    }
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) transposed[j * H + i] = rows[i * W + j];
+  }
+
+  RowView<const acc_t> view(int d) const { return layout_view<const acc_t>(d, rows, transposed.data(), H, W); }
+
+  template <typename T>
+  static RowView<T> layout_view(int d, T* rows, T* cols, int64_t H, int64_t W) {
+    switch (d) {
+      case 0: return {rows, W};
+      case 1: return {rows + (H - 1) * W, -W};
+      case 2: return {cols, H};
+      default: return {cols + (W - 1) * H, -H};
+    }
+  }
+};
+
+// An (H, W) float accumulator written through the same views: row-major for directions 0 / 1,
+// transposed for 2 / 3; sum() adds the two into the output plane.
+template <typename acc_t>
+struct PlaneAccumulator {
+  int64_t H, W;
+  std::vector<acc_t> row_major, transposed;
+  PlaneAccumulator(int64_t H_, int64_t W_) : H(H_), W(W_), row_major(H_ * W_), transposed(H_ * W_) {}
+  void zero() {
+    std::fill(row_major.begin(), row_major.end(), acc_t(0));
+    std::fill(transposed.begin(), transposed.end(), acc_t(0));
+  }
+  RowView<acc_t> view(int d) {
+    return PlaneLayouts<acc_t>::template layout_view<acc_t>(d, row_major.data(), transposed.data(), H, W);
+  }
+  template <typename dst_t>
+  void write(dst_t* out) const {
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j)
+        out[i * W + j] = static_cast<dst_t>(row_major[i * W + j] + transposed[j * H + i]);
+  }
+};
+
+// One step of the recurrence over L lanes: h[l] = lam x + wl hp[l-1] + wc hp[l] + wr hp[l+1], hp the
+// previous step's states with a zero on each side (hp[-1] = hp[L] = 0), or h = lam x on a restart.
 template <typename acc_t>
 inline void step_states(int64_t L, bool restart, const acc_t* __restrict__ lam, const acc_t* __restrict__ x,
-                        const acc_t* __restrict__ sl, const acc_t* __restrict__ sc, const acc_t* __restrict__ sr,
+                        const acc_t* __restrict__ wl, const acc_t* __restrict__ wc, const acc_t* __restrict__ wr,
                         const acc_t* __restrict__ hp, acc_t* __restrict__ h) {
   if (restart) {
     for (int64_t l = 0; l < L; ++l) h[l] = lam[l] * x[l];
     return;
   }
+  for (int64_t l = 0; l < L; ++l) h[l] = lam[l] * x[l] + wl[l] * hp[l - 1] + wc[l] * hp[l] + wr[l] * hp[l + 1];
+}
+
+// The backward's per-step outputs that need only the adjoint g of the step:
+// dx += lam g (summed over directions), dlam = x g, du = gy h.
+template <typename acc_t>
+inline void adjoint_step_outputs(int64_t L, const acc_t* __restrict__ g, const acc_t* __restrict__ lam,
+                                 const acc_t* __restrict__ x, const acc_t* __restrict__ gy, const acc_t* __restrict__ h,
+                                 acc_t* __restrict__ dx, acc_t* __restrict__ dlam, acc_t* __restrict__ du) {
   for (int64_t l = 0; l < L; ++l) {
-    h[l] = lam[l] * x[l] + (sl[l] * hp[l - 1] + sc[l] * hp[l] + sr[l] * hp[l + 1]) / (sl[l] + sc[l] + sr[l]);
+    dx[l] += lam[l] * g[l];
+    dlam[l] = x[l] * g[l];
+    du[l] = gy[l] * h[l];
   }
 }
 
-// Per-thread buffers of one direction's frames.
+// The logit gradients of one step, dg_k = wq_k (dw_k - sum_m w_m dw_m) with dw_k = g h_prev[neighbour k],
+// and g times each weight (next_*), which the step before receives through A_s^T.
+template <typename acc_t>
+inline void gate_step_gradients(int64_t L, const acc_t* __restrict__ g, const acc_t* __restrict__ hp,
+                                const acc_t* __restrict__ wl, const acc_t* __restrict__ wc,
+                                const acc_t* __restrict__ wr, const acc_t* __restrict__ ql,
+                                const acc_t* __restrict__ qc, const acc_t* __restrict__ qr, acc_t* __restrict__ dgl,
+                                acc_t* __restrict__ dgc, acc_t* __restrict__ dgr, acc_t* __restrict__ next_l,
+                                acc_t* __restrict__ next_c, acc_t* __restrict__ next_r) {
+  for (int64_t l = 0; l < L; ++l) {
+    const acc_t dwl = g[l] * hp[l - 1], dwc = g[l] * hp[l], dwr = g[l] * hp[l + 1];
+    const acc_t dot = wl[l] * dwl + wc[l] * dwc + wr[l] * dwr;
+    dgl[l] = ql[l] * (dwl - dot);
+    dgc[l] = qc[l] * (dwc - dot);
+    dgr[l] = qr[l] * (dwr - dot);
+    next_l[l] = wl[l] * g[l];
+    next_c[l] = wc[l] * g[l];
+    next_r[l] = wr[l] * g[l];
+  }
+}
+
+// Per-thread frame buffers, each of one plane's size.
 template <typename acc_t>
 struct Frames {
-  int64_t size, lanes;
+  int64_t size;
   std::vector<acc_t> storage;
-  explicit Frames(int64_t HW, int64_t max_lanes, int count)
-      : size(HW), lanes(max_lanes), storage(count * HW + 2 * (max_lanes + 2)) {}
+  Frames(int64_t HW, int count) : size(HW), storage(count * HW) {}
   acc_t* frame(int k) { return storage.data() + k * size; }
-  // A zero-padded lane vector: index -1 and L are valid and hold zeros.
-  acc_t* padded(int k, int count) { return storage.data() + count * size + k * (lanes + 2) + 1; }
 };
 
+// The normalised weights (and with kGrad the wq factors) of each direction, kept per thread while
+// consecutive channels share their gate groups: recomputed only when a direction's gate planes change.
+template <typename acc_t, bool kGrad>
+struct GateCache {
+  static constexpr int kPerDirection = kGrad ? 6 : 3;
+  Frames<acc_t> frames;
+  std::array<std::array<int64_t, 3>, kDirections> planes;
+  explicit GateCache(int64_t HW) : frames(HW, kDirections * kPerDirection) {
+    for (auto& p : planes) p = {-1, -1, -1};
+  }
+  // Frames (wl, wc, wr[, ql, qc, qr]) of direction d for the gate planes of (b, c).
+  template <typename scalar_t>
+  acc_t* get(int d, const std::array<int64_t, 3>& plane, const ScanGeometry& geo, int64_t HW, const scalar_t* gl,
+             const scalar_t* gc, const scalar_t* gr) {
+    acc_t* f = frames.frame(d * kPerDirection);
+    if (planes[d] != plane) {
+      gather_frame(gl + plane[0] * HW, geo, f);
+      gather_frame(gc + plane[1] * HW, geo, f + HW);
+      gather_frame(gr + plane[2] * HW, geo, f + 2 * HW);
+      normalize_frames<acc_t, kGrad>(geo.steps, geo.lanes, f, f + HW, f + 2 * HW, kGrad ? f + 3 * HW : nullptr,
+                                     kGrad ? f + 4 * HW : nullptr, kGrad ? f + 5 * HW : nullptr);
+      planes[d] = plane;
+    }
+    return f;
+  }
+};
+
+std::array<int64_t, 3> gate_planes(const ScanShape& sh, int64_t b, int d, int64_t c) {
+  return {gate_plane(b, d, c, sh.C, sh.g_gl), gate_plane(b, d, c, sh.C, sh.g_gc), gate_plane(b, d, c, sh.C, sh.g_gr)};
+}
+
 template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const scalar_t* lam, const acc_type_t<scalar_t>* sig_l,
-                    const acc_type_t<scalar_t>* sig_c, const acc_type_t<scalar_t>* sig_r, const scalar_t* u, scalar_t* y,
-                    const ScanShape& sh, int64_t chunk) {
+void forward_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* gl, const scalar_t* gc,
+                    const scalar_t* gr, const scalar_t* u, scalar_t* y, const ScanShape& sh, int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t HW = sh.H * sh.W;
   const int64_t max_lanes = std::max(sh.H, sh.W);
   at::parallel_for(0, sh.B * sh.C, plane_grain(4 * HW), [&](int64_t begin, int64_t end) {
-    enum { X, LAM, SL, SC, SR, U, Y, kFrames };
-    Frames<acc_t> f(HW, max_lanes, kFrames);
-    std::vector<acc_t> y_plane(HW);
+    enum { LAM, U, kFrames };
+    Frames<acc_t> f(HW, kFrames);
+    GateCache<acc_t, false> gates(HW);
+    PlaneLayouts<acc_t> x_plane(sh.H, sh.W);
+    PlaneAccumulator<acc_t> y_plane(sh.H, sh.W);
+    std::vector<acc_t> padded(2 * (max_lanes + 2), acc_t(0));  // two zero-padded state rows
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / sh.C, c = p % sh.C;
-      std::fill(y_plane.begin(), y_plane.end(), acc_t(0));
+      x_plane.load(x + p * HW);
+      y_plane.zero();
       for (int d = 0; d < kDirections; ++d) {
         const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
         const int64_t L = geo.lanes;
-        gather_frame(x + p * HW, geo, f.frame(X));
+        const acc_t* w = gates.get(d, gate_planes(sh, b, d, c), geo, HW, gl, gc, gr);
         gather_frame(lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW, geo, f.frame(LAM));
-        gather_gates(sig_l + gate_plane(b, d, c, sh.C, sh.g_gl) * HW, sig_c + gate_plane(b, d, c, sh.C, sh.g_gc) * HW,
-                     sig_r + gate_plane(b, d, c, sh.C, sh.g_gr) * HW, geo, f.frame(SL), f.frame(SC), f.frame(SR));
         gather_frame(u + gate_plane(b, d, c, sh.C, sh.g_u) * HW, geo, f.frame(U));
-        acc_t* h_prev = f.padded(0, kFrames);
-        acc_t* h = f.padded(1, kFrames);
-        std::fill(h_prev - 1, h_prev + max_lanes + 1, acc_t(0));  // a shorter L reads its pad at h[L]
-        std::fill(h - 1, h + max_lanes + 1, acc_t(0));
+        const RowView<const acc_t> xs = x_plane.view(d);
+        const RowView<acc_t> ys = y_plane.view(d);
+        acc_t* h_prev = padded.data() + 1;
+        acc_t* h = h_prev + max_lanes + 2;
+        std::fill(padded.begin(), padded.end(), acc_t(0));  // a shorter L reads its pad at h[L]
         for (int64_t s = 0; s < geo.steps; ++s) {
           const int64_t r = s * L;
-          step_states(L, restarts_at(s, chunk), f.frame(LAM) + r, f.frame(X) + r, f.frame(SL) + r, f.frame(SC) + r,
-                      f.frame(SR) + r, h_prev, h);
-          const acc_t* u_r = f.frame(U) + r;
-          acc_t* y_r = f.frame(Y) + r;
-          for (int64_t l = 0; l < L; ++l) y_r[l] = u_r[l] * h[l];
+          step_states(L, restarts_at(s, chunk), f.frame(LAM) + r, xs.row(s), w + r, w + HW + r, w + 2 * HW + r,
+                      h_prev, h);
+          const acc_t* __restrict__ u_r = f.frame(U) + r;
+          acc_t* __restrict__ y_r = ys.row(s);
+          for (int64_t l = 0; l < L; ++l) y_r[l] += u_r[l] * h[l];
           std::swap(h_prev, h);
         }
-        scatter_add_frame(f.frame(Y), geo, y_plane.data());
       }
-      scalar_t* yp = y + p * HW;
-      for (int64_t i = 0; i < HW; ++i) yp[i] = static_cast<scalar_t>(y_plane[i]);
+      y_plane.write(y + p * HW);
     }
   });
 }
 
 // Gradients of one (batch, channel-block) task. Every channel group of every gate tensor that
 // these channels touch belongs to this task alone (the block spans lcm_k(C / G_k) channels),
-// so the grouped sums accumulate without atomics and in a fixed order (deterministic).
+// so the grouped sums accumulate without atomics and in a fixed order (deterministic). A gate
+// tensor with one group per channel (G = C) is written once per plane, in its own dtype; grouped
+// ones accumulate in the compute type (`grouped` below).
 //
 // Per direction: recompute the hidden states h (see the memory note at the top), then sweep the
 // steps backwards with the adjoint g_s = u_s gy_s + A_{s+1}^T g_{s+1} (A_{s+1} absent where step
-// s+1 restarts). With w_k = s_k / T the normalised weights, the logit gradients are
-//     dg_k = w_k (1 - sigmoid(g_k)) (dw_k - sum_m w_m dw_m),   dw_k = g h_{s-1}[neighbour k]
-// (weights_backward_from_sigmoids, written without its divisions).
+// s+1 restarts). With w_k the normalised weights, the logit gradients are
+//     dg_k = w_k (1 - sigmoid(g_k)) (dw_k - sum_m w_m dw_m),   dw_k = g h_{s-1}[neighbour k].
 template <typename scalar_t>
-void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam, const acc_type_t<scalar_t>* sig_l,
-                     const acc_type_t<scalar_t>* sig_c, const acc_type_t<scalar_t>* sig_r, const scalar_t* u, scalar_t* d_x,
-                     acc_type_t<scalar_t>* d_lam, acc_type_t<scalar_t>* d_gl, acc_type_t<scalar_t>* d_gc,
-                     acc_type_t<scalar_t>* d_gr, acc_type_t<scalar_t>* d_u, const ScanShape& sh, int64_t chunk) {
+void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam, const scalar_t* gl,
+                     const scalar_t* gc, const scalar_t* gr, const scalar_t* u, scalar_t* d_x,
+                     const std::array<void*, 5>& d_gates, const std::array<bool, 5>& grouped, const ScanShape& sh,
+                     int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t HW = sh.H * sh.W;
   const int64_t max_lanes = std::max(sh.H, sh.W);
   const int64_t padded_lanes = max_lanes + 2;
+  const std::array<int64_t, 5> groups = {sh.g_lam, sh.g_gl, sh.g_gc, sh.g_gr, sh.g_u};
   int64_t block = 1;
-  for (int64_t g : {sh.g_lam, sh.g_gl, sh.g_gc, sh.g_gr, sh.g_u}) block = std::lcm(block, sh.C / g);
+  for (int64_t g : groups) block = std::lcm(block, sh.C / g);
   const int64_t blocks_per_batch = sh.C / block;
   at::parallel_for(0, sh.B * blocks_per_batch, plane_grain(4 * block * HW), [&](int64_t begin, int64_t end) {
-    enum { X, LAM, SL, SC, SR, U, GY, DX, DLAM, DGL, DGC, DGR, DU, kFrames };
-    Frames<acc_t> f(HW, max_lanes, kFrames);
+    enum { LAM, U, DLAM, DGL, DGC, DGR, DU, kFrames };
+    Frames<acc_t> f(HW, kFrames);
+    GateCache<acc_t, true> gates(HW);
+    PlaneLayouts<acc_t> x_plane(sh.H, sh.W), gy_plane(sh.H, sh.W);
+    PlaneAccumulator<acc_t> dx_plane(sh.H, sh.W);
     // All hidden states of one direction, each row zero-padded on both sides.
     std::vector<acc_t> h_rows((max_lanes + 1) * padded_lanes, acc_t(0));
     // g of the step after the current one, times each of its three weights, zero-padded.
     std::vector<acc_t> next_rows(3 * padded_lanes, acc_t(0));
-    std::vector<acc_t> dx_plane(HW);
-    std::vector<acc_t> g(max_lanes);
+    std::vector<acc_t> g_row(max_lanes);
+    acc_t* __restrict__ g = g_row.data();  // a plain pointer: the lane loops reload a vector's on every store
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks_per_batch;
       for (int64_t c = (task % blocks_per_batch) * block; c < (task % blocks_per_batch + 1) * block; ++c) {
         const int64_t p = b * sh.C + c;
-        std::fill(dx_plane.begin(), dx_plane.end(), acc_t(0));
+        x_plane.load(x + p * HW);
+        gy_plane.load(gy + p * HW);
+        dx_plane.zero();
         for (int d = 0; d < kDirections; ++d) {
           const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
           const int64_t L = geo.lanes, S = geo.steps;
+          const std::array<int64_t, 3> gate_p = gate_planes(sh, b, d, c);
           const int64_t o_lam = gate_plane(b, d, c, sh.C, sh.g_lam) * HW;
-          const int64_t o_gl = gate_plane(b, d, c, sh.C, sh.g_gl) * HW;
-          const int64_t o_gc = gate_plane(b, d, c, sh.C, sh.g_gc) * HW;
-          const int64_t o_gr = gate_plane(b, d, c, sh.C, sh.g_gr) * HW;
           const int64_t o_u = gate_plane(b, d, c, sh.C, sh.g_u) * HW;
-          gather_frame(x + p * HW, geo, f.frame(X));
+          const acc_t* w = gates.get(d, gate_p, geo, HW, gl, gc, gr);
+          const acc_t* wq = w + 3 * HW;
           gather_frame(lam + o_lam, geo, f.frame(LAM));
-          gather_gates(sig_l + o_gl, sig_c + o_gc, sig_r + o_gr, geo, f.frame(SL), f.frame(SC), f.frame(SR));
           gather_frame(u + o_u, geo, f.frame(U));
-          gather_frame(gy + p * HW, geo, f.frame(GY));
+          const RowView<const acc_t> xs = x_plane.view(d), gys = gy_plane.view(d);
+          const RowView<acc_t> dxs = dx_plane.view(d);
           // h_row(s) for s in [-1, S): row -1 is all zeros (never read across a restart).
           auto h_row = [&](int64_t s) { return h_rows.data() + (s + 1) * padded_lanes + 1; };
           for (int64_t s = 0; s < S; ++s) {
             const int64_t r = s * L;
             acc_t* h = h_row(s);
-            step_states(L, restarts_at(s, chunk), f.frame(LAM) + r, f.frame(X) + r, f.frame(SL) + r, f.frame(SC) + r,
-                        f.frame(SR) + r, h_row(s - 1), h);
+            step_states(L, restarts_at(s, chunk), f.frame(LAM) + r, xs.row(s), w + r, w + HW + r, w + 2 * HW + r,
+                        h_row(s - 1), h);
             h[L] = acc_t(0);
           }
           acc_t* next_l = next_rows.data() + 1;
@@ -217,8 +431,8 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam,
             const bool next_applies = s + 1 < S && !restarts_at(s + 1, chunk);
             const bool restart = restarts_at(s, chunk);
             const acc_t* __restrict__ u_r = f.frame(U) + r;
-            const acc_t* __restrict__ gy_r = f.frame(GY) + r;
-            const acc_t* __restrict__ x_r = f.frame(X) + r;
+            const acc_t* __restrict__ gy_r = gys.row(s);
+            const acc_t* __restrict__ x_r = xs.row(s);
             const acc_t* __restrict__ lam_r = f.frame(LAM) + r;
             const acc_t* __restrict__ h = h_row(s);
             if (next_applies) {
@@ -226,58 +440,33 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam,
             } else {
               for (int64_t l = 0; l < L; ++l) g[l] = u_r[l] * gy_r[l];
             }
-            acc_t* __restrict__ dx_r = f.frame(DX) + r;
-            acc_t* __restrict__ dlam_r = f.frame(DLAM) + r;
-            acc_t* __restrict__ du_r = f.frame(DU) + r;
-            for (int64_t l = 0; l < L; ++l) {
-              dx_r[l] = lam_r[l] * g[l];
-              dlam_r[l] = x_r[l] * g[l];
-              du_r[l] = gy_r[l] * h[l];
-            }
-            acc_t* __restrict__ dgl_r = f.frame(DGL) + r;
-            acc_t* __restrict__ dgc_r = f.frame(DGC) + r;
-            acc_t* __restrict__ dgr_r = f.frame(DGR) + r;
+            adjoint_step_outputs(L, g, lam_r, x_r, gy_r, h, dxs.row(s), f.frame(DLAM) + r, f.frame(DU) + r);
+            acc_t* dgl_r = f.frame(DGL) + r;
+            acc_t* dgc_r = f.frame(DGC) + r;
+            acc_t* dgr_r = f.frame(DGR) + r;
             if (restart) {
-              for (int64_t l = 0; l < L; ++l) dgl_r[l] = dgc_r[l] = dgr_r[l] = acc_t(0);
+              std::fill(dgl_r, dgl_r + L, acc_t(0));
+              std::fill(dgc_r, dgc_r + L, acc_t(0));
+              std::fill(dgr_r, dgr_r + L, acc_t(0));
               continue;  // the step before this one receives nothing through A_s
             }
-            const acc_t* __restrict__ sl_r = f.frame(SL) + r;
-            const acc_t* __restrict__ sc_r = f.frame(SC) + r;
-            const acc_t* __restrict__ sr_r = f.frame(SR) + r;
-            const acc_t* __restrict__ hp = h_row(s - 1);
-            for (int64_t l = 0; l < L; ++l) {
-              const acc_t inv_total = acc_t(1) / (sl_r[l] + sc_r[l] + sr_r[l]);
-              const acc_t wl = sl_r[l] * inv_total, wc = sc_r[l] * inv_total, wr = sr_r[l] * inv_total;
-              const acc_t dwl = g[l] * hp[l - 1], dwc = g[l] * hp[l], dwr = g[l] * hp[l + 1];
-              const acc_t dot = wl * dwl + wc * dwc + wr * dwr;
-              dgl_r[l] = wl * (acc_t(1) - sl_r[l]) * (dwl - dot);
-              dgc_r[l] = wc * (acc_t(1) - sc_r[l]) * (dwc - dot);
-              dgr_r[l] = wr * (acc_t(1) - sr_r[l]) * (dwr - dot);
-              next_l[l] = wl * g[l];
-              next_c[l] = wc * g[l];
-              next_r[l] = wr * g[l];
+            gate_step_gradients(L, g, h_row(s - 1), w + r, w + HW + r, w + 2 * HW + r, wq + r, wq + HW + r,
+                                wq + 2 * HW + r, dgl_r, dgc_r, dgr_r, next_l, next_c, next_r);
+          }
+          const int frame_of[5] = {DLAM, DGL, DGC, DGR, DU};
+          const int64_t plane_of[5] = {o_lam, gate_p[0] * HW, gate_p[1] * HW, gate_p[2] * HW, o_u};
+          for (int k = 0; k < 5; ++k) {
+            if (grouped[k]) {
+              scatter_frame<true>(f.frame(frame_of[k]), geo, static_cast<acc_t*>(d_gates[k]) + plane_of[k]);
+            } else {
+              scatter_frame<false>(f.frame(frame_of[k]), geo, static_cast<scalar_t*>(d_gates[k]) + plane_of[k]);
             }
           }
-          scatter_add_frame(f.frame(DX), geo, dx_plane.data());
-          scatter_add_frame(f.frame(DLAM), geo, d_lam + o_lam);
-          scatter_add_frame(f.frame(DGL), geo, d_gl + o_gl);
-          scatter_add_frame(f.frame(DGC), geo, d_gc + o_gc);
-          scatter_add_frame(f.frame(DGR), geo, d_gr + o_gr);
-          scatter_add_frame(f.frame(DU), geo, d_u + o_u);
         }
-        scalar_t* dxp = d_x + p * HW;
-        for (int64_t i = 0; i < HW; ++i) dxp[i] = static_cast<scalar_t>(dx_plane[i]);
+        dx_plane.write(d_x + p * HW);
       }
     }
   });
-}
-
-// The gates' sigmoids in the compute dtype, by ATen's vectorised (SIMD, multi-threaded) sigmoid:
-// the kernels below then only mask and normalise, which keeps their per-element work to a few
-// multiply-adds (a scalar exp per gate in the scan loops made the op exp-bound on CPU).
-at::Tensor gate_sigmoid(const at::Tensor& logits) {
-  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::sigmoid(logits.to(acc_dtype)).contiguous();
 }
 
 at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
@@ -286,13 +475,11 @@ at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, c
   const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
        gr = gr_in.contiguous(), u = u_in.contiguous();
-  auto y = at::empty_like(x);
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
-  const auto sig_l = gate_sigmoid(gl), sig_c = gate_sigmoid(gc), sig_r = gate_sigmoid(gr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_fwd_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), sig_l.data_ptr<acc_t>(),
-                             sig_c.data_ptr<acc_t>(), sig_r.data_ptr<acc_t>(), u.data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
+                             gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
                              y.data_ptr<scalar_t>(), sh, chunk);
   });
   return y;
@@ -306,22 +493,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto gy = gy_in.contiguous(), x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(),
        gc = gc_in.contiguous(), gr = gr_in.contiguous(), u = u_in.contiguous();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto acc_zeros = [&](const at::Tensor& t) { return at::zeros(t.sizes(), t.options().dtype(acc_dtype)); };
-  auto d_x = at::empty_like(x);
-  auto d_lam = acc_zeros(lam), d_gl = acc_zeros(gl), d_gc = acc_zeros(gc), d_gr = acc_zeros(gr), d_u = acc_zeros(u);
+  // A gate tensor with a group per channel gets each element written once, in its own dtype; a
+  // grouped one sums its channels' contributions in the compute type first.
+  const std::array<const at::Tensor*, 5> gates = {&lam, &gl, &gc, &gr, &u};
+  std::array<at::Tensor, 5> grads;
+  std::array<void*, 5> grad_ptrs;
+  std::array<bool, 5> grouped;
+  for (int k = 0; k < 5; ++k) {
+    const at::Tensor& t = *gates[k];
+    grouped[k] = t.size(2) != sh.C;
+    grads[k] = grouped[k] ? at::zeros(t.sizes(), t.options().dtype(acc_dtype)) : at::empty(t.sizes(), t.options());
+    grad_ptrs[k] = grads[k].data_ptr();
+  }
+  auto d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() > 0) {
-    const auto sig_l = gate_sigmoid(gl), sig_c = gate_sigmoid(gc), sig_r = gate_sigmoid(gr);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_bwd_cpu", [&] {
-      using acc_t = acc_type_t<scalar_t>;
       backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
-                                sig_l.data_ptr<acc_t>(), sig_c.data_ptr<acc_t>(), sig_r.data_ptr<acc_t>(),
-                                u.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), d_lam.data_ptr<acc_t>(),
-                                d_gl.data_ptr<acc_t>(), d_gc.data_ptr<acc_t>(), d_gr.data_ptr<acc_t>(),
-                                d_u.data_ptr<acc_t>(), sh, chunk);
+                                gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(),
+                                u.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), grad_ptrs, grouped, sh, chunk);
     });
   }
   const auto dt = x.scalar_type();
-  return {d_x, d_lam.to(dt), d_gl.to(dt), d_gc.to(dt), d_gr.to(dt), d_u.to(dt)};
+  for (auto& g : grads) g = g.to(dt);
+  return {d_x, grads[0], grads[1], grads[2], grads[3], grads[4]};
 }
 
 }  // namespace

@@ -42,6 +42,22 @@ def _project_channels(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     return torch.baddbmm(bias[None, :, None], weight.expand(p.shape[0], -1, -1), p)
 
 
+def _with_ones_row(p: torch.Tensor) -> torch.Tensor:
+    """(B, r, N) -> (B, r + 1, N): p with a row of ones appended, for :func:`_project_affine`."""
+    return torch.cat([p, p.new_ones(p.shape[0], 1, p.shape[2])], dim=1)
+
+
+def _project_affine(p_ones: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, r + 1, N) from :func:`_with_ones_row` -> (B, out, N): the same map as :func:`_project_channels`,
+    with the bias as one more column of the weight.
+
+    For the wide maps generated from the narrow proxy (lam and u: 4C rows from r = C/16): baddbmm first
+    copies the broadcast bias into its whole (B, out, N) output and its backward sums the output's
+    gradient for the bias, two more passes over a map the GEMM itself writes only once.
+    """
+    return torch.bmm(torch.cat([weight, bias[:, None]], dim=1).expand(p_ones.shape[0], -1, -1), p_ones)
+
+
 class GSPNMixer(nn.Module):
     """GSPN token mixer: (B, N, C) tokens with their (h, w) grid -> (B, N, C) tokens.
 
@@ -130,20 +146,20 @@ class GSPNMixer(nn.Module):
         x = F.silu(x)
 
         x_flat = x.view(B, C, N)
-        p = _project_channels(x_flat, self.proxy.weight, self.proxy.bias)
+        p = _with_ones_row(_project_channels(x_flat, self.proxy.weight, self.proxy.bias))
         G, D = self.gate_groups, NUM_DIRECTIONS
         gates = [
-            _project_channels(p, self.gate_proj.weight[k * D * G:(k + 1) * D * G],
-                              self.gate_proj.bias[k * D * G:(k + 1) * D * G]).view(B, D, G, h, w)
+            _project_affine(p, self.gate_proj.weight[k * D * G:(k + 1) * D * G],
+                            self.gate_proj.bias[k * D * G:(k + 1) * D * G]).view(B, D, G, h, w)
             for k in range(3)
         ]
-        lam = _project_channels(p, self.lam_proj.weight, self.lam_proj.bias).view(B, D, C, h, w)
+        lam = _project_affine(p, self.lam_proj.weight, self.lam_proj.bias).view(B, D, C, h, w)
         merge = self.merge.reshape(D * C)
-        u = _project_channels(p, self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
+        u = _project_affine(p, self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
         u = u.view(B, D, C, h, w)
         skip = None
         if self.skip_proj is not None:
-            skip = _project_channels(p, self.skip_proj.weight, self.skip_proj.bias).view(B, C, h, w)
+            skip = _project_affine(p, self.skip_proj.weight, self.skip_proj.bias).view(B, C, h, w)
         return x, lam, gates[0], gates[1], gates[2], u, skip, z
 
     def propagate(self, x, lam, gl, gc, gr, u, skip=None) -> torch.Tensor:
