@@ -116,23 +116,19 @@ def test_line_scan_on_normalised_extreme_gates(kind, impl):
         close(g, g_ref, 2e-5, name)
 
 
-GSPN_IMPLS = [
-    "reference",
-    "composed",
-    pytest.param("cpu", marks=pytest.mark.xfail(
-        strict=False, reason="gspn_scan_cpu.cpp normalisation lands from the fast-mixer branch")),
-]
+GSPN_IMPLS = ["reference", "composed", "cpu"]
 
 
 @pytest.mark.parametrize("impl", GSPN_IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_gspn_scan_with_extreme_logits(kind, impl):
+@pytest.mark.parametrize("G", [1, 2], ids=["gates-shared-by-all-channels", "gates-per-channel"])
+def test_gspn_scan_with_extreme_logits(kind, impl, G):
     B, C, H, W = 1, 2, 4, 5
     g = torch.Generator().manual_seed(3)
     x = torch.randn(B, C, H, W, generator=g)
     lam = torch.rand(B, 4, C, H, W, generator=g)
     u = torch.randn(B, 4, C, H, W, generator=g)
-    logits = [t.float() for t in extreme_logits((B, 4, C, H, W), kind, 4)]
+    logits = [t.float() for t in extreme_logits((B, 4, G, H, W), kind, 4)]
     inputs = [t.requires_grad_() for t in (x, lam, *logits, u)]
     grad_y = torch.randn(B, C, H, W, generator=g)
     y = gspn_scan(*inputs, impl=impl)
