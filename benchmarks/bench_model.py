@@ -21,8 +21,8 @@ these can be set). JSON goes to ``--out`` (with the device named), a plot of ste
 memory against resolution to ``--plot``. ``--smoke`` runs tiny models at tiny sizes in seconds
 (on CPU), to test the script, not to measure anything.
 
-    python benchmarks/bench_model.py --out benchmarks/results/bench_model_gpu.json --plot benchmarks/results/bench_model_gpu.png
-    python benchmarks/bench_model.py --device cpu --out benchmarks/results/bench_model_cpu.json
+    python -m benchmarks.bench_model --out benchmarks/results/bench_model_gpu.json --plot benchmarks/results/bench_model_gpu.png
+    python -m benchmarks.bench_model --device cpu --out benchmarks/results/bench_model_cpu.json
 
 The scan alone (every implementation, GB/s and fraction of the copy bandwidth) is
 ``benchmarks/bench_scan.py``'s job.
@@ -33,16 +33,13 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.timing` when run as a script
-
-from benchmarks.timing import device_description, time_callable  # noqa: E402
-from dit_gspn.models import GSPNMixer, create_model  # noqa: E402
-from dit_gspn.ops.gspn_scan import gspn_scan_impl  # noqa: E402
+from benchmarks.timing import device_description, time_callable
+from dit_gspn.models import GSPNMixer, create_model
+from dit_gspn.ops.gspn_scan import gspn_scan_impl
 
 SECTIONS = ("models", "mixer")
 LATENT_CHANNELS = 4

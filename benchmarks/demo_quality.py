@@ -11,9 +11,9 @@ is the same measure from a second classifier that sees only each image's silhoue
 levels stretched to [0, 1] per image, so colour and brightness carry no class): it is high only
 where the shapes themselves are drawn right.
 
-    python benchmarks/demo_quality.py --out benchmarks/results/demo_quality.json
+    python -m benchmarks.demo_quality --out benchmarks/results/demo_quality.json
     # equal steps, three seeds (data, initial weights, noise and the classifiers follow the seed):
-    python benchmarks/demo_quality.py --seeds 0 1 2 train.steps=700 train.time_limit_minutes=null
+    python -m benchmarks.demo_quality --seeds 0 1 2 train.steps=700 train.time_limit_minutes=null
 
 With ``--seeds`` every model is trained and scored once per seed, and ``summary`` gives each model's
 mean and standard deviation over the seeds.
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
         "what": "accuracy of a CNN trained on real built-in shapes, applied to class-conditional samples "
                 "(chance 0.1); shape_accuracy: the same from a CNN that sees only silhouettes (no colour); "
                 "the models trained with the same config and budget",
-        "command": "python benchmarks/demo_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.demo_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": str(args.config), "overrides": args.overrides, "objective": config["train"]["objective"],
         "sampler": config["logging"]["sampler"],
         "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]),

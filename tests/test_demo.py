@@ -1,6 +1,5 @@
 """The built-in demo end to end at toy size (the real one is timed by hand: see the README), the demo
 config's promises, and a smoke run of the demo-quality benchmark."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -44,10 +43,9 @@ def test_demo_writes_a_checkpoint_and_a_labelled_grid_and_says_where(tmp_path, c
 
 
 def _demo_quality():
-    spec = importlib.util.spec_from_file_location("demo_quality", REPO / "benchmarks" / "demo_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    from benchmarks import demo_quality
+
+    return demo_quality
 
 
 def test_silhouette_keeps_the_shape_and_drops_the_colour():

@@ -2,7 +2,6 @@
 sample as those projects' sampling equations say: ADM's DDPM for DiT, SiT's velocity ODE for SiT."""
 import argparse
 import hashlib
-import importlib.util
 import json
 import pathlib
 import pickle
@@ -16,6 +15,7 @@ from diffusers import AutoencoderKL
 
 import adm_oracle as adm
 
+from entry_points import load_script
 from dit_gspn.cli import UserError
 from dit_gspn.diffusion import make_schedule
 from dit_gspn.models import create_model
@@ -97,10 +97,7 @@ def _tiny_vae_dir(root: Path) -> Path:
 
 
 def _sample_py_main():
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("sample").main
 
 
 def _initial_noise(n, seed):

@@ -1,6 +1,5 @@
 """Sampling: the samplers against ADM's formulas and diffusers, CFG, grids, checkpoints, and batch sampling."""
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from PIL import Image
 
 import adm_oracle as adm
 
+from entry_points import load_script
 from dit_gspn.cli import UserError
 from dit_gspn.models import create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
@@ -725,10 +725,7 @@ def test_cli_records_the_guidance_interval_and_shift_and_refuses_bad_ones(batch_
 
 
 def _import_sample_py():
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("sample").main
 
 
 def test_bf16_batch_sampling_stays_close_to_float32(tmp_path):

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from entry_points import load_script
 from dit_gspn.cli import UserError
 from dit_gspn.training import ConfigError, NonFiniteLossError, list_checkpoints, load_config, train
 from dit_gspn.training.data_order import EpochBatchSampler
@@ -125,8 +126,6 @@ def test_objective_settings_are_checked_before_training(tmp_path):
 
 
 def test_flow_matching_run_writes_a_checkpoint_that_samples_with_its_own_sampler(tmp_path, fresh_accelerate_state):
-    import importlib.util
-
     from dit_gspn.sampling.checkpoint import load_model
 
     run = tmp_path / "run"
@@ -134,9 +133,7 @@ def test_flow_matching_run_writes_a_checkpoint_that_samples_with_its_own_sampler
     model, info = load_model(result.checkpoint)
     assert info.objective == "flow" and not model.learn_sigma and model.out_channels == 3
     assert math.isfinite(result.loss) and result.grid.is_file()
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
-    sample_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample_py)
+    sample_py = load_script("sample")
     args = ["--ckpt", str(result.checkpoint), "--num-steps", "3", "--classes", "1", "--cpu"]
     assert sample_py.main([*args, "--out", str(tmp_path / "grid.png")]) == 0  # euler, the flow default
     assert (tmp_path / "grid.png").is_file()
@@ -323,12 +320,7 @@ def test_gradient_checkpointing_matches_and_bf16_trains(tmp_path, fresh_accelera
 
 
 def _train_py_main():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("train").main
 
 
 def _logged_steps(folder: Path, tag: str) -> list[int]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from entry_points import load_script
 from dit_gspn.cli import USER_ERROR, UserError, run_main
 from dit_gspn.training import ConfigError, list_checkpoints, load_config, train
 from dit_gspn.training import checkpoint as checkpoint_module
@@ -32,16 +33,6 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository, as a user would."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env or _env(), capture_output=True,
                           text=True, timeout=300)
-
-
-def load_script(name: str):
-    """The entry point ``<name>.py`` of the repository as a module (its ``main`` is what the command runs)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_here(main, argv, capsys) -> subprocess.CompletedProcess:
@@ -406,13 +397,9 @@ def test_an_empty_class_folder_is_named_when_the_class_list_is_built(tmp_path):
 # --- Damage 5: batch sampling over damaged shards --------------------------------------------------------------
 
 def test_batch_sampling_redraws_damaged_shards(trained_run, tmp_path, fresh_accelerate_state):
-    import importlib.util
-
     root, _ = trained_run
     ckpt = list_checkpoints(root / "run")[-1]
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "sample.py")
-    sample_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample_py)
+    sample_py = load_script("sample")
     args = ["--ckpt", str(ckpt), "--num-samples", "6", "--batch-size", "2", "--num-steps", "2", "--cpu"]
     assert sample_py.main([*args, "--out", str(tmp_path / "a.npz"), "--keep-shards"]) == 0
     shutil.copytree(tmp_path / "a.npz.shards", tmp_path / "b.npz.shards")
