@@ -18,7 +18,7 @@
 #if defined(__CUDACC__)
 #define GSPN_HD __host__ __device__ __forceinline__
 #else
-#define GSPN_HD inline
+#define GSPN_HD inline __attribute__((always_inline))
 #endif
 
 namespace gspn {
@@ -68,17 +68,24 @@ GSPN_HD double exp_of(double v) { return ::exp(v); }
 // exp(-c) cancels in w, so this is sigmoid / sum for ordinary logits; the largest valid s_k is at
 // least 1/2, so the sum never underflows to 0/0 when every sigmoid does (logits below about -88
 // in float32), and an overflowing exp(c - g_k) just makes s_k = 0.
-template <typename acc_t>
+// ``exp_fn`` is the exponential to use (the CPU kernel passes its vectorisable one); masks that are
+// compile-time constants at the call site fold away once this is inlined.
+struct StdExp {
+  template <typename T>
+  GSPN_HD T operator()(T v) const { return exp_of(v); }
+};
+
+template <typename acc_t, typename Exp = StdExp>
 GSPN_HD void normalized_weights(acc_t gl, acc_t gc, acc_t gr, bool has_left, bool has_right,
-                                acc_t& wl, acc_t& wc, acc_t& wr) {
+                                acc_t& wl, acc_t& wc, acc_t& wr, Exp exp_fn = Exp()) {
   acc_t m = gc;
   if (has_left && gl > m) m = gl;
   if (has_right && gr > m) m = gr;
   const acc_t c = m < acc_t(0) ? m : acc_t(0);
-  const acc_t ec = exp_of(c);
-  const acc_t sl = has_left ? acc_t(1) / (ec + exp_of(c - gl)) : acc_t(0);
-  const acc_t sc = acc_t(1) / (ec + exp_of(c - gc));
-  const acc_t sr = has_right ? acc_t(1) / (ec + exp_of(c - gr)) : acc_t(0);
+  const acc_t ec = exp_fn(c);
+  const acc_t sl = has_left ? acc_t(1) / (ec + exp_fn(c - gl)) : acc_t(0);
+  const acc_t sc = acc_t(1) / (ec + exp_fn(c - gc));
+  const acc_t sr = has_right ? acc_t(1) / (ec + exp_fn(c - gr)) : acc_t(0);
   const acc_t inv_total = acc_t(1) / (sl + sc + sr);
   wl = sl * inv_total;
   wc = sc * inv_total;

@@ -73,24 +73,17 @@ __attribute__((always_inline)) inline float exp_lanes(float v) {
   return p * scale;
 }
 inline double exp_lanes(double v) { return std::exp(v); }
+struct LaneExp {
+  template <typename T>
+  T operator()(T v) const { return exp_lanes(v); }
+};
 
 // The normalised weights of one position from its logits (see the top of the file); with kGrad
 // also wq_k = w_k (1 - sigmoid(g_k)) = w_k / (1 + exp(g_k)), the factor of the logit gradients.
 template <typename acc_t, bool kLeft, bool kRight, bool kGrad>
 __attribute__((always_inline)) inline void normalize_position(acc_t g_l, acc_t g_c, acc_t g_r, acc_t& w_l, acc_t& w_c, acc_t& w_r, acc_t& q_l,
                                acc_t& q_c, acc_t& q_r) {
-  acc_t m = g_c;
-  if (kLeft) m = g_l > m ? g_l : m;
-  if (kRight) m = g_r > m ? g_r : m;
-  const acc_t c = m < acc_t(0) ? m : acc_t(0);
-  const acc_t e_c = exp_lanes(c);
-  const acc_t s_l = kLeft ? acc_t(1) / (e_c + exp_lanes(c - g_l)) : acc_t(0);
-  const acc_t s_c = acc_t(1) / (e_c + exp_lanes(c - g_c));
-  const acc_t s_r = kRight ? acc_t(1) / (e_c + exp_lanes(c - g_r)) : acc_t(0);
-  const acc_t inv_total = acc_t(1) / (s_l + s_c + s_r);
-  w_l = s_l * inv_total;
-  w_c = s_c * inv_total;
-  w_r = s_r * inv_total;
+  normalized_weights<acc_t>(g_l, g_c, g_r, kLeft, kRight, w_l, w_c, w_r, LaneExp());
   if (kGrad) {
     q_l = kLeft ? w_l / (acc_t(1) + exp_lanes(g_l)) : acc_t(0);
     q_c = w_c / (acc_t(1) + exp_lanes(g_c));
