@@ -36,6 +36,7 @@ import torch
 from filelock import FileLock
 
 from .. import resources
+from ..hashing import sha256_file
 
 #: The C++/CUDA sources (read at each build, so a test may point it at a copy).
 CSRC = resources.CSRC
@@ -144,7 +145,7 @@ def finished_library(folder: Path, key: str) -> Path | None:
     except (OSError, ValueError):
         return None
     library = folder / str(record.get("library", ""))
-    if record.get("key") != key or not library.is_file() or _sha256(library) != record.get("sha256"):
+    if record.get("key") != key or not library.is_file() or sha256_file(library) != record.get("sha256"):
         return None
     return library
 
@@ -209,20 +210,12 @@ def _compile(variant: str, folder: Path, snapshot: dict[str, bytes], flags: dict
         verbose=verbose,
     )
     library = Path(path) if path else folder / f"{name}.so"
-    record = {"key": key, "library": library.name, "sha256": _sha256(library), "flags": flags,
+    record = {"key": key, "library": library.name, "sha256": sha256_file(library), "flags": flags,
               "sources": sorted(snapshot), "built_from": str(CSRC), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     partial = folder / f"{BUILD_RECORD}.{os.getpid()}.tmp"
     partial.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(partial, folder / BUILD_RECORD)
     return library
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _missing_cuda_library_headers() -> list[Path]:
