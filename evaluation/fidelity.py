@@ -24,6 +24,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
+from dit_gspn.atomic_write import savez_atomically
 from dit_gspn.hashing import sha256_file
 
 from .inputs import EvalInput, EvalInputError, open_input
@@ -108,12 +109,8 @@ def write_stats(path: str | Path, stats: dict, *, weights_sha256: str, count: in
     """A reference-statistics ``.npz`` (``mu``, ``sigma``, as ADM's) that records which Inception made it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=FEATURE_EXTRACTOR,
-                 weights_sha256=weights_sha256, count=np.int64(count), source_sha256=source_sha256)
-    os.replace(tmp, path)
-    return path
+    return savez_atomically(path, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=FEATURE_EXTRACTOR,
+                            weights_sha256=weights_sha256, count=np.int64(count), source_sha256=source_sha256)
 
 
 def _stored_stats(source: EvalInput, weights_sha256: str, layer: str) -> dict:

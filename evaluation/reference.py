@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dit_gspn.atomic_write import savez_atomically
 from dit_gspn.cli import ArgumentParser, MissingFileError, OutputExistsError, check_output_path, run_main
 from dit_gspn.data.image_folder import UNREADABLE_IMAGE_ERRORS, adm_crop_file
-from dit_gspn.sampling.batch import atomic_savez, check_manifest
+from dit_gspn.sampling.batch import check_manifest
 
 from .fidelity import FEATURE_LAYERS, POOL, InceptionFeatures, write_stats
 from .inputs import EvalInput, EvalInputError
@@ -90,7 +91,7 @@ def process_chunk(files: list[Path], path: Path, extractor: InceptionFeatures, i
     named = dict(count=np.int64(len(files) - len(skipped)), sum=total, outer=outer, skipped=np.asarray(json.dumps(skipped)))
     if keep_images:
         named["images"] = np.concatenate(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
-    atomic_savez(path, **named)
+    savez_atomically(path, **named)
 
 
 def statistics_from_sums(count: int, total: np.ndarray, outer: np.ndarray) -> dict[str, np.ndarray]:

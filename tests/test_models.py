@@ -277,6 +277,10 @@ def test_clear_errors_for_bad_inputs():
         tiny(input_size=10, patch_size=4)
     with pytest.raises(ValueError, match="mixer must be one of"):
         tiny(mixer="mamba")
+    with pytest.raises(ValueError, match=r"input_size must be an int or an \(H, W\) pair of ints, got \(8, 8, 8\)"):
+        tiny(input_size=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"input_size must be at least 1 on each side, got \(0, 8\)"):
+        tiny(input_size=(0, 8))
     with pytest.raises(ValueError, match=r"grid \(h, w\) = \(2, 2\) holds 4 tokens but the input has N = 6"):
         Attention(8, 2)(torch.randn(1, 6, 8), (2, 2))
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from dit_gspn.atomic_write import write_text_atomically
 from dit_gspn.sampling.checkpoint import DEFAULT_VAE, LATENT_SCALE, load_vae, vae_scale_factor
 
 from .image_folder import ClassFolderImages, collate_skipping_corrupt
@@ -89,9 +90,7 @@ def check_same_dataset(out: Path, fingerprint: dict, image_root: Path, write: bo
                              f"Kept shards would carry the old labels and files: extract into a new --out "
                              f"(or delete {out})")
     elif write:
-        tmp = path.with_name(f".{DATASET_FILE}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(fingerprint, indent=1))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(fingerprint, indent=1))
 
 
 def _shard_is_complete(path: Path, expected: dict) -> bool:

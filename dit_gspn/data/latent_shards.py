@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from dit_gspn.atomic_write import atomic_write, write_text_atomically
 from dit_gspn.cli import UserError
 
 INDEX_FILE = "index.json"
@@ -63,9 +64,8 @@ def check_shard_file(path: Path) -> dict:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write one shard atomically (a temp file, then rename), with ``metadata`` stored as JSON."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"info": json.dumps(metadata)})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"info": json.dumps(metadata)})
 
 
 def read_shard_metadata(path: Path) -> dict:
@@ -84,10 +84,7 @@ def write_index(root: Path, info: dict) -> Path:
             "num_latents": sum(s["count"] for s in info["shards"]),
             "num_skipped": sum(len(s["skipped"]) for s in info["shards"])}
     path = root / INDEX_FILE
-    tmp = path.with_name(f".{INDEX_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(info, indent=1))
 
 
 def read_index(root: str | os.PathLike) -> dict:

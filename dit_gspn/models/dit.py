@@ -14,20 +14,14 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from dit_gspn.sizes import size_pair
+
 from .attention import Attention
 from .grid import check_grid
 from .gspn_mixer import GSPNMixer
 from .pos_embed import sincos_pos_embed_2d
 
 MIXERS = ("gspn", "attention")
-
-
-def _size_pair(size) -> tuple[int, int]:
-    """An int or (H, W) pair (a list once read from config.json) -> (H, W)."""
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
 
 
 def modulate(x, shift, scale):
@@ -224,7 +218,7 @@ class DiT(ModelMixin, ConfigMixin):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        height, width = _size_pair(input_size)
+        height, width = size_pair(input_size, "input_size")
         if height % patch_size or width % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         # int for a square training size (DiT's convention), (H, W) otherwise.

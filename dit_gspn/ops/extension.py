@@ -36,6 +36,7 @@ import torch
 from filelock import FileLock
 
 from .. import resources
+from ..atomic_write import write_text_atomically
 from ..hashing import sha256_file
 
 #: The C++/CUDA sources (read at each build, so a test may point it at a copy).
@@ -212,9 +213,7 @@ def _compile(variant: str, folder: Path, snapshot: dict[str, bytes], flags: dict
     library = Path(path) if path else folder / f"{name}.so"
     record = {"key": key, "library": library.name, "sha256": sha256_file(library), "flags": flags,
               "sources": sorted(snapshot), "built_from": str(CSRC), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    partial = folder / f"{BUILD_RECORD}.{os.getpid()}.tmp"
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, folder / BUILD_RECORD)
+    write_text_atomically(folder / BUILD_RECORD, json.dumps(record, indent=1) + "\n")
     return library
 
 

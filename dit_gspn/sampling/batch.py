@@ -2,8 +2,7 @@
 
 Sample ``i`` is drawn from its own generator seeded by (seed, i), and shard ``k`` always holds the indices
 ``[k * shard_size, (k + 1) * shard_size)`` sampled as one batch, so the result is the same for any number of
-processes and after any number of kills and resumes. Shards are written atomically (a temporary file, then
-``os.replace``) to ``<out>.shards/``; a resumed run keeps and skips the finished ones. The final ``.npz``
+processes and after any number of kills and resumes. Shards are written atomically (``dit_gspn.atomic_write``) to ``<out>.shards/``; a resumed run keeps and skips the finished ones. The final ``.npz``
 holds ``arr_0`` (uint8, N x H x W x 3, as ADM's evaluator reads it) and ``arr_1`` (int64 class labels, as
 ADM's own sampler writes them).
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dit_gspn.atomic_write import savez_atomically, write_text_atomically
 from dit_gspn.cli import OutputExistsError, UserError, check_output_path
 
 from .checkpoint import SamplingInfo, decode
@@ -69,7 +68,7 @@ def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = 
     arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_savez(path, *arrays)
+    savez_atomically(path, *arrays)
     return path
 
 
@@ -83,16 +82,6 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     return images, labels
-
-
-def atomic_savez(path: Path, *arrays, **named) -> None:
-    """``np.savez`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, *arrays, **named)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -176,9 +165,7 @@ def check_manifest(shard_dir: Path, settings: dict, write: bool) -> None:
                              f"folder or choose another --out")
     elif write:
         shard_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def _images_done(plan: BatchPlan, shard_dir: Path) -> int:
@@ -208,7 +195,7 @@ def sample_shards(model, plan: BatchPlan, shard_dir: Path, *, info: SamplingInfo
             out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
                 plan.seed, indices), size=size, **sample_kwargs)
             images = to_uint8(decode(out, info, vae, decode_batch_size))
-        atomic_savez(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
+        savez_atomically(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
                       rank=np.int64(rank))
         bar.update(_images_done(plan, shard_dir) - bar.n)
     bar.close()

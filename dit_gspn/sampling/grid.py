@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dit_gspn.atomic_write import atomic_write
+
 #: Tiles narrower than this are enlarged (nearest neighbour, integer factor) so a label fits under them.
 MIN_TILE_WIDTH = 96
 _FONT_SIZE = 11
@@ -75,7 +77,6 @@ def save_labelled_grid(images: torch.Tensor, labels, path: str | os.PathLike,
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

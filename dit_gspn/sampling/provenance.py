@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 from pathlib import Path
+
+from dit_gspn.atomic_write import write_text_atomically
 
 SUFFIX = ".provenance.json"
 
@@ -36,10 +37,7 @@ def write_provenance(npz: str | Path, settings: dict, count: int) -> Path:
     path = provenance_path(npz)
     record = dict(settings, samples=Path(npz).name, count=int(count), versions=versions(),
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def read_provenance(npz: str | Path) -> dict | None:

@@ -22,17 +22,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from dit_gspn.diffusion import DIT_SCHEDULE, FLOW_SAMPLERS, SAMPLERS, STOCHASTIC_SAMPLERS, make_schedule
+from dit_gspn.sizes import size_pair
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def model_size(model) -> tuple[int, int]:
     """The (H, W) of the latent / pixel map the model was trained on (``model.input_size``: int or pair)."""
-    size = model.input_size
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
+    return size_pair(model.input_size, "model.input_size")
 
 
 def _model_device(model) -> torch.device:

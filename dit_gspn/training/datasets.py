@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 
 from dit_gspn.data import LatentShardDataset, ShapesDataset, read_index
 from dit_gspn.sampling.checkpoint import SamplingInfo
+from dit_gspn.sizes import size_pair
 
 from .config import ConfigError
 
@@ -42,7 +43,7 @@ def build_training_data(config: dict) -> TrainingData:
         index = read_index(data["path"])
         channels, height, width = index["latent_shape"]
         input_size = height if height == width else (height, width)
-        expected = (model.get("in_channels", channels), *_pair(model.get("input_size", input_size)))
+        expected = (model.get("in_channels", channels), *size_pair(model.get("input_size", input_size), "model.input_size", ConfigError))
         dataset = LatentShardDataset(data["path"], expected_shape=expected,
                                      num_classes=model.get("num_classes", index["num_classes"]),
                                      flip=bool(data["flip"]))
@@ -54,7 +55,7 @@ def build_training_data(config: dict) -> TrainingData:
         raise ConfigError(f"data.kind must be 'latents' or 'shapes', got {data['kind']!r}")
     if model.get("in_channels") is not None and int(model["in_channels"]) != result.in_channels:
         raise ConfigError(f"model.in_channels={model['in_channels']} but the data has {result.in_channels} channels")
-    if model.get("input_size") is not None and _pair(model["input_size"]) != _pair(result.input_size):
+    if model.get("input_size") is not None and size_pair(model["input_size"], "model.input_size", ConfigError) != size_pair(result.input_size):
         raise ConfigError(f"model.input_size={model['input_size']} but the data is {result.input_size} "
                           f"({'latent' if data['kind'] == 'latents' else 'pixel'} size)")
     if model.get("num_classes") is not None:
@@ -64,7 +65,3 @@ def build_training_data(config: dict) -> TrainingData:
         if result.sampling_info.class_names and len(result.sampling_info.class_names) != result.num_classes:
             result.sampling_info.class_names = None
     return result
-
-
-def _pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
