@@ -18,9 +18,10 @@ from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_out
 from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, check_num_steps, check_sampler, default_num_steps, default_sampler
 from dit_gspn.diffusion.flow import check_shift
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
-from dit_gspn.sampling.checkpoint import (WEIGHT_FOLDERS, checkpoint_sha256, decode, load_model, load_vae,
-                                          read_checkpoint_info, vae_scale_factor)
-from dit_gspn.sampling.grid import save_labelled_grid
+from dit_gspn.checkpoint import WEIGHT_FOLDERS
+from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_grid
+from dit_gspn.sampling.model_loader import checkpoint_sha256, load_model, read_checkpoint_info
+from dit_gspn.vae import decode, load_vae, vae_scale_factor
 from dit_gspn.sampling.sampler import check_guidance_interval, model_size, sample
 
 def parse_args(argv=None):
@@ -127,8 +128,6 @@ def check_classes(classes: list[int] | None, num_classes: int) -> None:
 def grid_classes(args, num_classes: int) -> list[int]:
     if args.classes is not None:
         return args.classes
-    from dit_gspn.training.grids import default_grid_classes
-
     return default_grid_classes(num_classes)
 
 
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae, args.num_heads)
     check_classes(args.classes, info.num_classes)
     model.to(state.device)
-    vae = load_vae(info.vae).to(state.device) if info.vae is not None else None
+    vae = load_vae(info.vae, state.device) if info.vae is not None else None
     size = map_size(model, info, vae, _pixel_size(args))
     if size != model_size(model) and getattr(model, "pos_embed", None) is not None and state.is_main_process:
         print(f"note: sampling at {size} instead of the training size {model_size(model)} with a model that has a "

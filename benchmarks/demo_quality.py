@@ -122,8 +122,8 @@ def evaluate_model(spec: str, config_path: Path, overrides: list[str], run_dir: 
 def evaluate_checkpoint(checkpoint: Path, config: dict, classifiers: dict, samples_per_class: int,
                         sample_steps: int, seed: int) -> dict:
     """Score the EMA of an existing training checkpoint (e.g. the snapshots of one long run)."""
-    from dit_gspn.sampling.checkpoint import load_model
-    from dit_gspn.training.checkpoint import read_trainer_state
+    from dit_gspn.checkpoint import read_trainer_state
+    from dit_gspn.sampling.model_loader import load_model
 
     ema, _ = load_model(checkpoint, weights="ema")
     return {"checkpoint": str(checkpoint), "train_steps": int(read_trainer_state(checkpoint)["step"]),
@@ -135,7 +135,7 @@ def score_samples(ema: nn.Module, config: dict, classifiers: dict, samples_per_c
     """Draw ``samples_per_class`` samples per class with the config's sampler and CFG; for each named
     classifier, the fraction it assigns to the class they were drawn for, overall and per class."""
     from dit_gspn.sampling import sample
-    from dit_gspn.sampling.checkpoint import decode
+    from dit_gspn.vae import decode
 
     labels = torch.arange(10).repeat(samples_per_class)
     start = time.perf_counter()
@@ -183,7 +183,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def _pixel_info(config):
-    from dit_gspn.sampling.checkpoint import SamplingInfo
+    from dit_gspn.checkpoint import SamplingInfo
     size = int(config["data"]["image_size"])
     return SamplingInfo(vae=None, latent_scale=1.0, image_size=(size, size), num_classes=10)
 

@@ -21,7 +21,9 @@ from dit_gspn.diffusion import make_schedule
 from dit_gspn.models import create_model
 from dit_gspn.sampling import sample, to_uint8
 from dit_gspn.sampling.batch import BatchPlan, index_generators, read_npz
-from dit_gspn.sampling.checkpoint import CheckpointError, load_model, load_vae
+from dit_gspn.checkpoint import CheckpointError
+from dit_gspn.sampling.model_loader import load_model
+from dit_gspn.vae import load_vae
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, LATENT = 5, 8

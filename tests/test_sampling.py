@@ -26,8 +26,9 @@ from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.sampling import sample, save_labelled_grid
 from dit_gspn.sampling.batch import (BatchPlan, check_manifest, class_labels, index_seed, read_npz,
                                      run_batch, write_npz)
-from dit_gspn.sampling.checkpoint import (DEFAULT_VAE, SamplingInfo, decode, load_model, load_vae,
-                                          vae_scale_factor)
+from dit_gspn.checkpoint import SamplingInfo
+from dit_gspn.sampling.model_loader import load_model
+from dit_gspn.vae import DEFAULT_VAE, decode, load_vae, vae_scale_factor
 
 
 def tiny_dit(in_channels=3, num_classes=5, input_size=8, learn_sigma=True, mixer="gspn", seed=0):

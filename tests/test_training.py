@@ -79,7 +79,7 @@ def test_data_order_splits_ranks_and_resumes_mid_epoch():
 
 
 def test_checkpoints_are_read_by_sampling_and_pruned(tmp_path, fresh_accelerate_state):
-    from dit_gspn.sampling.checkpoint import load_model
+    from dit_gspn.sampling.model_loader import load_model
 
     result = train(tiny_config(tmp_path / "run", logging={"sample_every": 3}))
     names = [p.name for p in list_checkpoints(tmp_path / "run")]
@@ -126,7 +126,7 @@ def test_objective_settings_are_checked_before_training(tmp_path):
 
 
 def test_flow_matching_run_writes_a_checkpoint_that_samples_with_its_own_sampler(tmp_path, fresh_accelerate_state):
-    from dit_gspn.sampling.checkpoint import load_model
+    from dit_gspn.sampling.model_loader import load_model
 
     run = tmp_path / "run"
     result = train(tiny_config(run, train={"objective": "flow", "flow_timesteps": "logit_normal"}))
@@ -269,7 +269,7 @@ def test_training_on_latent_shards_decodes_grids_through_the_vae(tmp_path, fresh
     from diffusers import AutoencoderKL
 
     from dit_gspn.data.latent_shards import shard_name, write_index, write_shard
-    from dit_gspn.sampling.checkpoint import SamplingInfo
+    from dit_gspn.checkpoint import SamplingInfo
 
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
@@ -349,7 +349,8 @@ def test_resume_from_an_earlier_checkpoint_uses_its_config_and_purges_abandoned_
 
 
 def test_presets_grid_classes_follow_the_models_class_count(monkeypatch, tmp_path):
-    from dit_gspn.training.grids import IMAGENET_GRID_CLASSES, grid_labels
+    from dit_gspn.sampling.labelled_grid import IMAGENET_GRID_CLASSES
+    from dit_gspn.training.sample_grids import grid_labels
     from dit_gspn.training.trainer import set_compile_cache
 
     preset = load_config(REPO / "configs" / "gspn_xl2_256.yaml")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from entry_points import load_script
 from dit_gspn.cli import USER_ERROR, UserError, run_main
 from dit_gspn.training import ConfigError, list_checkpoints, load_config, train
-from dit_gspn.training import checkpoint as checkpoint_module
+from dit_gspn.checkpoint import folder as checkpoint_module
 from dit_gspn.training.config import validate_config
 from test_training import tiny_config, write_config
 
@@ -279,7 +279,7 @@ def test_a_planted_pickle_is_refused_with_one_line_and_never_runs(trained_run, t
 
 def test_a_checkpoint_from_before_safetensors_rng_files_still_loads_and_a_planted_one_is_refused(trained_run,
                                                                                                tmp_path):
-    from dit_gspn.training.checkpoint import load_rng_state
+    from dit_gspn.checkpoint.rng_state import load_rng_state
 
     root, config = trained_run
     run = tmp_path / "run"

@@ -21,16 +21,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dit_gspn.atomic_write import write_text_atomically
-from dit_gspn.sampling.checkpoint import DEFAULT_VAE, LATENT_SCALE, load_vae, vae_scale_factor
+from dit_gspn.vae import DEFAULT_VAE, LATENT_SCALE, encode, load_vae, vae_scale_factor
 
 from .image_folder import ClassFolderImages, collate_skipping_corrupt
 from .latent_shards import (ShardError, check_shard_file, read_index, read_shard_metadata, shard_name,
                             write_index, write_shard)
-
-
-def _load_encoder(vae: str, device):
-    """The AutoencoderKL (hub name or local folder), frozen, on ``device``."""
-    return load_vae(vae).to(device).requires_grad_(False)
 
 
 DATASET_FILE = "dataset.json"
@@ -103,12 +98,6 @@ def _shard_is_complete(path: Path, expected: dict) -> bool:
     return all(meta.get(k) == v for k, v in expected.items())
 
 
-@torch.no_grad()
-def _encode(vae, images: torch.Tensor, generator: torch.Generator, latent_scale: float) -> torch.Tensor:
-    # DiT samples from the posterior (not its mean) and scales by 0.18215.
-    return vae.encode(images).latent_dist.sample(generator=generator) * latent_scale
-
-
 def extract_latents(image_root: str | os.PathLike, out_dir: str | os.PathLike, *, vae: str = DEFAULT_VAE,
                     image_size: int = 256, flip: bool = True, shard_size: int = 4096, batch_size: int = 32,
                     num_workers: int = 4, latent_dtype: str = "float16", seed: int = 0,
@@ -133,7 +122,7 @@ def extract_latents(image_root: str | os.PathLike, out_dir: str | os.PathLike, *
     identity = {"image_root": str(Path(image_root).resolve()), "image_size": image_size, "vae": vae,
                 "flip": flip, "latent_scale": latent_scale, "class_names": list(dataset.class_names)}
     check_same_dataset(out, dataset_fingerprint(dataset), Path(image_root), write=accelerator.is_main_process)
-    vae_model = _load_encoder(vae, accelerator.device)
+    vae_model = load_vae(vae, accelerator.device)
     if image_size % vae_scale_factor(vae_model):
         raise ShardError(f"--image-size {image_size} must be divisible by the VAE's downsampling factor "
                          f"{vae_scale_factor(vae_model)}")
@@ -160,9 +149,9 @@ def extract_latents(image_root: str | os.PathLike, out_dir: str | os.PathLike, *
                 continue
             images = batch.images.to(accelerator.device)
             with accelerator.autocast():
-                latents.append(_encode(vae_model, images, generator, latent_scale).to("cpu", store_dtype))
+                latents.append(encode(vae_model, images, generator, latent_scale).to("cpu", store_dtype))
                 if flip:
-                    flipped.append(_encode(vae_model, images.flip(-1), generator, latent_scale).to("cpu", store_dtype))
+                    flipped.append(encode(vae_model, images.flip(-1), generator, latent_scale).to("cpu", store_dtype))
             labels.append(batch.labels)
         if skipped:
             bar.write(f"shard {k}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]} ({skipped[0][1]})")

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grid import check_grid
+from .token_grid import check_grid
 
 
 class Attention(nn.Module):

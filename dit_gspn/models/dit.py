@@ -17,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from dit_gspn.sizes import size_pair
 
 from .attention import Attention
-from .grid import check_grid
+from .token_grid import check_grid
 from .gspn_mixer import GSPNMixer
 from .pos_embed import sincos_pos_embed_2d
 

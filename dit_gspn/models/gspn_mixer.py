@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dit_gspn import ops
 
-from .grid import check_grid
+from .token_grid import check_grid
 
 NUM_DIRECTIONS = 4
 

@@ -1,5 +1,5 @@
-"""Sampling: the diffusion loop with classifier-free guidance, labelled grids, and checkpoint loading."""
-from .grid import save_labelled_grid, to_uint8
+"""Sampling: the diffusion loop with classifier-free guidance, labelled grids, and loading a model to sample."""
+from .labelled_grid import save_labelled_grid, to_uint8
 from .sampler import sample
 
 __all__ = ["sample", "save_labelled_grid", "to_uint8"]

@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from dit_gspn.atomic_write import savez_atomically, write_text_atomically
 from dit_gspn.cli import OutputExistsError, UserError, check_output_path
 
-from .checkpoint import SamplingInfo, decode
-from .grid import to_uint8
+from dit_gspn.checkpoint import SamplingInfo
+from dit_gspn.vae import decode
+
+from .labelled_grid import to_uint8
 from .provenance import provenance_path, write_provenance
 from .sampler import sample
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_VAE, LATENT_SCALE, CheckpointError, SamplingInfo, load_plain_values, state_dict_mismatch
+from dit_gspn.checkpoint import CheckpointError, SamplingInfo, load_plain_values, state_dict_mismatch
+from dit_gspn.vae import DEFAULT_VAE, LATENT_SCALE
+
 from .sit import SiTVelocity, is_sit_name, network_name
 
 #: What a DiT / SiT training checkpoint holds besides tensors and plain values.

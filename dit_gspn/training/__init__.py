@@ -1,5 +1,6 @@
 """Class-conditional training: the config, the loop, checkpoints with exact resume, and sample grids."""
-from .checkpoint import latest_checkpoint, list_checkpoints
+from dit_gspn.checkpoint import latest_checkpoint, list_checkpoints
+
 from .config import ConfigError, load_config
 from .trainer import NonFiniteLossError, TrainResult, train
 

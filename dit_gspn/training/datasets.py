@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from dit_gspn.data import LatentShardDataset, ShapesDataset, read_index
-from dit_gspn.sampling.checkpoint import SamplingInfo
+from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.sizes import size_pair
 
 from .config import ConfigError

@@ -26,16 +26,15 @@ from tqdm.auto import tqdm
 from dit_gspn.cli import UserError
 from dit_gspn.data import ShardError
 from dit_gspn.diffusion import FlowMatching, GaussianDiffusion
-from dit_gspn.sampling.checkpoint import CheckpointError, state_dict_mismatch
-
-from .checkpoint import (CheckpointWriter, check_writable, latest_checkpoint, load_lr_scheduler_state,
-                         find_rng_state, load_optimizer_state, load_weights, read_trainer_state, recover_leftovers,
-                         resolve_resume, set_rng_state)
+from dit_gspn.checkpoint import (CheckpointError, CheckpointWriter, find_rng_state, latest_checkpoint,
+                                 load_lr_scheduler_state, load_optimizer_state, load_weights, read_trainer_state,
+                                 recover_leftovers, resolve_resume, set_rng_state, state_dict_mismatch)
 from .config import ConfigError, complete_config, config_changes, read_saved_config, resolve_objective, validate_config
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
-from .grids import GridWriter, grid_labels
+from .run_folder import check_writable
+from .sample_grids import GridWriter, grid_labels
 
 
 class NonFiniteLossError(UserError, RuntimeError):

@@ -1,4 +1,4 @@
-"""A PNG grid of samples with each image's class name written under it."""
+"""A PNG grid of samples with each image's class name written under it, and the classes it shows by default."""
 from __future__ import annotations
 
 import math
@@ -17,6 +17,16 @@ MIN_TILE_WIDTH = 96
 _FONT_SIZE = 11
 _LABEL_HEIGHT = 16
 _PAD = 2
+#: DiT's sample.py classes (ImageNet ids): the default grid of a 1000-class model.
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def default_grid_classes(num_classes: int) -> list[int]:
+    """The classes a grid shows when none are named: DiT's ImageNet ones for 1000 classes, else up to 10
+    spread evenly over the model's classes."""
+    if num_classes == 1000:
+        return list(IMAGENET_GRID_CLASSES)
+    return np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

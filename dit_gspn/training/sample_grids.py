@@ -8,22 +8,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dit_gspn.sampling import sample, save_labelled_grid
-from dit_gspn.sampling.checkpoint import SamplingInfo, decode, load_vae
+from dit_gspn.checkpoint import SamplingInfo
+from dit_gspn.sampling import sample
+from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_grid
+from dit_gspn.vae import decode, load_vae
 
 from .config import ConfigError
-
-
-#: DiT's sample.py classes (ImageNet ids): the default grid of a 1000-class model.
-IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
-def default_grid_classes(num_classes: int) -> list[int]:
-    """The classes a grid shows when none are named: DiT's ImageNet ones for 1000 classes, else up to 10
-    spread evenly over the model's classes."""
-    if num_classes == 1000:
-        return list(IMAGENET_GRID_CLASSES)
-    return np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
 
 
 def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> tuple[list[int], int]:
@@ -55,7 +45,7 @@ class GridWriter:
         if self.info.vae is None or self._vae is not None:
             return self._vae
         try:
-            self._vae = load_vae(self.info.vae).to(self.device)
+            self._vae = load_vae(self.info.vae, self.device)
         except (FileNotFoundError, OSError) as exc:
             if not self._vae_failed:
                 warnings.warn(f"sample grids are off: {exc}")

@@ -1,78 +1,16 @@
-"""Load a model and how to decode its samples from a training checkpoint, a save_pretrained folder or DiT's .pt.
-
-A training checkpoint is a directory holding ``model/`` and ``ema/`` (each written by
-``DiT.save_pretrained``) and ``sampling.json``::
-
-    {"vae": null | "<AutoencoderKL hub name or local path>", "latent_scale": 0.18215 | 1.0,
-     "image_size": [H, W], "num_classes": int, "class_names": [...] | null, "objective": "ddpm" | "flow"}
-
-(``objective`` absent: "ddpm", DiT's.)
+"""Load a model to sample, with how its samples become images, from any of three forms: a training checkpoint
+(``dit_gspn.checkpoint``), a ``save_pretrained`` folder, or DiT's / SiT's ``.pt`` (``state_dict_file``).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from dit_gspn.cli import MissingFileError, UserError
-from dit_gspn.diffusion import OBJECTIVES
+from dit_gspn.checkpoint import SAMPLING_FILE, WEIGHT_FOLDERS, CheckpointError, SamplingInfo, is_training_checkpoint
+from dit_gspn.cli import MissingFileError
 from dit_gspn.hashing import sha256_path
-
-SAMPLING_FILE = "sampling.json"
-WEIGHT_FOLDERS = ("ema", "model")
-#: The VAE DiT's own sample.py decodes with by default.
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-LATENT_SCALE = 0.18215
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: damaged, of another model, or holding more than weights and values."""
-
-
-@dataclass
-class SamplingInfo:
-    """How a model's output becomes images: the VAE (None = pixel space), its latent scale, the image size,
-    and the objective it was trained with, which decides the samplers that fit it (``check_sampler``)."""
-
-    vae: str | None
-    latent_scale: float
-    image_size: tuple[int, int]
-    num_classes: int
-    class_names: list[str] | None = field(default=None)
-    objective: str = "ddpm"
-
-    @property
-    def clip_denoised(self) -> bool:
-        """Whether sampling clips predicted images to [-1, 1]: in pixel space, as ADM; never for latents."""
-        return self.vae is None
-
-    @classmethod
-    def read(cls, path: str | Path) -> "SamplingInfo":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-        missing = [k for k in ("vae", "latent_scale", "image_size", "num_classes") if k not in raw]
-        if missing:
-            raise CheckpointError(f"{path} lacks the key(s) {missing}; expected vae, latent_scale, image_size, "
-                             f"num_classes and class_names")
-        size = raw["image_size"]
-        size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        names = raw.get("class_names")
-        if names is not None and len(names) != int(raw["num_classes"]):
-            raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is {raw['num_classes']}")
-        objective = raw.get("objective", "ddpm")
-        if objective not in OBJECTIVES:
-            raise CheckpointError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}")
-        return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
-
-    def write(self, path: str | Path) -> None:
-        data = asdict(self)
-        data["image_size"] = list(self.image_size)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+from dit_gspn.sizes import size_pair
+from dit_gspn.vae import DEFAULT_VAE, LATENT_SCALE
 
 
 def _dit_class():
@@ -81,18 +19,13 @@ def _dit_class():
     return DiT
 
 
-def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers along each side (8 for the Stable Diffusion VAEs)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def infer_sampling_info(model, vae: str | None = None) -> SamplingInfo:
     """A SamplingInfo for a bare model folder: 4 input channels = SD-VAE latents at 1/8 size, else pixels."""
     return _info_from_model_config(model.input_size, model.in_channels, model.num_classes, vae)
 
 
 def _info_from_model_config(input_size, in_channels: int, num_classes: int, vae: str | None) -> SamplingInfo:
-    height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    height, width = size_pair(input_size, "the model's input_size", CheckpointError)
     if in_channels == 4:
         return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, (8 * height, 8 * width), num_classes)
     return SamplingInfo(vae, 1.0 if vae is None else LATENT_SCALE, (height, width), num_classes)
@@ -116,7 +49,7 @@ def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
         return "state_dict"
     if not ckpt.exists():
         raise MissingFileError(f"checkpoint {ckpt} does not exist")
-    if (ckpt / SAMPLING_FILE).is_file():
+    if is_training_checkpoint(ckpt):
         SamplingInfo.read(ckpt / SAMPLING_FILE)  # a damaged sampling.json is named before a missing folder
         folder = ckpt / weights
         if not (folder / "config.json").is_file():
@@ -207,64 +140,6 @@ def checkpoint_sha256(ckpt: str | Path, weights: str = "ema") -> str:
     """The sha256 of what ``load_model`` reads: a ``.pt`` file, a training checkpoint's ``weights`` folder,
     or a save_pretrained folder."""
     ckpt = Path(ckpt)
-    if ckpt.is_dir() and (ckpt / SAMPLING_FILE).is_file():
+    if ckpt.is_dir() and is_training_checkpoint(ckpt):
         return sha256_path(ckpt / weights)
     return sha256_path(ckpt)
-
-
-def load_plain_values(path: Path, allowed: list = ()):
-    """``torch.load(path, weights_only=True)``: tensors and plain values only (and the ``allowed`` globals),
-    so a file that would run code is refused with a CheckpointError naming it."""
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise MissingFileError(f"{path} is missing") from err
-    except Exception as err:  # UnpicklingError for a planted object; anything else is a damaged file
-        lines = str(err).splitlines() or [""]
-        # torch names the refused object on a later line ("... Unsupported global: GLOBAL module.name ...").
-        why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
-        raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values (loading a "
-                              f"checkpoint never needs to run code), or it is damaged ({type(err).__name__}: "
-                              f"{why})") from err
-
-
-def state_dict_mismatch(model: torch.nn.Module, state: dict) -> str:
-    """One line on why ``state`` does not load into ``model``: counts of missing, unexpected and
-    mis-shaped keys, with the first of each."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    parts = [f"{len(found)} {what} (e.g. {found[0]})" for what, found in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shaped)) if found]
-    return "; ".join(parts) or "the keys and shapes match"
-
-
-def load_vae(name_or_path: str):
-    """diffusers' AutoencoderKL from a local folder, or by hub name when online; an error naming both otherwise."""
-    from diffusers import AutoencoderKL
-
-    local = Path(name_or_path)
-    try:
-        return AutoencoderKL.from_pretrained(local if local.is_dir() else name_or_path).eval()
-    except (OSError, ValueError) as err:
-        raise MissingFileError(
-            f"could not load the VAE {name_or_path!r}: it is not a local folder with an AutoencoderKL "
-            f"(config.json + weights), and the hub could not provide it (offline? HF_HUB_OFFLINE set?). "
-            f"Download it where there is network (huggingface-cli download {name_or_path} --local-dir DIR) "
-            f"and pass --vae DIR. ({type(err).__name__}: {err})") from err
-
-
-@torch.no_grad()
-def decode(output: torch.Tensor, info: SamplingInfo, vae=None, batch_size: int = 32) -> torch.Tensor:
-    """Model outputs -> images in [-1, 1]: through the VAE in batches of ``batch_size``, or as pixels."""
-    if info.vae is None:
-        return output.float().clamp(-1, 1)
-    if vae is None:
-        raise ValueError(f"these samples are latents: pass the VAE {info.vae!r} (load_vae) to decode them")
-    vae_dtype = next(vae.parameters()).dtype
-    images = [vae.decode(chunk.to(vae_dtype) / info.latent_scale).sample.float()
-              for chunk in output.split(batch_size)]
-    return torch.cat(images).clamp(-1, 1)

@@ -1,9 +1,9 @@
-"""Training checkpoints: one directory per step, written atomically, the last K kept.
+"""The training checkpoint folder: one directory per step, written atomically, the last K kept, and read back.
 
 ``<run_dir>/checkpoints/<step:07d>/`` holds::
 
     model/, ema/          DiT.save_pretrained (config.json + safetensors), read by sample.py
-    sampling.json         how samples become images (dit_gspn.sampling.checkpoint.SamplingInfo)
+    sampling.json         how samples become images (``SamplingInfo``)
     config.yaml           the resolved training config
     optimizer.pt          AdamW state (tensors and plain values only: read with ``weights_only=True``)
     lr_scheduler.json     the learning-rate schedule's state
@@ -13,36 +13,43 @@
 Nothing in a checkpoint is an arbitrary pickle, so loading one runs no code from it.
 
 All processes write into ``.tmp-<step>/``; after a barrier the main process renames it to
-``<step:07d>/``. A directory without ``trainer_state.json`` (written last) is never taken for a
-checkpoint, so a run killed mid-write leaves the previous checkpoint as the latest. Rewriting a step
-that exists (after resuming from an older one) moves the old folder to ``.old-<step>`` first; pruning
-removes ``trainer_state.json`` before the rest. ``recover_leftovers`` (run before a run reads its
-checkpoints) puts back an ``.old-<step>`` whose replacement never arrived and removes every other
-leftover, so a kill at any point costs at most the checkpoint being written.
+``<step:07d>/`` (the folder's own renames, not ``dit_gspn.atomic_write``: a folder is swapped as a whole).
+A directory without ``trainer_state.json`` (written last) is never taken for a checkpoint, so a run killed
+mid-write leaves the previous checkpoint as the latest. Rewriting a step that exists (after resuming from
+an older one) moves the old folder to ``.old-<step>`` first; pruning removes ``trainer_state.json`` before
+the rest. ``recover_leftovers`` (run before a run reads its checkpoints) puts back an ``.old-<step>`` whose
+replacement never arrived and removes every other leftover, so a kill at any point costs at most the
+checkpoint being written.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+import yaml
 
-from dit_gspn.cli import file_in_the_way
-from dit_gspn.sampling.checkpoint import CheckpointError, load_plain_values
+from .rng_state import load_rng_state, numpy_array_globals, rng_state, save_rng_state
+from .safe_load import CheckpointError, load_plain_values
+from .sampling_info import SAMPLING_FILE
 
 STATE_FILE = "trainer_state.json"
 LR_SCHEDULER_FILE = "lr_scheduler.json"
 OPTIMIZER_FILE = "optimizer.pt"
-
+CONFIG_FILE = "config.yaml"
+#: The two weight folders, each a ``DiT.save_pretrained``: the EMA weights (what sampling takes by default)
+#: and the trained ones.
+WEIGHT_FOLDERS = ("ema", "model")
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder laid out as a training checkpoint (it has ``sampling.json``)."""
+    return (Path(path) / SAMPLING_FILE).is_file()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -69,69 +76,13 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE}); "
-                                f"complete ones under {checkpoint_root(run_dir)}: "
-                                f"{[p.name for p in list_checkpoints(run_dir)] or 'none'}")
+                              f"complete ones under {checkpoint_root(run_dir)}: "
+                              f"{[p.name for p in list_checkpoints(run_dir)] or 'none'}")
     return path
-
-
-def rng_state(noise_generator: torch.Generator) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "noise": noise_generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, noise_generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    noise_generator.set_state(state["noise"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_rng_state(state: dict, path: Path) -> None:
-    """``rng_state``'s dict as safetensors: the generator states as uint8 tensors, Python's and NumPy's
-    scalars as JSON metadata."""
-    version, mt, gauss = state["python"]
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    tensors = {"torch": state["torch"], "noise": state["noise"],
-               "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
-    for i, cuda in enumerate(state.get("cuda", [])):
-        tensors[f"cuda{i}"] = cuda
-    meta = {"python": json.dumps([version, list(mt), gauss]),
-            "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)])}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_rng_state(path: Path) -> dict:
-    """The dict ``save_rng_state`` wrote to ``path``."""
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        version, mt, gauss = json.loads(meta["python"])
-        kind, pos, has_gauss, cached = json.loads(meta["numpy"])
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not an RNG state file written by train.py ({err})") from err
-    state = {"python": (version, tuple(mt), gauss),
-             "numpy": (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
-             "torch": tensors["torch"], "noise": tensors["noise"]}
-    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors)) if f"cuda{i}" in tensors]
-    if cuda:
-        state["cuda"] = cuda
-    return state
 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / "rng" / f"rank{rank}.safetensors"
-
-
-def _numpy_array_globals() -> list:
-    """What unpickling a NumPy array needs (the RNG files of checkpoints written before safetensors)."""
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def find_rng_state(checkpoint: Path, rank: int) -> dict | None:
@@ -141,16 +92,12 @@ def find_rng_state(checkpoint: Path, rank: int) -> dict | None:
     if path.is_file():
         return load_rng_state(path)
     legacy = path.with_suffix(".pt")
-    return load_plain_values(legacy, _numpy_array_globals()) if legacy.is_file() else None
+    return load_plain_values(legacy, numpy_array_globals()) if legacy.is_file() else None
 
 
 def load_optimizer_state(checkpoint: Path) -> dict:
     """The optimizer state of ``checkpoint`` (tensors and plain values only, see ``load_plain_values``)."""
     return load_plain_values(checkpoint / OPTIMIZER_FILE)
-
-
-def save_lr_scheduler_state(state: dict, path: Path) -> None:
-    path.write_text(json.dumps(state, indent=1))
 
 
 def load_lr_scheduler_state(checkpoint: Path) -> dict:
@@ -165,18 +112,8 @@ def load_lr_scheduler_state(checkpoint: Path) -> dict:
                               f"of the checkpoint") from err
 
 
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a ``save_pretrained`` folder (all its safetensors files)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder} holds no .safetensors weights")
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{f} is not a readable safetensors file ({err})") from err
-    return state
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
 
 
 def recover_leftovers(run_dir: str | os.PathLike) -> list[str]:
@@ -218,28 +155,12 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def check_writable(folders) -> None:
-    """Create each folder and write a file into it, or raise a ConfigError naming the folder that fails."""
-    from .config import ConfigError
-
-    for folder in folders:
-        folder = Path(folder)
-        probe = folder / f".write-test-{os.getpid()}"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            what = "is a file, not a folder" if folder.is_file() else f"cannot be written ({err.strerror})"
-            blocker = file_in_the_way(folder)
-            if blocker is not None:
-                what = f"cannot be created: {blocker} is a file, not a folder"
-            raise ConfigError(f"{folder} {what}; the run writes there. Choose another run_dir or fix it "
-                              f"before training") from err
-
-
 class CheckpointWriter:
-    """Writes checkpoints for one run; every process calls ``write`` (it holds the barriers)."""
+    """Writes checkpoints for one run; every process calls ``write`` (it holds the barriers).
+
+    ``accelerator`` is an ``accelerate.Accelerator`` (or anything with its ``is_main_process``,
+    ``process_index``, ``wait_for_everyone`` and ``unwrap_model``).
+    """
 
     def __init__(self, accelerator, run_dir: str | os.PathLike, keep_last: int):
         if keep_last < 1:
@@ -253,8 +174,6 @@ class CheckpointWriter:
 
     def write(self, step: int, *, model, ema, optimizer, lr_scheduler, sampling_info, config: dict,
               trainer_state: dict, noise_generator: torch.Generator) -> Path:
-        from .config import dump_config
-
         acc = self.accelerator
         final = self.root / f"{step:07d}"
         tmp = self.root / f".tmp-{step:07d}"
@@ -267,10 +186,10 @@ class CheckpointWriter:
         if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(tmp / "model")
             ema.save_pretrained(tmp / "ema")
-            sampling_info.write(tmp / "sampling.json")
-            dump_config(config, tmp / "config.yaml")
+            sampling_info.write(tmp / SAMPLING_FILE)
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            save_lr_scheduler_state(lr_scheduler.state_dict(), tmp / LR_SCHEDULER_FILE)
+            (tmp / LR_SCHEDULER_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=1))
             # Written last: its presence marks the checkpoint complete.
             (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
         acc.wait_for_everyone()
@@ -288,7 +207,3 @@ class CheckpointWriter:
                 remove_checkpoint(stale)
         acc.wait_for_everyone()
         return final
-
-
-def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())

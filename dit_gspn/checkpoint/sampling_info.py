@@ -1,0 +1,63 @@
+"""``sampling.json``: how a checkpoint's samples become images, read by sampling without loading any weights.
+
+    {"vae": null | "<AutoencoderKL hub name or local path>", "latent_scale": 0.18215 | 1.0,
+     "image_size": [H, W], "num_classes": int, "class_names": [...] | null, "objective": "ddpm" | "flow"}
+
+(``objective`` absent: "ddpm", DiT's.)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dit_gspn.diffusion import OBJECTIVES
+from dit_gspn.sizes import size_pair
+
+from .safe_load import CheckpointError
+
+SAMPLING_FILE = "sampling.json"
+
+
+@dataclass
+class SamplingInfo:
+    """How a model's output becomes images: the VAE (None = pixel space), its latent scale, the image size,
+    and the objective it was trained with, which decides the samplers that fit it (``check_sampler``)."""
+
+    vae: str | None
+    latent_scale: float
+    image_size: tuple[int, int]
+    num_classes: int
+    class_names: list[str] | None = field(default=None)
+    objective: str = "ddpm"
+
+    @property
+    def clip_denoised(self) -> bool:
+        """Whether sampling clips predicted images to [-1, 1]: in pixel space, as ADM; never for latents."""
+        return self.vae is None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "SamplingInfo":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        missing = [k for k in ("vae", "latent_scale", "image_size", "num_classes") if k not in raw]
+        if missing:
+            raise CheckpointError(f"{path} lacks the key(s) {missing}; expected vae, latent_scale, image_size, "
+                                  f"num_classes and class_names")
+        size = size_pair(raw["image_size"], f"{path}: image_size", CheckpointError)
+        names = raw.get("class_names")
+        if names is not None and len(names) != int(raw["num_classes"]):
+            raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is "
+                                  f"{raw['num_classes']}")
+        objective = raw.get("objective", "ddpm")
+        if objective not in OBJECTIVES:
+            raise CheckpointError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}")
+        return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
+
+    def write(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["image_size"] = list(self.image_size)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
