@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from dit_gspn.cli import UserError
-from dit_gspn.diffusion import OBJECTIVES, check_num_steps, check_sampler, default_num_steps, default_sampler
+from dit_gspn.diffusion import OBJECTIVES, Objective, check_num_steps, default_num_steps, objective_class
+from dit_gspn.diffusion.objective import REGISTRY, UnknownObjectiveError
 from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
 from dit_gspn.sampling.sampler import check_guidance_interval
 
@@ -293,34 +294,39 @@ def validate_config(config: dict) -> None:
     _number("logging.cfg_scale", logging["cfg_scale"], minimum=0)
 
 
+def build_objective(train: dict) -> Objective:
+    """The objective ``train.objective`` names, configured from the ``train`` section (a resolved config's)."""
+    return objective_class(train["objective"]).from_train_config(train)
+
+
 def resolve_objective(config: dict) -> dict:
     """``config`` (complete) with its objective checked against the settings that depend on it, and
     ``logging.sampler`` filled in with the objective's default sampler when it is None."""
     config = copy.deepcopy(config)
     train, logging, model = config["train"], config["logging"], config["model"]
-    objective = train["objective"]
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective == "flow":
-        if train["snr_gamma"] is not None:
-            raise ConfigError("train.snr_gamma (Min-SNR) weights the epsilon MSE of train.objective=ddpm; "
-                              "unset it for train.objective=flow")
-        if train["flow_timesteps"] not in TIMESTEP_SAMPLING:
-            raise ConfigError(f"train.flow_timesteps must be one of {TIMESTEP_SAMPLING}, "
-                              f"got {train['flow_timesteps']!r}")
+    try:
+        objective = objective_class(train["objective"])
+    except UnknownObjectiveError:
+        raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {train['objective']!r}") from None
+    name = objective.name
+    _choice("train.flow_timesteps", train["flow_timesteps"], TIMESTEP_SAMPLING)
+    if train["snr_gamma"] is not None and not objective.weights_by_snr:
+        raise ConfigError(f"train.snr_gamma (Min-SNR) weights the epsilon MSE of train.objective="
+                          f"{' or '.join(n for n, c in REGISTRY.items() if c.weights_by_snr)}; unset it for "
+                          f"train.objective={name}")
+    shifted = " or ".join(n for n, c in REGISTRY.items() if c.shifts_timesteps)
     for section, key in (("train", "flow_shift"), ("logging", "flow_shift")):
         shift = config[section][key]
-        if not isinstance(shift, (int, float)) or not shift > 0 or (objective != "flow" and shift != 1):
-            raise ConfigError(f"{section}.{key} must be a number > 0 for train.objective=flow and 1 (no shift) "
+        if not isinstance(shift, (int, float)) or not shift > 0 or (not objective.shifts_timesteps and shift != 1):
+            raise ConfigError(f"{section}.{key} must be a number > 0 for train.objective={shifted} and 1 (no shift) "
                               f"otherwise, got {shift!r}")
-    learn_sigma = objective == "ddpm"
-    if model.get("learn_sigma", learn_sigma) != learn_sigma:
-        raise ConfigError(f"model.learn_sigma={model['learn_sigma']} does not fit train.objective={objective}: "
-                          f"{'ddpm learns the variance' if learn_sigma else 'flow predicts a velocity only'}; "
-                          f"leave model.learn_sigma unset")
-    model["learn_sigma"] = learn_sigma
+    if model.get("learn_sigma", objective.learn_sigma) != objective.learn_sigma:
+        output = "learns the variance" if objective.learn_sigma else f"predicts a {objective.prediction} only"
+        raise ConfigError(f"model.learn_sigma={model['learn_sigma']} does not fit train.objective={name}: "
+                          f"{name} {output}; leave model.learn_sigma unset")
+    model["learn_sigma"] = objective.learn_sigma
     if logging["sampler"] is None:
-        logging["sampler"] = default_sampler(objective)
+        logging["sampler"] = objective.samplers[0]
     if logging["sample_steps"] is None:
         logging["sample_steps"] = default_num_steps(logging["sampler"])
     try:
@@ -328,7 +334,7 @@ def resolve_objective(config: dict) -> dict:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"logging.guidance_interval: {err}") from err
     try:
-        check_sampler(logging["sampler"], objective)
+        objective.check_sampler(logging["sampler"])
     except ValueError as err:
         raise ConfigError(f"logging.sampler: {err}") from err
     try:

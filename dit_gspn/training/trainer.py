@@ -16,7 +16,6 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,13 +24,13 @@ from tqdm.auto import tqdm
 
 from dit_gspn.cli import UserError
 from dit_gspn.data import ShardError
-from dit_gspn.diffusion import FlowMatching, GaussianDiffusion
 from dit_gspn.sampling.checkpoint import CheckpointError, state_dict_mismatch
 
 from .checkpoint import (CheckpointWriter, check_writable, latest_checkpoint, load_lr_scheduler_state,
                          find_rng_state, load_optimizer_state, load_weights, read_trainer_state, recover_leftovers,
                          resolve_resume, set_rng_state)
-from .config import ConfigError, complete_config, config_changes, read_saved_config, resolve_objective, validate_config
+from .config import (ConfigError, build_objective, complete_config, config_changes, read_saved_config,
+                     resolve_objective, validate_config)
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
@@ -63,17 +62,6 @@ def build_model(config: dict, data: TrainingData):
         return create_model(config["model"]["name"], **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
-
-
-def build_objective(train_config: dict):
-    """(objective, loss) for ``train.objective``: ``loss(model, x, t, model_kwargs, noise)`` gives per-sample
-    losses, ``objective.sample_timesteps(batch, device, generator)`` the t it expects."""
-    if train_config["objective"] == "flow":
-        flow = FlowMatching(timestep_sampling=train_config["flow_timesteps"], shift=train_config["flow_shift"])
-        return flow, flow.training_losses
-    diffusion = GaussianDiffusion()
-    snr_gamma = None if train_config["snr_gamma"] is None else float(train_config["snr_gamma"])
-    return diffusion, partial(diffusion.training_losses, snr_gamma=snr_gamma)
 
 
 def _micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start: int, num_workers: int):
@@ -261,7 +249,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
             print(f"resuming {checkpoint} with {acc.num_processes} processes instead of {state['num_processes']}: "
                   f"the data order continues exactly, the noise streams are re-seeded")
 
-    objective, training_losses = build_objective(tc)
+    objective = build_objective(tc)
     writer = CheckpointWriter(acc, run_dir, int(cc["keep_last"]))
     grids = GridWriter(acc, run_dir, data.sampling_info, lc, seed) if acc.is_main_process else None
     tensorboard = None
@@ -287,10 +275,10 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
             x, y, position = next(batches)
             step_inputs.append((x, position))
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-            t = objective.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
+            t = objective.sample_timesteps(x.shape[0], noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
             with acc.no_sync(model) if k < accum - 1 else nullcontext():
-                loss = training_losses(model, x, t, dict(y=y), noise)["loss"].mean()
+                loss = objective.losses(model, x, t, dict(y=y), noise)["loss"].mean()
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):
