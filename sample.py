@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
+from dit_gspn.checkpoint import WEIGHT_FOLDERS
 from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
 from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, check_num_steps, check_sampler, default_num_steps, default_sampler
 from dit_gspn.diffusion.flow import check_shift
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
-from dit_gspn.checkpoint import WEIGHT_FOLDERS
 from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_grid
 from dit_gspn.sampling.model_loader import checkpoint_sha256, load_model, read_checkpoint_info
-from dit_gspn.vae import decode, load_vae, vae_scale_factor
 from dit_gspn.sampling.sampler import check_guidance_interval, model_size, sample
+from dit_gspn.vae import decode, load_vae, vae_scale_factor
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)

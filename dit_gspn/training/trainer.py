@@ -16,20 +16,19 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dit_gspn.cli import UserError
-from dit_gspn.data import ShardError
-from dit_gspn.diffusion import FlowMatching, GaussianDiffusion
 from dit_gspn.checkpoint import (CheckpointError, CheckpointWriter, find_rng_state, latest_checkpoint,
                                  load_lr_scheduler_state, load_optimizer_state, load_weights, read_trainer_state,
                                  recover_leftovers, resolve_resume, set_rng_state, state_dict_mismatch)
-from .config import ConfigError, complete_config, config_changes, read_saved_config, resolve_objective, validate_config
+from dit_gspn.cli import UserError
+from dit_gspn.data import ShardError
+
+from .config import ConfigError, RunConfig, config_changes, read_saved_config, validate_config
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
@@ -52,27 +51,16 @@ class TrainResult:
     ema: torch.nn.Module
 
 
-def build_model(config: dict, data: TrainingData):
-    """The zoo model ``config["model"]["name"]`` with the data's channels, size and classes filled in."""
+def build_model(config: RunConfig, data: TrainingData):
+    """The zoo model ``config.model.name`` with the data's channels, size and classes filled in."""
     from dit_gspn.models import create_model
 
-    kwargs = {k: v for k, v in config["model"].items() if k != "name"}
-    kwargs.update(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
+    kwargs = {**config.model.options, "in_channels": data.in_channels, "input_size": data.input_size,
+              "num_classes": data.num_classes}
     try:
-        return create_model(config["model"]["name"], **kwargs)
+        return create_model(config.model.name, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
-
-
-def build_objective(train_config: dict):
-    """(objective, loss) for ``train.objective``: ``loss(model, x, t, model_kwargs, noise)`` gives per-sample
-    losses, ``objective.sample_timesteps(batch, device, generator)`` the t it expects."""
-    if train_config["objective"] == "flow":
-        flow = FlowMatching(timestep_sampling=train_config["flow_timesteps"], shift=train_config["flow_shift"])
-        return flow, flow.training_losses
-    diffusion = GaussianDiffusion()
-    snr_gamma = None if train_config["snr_gamma"] is None else float(train_config["snr_gamma"])
-    return diffusion, partial(diffusion.training_losses, snr_gamma=snr_gamma)
 
 
 def _micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start: int, num_workers: int):
@@ -105,10 +93,10 @@ def _load_model_weights(module: torch.nn.Module, folder: Path, name: str) -> Non
                               f"{state_dict_mismatch(module, state)}") from err
 
 
-def _check_resume_config(checkpoint: Path, config: dict, allow_change: bool, is_main: bool) -> None:
+def _check_resume_config(checkpoint: Path, config: RunConfig, allow_change: bool, is_main: bool) -> None:
     """Refuse (unless ``allow_change``) a resume whose config differs from the checkpoint's in a key that
     changes the arithmetic of the run, naming each such key with its old and new value."""
-    changes = config_changes(read_saved_config(checkpoint), config)
+    changes = config_changes(read_saved_config(checkpoint), config.to_dict())
     if not changes:
         return
     detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changes.items())
@@ -121,18 +109,18 @@ def _check_resume_config(checkpoint: Path, config: dict, allow_change: bool, is_
               f"continuation", flush=True)
 
 
-def _check_fits_dataset(data: TrainingData, micro_batch: int, num_processes: int, config: dict) -> None:
+def _check_fits_dataset(data: TrainingData, micro_batch: int, num_processes: int, config: RunConfig) -> None:
     if len(data.dataset) < micro_batch * num_processes:
-        tc = config["train"]
-        raise ConfigError(f"train.global_batch_size={tc['global_batch_size']} / train.grad_accum_steps="
-                          f"{tc['grad_accum_steps']} gives {micro_batch * num_processes} samples per micro-batch, "
+        tc = config.train
+        raise ConfigError(f"train.global_batch_size={tc.global_batch_size} / train.grad_accum_steps="
+                          f"{tc.grad_accum_steps} gives {micro_batch * num_processes} samples per micro-batch, "
                           f"but the dataset holds only {len(data.dataset)}: lower the batch size or use more data")
 
 
-def _run_folders(run_dir: Path, logging: dict) -> list[Path]:
+def _run_folders(run_dir: Path, tensorboard: bool) -> list[Path]:
     """Every folder the run will write to."""
     folders = [run_dir, run_dir / "checkpoints", run_dir / "samples"]
-    if logging["tensorboard"]:
+    if tensorboard:
         folders.append(run_dir / "tensorboard")
     return folders
 
@@ -144,11 +132,11 @@ def set_compile_cache() -> Path:
     return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
 
 
-def _open_run_folder(config: dict, resume: str | None, allow_config_change: bool, acc) -> Path | None:
+def _open_run_folder(config: RunConfig, resume: str | None, allow_config_change: bool, acc) -> Path | None:
     """Check that every folder the run writes to is writable, undo what a killed run left in its checkpoints,
     and return the checkpoint to resume (None: a fresh start), its config compared with ``config``."""
-    run_dir = Path(config["run_dir"])
-    check_writable(_run_folders(run_dir, config["logging"]))  # on every process: none waits for a failed one
+    run_dir = Path(config.run_dir)
+    check_writable(_run_folders(run_dir, config.logging.tensorboard))  # on every process: none waits for a failed one
     if acc.is_main_process:
         for note in recover_leftovers(run_dir):
             print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
@@ -180,7 +168,7 @@ def _non_finite_inputs(step_inputs, dataset, micro_batch: int, acc, seed: int) -
     return found
 
 
-def train(config: dict, resume: str | None = None, allow_config_change: bool = False) -> TrainResult:
+def train(config: dict | RunConfig, resume: str | None = None, allow_config_change: bool = False) -> TrainResult:
     """Run (or continue) the training run that ``config`` describes; see ``configs/*.yaml`` for the keys.
 
     ``resume``: None (fresh start; an existing run directory with checkpoints is an error),
@@ -193,38 +181,36 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    config = complete_config(config)
-    validate_config(config)
-    config = resolve_objective(config)
-    tc, lc, cc = config["train"], config["logging"], config["checkpoint"]
-    run_dir = Path(config["run_dir"])
+    config = validate_config(config)
+    tc, lc, cc = config.train, config.logging, config.checkpoint
+    run_dir = Path(config.run_dir)
     try:
-        acc = Accelerator(mixed_precision=tc["mixed_precision"], cpu=bool(tc["cpu"]),
+        acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu,
                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     except ValueError as err:  # accelerate's word on a precision the device cannot do (fp16 on a CPU, ...)
-        raise ConfigError(f"train.mixed_precision={tc['mixed_precision']} with train.cpu={tc['cpu']}: {err}") from err
-    accum = int(tc["grad_accum_steps"])
+        raise ConfigError(f"train.mixed_precision={tc.mixed_precision} with train.cpu={tc.cpu}: {err}") from err
+    accum = tc.grad_accum_steps
     per_step = acc.num_processes * accum
-    if tc["global_batch_size"] % per_step:
-        raise ConfigError(f"train.global_batch_size={tc['global_batch_size']} must be divisible by "
+    if tc.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={tc.global_batch_size} must be divisible by "
                           f"processes x grad_accum_steps = {acc.num_processes} x {accum}")
-    micro_batch = tc["global_batch_size"] // per_step
+    micro_batch = tc.global_batch_size // per_step
 
     checkpoint = _open_run_folder(config, resume, allow_config_change, acc)
 
-    seed = int(config["seed"])
+    seed = config.seed
     torch.manual_seed(seed)  # the same initial weights on every process
     data = build_training_data(config)
     _check_fits_dataset(data, micro_batch, acc.num_processes, config)
-    grid_labels(data.num_classes, lc["sample_classes"], lc["samples_per_class"])  # the classes exist
+    grid_labels(data.num_classes, lc.sample_classes, lc.samples_per_class)  # the classes exist
     model = build_model(config, data)
-    if tc["gradient_checkpointing"]:
+    if tc.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = make_ema(model)
     # fused: one kernel per parameter instead of ~8 small ops each (the for-loop default on CPU).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
-                                  weight_decay=float(tc["weight_decay"]), fused=acc.device.type in ("cpu", "cuda"))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(int(tc["warmup_steps"])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay,
+                                  fused=acc.device.type in ("cpu", "cuda"))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps))
 
     step, position, last_loss = 0, (0, 0), math.nan
     if checkpoint is not None:
@@ -239,7 +225,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
         optimizer_state = load_optimizer_state(checkpoint)
         scheduler_state = load_lr_scheduler_state(checkpoint)
         rng = find_rng_state(checkpoint, acc.process_index) if state["num_processes"] == acc.num_processes else None
-    if tc["compile"]:
+    if tc.compile:
         set_compile_cache()
         model.compile()
     model, optimizer = acc.prepare(model, optimizer)
@@ -260,23 +246,23 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
             print(f"resuming {checkpoint} with {acc.num_processes} processes instead of {state['num_processes']}: "
                   f"the data order continues exactly, the noise streams are re-seeded")
 
-    objective, training_losses = build_objective(tc)
-    writer = CheckpointWriter(acc, run_dir, int(cc["keep_last"]))
-    grids = GridWriter(acc, run_dir, data.sampling_info, lc, seed) if acc.is_main_process else None
+    objective = config.objective
+    writer = CheckpointWriter(acc, run_dir, cc.keep_last)
+    grids = GridWriter(acc, run_dir, data.sampling_info, lc.to_dict(), seed) if acc.is_main_process else None
     tensorboard = None
-    if acc.is_main_process and lc["tensorboard"]:
+    if acc.is_main_process and lc.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         # A resume from an earlier checkpoint drops the abandoned run's events after it (they are logged again).
         tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if checkpoint else None)
-    batches = _micro_batches(data.dataset, micro_batch, acc, seed, *position, int(config["data"]["num_workers"]))
+    batches = _micro_batches(data.dataset, micro_batch, acc, seed, *position, config.data.num_workers)
 
-    total = int(tc["steps"])
-    bar = tqdm(total=total, initial=step, unit="step", desc=f"training {config['model']['name']}",
+    total = tc.steps
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"training {config.model.name}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     window_loss, window_steps, window_start = torch.zeros((), device=acc.device), 0, time.perf_counter()
     grid_path = None
-    clip = tc["grad_clip"]
-    deadline = None if tc["time_limit_minutes"] is None else time.monotonic() + 60 * float(tc["time_limit_minutes"])
+    clip = tc.grad_clip
+    deadline = None if tc.time_limit_minutes is None else time.monotonic() + 60 * tc.time_limit_minutes
     model.train()
     while step < total:
         optimizer.zero_grad(set_to_none=True)
@@ -286,10 +272,10 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
             x, y, position = next(batches)
             step_inputs.append((x, position))
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-            t = objective.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
+            t = objective.sample_timesteps(x.shape[0], noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
             with acc.no_sync(model) if k < accum - 1 else nullcontext():
-                loss = training_losses(model, x, t, dict(y=y), noise)["loss"].mean()
+                loss = objective.losses(model, x, t, dict(y=y), noise)["loss"].mean()
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):
@@ -306,22 +292,22 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                 f"the loss became {step_loss.item()} at step {step + 1} (no checkpoint written for it); "
                 f"last good checkpoint: {last if last else 'none (nothing was saved yet)'}. Resume from it "
                 f"with a lower train.lr or train.grad_clip set.")
-        grad_norm = acc.clip_grad_norm_(model.parameters(), float(clip)) if clip else None
+        grad_norm = acc.clip_grad_norm_(model.parameters(), clip) if clip else None
         optimizer.step()
         lr_scheduler.step()
         step += 1
-        update_ema(ema, raw_model, ema_decay_at(step, float(tc["ema_decay"]), bool(tc["ema_warmup"])))
+        update_ema(ema, raw_model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
         window_loss += step_loss
         window_steps += 1
         bar.update(1)
         if deadline is not None and step < total:
             out_of_time = torch.tensor(float(time.monotonic() > deadline), device=acc.device)
             if acc.reduce(out_of_time, "sum").item() > 0:  # every process stops at the same step
-                bar.write(f"train.time_limit_minutes={tc['time_limit_minutes']} reached: stopping at step {step} "
+                bar.write(f"train.time_limit_minutes={tc.time_limit_minutes:g} reached: stopping at step {step} "
                           f"of {total}; run again with --resume to continue")
                 total = step
 
-        if step % int(lc["every"]) == 0 or step == total:
+        if step % lc.every == 0 or step == total:
             mean_loss = (acc.reduce(window_loss, "mean") / window_steps).item()
             rate = window_steps / (time.perf_counter() - window_start)
             last_loss = mean_loss
@@ -335,7 +321,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
 
-        if step % int(cc["every"]) == 0 or step == total:
+        if step % cc.every == 0 or step == total:
             if not _finite([*raw_model.parameters(), *ema.parameters()]):
                 last = writer.latest() or checkpoint
                 raise NonFiniteLossError(
@@ -344,12 +330,13 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                     f"{last if last else 'none (nothing was saved yet)'}. Resume from it with a lower train.lr "
                     f"or train.grad_clip set.")
             checkpoint = writer.write(step, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      sampling_info=data.sampling_info, config=config, noise_generator=noise_generator,
+                                      sampling_info=data.sampling_info, config=config.to_dict(),
+                                      noise_generator=noise_generator,
                                       trainer_state={"epoch": position[0], "batch_in_epoch": position[1],
                                                      "num_processes": acc.num_processes,
                                                      "global_micro_batch": micro_batch * acc.num_processes,
                                                      "grad_accum_steps": accum, "loss": last_loss})
-        sample_every = int(lc["sample_every"])
+        sample_every = lc.sample_every
         if (sample_every and step % sample_every == 0) or step == total:
             if grids is not None:
                 grid_path = grids.write(ema, step)
