@@ -3,7 +3,7 @@
     {"vae": null | "<AutoencoderKL hub name or local path>", "latent_scale": 0.18215 | 1.0,
      "image_size": [H, W], "num_classes": int, "class_names": [...] | null, "objective": "ddpm" | "flow"}
 
-(``objective`` absent: "ddpm", DiT's.)
+(``objective``: a name in ``dit_gspn.diffusion.objective``'s registry; absent: "ddpm", DiT's.)
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dit_gspn.diffusion import OBJECTIVES
+from dit_gspn.diffusion import OBJECTIVES, DiffusionObjective, UnknownObjectiveError, objective_class
 from dit_gspn.sizes import size_pair
 
 from .safe_load import CheckpointError
@@ -29,7 +29,7 @@ class SamplingInfo:
     image_size: tuple[int, int]
     num_classes: int
     class_names: list[str] | None = field(default=None)
-    objective: str = "ddpm"
+    objective: str = DiffusionObjective.name
 
     @property
     def clip_denoised(self) -> bool:
@@ -52,9 +52,11 @@ class SamplingInfo:
         if names is not None and len(names) != int(raw["num_classes"]):
             raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is "
                                   f"{raw['num_classes']}")
-        objective = raw.get("objective", "ddpm")
-        if objective not in OBJECTIVES:
-            raise CheckpointError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}")
+        objective = raw.get("objective", DiffusionObjective.name)
+        try:
+            objective_class(objective)
+        except UnknownObjectiveError as err:
+            raise CheckpointError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}") from err
         return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
 
     def write(self, path: str | Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dit_gspn.checkpoint import SAMPLING_FILE, WEIGHT_FOLDERS, CheckpointError, SamplingInfo, is_training_checkpoint
 from dit_gspn.cli import MissingFileError
+from dit_gspn.diffusion import DiffusionObjective, FlowObjective
 from dit_gspn.hashing import sha256_path
 from dit_gspn.sizes import size_pair
 from dit_gspn.vae import DEFAULT_VAE, LATENT_SCALE
@@ -77,7 +78,7 @@ def read_checkpoint_info(ckpt: str | Path, weights: str = "ema", model_name: str
 
         size = image_size or (256, 256)
         return SamplingInfo(vae or DEFAULT_VAE, LATENT_SCALE, tuple(size), 1000,
-                            objective="flow" if is_sit_name(model_name) else "ddpm")
+                            objective=(FlowObjective if is_sit_name(model_name) else DiffusionObjective).name)
     if kind == "training":
         info = SamplingInfo.read(ckpt / SAMPLING_FILE)
         if vae is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import CheckpointError, SamplingInfo, load_plain_values, state_dict_mismatch
+from dit_gspn.diffusion import DiffusionObjective, FlowObjective
 from dit_gspn.vae import DEFAULT_VAE, LATENT_SCALE
 
 from .sit import SiTVelocity, is_sit_name, network_name
@@ -118,5 +119,5 @@ def load_state_dict_file(path: Path, model_name: str, weights: str = "ema", imag
     vae = vae or (DIT_VAES.get(args.get("vae"), DEFAULT_VAE) if latent else None)
     size = config["input_size"] * factor
     info = SamplingInfo(vae, LATENT_SCALE if vae else 1.0, (size, size), config["num_classes"],
-                        objective="flow" if sit else "ddpm")
+                        objective=(FlowObjective if sit else DiffusionObjective).name)
     return (SiTVelocity(model) if sit else model).eval(), info
