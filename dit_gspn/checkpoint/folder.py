@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from .rng_state import load_rng_state, numpy_array_globals, rng_state, save_rng_state
 from .safe_load import CheckpointError, load_plain_values
@@ -173,7 +174,13 @@ class CheckpointWriter:
         return latest_checkpoint(self.root.parent)
 
     def write(self, step: int, *, model, ema, optimizer, lr_scheduler, sampling_info, config: dict,
-              trainer_state: dict, noise_generator: torch.Generator) -> Path:
+              trainer_state: dict, noise_generator: torch.Generator, extra_weights: dict | None = None) -> Path:
+        """Write checkpoint ``step`` and prune the oldest beyond ``keep_last``; returns its folder.
+
+        ``config`` is the resolved config as a mapping (written as ``config.yaml``); ``extra_weights``
+        ({folder name: module}) are saved beside the model as ``<name>/model.safetensors`` (training-only
+        modules, such as REPA's projector, that sampling does not load; read back with ``load_weights``).
+        """
         acc = self.accelerator
         final = self.root / f"{step:07d}"
         tmp = self.root / f".tmp-{step:07d}"
@@ -186,6 +193,10 @@ class CheckpointWriter:
         if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(tmp / "model")
             ema.save_pretrained(tmp / "ema")
+            for name, module in (extra_weights or {}).items():
+                (tmp / name).mkdir()
+                state = {k: v.contiguous() for k, v in acc.unwrap_model(module).state_dict().items()}
+                save_file(state, str(tmp / name / "model.safetensors"))
             sampling_info.write(tmp / SAMPLING_FILE)
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)

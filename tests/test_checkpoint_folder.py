@@ -1,0 +1,101 @@
+"""dit_gspn.checkpoint: what the writer puts in a checkpoint folder is what its readers give back."""
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dit_gspn.checkpoint import (CONFIG_FILE, SAMPLING_FILE, CheckpointWriter, SamplingInfo, find_rng_state,
+                                 is_training_checkpoint, latest_checkpoint, list_checkpoints, load_lr_scheduler_state,
+                                 load_optimizer_state, load_weights, read_trainer_state)
+from dit_gspn.models import DiT
+
+
+class OneProcess:
+    """What CheckpointWriter asks of an accelerate.Accelerator, for one process."""
+
+    is_main_process = True
+    process_index = 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _tiny_run(seed: int):
+    torch.manual_seed(seed)
+    model = DiT(input_size=4, patch_size=2, in_channels=3, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+                mixer="attention")
+    ema = copy.deepcopy(model)
+    projector = torch.nn.Linear(16, 8)
+    optimizer = torch.optim.AdamW([*model.parameters(), *projector.parameters()], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    loss = sum(p.square().sum() for p in [*model.parameters(), *projector.parameters()])
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return model, ema, projector, optimizer, scheduler
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_what_the_writer_writes_the_readers_give_back(tmp_path, seed):
+    model, ema, projector, optimizer, scheduler = _tiny_run(seed)
+    info = SamplingInfo(None, 1.0, (4, 4), 3, ["a", "b", "c"], "flow")
+    config = {"seed": seed, "train": {"lr": 1e-3, "steps": 7}, "data": {"kind": "shapes"}}
+    noise = torch.Generator().manual_seed(seed + 100)
+    random.seed(seed)
+    np.random.seed(seed)
+    expected_rng = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state(), noise.get_state())
+
+    writer = CheckpointWriter(OneProcess(), tmp_path / "run", keep_last=2)
+    folder = writer.write(7, model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler, sampling_info=info,
+                          config=config, trainer_state={"epoch": 1, "loss": 0.5}, noise_generator=noise,
+                          extra_weights={"repa_projector": projector})
+
+    assert folder == tmp_path / "run" / "checkpoints" / "0000007" and latest_checkpoint(tmp_path / "run") == folder
+    assert is_training_checkpoint(folder)
+    assert read_trainer_state(folder) == {"epoch": 1, "loss": 0.5, "step": 7}
+    assert _same_state(load_weights(folder / "model"), model.state_dict())
+    assert _same_state(load_weights(folder / "ema"), ema.state_dict())
+    assert _same_state(load_weights(folder / "repa_projector"), projector.state_dict())
+    assert SamplingInfo.read(folder / SAMPLING_FILE) == info
+    assert yaml.safe_load((folder / CONFIG_FILE).read_text()) == config
+    assert load_lr_scheduler_state(folder) == scheduler.state_dict()
+    saved_opt, own_opt = load_optimizer_state(folder), optimizer.state_dict()
+    assert saved_opt["param_groups"] == own_opt["param_groups"]
+    for k, state in own_opt["state"].items():
+        assert _same_state(saved_opt["state"][k], state)
+    rng = find_rng_state(folder, 0)
+    assert rng["python"] == expected_rng[0]
+    np.testing.assert_array_equal(rng["numpy"][1], expected_rng[1])
+    assert torch.equal(rng["torch"], expected_rng[2]) and torch.equal(rng["noise"], expected_rng[3])
+    assert find_rng_state(folder, 1) is None
+
+
+def test_a_rewritten_step_replaces_the_old_one_and_only_the_last_k_are_kept(tmp_path):
+    model, ema, _, optimizer, scheduler = _tiny_run(0)
+    info = SamplingInfo(None, 1.0, (4, 4), 3)
+    writer = CheckpointWriter(OneProcess(), tmp_path / "run", keep_last=2)
+
+    def write(step, loss):
+        return writer.write(step, model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler,
+                            sampling_info=info, config={}, trainer_state={"loss": loss},
+                            noise_generator=torch.Generator())
+
+    for step in (2, 4, 6):
+        write(step, float(step))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["0000004", "0000006"]
+    write(6, -1.0)  # after a resume from step 4
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["0000004", "0000006"]
+    assert read_trainer_state(tmp_path / "run" / "checkpoints" / "0000006")["loss"] == -1.0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0000004", "0000006"]
