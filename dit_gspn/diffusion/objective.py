@@ -34,7 +34,8 @@ class UnknownObjectiveError(UserError, ValueError):
 class Objective:
     """What one training objective means to the model, the trainer and the samplers (subclasses fill it in).
 
-    Class attributes: ``name`` (the registry key), ``kind`` (its words for a model trained so), ``prediction`` (what the model outputs), ``learn_sigma``
+    Class attributes: ``name`` (the registry key), ``kind`` (its words for a model trained so), ``prediction``
+    (what the model outputs), ``learn_sigma``
     (whether the model also outputs a variance: 2C channels instead of C), ``samplers`` (those that draw from
     a model trained this way, the default first), ``timestep_dtype`` (the model's timestep: integers for
     diffusion, fractions for flow matching), ``shifts_timesteps`` (SD3's timestep shift applies) and
