@@ -2,7 +2,8 @@
 
 Sample ``i`` is drawn from its own generator seeded by (seed, i), and shard ``k`` always holds the indices
 ``[k * shard_size, (k + 1) * shard_size)`` sampled as one batch, so the result is the same for any number of
-processes and after any number of kills and resumes. Shards are written atomically (``dit_gspn.atomic_write``) to ``<out>.shards/``; a resumed run keeps and skips the finished ones. The final ``.npz``
+processes and after any number of kills and resumes. Shards are written atomically (``dit_gspn.atomic_write``)
+to ``<out>.shards/``; a resumed run keeps and skips the finished ones. The final ``.npz``
 holds ``arr_0`` (uint8, N x H x W x 3, as ADM's evaluator reads it) and ``arr_1`` (int64 class labels, as
 ADM's own sampler writes them).
 """
@@ -22,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_gspn.atomic_write import savez_atomically, write_text_atomically
-from dit_gspn.cli import OutputExistsError, UserError, check_output_path
-
 from dit_gspn.checkpoint import SamplingInfo
+from dit_gspn.cli import OutputExistsError, UserError, check_output_path
+from dit_gspn.seeding import index_seed
 from dit_gspn.vae import decode
 
 from .labelled_grid import to_uint8
@@ -39,12 +40,6 @@ MANIFEST_DEFAULTS = {"guidance_interval": None, "flow_shift": 1.0}
 
 class BatchError(UserError, ValueError):
     """A batch-sampling job that cannot continue as asked (shards drawn with other settings, ...)."""
-
-
-def index_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index``'s generator: a hash of (seed, index), so runs with nearby seeds do not overlap."""
-    low, high = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return int((int(high) << 32 | int(low)) & (2**63 - 1))
 
 
 def index_generators(seed: int, indices) -> list[torch.Generator]:
