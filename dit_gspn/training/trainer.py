@@ -29,7 +29,7 @@ from .data_order import micro_batches, non_finite_sources
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
 from .progress import TrainingLog
-from .resume import open_run_folder, read_checkpoint
+from .resume import SEEDING, open_run_folder, read_checkpoint
 from .sample_grids import GridWriter, grid_labels
 
 
@@ -262,7 +262,7 @@ class Trainer:
             trainer_state={"epoch": self.position[0], "batch_in_epoch": self.position[1],
                            "num_processes": acc.num_processes,
                            "global_micro_batch": self.micro_batch * acc.num_processes,
-                           "grad_accum_steps": self.accum, "loss": last_loss})
+                           "grad_accum_steps": self.accum, "loss": last_loss, "seeding": SEEDING})
 
     def _draw_grid(self, log: TrainingLog) -> None:
         """A labelled grid from the EMA weights (main process), logged to TensorBoard; the others wait."""
