@@ -17,3 +17,14 @@
   extern __shared__ __align__(16) unsigned char gspn_smem_raw[]; \
   type* name = reinterpret_cast<type*>(gspn_smem_raw)
 #endif
+
+// The fast single-precision exponential and reciprocal of the CUDA kernels (MUFU.EX2 and MUFU.RCP with
+// one Newton step): exact expf and division in the emulation, whose results are compared with the
+// float64 reference at float32 tolerances (the GPU tests compare the real ones).
+#if defined(GSPN_CUDA_EMULATION)
+#define GSPN_FAST_EXP(v) expf(v)
+#define GSPN_FAST_RCP(v) (1.0f / (v))
+#else
+#define GSPN_FAST_EXP(v) __expf(v)
+#define GSPN_FAST_RCP(v) __frcp_rn(v)
+#endif

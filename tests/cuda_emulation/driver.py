@@ -64,6 +64,8 @@ GSPN_SCAN_CASES = [
     ("chunk5-tile16", (1, 2, 12, 10), (1, 2, 1, 2, 1), 5, 16),
     ("more-lanes-than-threads", (1, 1, 3, 257), None, 2, 4),  # 256 threads, 257 lanes
     ("extreme-logits", (1, 2, 5, 6), (2, 1, 2, 1, 2), None, 0),
+    ("global-checkpoints-tile4", (1, 2, 13, 6), None, None, 4),  # a global scan over 4 tiles of checkpoints
+    ("grouped-global-tile2", (2, 4, 6, 9), (1, 2, 4, 2, 1), None, 2),
 ]
 
 
@@ -80,7 +82,8 @@ def build():
     flags = ["-O1", "-std=c++17", "-shared", "-fPIC", f"-I{extension.CSRC}", f"-I{HERE}"]
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-    sources = [HERE / "emulate.cpp", HERE / "fibers.h", *sorted(extension.CSRC.rglob("*.h"))]
+    headers = [p for p in sorted(extension.CSRC.rglob("*")) if p.suffix in extension.HEADER_SUFFIXES]
+    sources = [HERE / "emulate.cpp", HERE / "fibers.h", *headers]
     digest = hashlib.sha256(" ".join(flags).encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     library = extension.cache_dir() / "cuda_fibers" / f"emulate-{'asan-' if asan else ''}{digest}.so"
     if not library.exists():
@@ -121,10 +124,10 @@ def emulated_gspn_scan(lib, inputs, grad, chunk, tile, order, seed, drop_kernel=
     x, gates = inputs[0], inputs[1:]
     B, C, H, W = x.shape
     shape = torch.tensor([B, C, H, W, *(t.shape[2] for t in gates)], dtype=torch.int64)
-    y, h, dx = (torch.full(x.shape, float("nan")) for _ in range(3))
+    y, dx = (torch.full(x.shape, float("nan")) for _ in range(2))
     per_channel = [torch.full((B, 4, C, H, W), float("nan")) for _ in gates]
     sites = torch.zeros(2, dtype=torch.int64)
-    _check(lib, lib.gspn_scan(*_pointers(*inputs, grad, y, h, dx, *per_channel, shape), ctypes.c_int64(chunk or 0),
+    _check(lib, lib.gspn_scan(*_pointers(*inputs, grad, y, dx, *per_channel, shape), ctypes.c_int64(chunk or 0),
                               tile, ORDERS.index(order), ctypes.c_uint64(seed), drop_kernel, drop_site,
                               ctypes.c_void_p(sites.data_ptr())))
     sums = [d.view(B, 4, t.shape[2], C // t.shape[2], H, W).sum(3) for d, t in zip(per_channel, gates)]
