@@ -172,13 +172,11 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
           [&](int, int k, int l) {
             const int o = v.offset(s0 + k, l);
             const int t = k * pitch + l;
-            const float term = t_lam[t];
-            if (d == 0) {
-              dx_acc[o] = term;
-            } else if (d < kDirections - 1) {
-              dx_acc[o] += term;
+            const float sum = (d == 0 ? 0.f : dx_acc[o]) + t_lam[t];
+            if (d == kDirections - 1) {
+              dx[o] = static_cast<scalar_t>(sum);
             } else {
-              dx[o] = static_cast<scalar_t>(dx_acc[o] + term);
+              dx_acc[o] = sum;
             }
             const int64_t og = v.gate_index * HW + o;
             p.d_lam.store(og, t_x[t]);

@@ -66,13 +66,11 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
           d, n, L, [](int, int, int) {},
           [&](int, int k, int l) {
             const int o = v.offset(s0 + k, l);
-            const float term = t_u[k * pitch + l];
-            if (d == 0) {
-              y_acc[o] = term;
-            } else if (d < kDirections - 1) {
-              y_acc[o] += term;
+            const float sum = (d == 0 ? 0.f : y_acc[o]) + t_u[k * pitch + l];
+            if (d == kDirections - 1) {
+              y[o] = static_cast<scalar_t>(sum);
             } else {
-              y[o] = static_cast<scalar_t>(y_acc[o] + term);
+              y_acc[o] = sum;
             }
           });
       __syncthreads();

@@ -146,28 +146,32 @@ struct TileWalk {
   }
 };
 
-// Calls load(slot, k, l) for up to kLoadBatch of this thread's elements, then use(slot, k, l) for each:
-// the loads of a batch are issued before any of its arithmetic, so their latencies overlap.
+// Calls load(slot, k, l) for kLoadBatch of this thread's elements, then use(slot, k, l) for each: the
+// loads of a batch are issued before any of its arithmetic, so their latencies overlap. Full batches
+// run without per-element checks; the remaining elements go one by one.
 template <typename Load, typename Use>
 GSPN_DEVICE void for_tile_elements(int d, int n, int L, Load load, Use use) {
   TileWalk w(d, n, L);
-  while (!w.done()) {
+  const int total = n * L, tid = static_cast<int>(threadIdx.x), stride = static_cast<int>(blockDim.x);
+  const int mine = tid < total ? (total - 1 - tid) / stride + 1 : 0;  // once per tile
+  int j = 0;
+  for (; j + kLoadBatch <= mine; j += kLoadBatch) {
     int ks[kLoadBatch], ls[kLoadBatch];
-    int count = 0;
 #pragma unroll
     for (int i = 0; i < kLoadBatch; ++i) {
-      if (!w.done()) {
-        ks[i] = w.step();
-        ls[i] = w.lane();
-        load(i, ks[i], ls[i]);
-        ++count;
-        w.next();
-      }
+      ks[i] = w.step();
+      ls[i] = w.lane();
+      load(i, ks[i], ls[i]);
+      w.next();
     }
 #pragma unroll
-    for (int i = 0; i < kLoadBatch; ++i) {
-      if (i < count) use(i, ks[i], ls[i]);
-    }
+    for (int i = 0; i < kLoadBatch; ++i) use(i, ks[i], ls[i]);
+  }
+  for (; j < mine; ++j) {
+    const int k = w.step(), l = w.lane();
+    load(0, k, l);
+    use(0, k, l);
+    w.next();
   }
 }
 
