@@ -7,9 +7,11 @@ MUFU (fast exp / reciprocal), floating-point math, barriers, calls (slow paths) 
     python -m benchmarks.sass_counts                 # table on stdout
     python -m benchmarks.sass_counts --json out.json  # also the loops as JSON
 
-A loop's "elements" is how many tile elements one pass of its body handles, read from the body
-itself: its MUFU.EX2 count / 4 for a staging loop (each element's normalisation takes four
-exponentials), else its shared stores / the stores one element makes (per_element_stores below).
+For the fused scan (gspn_scan_per_element) each innermost loop is matched to a phase of the kernel
+by its instruction mix (GSPN_PHASES) and divided by the element instances its body holds, counted
+from the shared-memory accesses one element makes in that phase (a body the compiler duplicated for
+two paths holds two instances of each element): static instructions per element instance, summed
+over the phases into instructions per direction-element.
 """
 from __future__ import annotations
 
@@ -124,6 +126,44 @@ def innermost_loops(body: list[tuple[int, str]]) -> list[Loop]:
     return loops
 
 
+#: Phases of the fused kernels: (name, test on a loop's counts, the shared accesses one element makes there:
+#: (class, count)). Loops matching no phase run once per tile or per direction (checkpoints, pads).
+GSPN_PHASES = {
+    "forward": [
+        ("staging", lambda c: c["EX2"] > 0, ("STS", 5)),  # wl, wc, wr, lam x, u
+        ("scan step", lambda c: c["LDG"] == c["STG"] == 0 and c["LDS"] >= 6, ("STS", 2)),  # h, u h
+        ("write-out", lambda c: c["STG"] > 0 and c["EX2"] == 0 and c["LDS"] > 0, ("LDS", 1)),  # u h
+    ],
+    "backward": [
+        ("staging, checkpoint sweep", lambda c: c["EX2"] > 0 and c["STS"] == c["EX2"], ("STS", 4)),
+        ("scan step, checkpoint sweep", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] * 8 == c["LDS"],
+         ("STS", 1)),
+        ("staging, adjoint sweep", lambda c: c["EX2"] > 0 and 2 * c["STS"] == 5 * c["EX2"], ("STS", 10)),
+        ("recompute step", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] * 10 == c["LDS"], ("STS", 1)),
+        ("adjoint step", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] > 0 and c["STS"] % 9 == 0, ("STS", 9)),
+        ("write-out", lambda c: c["STG"] > 1 and c["EX2"] == 0 and c["LDS"] > 0, ("LDS", 6)),
+    ],
+}
+
+
+KERNEL_OF = {"forward": "fwd", "backward": "bwd"}
+
+
+def gspn_scan_per_element(kernel: Kernel, phase: str) -> dict:
+    """{phase name: static instructions per element instance of its largest matching loop, ..., "total": sum}."""
+    result = {}
+    for name, matches, (cls, per_element) in GSPN_PHASES[phase]:
+        costs = [loop.instructions / (loop.counts[cls] / per_element) for loop in kernel.loops
+                 if matches(loop.counts) and loop.counts[cls] >= per_element]
+        if not costs:
+            raise ValueError(f"no innermost loop of {short_name(kernel.name)} looks like its {name} phase")
+        instances = [loop.counts[cls] / per_element for loop in kernel.loops if matches(loop.counts)
+                     and loop.counts[cls] >= per_element]
+        result[name] = round(costs[instances.index(max(instances))], 1)  # the fullest batch
+    result["total"] = round(sum(result.values()), 1)
+    return result
+
+
 def compile_and_disassemble(arch: str = "sm_90") -> str:
     """The SASS of KERNELS_TU for ``arch`` (raises RuntimeError naming a missing tool)."""
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
@@ -168,6 +208,11 @@ def main(argv=None) -> int:
         args.sass.write_text(sass)
     kernels = parse_sass(sass)
     print(report(kernels))
+    print("\ngspn_scan, static instructions per element instance of each phase (bf16):")
+    for k in kernels:
+        for phase in ("forward", "backward"):
+            if f"gspn_scan_{KERNEL_OF[phase]}_kernel" in k.name and "BFloat16" in k.name:
+                print(f"  {phase}: {gspn_scan_per_element(k, phase)}")
     if args.json:
         args.json.write_text(json.dumps([asdict(k) for k in kernels], indent=1) + "\n")
     return 0

@@ -37,10 +37,11 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
   const int64_t b = plane / sh.C, c = plane % sh.C;
   const scalar_t* xp = p.in.x + plane * HW;
   const scalar_t* gyp = p.gy + plane * HW;
-  float* dx_acc = p.dx_acc + plane * HW;
+  const DirectionGroup group = direction_group(p.in.directions_per_block, plane, sh.B * sh.C);
+  float* dx_acc = p.dx_acc + group.slot * HW;
   scalar_t* dx = p.dx + plane * HW;
-  float* checkpoints = p.checkpoints + plane * checkpoint_floats(max_lanes, T);
-  for (int d = 0; d < kDirections; ++d) {
+  float* checkpoints = p.checkpoints + group.slot * checkpoint_floats(max_lanes, T);
+  for (int d = group.first; d < group.last; ++d) {
     const DirectionView<scalar_t> v = direction_view(p.in, b, c, d);
     const int L = v.lanes;
     const int tiles = (v.steps + T - 1) / T;
@@ -172,8 +173,8 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
           [&](int, int k, int l) {
             const int o = v.offset(s0 + k, l);
             const int t = k * pitch + l;
-            const float sum = (d == 0 ? 0.f : dx_acc[o]) + t_lam[t];
-            if (d == kDirections - 1) {
+            const float sum = (d == group.first ? 0.f : dx_acc[o]) + t_lam[t];
+            if (d == kDirections - 1 && group.writes_output) {
               dx[o] = static_cast<scalar_t>(sum);
             } else {
               dx_acc[o] = sum;

@@ -64,10 +64,34 @@ void allow_smem(Kernel kernel, size_t bytes) {
 
 template <typename scalar_t>
 ScanArgs<scalar_t> scan_args(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& gl, const at::Tensor& gc,
-                             const at::Tensor& gr, const at::Tensor& u, const ScanShape& sh, int64_t chunk, int tile) {
+                             const at::Tensor& gr, const at::Tensor& u, const ScanShape& sh, int64_t chunk, int tile,
+                             int per_block) {
   return ScanArgs<scalar_t>{x.const_data_ptr<scalar_t>(), lam.const_data_ptr<scalar_t>(), gl.const_data_ptr<scalar_t>(),
                             gc.const_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                            sh, chunk, tile};
+                            sh, chunk, tile, per_block};
+}
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// The grid of one pass: a block per plane, times the direction groups (gspn_scan_kernel.cuh).
+dim3 scan_grid(const ScanShape& sh, int per_block) {
+  return dim3(static_cast<unsigned>(sh.B * sh.C), static_cast<unsigned>(kDirections / per_block), 1);
+}
+
+// out = the sum of the `groups` partial maps of out's size, in group order.
+template <typename scalar_t>
+void sum_direction_groups(const at::Tensor& partial, int groups, at::Tensor& out, cudaStream_t stream) {
+  const int64_t n = out.numel();
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(multiprocessors()) * 16);
+  sum_direction_groups_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      partial.const_data_ptr<float>(), groups, n, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_plane_count(const ScanShape& sh) {
@@ -90,14 +114,20 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    // fp32 outputs accumulate the direction sum in place; half outputs through an fp32 map.
-    at::Tensor y_acc = std::is_same_v<scalar_t, float> ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
-    const FwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile),
+    // One block per plane: fp32 outputs accumulate the direction sum in place, half outputs through an
+    // fp32 map. Split planes: each direction group into its partial map, summed afterwards.
+    const int per_block = direction_split(sh.B * sh.C, multiprocessors());
+    const int groups = kDirections / per_block;
+    at::Tensor y_acc = groups == 1 && std::is_same_v<scalar_t, float>
+                           ? y
+                           : at::empty({groups, sh.B, sh.C, sh.H, sh.W}, x.options().dtype(at::kFloat));
+    const FwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile, per_block),
                                      y_acc.data_ptr<float>(), y.data_ptr<scalar_t>()};
     auto kernel = gspn_scan_fwd_kernel<scalar_t>;
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(sh.B * sh.C), threads_for(max_lanes), smem, stream>>>(params);
+    kernel<<<scan_grid(sh, per_block), threads_for(max_lanes), smem, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (groups > 1) sum_direction_groups<scalar_t>(y_acc, groups, y, stream);
   });
   return y;
 }
@@ -126,23 +156,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int tile = checked_tile(max_lanes, bwd_smem_floats, smem_per_block_limit());
     const size_t smem = bwd_smem_floats(max_lanes, tile) * sizeof(float);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    auto checkpoints = at::empty({sh.B * sh.C, checkpoint_floats(max_lanes, tile)}, f32);
+    const int per_block = direction_split(sh.B * sh.C, multiprocessors());
+    const int groups = kDirections / per_block;
+    auto checkpoints = at::empty({groups * sh.B * sh.C, checkpoint_floats(max_lanes, tile)}, f32);
     dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;
-      at::Tensor dx_acc = std::is_same_v<scalar_t, float> ? d_x : at::empty(x.sizes(), f32);
+      at::Tensor dx_acc = groups == 1 && std::is_same_v<scalar_t, float>
+                              ? d_x
+                              : at::empty({groups, sh.B, sh.C, sh.H, sh.W}, f32);
       auto grad = [&](int k) {
         const bool direct = inputs[k]->size(2) == sh.C;
         return GateGrad<scalar_t>{direct ? nullptr : outputs[k].data_ptr<float>(),
                                   direct ? outputs[k].data_ptr<scalar_t>() : nullptr};
       };
-      const BwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile),
+      const BwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile, per_block),
                                        gy.const_data_ptr<scalar_t>(), checkpoints.data_ptr<float>(),
                                        dx_acc.data_ptr<float>(), d_x.data_ptr<scalar_t>(), grad(0), grad(1), grad(2),
                                        grad(3), grad(4)};
       auto kernel = gspn_scan_bwd_kernel<scalar_t>;
       allow_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(sh.B * sh.C), threads_for(max_lanes), smem, stream>>>(params);
+      kernel<<<scan_grid(sh, per_block), threads_for(max_lanes), smem, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (groups > 1) sum_direction_groups<scalar_t>(dx_acc, groups, d_x, stream);
     });
   }
   // A group's gradient is the sum over its channels (channel c is in group c / (C / G)), in a fixed order.

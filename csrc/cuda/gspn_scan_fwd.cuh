@@ -25,9 +25,10 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
   const int64_t plane = blockIdx.x;
   const int64_t b = plane / sh.C, c = plane % sh.C;
   const scalar_t* xp = p.in.x + plane * HW;
-  float* y_acc = p.y_acc + plane * HW;
+  const DirectionGroup group = direction_group(p.in.directions_per_block, plane, sh.B * sh.C);
+  float* y_acc = p.y_acc + group.slot * HW;
   scalar_t* y = p.y + plane * HW;
-  for (int d = 0; d < kDirections; ++d) {
+  for (int d = group.first; d < group.last; ++d) {
     const DirectionView<scalar_t> v = direction_view(p.in, b, c, d);
     const int L = v.lanes;
     if (threadIdx.x < 2) h_rows[threadIdx.x * P] = h_rows[threadIdx.x * P + L + 1] = 0.f;
@@ -66,8 +67,8 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
           d, n, L, [](int, int, int) {},
           [&](int, int k, int l) {
             const int o = v.offset(s0 + k, l);
-            const float sum = (d == 0 ? 0.f : y_acc[o]) + t_u[k * pitch + l];
-            if (d == kDirections - 1) {
+            const float sum = (d == group.first ? 0.f : y_acc[o]) + t_u[k * pitch + l];
+            if (d == kDirections - 1 && group.writes_output) {
               y[o] = static_cast<scalar_t>(sum);
             } else {
               y_acc[o] = sum;

@@ -3,8 +3,11 @@
 // backward's recompute run this one function) and the arithmetic of their launch (threads, tile,
 // shared memory), which the launchers in gspn_scan_cuda.cu and tests/cuda_emulation/ use alike.
 //
-// Layout of the work. One thread block owns one (batch, channel) plane and runs its four
-// directions one after the other, so the direction sums (y, and dx in the backward) need no atomics.
+// Layout of the work. A thread block owns one (batch, channel) plane and runs its four directions one
+// after the other, so the direction sums (y, and dx in the backward) need no atomics; when there are too
+// few planes to fill the GPU (1 x 64 planes on 132 SMs), directions_per_block (direction_split) gives
+// each block of a plane 2 or 1 of them (blockIdx.y picks which), each block sums its directions into its
+// own fp32 partial map and sum_direction_groups_kernel adds the partial maps in a fixed order.
 // Within a direction the block walks the S scan steps in tiles of T steps; a tile of all L lanes x T
 // steps of every input is staged in shared memory with coalesced global reads (consecutive threads
 // take consecutive lanes of a step for the vertical scans, consecutive steps of a lane for the
@@ -50,14 +53,15 @@ struct ScanArgs {
   const scalar_t* gr;
   const scalar_t* u;
   ScanShape shape;
-  int64_t chunk;  // 0: one global scan per direction
-  int tile;       // T, steps per staged tile (pick_tile)
+  int64_t chunk;            // 0: one global scan per direction
+  int tile;                 // T, steps per staged tile (pick_tile)
+  int directions_per_block; // 4, or 2 / 1 with gridDim.y = 4 / directions_per_block blocks per plane
 };
 
 template <typename scalar_t>
 struct FwdParams {
   ScanArgs<scalar_t> in;
-  float* y_acc;  // the direction sum in fp32 (y itself for fp32 outputs)
+  float* y_acc;  // the direction sum in fp32 (y itself for fp32 outputs), or the partial maps (direction_group)
   scalar_t* y;
 };
 
@@ -82,10 +86,38 @@ struct BwdParams {
   ScanArgs<scalar_t> in;
   const scalar_t* gy;
   float* checkpoints;  // (B*C) x checkpoint_floats(max_lanes, tile): the state at the end of each tile
-  float* dx_acc;       // the direction sum of dx in fp32 (dx itself for fp32)
+  float* dx_acc;       // the direction sum of dx in fp32 (dx itself for fp32), or the partial maps
   scalar_t* dx;
   GateGrad<scalar_t> d_lam, d_gl, d_gc, d_gr, d_u;
 };
+
+// The directions this block runs and where their sum goes: all four into the plane's fp32 sum map, the
+// last one writing the output, when one block runs a plane; else group blockIdx.y's directions into its
+// partial map (groups x planes x HW floats), which sum_direction_groups_kernel adds up. `slot` also
+// indexes the block's checkpoint buffer.
+struct DirectionGroup {
+  int first, last;     // directions [first, last)
+  int64_t slot;        // plane, or group * planes + plane
+  bool writes_output;  // the last direction writes the output (one group per plane)
+};
+
+GSPN_DEVICE DirectionGroup direction_group(int per_block, int64_t plane, int64_t planes) {
+  const int g = static_cast<int>(blockIdx.y);
+  const bool whole = per_block == kDirections;
+  return DirectionGroup{g * per_block, (g + 1) * per_block, whole ? plane : g * planes + plane, whole};
+}
+
+// out[i] = the sum over the groups' partial maps in group order, for the n elements of one map.
+template <typename scalar_t>
+GSPN_GLOBAL void sum_direction_groups_kernel(const float* __restrict__ partial, int groups, int64_t n,
+                                             scalar_t* __restrict__ out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float sum = partial[i];
+    for (int g = 1; g < groups; ++g) sum += partial[g * n + i];
+    out[i] = static_cast<scalar_t>(sum);
+  }
+}
 
 // One direction's view of one plane: its geometry (32-bit, within the plane) and its gate planes.
 template <typename scalar_t>
@@ -198,6 +230,15 @@ GSPN_DEVICE void scan_tile_forward(Drive drive, const float* wl, const float* wc
     clock.forward();
     __syncthreads();
   }
+}
+
+// Directions per block for `planes` planes on `sms` multiprocessors: all four when the planes alone give
+// at least 90% of the SMs a block, else 2, else 1 (more blocks, at the cost of the partial maps' traffic).
+inline int direction_split(int64_t planes, int sms) {
+  for (int per_block = kDirections; per_block > 1; per_block /= 2) {
+    if (10 * planes * (kDirections / per_block) >= 9 * int64_t(sms)) return per_block;
+  }
+  return 1;
 }
 
 // Threads of one block: one per lane, rounded up to whole warps, between 64 and 256.
