@@ -5,6 +5,9 @@ code picks it, and the SASS instruction counts per direction-element of the hot 
 
     python -m benchmarks.scan_model                       # the table, with instruction counts read now (needs nvcc)
     python -m benchmarks.scan_model --instructions 206,559  # with given forward, backward counts
+    python -m benchmarks.scan_model --measured bench_scan_gpu.json  # beside what a GPU measured (gpu_check)
+
+Without nvcc (a GPU machine may lack it) the counts come from RECORDED, the last SASS reading committed.
 
 The model (every constant below, each an assumption a GPU run can falsify):
 - memory: t_mem = bytes / (copy bandwidth x min(1, 2 x busy SMs / SMs)): one SM can draw about twice its
@@ -26,6 +29,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # H200 SXM (H100 SXM has the same SMs and clock and about 3.35 / 4.8 of the bandwidth).
 SMS = 132
@@ -111,24 +115,49 @@ def moved_bytes(phase: str, s: int, per_block: int, tile: int, l2_resident: bool
     return reads + 20 * s + 4 * 2 * 4 / tile + dsum
 
 
-def predict(phase: str, shape, instructions: float, elem_bytes: int = 2) -> Prediction:
-    """The model's time and fraction for ``phase`` ("forward" / "backward") of per-channel gates at ``shape``."""
+@dataclass
+class Launch:
+    """How the host code launches one pass at a shape (csrc/cuda/gspn_scan_cuda.cu)."""
+
+    directions_per_block: int
+    blocks: int
+    tile: int
+    threads: int
+    blocks_per_sm: int
+    l2_resident: bool
+
+
+def launch(phase: str, shape, elem_bytes: int = 2) -> Launch:
     B, C, H, W = shape
-    s = elem_bytes
-    planes, lanes, elements = B * C, max(H, W), B * C * H * W
+    planes, lanes = B * C, max(H, W)
     per_block = direction_split(planes)
     blocks = planes * (4 // per_block)
     smem_floats = fwd_smem_floats if phase == "forward" else bwd_smem_floats
     tile = pick_tile(lanes, smem_floats)
     threads = threads_for(lanes)
     per_sm = max(1, min(SMEM_PER_SM // (smem_floats(lanes, tile) * 4 + 1024), MAX_THREADS_PER_SM // threads, 32))
-    resident = min(blocks, SMS * per_sm)
-    # Bytes: inputs once per direction, the direction sum, and (backward) the checkpoints; per-plane scratch
-    # from L2 when the resident planes' share fits half of it.
-    plane_scratch = H * W * (4 + s * (1 if phase == "forward" else 5))
-    l2_resident = resident * plane_scratch <= L2_BYTES / 2
+    # A plane's repeated reads and its fp32 sum map stay in L2 when the resident planes' share fits half of it.
+    plane_scratch = H * W * (4 + elem_bytes * (1 if phase == "forward" else 5))
+    l2_resident = min(blocks, SMS * per_sm) * plane_scratch <= L2_BYTES / 2
+    return Launch(per_block, blocks, tile, threads, per_sm, l2_resident)
+
+
+def kernel_bytes(phase: str, shape, elem_bytes: int = 2) -> float:
+    """HBM bytes the CUDA kernels of ``phase`` move at ``shape`` (per-channel gates), by the model's account."""
+    B, C, H, W = shape
+    lc = launch(phase, shape, elem_bytes)
+    return moved_bytes(phase, elem_bytes, lc.directions_per_block, lc.tile, lc.l2_resident) * B * C * H * W
+
+
+def predict(phase: str, shape, instructions: float, elem_bytes: int = 2) -> Prediction:
+    """The model's time and fraction for ``phase`` ("forward" / "backward") of per-channel gates at ``shape``."""
+    B, C, H, W = shape
+    s = elem_bytes
+    elements = B * C * H * W
+    lc = launch(phase, shape, s)
+    per_block, blocks, tile, threads, per_sm = lc.directions_per_block, lc.blocks, lc.tile, lc.threads, lc.blocks_per_sm
     minimum = s * (1 + 20 + 1) if phase == "forward" else s * (2 + 20 + 21)
-    moved = moved_bytes(phase, s, per_block, tile, l2_resident)
+    moved = moved_bytes(phase, s, per_block, tile, lc.l2_resident)
     busy = min(SMS, blocks)
     t_mem = moved * elements / (COPY_BYTES_PER_S * min(1.0, 2 * busy / SMS))
     warps = 4 * elements * instructions / 32
@@ -141,6 +170,10 @@ def predict(phase: str, shape, instructions: float, elem_bytes: int = 2) -> Pred
     time = max(t_mem, t_issue, t_chain) if per_sm >= 2 else max(t_mem + t_issue, t_chain)
     return Prediction(phase, tuple(shape), per_block, blocks, tile, per_sm, moved, minimum, instructions,
                       t_mem * 1e3, t_issue * 1e3, t_chain * 1e3, time * 1e3, moved * elements / time / COPY_BYTES_PER_S)
+
+
+#: The committed SASS reading (bf16, sm_90) used where nvcc is missing: `python -m benchmarks.sass_counts`.
+RECORDED = Path(__file__).resolve().parent / "results" / "scan_model_h200.json"
 
 
 def measured_instructions() -> tuple[float, float]:
@@ -163,16 +196,41 @@ def table(predictions: list[Prediction]) -> str:
     return "\n".join(rows)
 
 
+def compare(predictions: list[Prediction], bench: dict) -> str:
+    """Predicted against measured fraction (bench_scan's kernel_fraction_of_copy_bandwidth of impl "cuda")."""
+    measured = {(tuple(r["shape"]), phase): r[phase].get("kernel_fraction_of_copy_bandwidth")
+                for r in bench.get("gspn_scan", []) if r.get("impl") == "cuda" and "error" not in r
+                for phase in ("forward", "backward")}
+    lines = [f"MEASURED on {bench.get('device', {}).get('name', '?')} ({bench.get('dtype')}), copy "
+             f"{bench.get('copy_bandwidth_gbps', 0):.0f} GB/s:"]
+    for p in predictions:
+        m = measured.get((p.shape, p.phase))
+        lines.append(f"  {p.phase:8s} {str(p.shape):22s} predicted {100 * p.fraction_of_copy_bandwidth:5.1f}%  measured "
+                     + (f"{100 * m:5.1f}%" if m is not None else "  n/a"))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instructions", default=None,
                         help="forward,backward instructions per direction-element (default: read the SASS now)")
     parser.add_argument("--json", default=None, help="write the predictions here")
+    parser.add_argument("--measured", default=None, help="a bench_scan JSON (GPU) to print beside the predictions")
     args = parser.parse_args(argv)
-    fwd, bwd = (float(v) for v in args.instructions.split(",")) if args.instructions else measured_instructions()
+    if args.instructions:
+        fwd, bwd = (float(v) for v in args.instructions.split(","))
+    else:
+        try:
+            fwd, bwd = measured_instructions()
+        except RuntimeError as exc:  # no nvcc / cuobjdump here: the committed reading
+            recorded = json.loads(RECORDED.read_text())["instructions"]
+            fwd, bwd = recorded["forward"], recorded["backward"]
+            print(f"({exc}; using the SASS counts recorded in {RECORDED.name})")
     predictions = [predict(phase, shape, n) for shape in SHAPES for phase, n in (("forward", fwd), ("backward", bwd))]
     print("PREDICTED (performance model, no GPU ran it), bf16, per-channel gates, global scan, H200:")
     print(table(predictions))
+    if args.measured:
+        print(compare(predictions, json.loads(Path(args.measured).read_text())))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"predicted": True, "instructions": {"forward": fwd, "backward": bwd}, "before": BEFORE,
