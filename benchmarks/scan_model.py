@@ -50,10 +50,13 @@ BEFORE = {"forward": {"instructions": 282, "bytes": "48-74"}, "backward": {"inst
 
 def direction_split(planes: int, sms: int = SMS) -> int:
     """Directions per block, as csrc/cuda/gspn_scan_kernel.cuh's direction_split picks them."""
-    for per_block in (4, 2):
-        if 10 * planes * (4 // per_block) >= 9 * sms:
-            return per_block
-    return 1
+    return 4 if 10 * planes >= 9 * sms else 1
+
+
+def tile_smem_limit(blocks: int, sms: int = SMS) -> int:
+    """csrc/cuda/gspn_scan_kernel.cuh's tile_smem_limit: a third of an SM when there are blocks for three."""
+    third = SMEM_PER_SM // 3 - 1024
+    return third if 10 * blocks >= 18 * sms and third < SMEM_PER_BLOCK else SMEM_PER_BLOCK
 
 
 def threads_for(lanes: int) -> int:
@@ -68,11 +71,15 @@ def bwd_smem_floats(lanes: int, tile: int) -> int:
     return (6 + tile + 1) * (lanes + 2) + 10 * (lanes + 1) * tile
 
 
-def pick_tile(lanes: int, smem_floats) -> int:
-    tile = 16
-    while tile >= 1 and smem_floats(lanes, tile) * 4 > SMEM_PER_BLOCK:
-        tile //= 2
-    return tile
+def pick_tile(lanes: int, smem_floats, limit: int = SMEM_PER_BLOCK) -> int:
+    """The host code's tile: the largest power of two <= 16 whose staging fits ``limit`` (else the opt-in limit's)."""
+    for bound in (limit, SMEM_PER_BLOCK):
+        tile = 16
+        while tile >= 1 and smem_floats(lanes, tile) * 4 > bound:
+            tile //= 2
+        if tile >= 1:
+            return tile
+    return 0
 
 
 @dataclass
@@ -133,7 +140,7 @@ def launch(phase: str, shape, elem_bytes: int = 2) -> Launch:
     per_block = direction_split(planes)
     blocks = planes * (4 // per_block)
     smem_floats = fwd_smem_floats if phase == "forward" else bwd_smem_floats
-    tile = pick_tile(lanes, smem_floats)
+    tile = pick_tile(lanes, smem_floats, tile_smem_limit(blocks))
     threads = threads_for(lanes)
     per_sm = max(1, min(SMEM_PER_SM // (smem_floats(lanes, tile) * 4 + 1024), MAX_THREADS_PER_SM // threads, 32))
     # A plane's repeated reads and its fp32 sum map stay in L2 when the resident planes' share fits half of it.

@@ -23,10 +23,17 @@ namespace {
 
 using namespace cuda_kernels;
 
-// The tile for lines of `max_lanes` pixels on this device, or an error naming the way out.
+// The tile for lines of `max_lanes` pixels in a launch of `blocks` blocks on this device (tile_smem_limit),
+// or an error naming the way out.
 template <typename SmemFloats>
-int checked_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
-  const int tile = pick_tile(max_lanes, smem_floats, smem_limit);
+int checked_tile(int64_t max_lanes, SmemFloats smem_floats, int64_t blocks) {
+  int device = 0, per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const size_t smem_limit = smem_per_block_limit();
+  int tile = pick_tile(max_lanes, smem_floats, tile_smem_limit(blocks, sms, static_cast<size_t>(per_sm), smem_limit));
+  if (tile == 0) tile = pick_tile(max_lanes, smem_floats, smem_limit);
   TORCH_CHECK(tile > 0, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
               " bytes of shared memory a block may use on this GPU; use impl='composed' for this map size");
   return tile;
@@ -109,15 +116,15 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
   if (y.numel() == 0) return y;
   check_plane_count(sh);
   const int64_t max_lanes = std::max(sh.H, sh.W);
-  const int tile = checked_tile(max_lanes, fwd_smem_floats, smem_per_block_limit());
+  const int per_block = direction_split(sh.B * sh.C, multiprocessors());
+  const int groups = kDirections / per_block;
+  const int tile = checked_tile(max_lanes, fwd_smem_floats, sh.B * sh.C * groups);
   const size_t smem = fwd_smem_floats(max_lanes, tile) * sizeof(float);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     // One block per plane: fp32 outputs accumulate the direction sum in place, half outputs through an
     // fp32 map. Split planes: each direction group into its partial map, summed afterwards.
-    const int per_block = direction_split(sh.B * sh.C, multiprocessors());
-    const int groups = kDirections / per_block;
     at::Tensor y_acc = groups == 1 && std::is_same_v<scalar_t, float>
                            ? y
                            : at::empty({groups, sh.B, sh.C, sh.H, sh.W}, x.options().dtype(at::kFloat));
@@ -153,11 +160,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (x.numel() > 0) {
     check_plane_count(sh);
     const int64_t max_lanes = std::max(sh.H, sh.W);
-    const int tile = checked_tile(max_lanes, bwd_smem_floats, smem_per_block_limit());
-    const size_t smem = bwd_smem_floats(max_lanes, tile) * sizeof(float);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int per_block = direction_split(sh.B * sh.C, multiprocessors());
     const int groups = kDirections / per_block;
+    const int tile = checked_tile(max_lanes, bwd_smem_floats, sh.B * sh.C * groups);
+    const size_t smem = bwd_smem_floats(max_lanes, tile) * sizeof(float);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     auto checkpoints = at::empty({groups * sh.B * sh.C, checkpoint_floats(max_lanes, tile)}, f32);
     dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;

@@ -6,8 +6,10 @@
 // Layout of the work. A thread block owns one (batch, channel) plane and runs its four directions one
 // after the other, so the direction sums (y, and dx in the backward) need no atomics; when there are too
 // few planes to fill the GPU (1 x 64 planes on 132 SMs), directions_per_block (direction_split) gives
-// each block of a plane 2 or 1 of them (blockIdx.y picks which), each block sums its directions into its
-// own fp32 partial map and sum_direction_groups_kernel adds the partial maps in a fixed order.
+// each block of a plane one of them (blockIdx.y picks which; 2 works too), each block sums its directions
+// into its own fp32 partial map and sum_direction_groups_kernel adds the partial maps in a fixed order.
+// The tile is the largest that fits tile_smem_limit: small enough for three blocks per SM when there are
+// blocks for them, so that their staging (memory) and scanning (barriers, arithmetic) overlap.
 // Within a direction the block walks the S scan steps in tiles of T steps; a tile of all L lanes x T
 // steps of every input is staged in shared memory with coalesced global reads (consecutive threads
 // take consecutive lanes of a step for the vertical scans, consecutive steps of a lane for the
@@ -233,12 +235,15 @@ GSPN_DEVICE void scan_tile_forward(Drive drive, const float* wl, const float* wc
 }
 
 // Directions per block for `planes` planes on `sms` multiprocessors: all four when the planes alone give
-// at least 90% of the SMs a block, else 2, else 1 (more blocks, at the cost of the partial maps' traffic).
-inline int direction_split(int64_t planes, int sms) {
-  for (int per_block = kDirections; per_block > 1; per_block /= 2) {
-    if (10 * planes * (kDirections / per_block) >= 9 * int64_t(sms)) return per_block;
-  }
-  return 1;
+// at least 90% of the SMs a block, else one (four blocks per plane, at the cost of the partial maps'
+// traffic). The kernels also run 2 (the emulation tests it).
+inline int direction_split(int64_t planes, int sms) { return 10 * planes >= 9 * int64_t(sms) ? kDirections : 1; }
+
+// The shared memory a block's tile may take: a third of an SM's when there are blocks enough for three per
+// SM (so one stages while the others scan), else all a block may opt in to.
+inline size_t tile_smem_limit(int64_t blocks, int sms, size_t smem_per_sm, size_t smem_per_block) {
+  const size_t third = smem_per_sm / 3 > 1024 ? smem_per_sm / 3 - 1024 : 0;  // the runtime reserves 1 KiB a block
+  return 10 * blocks >= 18 * int64_t(sms) && third < smem_per_block ? third : smem_per_block;
 }
 
 // Threads of one block: one per lane, rounded up to whole warps, between 64 and 256.
