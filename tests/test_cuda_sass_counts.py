@@ -74,8 +74,10 @@ def test_the_model_counts_the_bytes_the_kernels_move():
     assert scan_model.moved_bytes("forward", 2, 2, 8, False) == 82
     # backward, tile 4: 5 + 7 input maps per direction (96), 5 gradients per direction (40), checkpoints 4 x 8 / 4.
     assert scan_model.moved_bytes("backward", 2, 4, 4, False) == 96 + 40 + 8 + 26
-    assert scan_model.direction_split(64) == 2 and scan_model.direction_split(4096) == 4
-    assert scan_model.direction_split(16) == 1
+    assert scan_model.direction_split(64) == 1 and scan_model.direction_split(4096) == 4  # 1 x 64: 256 blocks
+    # 256 blocks of 1024-pixel lines: tiles small enough for three blocks per SM; 64 blocks: the whole opt-in.
+    assert scan_model.launch("forward", (1, 64, 1024, 1024)).blocks_per_sm >= 3
+    assert scan_model.tile_smem_limit(64) == scan_model.SMEM_PER_BLOCK
 
 
 def test_the_model_predicts_a_fraction_no_faster_than_the_copy():

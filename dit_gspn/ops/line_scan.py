@@ -37,16 +37,14 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
         half-precision inputs are computed in float32.
     """
     tensors = (x, lam, wl, wc, wr)
-    _check_args(tensors, chunk, impl)
+    _check_args(tensors, chunk)
     impl = dispatch.resolve_impl("line_scan", tensors, impl)
     if impl == "reference":
         return line_scan_reference(x, lam, wl, wc, wr, chunk)
     return torch.ops.gspn.line_scan_fwd(x, lam, wl, wc, wr, int(chunk or 0))
 
 
-def _check_args(tensors, chunk, impl) -> None:
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"line_scan: impl must be one of {IMPLS} or None, got {impl!r}")
+def _check_args(tensors, chunk) -> None:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ValueError(f"line_scan: chunk must be an int >= 1 or None, got {chunk!r}")
     for name, t in zip(_ARG_NAMES, tensors):
