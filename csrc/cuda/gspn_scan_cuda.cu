@@ -23,16 +23,32 @@ namespace {
 
 using namespace cuda_kernels;
 
+// Shared memory one block may opt in to on the current device (ATen/cuda/CUDAContext.h is
+// avoided: it pulls in cuSPARSE headers that a minimal CUDA toolkit lacks).
+size_t smem_per_block_limit() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 // The tile for lines of `max_lanes` pixels in a launch of `blocks` blocks on this device (tile_smem_limit),
 // or an error naming the way out.
 template <typename SmemFloats>
 int checked_tile(int64_t max_lanes, SmemFloats smem_floats, int64_t blocks) {
-  int device = 0, per_sm = 0, sms = 0;
+  int device = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const size_t smem_limit = smem_per_block_limit();
-  int tile = pick_tile(max_lanes, smem_floats, tile_smem_limit(blocks, sms, static_cast<size_t>(per_sm), smem_limit));
+  int tile = pick_tile(max_lanes, smem_floats,
+                       tile_smem_limit(blocks, multiprocessors(), static_cast<size_t>(per_sm), smem_limit));
   if (tile == 0) tile = pick_tile(max_lanes, smem_floats, smem_limit);
   TORCH_CHECK(tile > 0, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
               " bytes of shared memory a block may use on this GPU; use impl='composed' for this map size");
@@ -55,15 +71,6 @@ void dispatch_cuda_types(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Shared memory one block may opt in to on the current device (ATen/cuda/CUDAContext.h is
-// avoided: it pulls in cuSPARSE headers that a minimal CUDA toolkit lacks).
-size_t smem_per_block_limit() {
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(bytes);
-}
-
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
@@ -78,12 +85,6 @@ ScanArgs<scalar_t> scan_args(const at::Tensor& x, const at::Tensor& lam, const a
                             sh, chunk, tile, per_block};
 }
 
-int multiprocessors() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
 
 // The grid of one pass: a block per plane, times the direction groups (gspn_scan_kernel.cuh).
 dim3 scan_grid(const ScanShape& sh, int per_block) {
