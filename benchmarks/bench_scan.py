@@ -8,9 +8,12 @@ bandwidth. Writes JSON with ``--out``.
     python -m benchmarks.bench_scan --smoke              # seconds: tiny shapes (for tests)
 
 Bytes counted per element of the (..., H, W) map: line_scan forward reads 5 maps and writes 1;
-its backward reads 7 (grad_h, h and the 5 inputs) and writes 5. gspn_scan (per-channel gates)
-forward reads x and 4 directions x 5 gate maps and writes y; its backward reads grad_y, x and
-the 20 gate maps and writes their 21 gradients.
+its backward reads 7 (grad_h, h and the 5 inputs) and writes 5: what its kernels move. gspn_scan
+(per-channel gates) forward must read x and 4 directions x 5 gate maps and write y; its backward
+must read grad_y, x and the 20 gate maps and write their 21 gradients: the minimum ("bytes",
+"gbps", "fraction_of_copy_bandwidth"). Its CUDA kernels move more (x once per direction, the fp32
+direction sums, the backward's checkpoint sweep: benchmarks/scan_model.py::moved_bytes); for the
+cuda implementation "kernel_bytes", "kernel_gbps" and "kernel_fraction_of_copy_bandwidth" count those.
 """
 from __future__ import annotations
 
@@ -49,8 +52,9 @@ def gspn_scan_inputs(shape, dtype, device):
     return [x, *gates]
 
 
-def time_op(op, inputs, device, repeat, max_seconds, bytes_per_element):
-    """Forward, backward and forward+backward timings of ``op(*inputs)`` with rates."""
+def time_op(op, inputs, device, repeat, max_seconds, bytes_per_element, kernel_bytes=None):
+    """Forward, backward and forward+backward timings of ``op(*inputs)`` with rates; ``kernel_bytes``
+    ({phase: bytes}), when given, adds the rate of the bytes the kernel really moves."""
     warmup = 2 if device.type == "cuda" else 1  # CPU runs need no clocks or caches warmed
     n = inputs[0].numel() * inputs[0].element_size()
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -71,7 +75,19 @@ def time_op(op, inputs, device, repeat, max_seconds, bytes_per_element):
         moved = bytes_per_element[phase] * n
         t["bytes"] = moved
         t["gbps"] = gbps(moved, t["median_ms"])
+        if kernel_bytes is not None:
+            t["kernel_bytes"] = kernel_bytes[phase]
+            t["kernel_gbps"] = gbps(kernel_bytes[phase], t["median_ms"])
     return timings
+
+
+def gspn_scan_kernel_bytes(shape, dtype) -> dict:
+    """{phase: HBM bytes} the fused CUDA kernels move at ``shape`` (the performance model's account)."""
+    from benchmarks.scan_model import kernel_bytes
+
+    size = torch.empty((), dtype=dtype).element_size()
+    fwd, bwd = (kernel_bytes(phase, shape, size) for phase in ("forward", "backward"))
+    return {"forward": fwd, "backward": bwd, "forward_backward": fwd + bwd}
 
 
 def line_scan_impls(device):
@@ -97,6 +113,8 @@ def gspn_scan_impls(device):
 def with_fractions(timings, copy_gbps):
     for t in timings.values():
         t["fraction_of_copy_bandwidth"] = t["gbps"] / copy_gbps
+        if "kernel_gbps" in t:
+            t["kernel_fraction_of_copy_bandwidth"] = t["kernel_gbps"] / copy_gbps
     return timings
 
 
@@ -136,8 +154,10 @@ def _run_gspn_scan(device, shape, dtype, repeat, max_seconds, copy_gbps, results
     inputs = gspn_scan_inputs(shape, dtype, device)
     for impl in impls:
         op = lambda *t, impl=impl: gspn_scan(*t, impl=impl)  # noqa: E731
+        moved = gspn_scan_kernel_bytes(shape, dtype) if impl == "cuda" else None
         try:
-            timings = with_fractions(time_op(op, inputs, device, repeat, max_seconds, GSPN_SCAN_BYTES), copy_gbps)
+            timings = with_fractions(time_op(op, inputs, device, repeat, max_seconds, GSPN_SCAN_BYTES, moved),
+                                     copy_gbps)
         except Exception as exc:  # noqa: BLE001 -- record and go on: one broken implementation must not hide the rest
             results["gspn_scan"].append({"shape": list(shape), "impl": impl, "error": f"{type(exc).__name__}: {exc}"})
             print(f"gspn_scan {tuple(shape)} {impl}: failed: {exc}", flush=True)
@@ -148,7 +168,8 @@ def _run_gspn_scan(device, shape, dtype, repeat, max_seconds, copy_gbps, results
 
 def _row(op, shape, impl, timings):
     cells = "  ".join(
-        f"{phase} {t['median_ms']:9.3f} ms {t['gbps']:8.1f} GB/s ({100 * t['fraction_of_copy_bandwidth']:5.1f}%)"
+        f"{phase} {t['median_ms']:9.3f} ms {t['gbps']:8.1f} GB/s ({100 * t['fraction_of_copy_bandwidth']:5.1f}%"
+        + (f", kernel's bytes {100 * t['kernel_fraction_of_copy_bandwidth']:5.1f}%" if "kernel_gbps" in t else "") + ")"
         for phase, t in timings.items())
     return f"{op:9s} {str(tuple(shape)):22s} {impl:9s} {cells}"
 

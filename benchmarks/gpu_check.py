@@ -1,6 +1,7 @@
 """The device check, sized to fit one call on a lent GPU machine: build the CUDA kernels, run the
 ``cuda`` tests, a kernel-vs-reference parity summary, the scan and model benchmarks, and tiny
-compute-sanitizer runs, each under its own timeout inside one global deadline; go on past a failing
+compute-sanitizer runs, each under its own timeout (and the fused scan's performance model's prediction beside
+the fraction of copy bandwidth bench_scan measured, into the log) inside one global deadline; go on past a failing
 step, end with one line per step (passed / failed / timed out / skipped), and leave at most 8 files
 in the output folder: the log, the step summary, the test report, the JSON results and the plot.
 
@@ -120,6 +121,7 @@ def plan(args, out: Path, wheel_site: Path) -> list[Step]:
         Step("parity", [py, "-m", "benchmarks.scan_parity", "--device", "cuda", "--out", str(out / "parity.json")], 60),
         Step("bench-scan", [py, "-m", "benchmarks.bench_scan", "--device", "cuda", "--shapes", scan_shapes,
                             "--repeat", "10", "--max-seconds", "2", "--out", str(out / "bench_scan_gpu.json")], 120),
+        Step("scan-model", [py, "-m", "benchmarks.scan_model", "--measured", str(out / "bench_scan_gpu.json")], 30),
         Step("bench-model", [py, "-m", "benchmarks.bench_model", "--device", "cuda", "--sizes", *model_sizes,
                              "--resolutions", *model_resolutions, "--warmup", "1", "--iters", "3",
                              "--out", str(out / "bench_model_gpu.json"), "--plot", str(out / "bench_model_gpu.png")],

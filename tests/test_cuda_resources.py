@@ -16,8 +16,10 @@ from dit_gspn.ops import extension
 KERNELS_TU = r"""
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include "gspn_scan_cuda_kernels.h"
-#include "line_scan_cuda_kernels.h"
+#include "cuda/gspn_scan_bwd.cuh"
+#include "cuda/gspn_scan_fwd.cuh"
+#include "cuda/line_scan_bwd.cuh"
+#include "cuda/line_scan_fwd.cuh"
 using namespace gspn;
 template <typename S, typename A> void line_scan_variants() {
   for (int64_t W : {64, 2048}) {

@@ -40,6 +40,18 @@ def test_the_key_follows_the_sources_content_and_flags_not_the_checkouts_path(tm
     assert not any(name.endswith(".cu") for name in snapshot)  # a CUDA source does not rebuild the CPU variant
 
 
+def test_every_cuda_kernel_header_is_part_of_the_cuda_key(tmp_path, monkeypatch):
+    # The CUDA kernels live in csrc/cuda/*.cuh, included by the .cu launchers: editing one must rebuild.
+    csrc = checkout_copy(tmp_path / "c")
+    kernels = sorted((csrc / "cuda").glob("*.cuh"))
+    assert kernels, "no CUDA kernel headers under csrc/cuda"
+    key = key_of(csrc, monkeypatch, "cuda")
+    snapshot = extension.source_snapshot("cuda")
+    assert {f"cuda/{k.name}" for k in kernels} <= set(snapshot)
+    kernels[-1].write_bytes(kernels[-1].read_bytes() + b"\n// edited\n")
+    assert key_of(csrc, monkeypatch, "cuda") != key
+
+
 def test_only_a_finished_build_matching_its_record_is_loaded(tmp_path):
     folder, key = tmp_path / "dit_gspn_cpu-0123", "0123" * 16
     library = folder / "dit_gspn_cpu.so"

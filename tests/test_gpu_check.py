@@ -56,7 +56,8 @@ def test_the_plan_exports_one_arch_list_and_fits_the_output_limit(tmp_path, caps
     assert gpu_check.main(["--out", str(tmp_path / "o"), "--dry-run", "--wheels", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     names = [line.split(" ")[0] for line in printed.splitlines()[:-1]]
-    assert names == ["wheels", "build", "cuda-tests", "parity", "bench-scan", "bench-model", "memcheck", "racecheck"]
+    assert names == ["wheels", "build", "cuda-tests", "parity", "bench-scan", "scan-model", "bench-model",
+                     "memcheck", "racecheck"]
     # the benchmarks run as modules of the benchmarks package, not as script paths
     assert "-m benchmarks.scan_parity" in printed and "-m benchmarks.bench_model" in printed
     assert ".py " not in printed

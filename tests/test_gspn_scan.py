@@ -1,11 +1,15 @@
 """The fused four-direction scan ``gspn_scan`` equals the composition of ``normalize_gates`` and
 ``line_scan`` (``gspn_scan_reference``), forward and backward, through the C++ kernel on CPU and
 the CUDA kernel on a GPU (``cuda``-marked tests)."""
+import importlib
+
 import pytest
 import torch
 
 from dit_gspn.ops import gspn_scan
-from dit_gspn.ops.gspn_scan import IMPL_ENV, _impl_from_env, gspn_scan_impl
+from dit_gspn.ops import dispatch
+from dit_gspn.ops.dispatch import IMPL_ENV, impl_from_env
+from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.ops.reference import gspn_scan_reference
 
 GATES = ("lam", "gl", "gc", "gr", "u")
@@ -166,10 +170,10 @@ def test_forced_impl_context_manager_and_env():
 
 def test_impl_env_variable(monkeypatch):
     monkeypatch.setenv(IMPL_ENV, "composed")
-    assert _impl_from_env() == "composed"
+    assert impl_from_env() == "composed"
     monkeypatch.setenv(IMPL_ENV, "triton")
     with pytest.raises(ValueError, match=IMPL_ENV):
-        _impl_from_env()
+        impl_from_env()
 
 
 def _replace(inputs, index, tensor):
@@ -220,16 +224,40 @@ def test_bad_impl_raises():
                                                     (torch.float64, 16, "composed"), (torch.float32, 4096, "composed")])
 def test_impl_none_on_cuda_falls_back_where_the_kernel_cannot_run(monkeypatch, dtype, lanes, expected):
     # Decided from the device type, dtype and shape alone, so a CPU machine checks it with a stand-in tensor.
-    import importlib
     from types import SimpleNamespace
 
-    module = importlib.import_module("dit_gspn.ops.gspn_scan")  # the package's `gspn_scan` is the function
-    monkeypatch.setattr(module, "_kernels_ready", lambda device_type: True)
+    monkeypatch.setattr(dispatch, "kernels_ready", lambda device_type, op: True)
     x = SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 2, 8, lanes))
-    assert module._resolve_impl(x, None) == expected
+    assert dispatch.resolve_impl("gspn_scan", (x,), None) == expected
     if dtype == torch.float64:
         with pytest.raises(TypeError, match="use impl='composed'"):
-            module._resolve_impl(x, "cuda")
+            dispatch.resolve_impl("gspn_scan", (x,), "cuda")
+    if lanes > dispatch.CUDA_MAX_LANES:
+        with pytest.raises(ValueError, match="at most 2048 pixels"):
+            dispatch.resolve_impl("gspn_scan", (x,), "cuda")
+
+
+@pytest.mark.parametrize("W, expected", [(2048, "cuda"), (2049, "reference")])
+def test_line_scan_resolves_by_the_same_rules(monkeypatch, W, expected):
+    # line_scan's lanes are its rows (dim -1) only, and its CUDA kernel computes every floating dtype.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dispatch, "kernels_ready", lambda device_type, op: True)
+    x = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64, shape=(1, 4096, W))
+    assert dispatch.resolve_impl("line_scan", (x,), None) == expected
+    with dispatch.scan_impl("composed"):  # an implementation line_scan does not offer: its automatic choice
+        assert dispatch.resolve_impl("line_scan", (x,), None) == expected
+    with dispatch.scan_impl("reference"):
+        assert dispatch.resolve_impl("line_scan", (x,), None) == "reference"
+
+
+def test_the_python_side_of_each_op_is_registered_once():
+    gspn_scan(*make_inputs(1, 2, 3, 4), impl="cpu")
+    assert {"line_scan", "gspn_scan"} <= dispatch._registered
+    module = importlib.import_module("dit_gspn.ops.gspn_scan")
+    # torch refuses a second fake registration of an op; the guard makes it a no-op.
+    dispatch.register_op("gspn_scan", module._fake_forward, module._fake_backward, module._backward,
+                         module._setup_context)
 
 
 def test_the_op_itself_checks_shapes():

@@ -121,9 +121,9 @@ def test_cuda_forward_and_backward_are_one_launch_each():
 
 
 def test_rows_wider_than_the_cuda_kernel_use_the_reference_by_default():
-    from dit_gspn.ops.line_scan import CUDA_MAX_W
+    from dit_gspn.ops.dispatch import CUDA_MAX_LANES
 
-    inputs = random_inputs((1, 1, 3, CUDA_MAX_W + 1), torch.float32)
+    inputs = random_inputs((1, 1, 3, CUDA_MAX_LANES + 1), torch.float32)
     torch.testing.assert_close(line_scan(*inputs), line_scan_reference(*inputs))
-    with pytest.raises(RuntimeError, match="exceeds the kernel's limit"):
+    with pytest.raises(ValueError, match="at most 2048 pixels"):
         line_scan(*inputs, impl="cuda")

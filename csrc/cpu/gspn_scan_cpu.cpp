@@ -513,13 +513,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(gspn, m) {
-  m.def("gspn_scan_fwd(Tensor x, Tensor lam, Tensor gl, Tensor gc, Tensor gr, Tensor u, int chunk) -> Tensor");
-  m.def(
-      "gspn_scan_bwd(Tensor grad_y, Tensor x, Tensor lam, Tensor gl, Tensor gc, Tensor gr, Tensor u, int chunk)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(gspn, CPU, m) {
   m.impl("gspn_scan_fwd", &gspn_scan_fwd_cpu);
   m.impl("gspn_scan_bwd", &gspn_scan_bwd_cpu);

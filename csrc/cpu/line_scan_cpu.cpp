@@ -11,7 +11,7 @@
 
 #include "../cpu_parallel.h"
 #include "../line_scan.h"
-#include "../line_scan_common.h"
+#include "../scan_math.h"
 
 namespace gspn {
 namespace {
@@ -35,7 +35,7 @@ void line_scan_fwd_planes(const scalar_t* x, const scalar_t* lam, const scalar_t
         const scalar_t* __restrict__ lr = lam + o;
         scalar_t* __restrict__ hr = h + o;
         acc_t* __restrict__ c = cur + 1;
-        if (is_row_start(i, chunk)) {
+        if (restarts_at(i, chunk)) {
           #pragma omp simd
           for (int64_t j = 0; j < W; ++j) {
             const acc_t v = acc_t(lr[j]) * acc_t(xr[j]);
@@ -85,7 +85,7 @@ void line_scan_bwd_planes(const scalar_t* gh, const scalar_t* h, const scalar_t*
       std::fill(buf.begin(), buf.end(), acc_t(0));
       for (int64_t i = s.H - 1; i >= 0; --i) {
         const int64_t o = p * plane_size + i * W;
-        const bool start = is_row_start(i, chunk);
+        const bool start = restarts_at(i, chunk);
         if (!start) {
           const scalar_t* __restrict__ hsrc = h + o - W;
           #pragma omp simd

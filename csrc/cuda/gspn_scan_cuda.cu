@@ -1,31 +1,7 @@
-// Fused four-direction GSPN propagation on CUDA: kernels of gspn::gspn_scan_fwd / gspn_scan_bwd
-// (schemas in csrc/cpu/gspn_scan_cpu.cpp). Contract: dit_gspn/ops/reference.py::gspn_scan_reference.
-//
-// Layout of the work. One thread block owns one (batch, channel) plane and runs its four
-// directions one after the other, in ONE launch per pass, so the direction sum (and, in the
-// backward, dx's sum) needs no atomics. Within a direction the block walks the S scan steps in
-// tiles of T steps; a tile of all L lanes x T steps of every input is first staged in shared
-// memory with COALESCED global reads, then scanned from shared memory, then its results are
-// written back coalesced:
-//   - vertical scans (top-down, bottom-up): lanes are columns, contiguous in memory, so
-//     consecutive threads take consecutive lanes of one step;
-//   - horizontal scans (left-right, right-left): lanes are rows, and it is the STEP axis that is
-//     contiguous, so consecutive threads take consecutive steps of one lane (T steps = 16 bf16
-//     or 16 fp32 values in a row, at least one 32-byte sector per row) and the scan then runs with
-//     one thread per row from shared memory.
-// The previous step's lane vector stays in shared memory (neighbours l-1, l, l+1). Gates are
-// normalised while staging (raw logits in). Everything is computed in fp32; indices are 64-bit.
-//
-// Memory: the forward saves only its inputs. The backward recomputes each direction's hidden
-// states (one forward sweep) into an fp32 scratch plane per (batch, channel), reused by the four
-// directions, instead of the forward storing 4 x C hidden maps for the whole time between
-// forward and backward: a transient C-sized map inside one op instead of 4 x C maps per layer
-// kept alive across the network, for one extra read of the inputs.
-//
-// Gate gradients of grouped tensors (G < C) are sums over the group's channels: the kernel writes
-// per-channel fp32 planes (a transient (B, 4, C, H, W) map per grouped tensor) and the host sums
-// each group's channels with one reduction, so the result is the same on every run (float atomics
-// across blocks would add in a different order each time).
+// Host side of gspn::gspn_scan_fwd / gspn_scan_bwd on CUDA (schemas in csrc/cpu/registration.cpp):
+// checks, buffers and the launch of the kernels in gspn_scan_fwd.cuh / gspn_scan_bwd.cuh, whose layout
+// of the work and memory choices gspn_scan_kernel.cuh explains. Contract:
+// dit_gspn/ops/reference.py::gspn_scan_reference.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,18 +15,41 @@
 #include <type_traits>
 
 #include "../gspn_scan_checks.h"
-#include "../gspn_scan_common.h"
-#include "../gspn_scan_cuda_kernels.h"
+#include "gspn_scan_bwd.cuh"
+#include "gspn_scan_fwd.cuh"
 
 namespace gspn {
 namespace {
 
 using namespace cuda_kernels;
 
-// The tile for lines of `max_lanes` pixels on this device, or an error naming the way out.
+// Shared memory one block may opt in to on the current device (ATen/cuda/CUDAContext.h is
+// avoided: it pulls in cuSPARSE headers that a minimal CUDA toolkit lacks).
+size_t smem_per_block_limit() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// The tile for lines of `max_lanes` pixels in a launch of `blocks` blocks on this device (tile_smem_limit),
+// or an error naming the way out.
 template <typename SmemFloats>
-int checked_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
-  const int tile = pick_tile(max_lanes, smem_floats, smem_limit);
+int checked_tile(int64_t max_lanes, SmemFloats smem_floats, int64_t blocks) {
+  int device = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  const size_t smem_limit = smem_per_block_limit();
+  int tile = pick_tile(max_lanes, smem_floats,
+                       tile_smem_limit(blocks, multiprocessors(), static_cast<size_t>(per_sm), smem_limit));
+  if (tile == 0) tile = pick_tile(max_lanes, smem_floats, smem_limit);
   TORCH_CHECK(tile > 0, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
               " bytes of shared memory a block may use on this GPU; use impl='composed' for this map size");
   return tile;
@@ -72,18 +71,39 @@ void dispatch_cuda_types(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Shared memory one block may opt in to on the current device (ATen/cuda/CUDAContext.h is
-// avoided: it pulls in cuSPARSE headers that a minimal CUDA toolkit lacks).
-size_t smem_per_block_limit() {
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(bytes);
-}
-
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <typename scalar_t>
+ScanArgs<scalar_t> scan_args(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& gl, const at::Tensor& gc,
+                             const at::Tensor& gr, const at::Tensor& u, const ScanShape& sh, int64_t chunk, int tile,
+                             int per_block) {
+  return ScanArgs<scalar_t>{x.const_data_ptr<scalar_t>(), lam.const_data_ptr<scalar_t>(), gl.const_data_ptr<scalar_t>(),
+                            gc.const_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                            sh, chunk, tile, per_block};
+}
+
+
+// The grid of one pass: a block per plane, times the direction groups (gspn_scan_kernel.cuh).
+dim3 scan_grid(const ScanShape& sh, int per_block) {
+  return dim3(static_cast<unsigned>(sh.B * sh.C), static_cast<unsigned>(kDirections / per_block), 1);
+}
+
+// out = the sum of the `groups` partial maps of out's size, in group order.
+template <typename scalar_t>
+void sum_direction_groups(const at::Tensor& partial, int groups, at::Tensor& out, cudaStream_t stream) {
+  const int64_t n = out.numel();
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(multiprocessors()) * 16);
+  sum_direction_groups_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      partial.const_data_ptr<float>(), groups, n, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_plane_count(const ScanShape& sh) {
+  TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
 }
 
 at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
@@ -93,25 +113,29 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
        gr = gr_in.contiguous(), u = u_in.contiguous();
-  auto y = at::empty_like(x);
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
-  TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
+  check_plane_count(sh);
   const int64_t max_lanes = std::max(sh.H, sh.W);
-  const size_t smem_limit = smem_per_block_limit();
-  const int tile = checked_tile(max_lanes, fwd_smem_floats, smem_limit);
+  const int per_block = direction_split(sh.B * sh.C, multiprocessors());
+  const int groups = kDirections / per_block;
+  const int tile = checked_tile(max_lanes, fwd_smem_floats, sh.B * sh.C * groups);
   const size_t smem = fwd_smem_floats(max_lanes, tile) * sizeof(float);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    // fp32 outputs accumulate the direction sum in place; half outputs through an fp32 map.
-    at::Tensor y_acc = std::is_same_v<scalar_t, float> ? y : at::empty(x.sizes(), x.options().dtype(at::kFloat));
+    // One block per plane: fp32 outputs accumulate the direction sum in place, half outputs through an
+    // fp32 map. Split planes: each direction group into its partial map, summed afterwards.
+    at::Tensor y_acc = groups == 1 && std::is_same_v<scalar_t, float>
+                           ? y
+                           : at::empty({groups, sh.B, sh.C, sh.H, sh.W}, x.options().dtype(at::kFloat));
+    const FwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile, per_block),
+                                     y_acc.data_ptr<float>(), y.data_ptr<scalar_t>()};
     auto kernel = gspn_scan_fwd_kernel<scalar_t>;
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(sh.B * sh.C), threads_for(max_lanes), smem, stream>>>(
-        x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
-        gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), y_acc.data_ptr<float>(), y.data_ptr<scalar_t>(), sh, chunk,
-        tile);
+    kernel<<<scan_grid(sh, per_block), threads_for(max_lanes), smem, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (groups > 1) sum_direction_groups<scalar_t>(y_acc, groups, y, stream);
   });
   return y;
 }
@@ -124,41 +148,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto gy = gy_in.contiguous(), x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(),
        gc = gc_in.contiguous(), gr = gr_in.contiguous(), u = u_in.contiguous();
+  const at::Tensor* inputs[] = {&lam, &gl, &gc, &gr, &u};
   const auto f32 = x.options().dtype(at::kFloat);
-  // Per-channel gradient planes, fully overwritten by the kernel (see gspn_scan_bwd_kernel).
-  auto grad_buffer = [&](const at::Tensor&) { return at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, f32); };
-  auto d_lam = grad_buffer(lam), d_gl = grad_buffer(gl), d_gc = grad_buffer(gc), d_gr = grad_buffer(gr),
-       d_u = grad_buffer(u);
-  auto d_x = at::empty_like(x);
+  // Per-channel gates' gradients are written by the kernel in their dtype; grouped ones as per-channel
+  // fp32 planes summed over each group below. Every element is overwritten by the kernel.
+  at::Tensor outputs[5];
+  for (int k = 0; k < 5; ++k) {
+    outputs[k] = inputs[k]->size(2) == sh.C ? at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, x.options())
+                                            : at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, f32);
+  }
+  auto d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() > 0) {
-    TORCH_CHECK(sh.B * sh.C <= std::numeric_limits<int32_t>::max(), "gspn_scan (CUDA): B*C must be < 2^31");
+    check_plane_count(sh);
     const int64_t max_lanes = std::max(sh.H, sh.W);
-    const size_t smem_limit = smem_per_block_limit();
-    const int tile = checked_tile(max_lanes, bwd_smem_floats, smem_limit);
+    const int per_block = direction_split(sh.B * sh.C, multiprocessors());
+    const int groups = kDirections / per_block;
+    const int tile = checked_tile(max_lanes, bwd_smem_floats, sh.B * sh.C * groups);
     const size_t smem = bwd_smem_floats(max_lanes, tile) * sizeof(float);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    auto h_scratch = at::empty(x.sizes(), f32);
+    auto checkpoints = at::empty({groups * sh.B * sh.C, checkpoint_floats(max_lanes, tile)}, f32);
     dispatch_cuda_types(x.scalar_type(), [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;
-      at::Tensor dx_acc = std::is_same_v<scalar_t, float> ? d_x : at::empty(x.sizes(), f32);
+      at::Tensor dx_acc = groups == 1 && std::is_same_v<scalar_t, float>
+                              ? d_x
+                              : at::empty({groups, sh.B, sh.C, sh.H, sh.W}, f32);
+      auto grad = [&](int k) {
+        const bool direct = inputs[k]->size(2) == sh.C;
+        return GateGrad<scalar_t>{direct ? nullptr : outputs[k].data_ptr<float>(),
+                                  direct ? outputs[k].data_ptr<scalar_t>() : nullptr};
+      };
+      const BwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile, per_block),
+                                       gy.const_data_ptr<scalar_t>(), checkpoints.data_ptr<float>(),
+                                       dx_acc.data_ptr<float>(), d_x.data_ptr<scalar_t>(), grad(0), grad(1), grad(2),
+                                       grad(3), grad(4)};
       auto kernel = gspn_scan_bwd_kernel<scalar_t>;
       allow_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(sh.B * sh.C), threads_for(max_lanes), smem, stream>>>(
-          gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
-          gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), h_scratch.data_ptr<float>(),
-          dx_acc.data_ptr<float>(), d_x.data_ptr<scalar_t>(), d_lam.data_ptr<float>(), d_gl.data_ptr<float>(),
-          d_gc.data_ptr<float>(), d_gr.data_ptr<float>(), d_u.data_ptr<float>(), sh, chunk, tile);
+      kernel<<<scan_grid(sh, per_block), threads_for(max_lanes), smem, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (groups > 1) sum_direction_groups<scalar_t>(dx_acc, groups, d_x, stream);
     });
   }
-  // A group's gradient is the sum over its channels (channel c is in group c / (C / G)).
+  // A group's gradient is the sum over its channels (channel c is in group c / (C / G)), in a fixed order.
   const auto dt = x.scalar_type();
-  auto group_sum = [&](const at::Tensor& per_channel, const at::Tensor& t) {
-    const int64_t G = t.size(2);
-    if (G == sh.C) return per_channel.to(dt);
-    return per_channel.view({sh.B, kDirections, G, sh.C / G, sh.H, sh.W}).sum(3).to(dt);
+  auto group_sum = [&](int k) {
+    const int64_t G = inputs[k]->size(2);
+    if (G == sh.C) return outputs[k];
+    return at::sum(outputs[k].view({sh.B, kDirections, G, sh.C / G, sh.H, sh.W}), {3}, false, dt);
   };
-  return {d_x, group_sum(d_lam, lam), group_sum(d_gl, gl), group_sum(d_gc, gc), group_sum(d_gr, gr), group_sum(d_u, u)};
+  return {d_x, group_sum(0), group_sum(1), group_sum(2), group_sum(3), group_sum(4)};
 }
 
 }  // namespace

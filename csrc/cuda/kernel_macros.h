@@ -17,3 +17,26 @@
   extern __shared__ __align__(16) unsigned char gspn_smem_raw[]; \
   type* name = reinterpret_cast<type*>(gspn_smem_raw)
 #endif
+
+// The fast single-precision exponential and reciprocal of the CUDA kernels: one MUFU.EX2 (after the
+// multiplication by log2 e) and one MUFU.RCP, the PTX approximations with denormals flushed to zero
+// (relative error about 2^-22 each; exp of a very negative argument and 1 / v for |v| > 2^126 give 0,
+// where the exact values are below 2^-126 anyway). Exact expf and division in the emulation, whose
+// results are compared with the float64 reference at float32 tolerances (the GPU tests compare the real ones).
+#if defined(GSPN_CUDA_EMULATION)
+#define GSPN_FAST_EXP(v) expf(v)
+#define GSPN_FAST_RCP(v) (1.0f / (v))
+#else
+__device__ __forceinline__ float gspn_ex2_approx(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float gspn_rcp_approx(float v) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+#define GSPN_FAST_EXP(v) gspn_ex2_approx((v) * 1.44269504088896341f)
+#define GSPN_FAST_RCP(v) gspn_rcp_approx(v)
+#endif

@@ -1,6 +1,6 @@
 // Host side of gspn::line_scan_fwd / line_scan_bwd on CUDA: checks, dispatch and launch. The
 // kernels, the layout of their work and the shape of their launch are in
-// csrc/line_scan_cuda_kernels.h: the whole scan is one launch.
+// csrc/cuda/line_scan_kernel.cuh: the whole scan is one launch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,7 +10,8 @@
 #include <torch/library.h>
 
 #include "../line_scan.h"
-#include "../line_scan_cuda_kernels.h"
+#include "line_scan_bwd.cuh"
+#include "line_scan_fwd.cuh"
 
 namespace gspn {
 namespace {

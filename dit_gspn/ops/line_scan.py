@@ -10,16 +10,13 @@ import numbers
 
 import torch
 
-from . import extension
+from . import dispatch
 from .reference import line_scan_reference
 
 #: The implementations ``line_scan(..., impl=...)`` accepts.
-IMPLS = ("reference", "cpu", "cuda")
+IMPLS = dispatch.OPS["line_scan"].impls
 
 _ARG_NAMES = ("x", "lam", "wl", "wc", "wr")
-#: The widest row the CUDA kernel scans (512 threads x 4 columns: csrc/line_scan_cuda_kernels.h's kMaxW);
-#: wider maps use the reference under impl=None and are an error under impl="cuda".
-CUDA_MAX_W = 2048
 
 
 def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = None):
@@ -32,27 +29,22 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
             ``lam * x``); None scans the whole height.
         impl: "reference" (pure PyTorch), "cpu" or "cuda" (the compiled kernels; must match
             the tensors' device). None picks the compiled kernel of the tensors' device when it
-            builds and loads, else the reference (after one warning naming the build failure).
+            builds and loads and can run (rows of at most dispatch.CUDA_MAX_LANES on CUDA), else the
+            reference (after one warning naming a build failure); dit_gspn.ops.dispatch decides.
 
     Returns:
         h, contiguous, of the inputs' shape and dtype. Differentiable in all five inputs;
         half-precision inputs are computed in float32.
     """
     tensors = (x, lam, wl, wc, wr)
-    _check_args(tensors, chunk, impl)
-    if impl is None:
-        impl = _default_impl(x.device.type)
-        if impl == "cuda" and x.shape[-1] > CUDA_MAX_W:
-            impl = "reference"
+    _check_args(tensors, chunk)
+    impl = dispatch.resolve_impl("line_scan", tensors, impl)
     if impl == "reference":
         return line_scan_reference(x, lam, wl, wc, wr, chunk)
-    extension.require_kernels("line_scan", impl, x.device, lambda: _kernels_loaded(impl), fallback="reference")
     return torch.ops.gspn.line_scan_fwd(x, lam, wl, wc, wr, int(chunk or 0))
 
 
-def _check_args(tensors, chunk, impl) -> None:
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"line_scan: impl must be one of {IMPLS} or None, got {impl!r}")
+def _check_args(tensors, chunk) -> None:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ValueError(f"line_scan: chunk must be an int >= 1 or None, got {chunk!r}")
     for name, t in zip(_ARG_NAMES, tensors):
@@ -70,18 +62,6 @@ def _check_args(tensors, chunk, impl) -> None:
             raise ValueError(f"line_scan: {name} is on {t.device} but x is on {x.device}")
         if t.dtype != x.dtype:
             raise TypeError(f"line_scan: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
-
-
-def _default_impl(device_type: str) -> str:
-    if device_type in ("cpu", "cuda") and _kernels_loaded(device_type):
-        return device_type
-    return "reference"
-
-
-@torch.compiler.assume_constant_result
-def _kernels_loaded(device_type: str) -> bool:
-    # A constant to torch.compile: it builds/loads once, outside the traced graph.
-    return extension.load(device_type)
 
 
 # --- autograd and fake tensors of the compiled ops, registered once the library is loaded -------
@@ -107,10 +87,4 @@ def _backward(ctx, grad_h):
     return (*grads, None)
 
 
-def _register_python_side() -> None:
-    torch.library.register_fake("gspn::line_scan_fwd", _fake_fwd)
-    torch.library.register_fake("gspn::line_scan_bwd", _fake_bwd)
-    torch.library.register_autograd("gspn::line_scan_fwd", _backward, setup_context=_setup_context)
-
-
-extension.on_load(_register_python_side)
+dispatch.register_op("line_scan", _fake_fwd, _fake_bwd, _backward, _setup_context)

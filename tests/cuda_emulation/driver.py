@@ -52,18 +52,24 @@ LINE_SCAN_CASES = [
     ("widest-2048", (1, 7, 2048), 3),  # 512 threads x 4 columns
 ]
 
-#: (name, (B, C, H, W), groups (lam, gl, gc, gr, u) or None for C, chunk, tile or 0 for pick_tile's).
+#: (name, (B, C, H, W), groups (lam, gl, gc, gr, u) or None for C, chunk, tile or 0 for pick_tile's[,
+#: directions per block: 4 unless given, 2 or 1 split a plane's directions over blocks (direction_split)]).
 #: "extreme-logits" draws the gate logits around -1e4 and +1e4 (the stable normalisation's case).
 GSPN_SCAN_CASES = [
     ("odd", (2, 3, 5, 7), None, None, 0),
+    ("odd-split-1", (2, 3, 5, 7), None, None, 0, 1),  # a block per (plane, direction)
     ("mixed-groups-tile3", (1, 4, 7, 4), (2, 4, 1, 2, 4), 2, 3),
     ("H1", (1, 2, 1, 6), None, None, 0),
     ("W1-G1-tile4", (1, 2, 6, 1), (1, 1, 1, 1, 1), 3, 4),
     ("square-chunked-tile2", (2, 6, 9, 9), (2, 3, 6, 1, 3), 4, 2),
+    ("square-chunked-split-2", (2, 6, 9, 9), (2, 3, 6, 1, 3), 4, 2, 2),
     ("chunk1", (1, 4, 3, 11), (4, 4, 4, 4, 4), 1, 4),
     ("chunk5-tile16", (1, 2, 12, 10), (1, 2, 1, 2, 1), 5, 16),
     ("more-lanes-than-threads", (1, 1, 3, 257), None, 2, 4),  # 256 threads, 257 lanes
     ("extreme-logits", (1, 2, 5, 6), (2, 1, 2, 1, 2), None, 0),
+    ("global-checkpoints-tile4", (1, 2, 13, 6), None, None, 4),  # a global scan over 4 tiles of checkpoints
+    ("grouped-global-tile2", (2, 4, 6, 9), (1, 2, 4, 2, 1), None, 2),
+    ("grouped-global-split-1", (1, 4, 6, 9), (1, 2, 4, 2, 1), None, 2, 1),
 ]
 
 
@@ -80,7 +86,8 @@ def build():
     flags = ["-O1", "-std=c++17", "-shared", "-fPIC", f"-I{extension.CSRC}", f"-I{HERE}"]
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-    sources = [HERE / "emulate.cpp", HERE / "fibers.h", *sorted(extension.CSRC.rglob("*.h"))]
+    headers = [p for p in sorted(extension.CSRC.rglob("*")) if p.suffix in extension.HEADER_SUFFIXES]
+    sources = [HERE / "emulate.cpp", HERE / "fibers.h", *headers]
     digest = hashlib.sha256(" ".join(flags).encode() + b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     library = extension.cache_dir() / "cuda_fibers" / f"emulate-{'asan-' if asan else ''}{digest}.so"
     if not library.exists():
@@ -116,16 +123,16 @@ def emulated_line_scan(lib, inputs, grad, chunk, order, seed, drop_kernel=0, dro
     return [h, *grads], sites.tolist()
 
 
-def emulated_gspn_scan(lib, inputs, grad, chunk, tile, order, seed, drop_kernel=0, drop_site=-1):
+def emulated_gspn_scan(lib, inputs, grad, chunk, tile, per_block, order, seed, drop_kernel=0, drop_site=-1):
     """(y, dx, dlam, dgl, dgc, dgr, du), barrier counts; the group sums are taken as the CUDA host code does."""
     x, gates = inputs[0], inputs[1:]
     B, C, H, W = x.shape
     shape = torch.tensor([B, C, H, W, *(t.shape[2] for t in gates)], dtype=torch.int64)
-    y, h, dx = (torch.full(x.shape, float("nan")) for _ in range(3))
+    y, dx = (torch.full(x.shape, float("nan")) for _ in range(2))
     per_channel = [torch.full((B, 4, C, H, W), float("nan")) for _ in gates]
     sites = torch.zeros(2, dtype=torch.int64)
-    _check(lib, lib.gspn_scan(*_pointers(*inputs, grad, y, h, dx, *per_channel, shape), ctypes.c_int64(chunk or 0),
-                              tile, ORDERS.index(order), ctypes.c_uint64(seed), drop_kernel, drop_site,
+    _check(lib, lib.gspn_scan(*_pointers(*inputs, grad, y, dx, *per_channel, shape), ctypes.c_int64(chunk or 0),
+                              tile, per_block, ORDERS.index(order), ctypes.c_uint64(seed), drop_kernel, drop_site,
                               ctypes.c_void_p(sites.data_ptr())))
     sums = [d.view(B, 4, t.shape[2], C // t.shape[2], H, W).sum(3) for d, t in zip(per_channel, gates)]
     return [y, dx, *sums], sites.tolist()
@@ -174,11 +181,12 @@ class Case:
             self.call = lambda order, drop_kernel=0, drop_site=-1: emulated_line_scan(
                 module, self.inputs, self.grad, self.chunk, order, seed, drop_kernel, drop_site)
         else:
-            _, shape, groups, self.chunk, tile = spec
+            _, shape, groups, self.chunk, tile, *split = spec
+            per_block = split[0] if split else 4
             self.inputs, self.grad = gspn_scan_inputs(shape, groups, seed, extreme=name == "extreme-logits")
             self.expected = reference(gspn_scan_reference, self.inputs, self.grad, self.chunk)
             self.call = lambda order, drop_kernel=0, drop_site=-1: emulated_gspn_scan(
-                module, self.inputs, self.grad, self.chunk, tile, order, seed, drop_kernel, drop_site)
+                module, self.inputs, self.grad, self.chunk, tile, per_block, order, seed, drop_kernel, drop_site)
 
     def run(self, order, drop_kernel=0, drop_site=-1):
         """(outputs, barrier counts (forward, backward), error or None) of one emulated run."""

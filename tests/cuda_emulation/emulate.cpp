@@ -1,5 +1,5 @@
-// A C interface (for ctypes) that runs the CUDA kernels of csrc/ (line_scan_cuda_kernels.h,
-// gspn_scan_cuda_kernels.h) on the CPU, one fiber per CUDA thread (fibers.h), with the launch
+// A C interface (for ctypes) that runs the CUDA kernels of csrc/cuda/ (line_scan_*.cuh,
+// gspn_scan_*.cuh) on the CPU, one fiber per CUDA thread (fibers.h), with the launch
 // shapes the CUDA host code computes. Built by tests/cuda_emulation/driver.py with plain g++ (no
 // torch headers: seconds to build), optionally with AddressSanitizer. Every buffer is float32 and
 // contiguous; the caller allocates (and poisons) them. Each function returns 0, or 1 with the
@@ -9,12 +9,15 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "fibers.h"
 
 #define GSPN_CUDA_EMULATION
-#include "gspn_scan_cuda_kernels.h"
-#include "line_scan_cuda_kernels.h"
+#include "cuda/gspn_scan_bwd.cuh"
+#include "cuda/gspn_scan_fwd.cuh"
+#include "cuda/line_scan_bwd.cuh"
+#include "cuda/line_scan_fwd.cuh"
 
 namespace {
 
@@ -77,12 +80,13 @@ int line_scan(const float* x, const float* lam, const float* wl, const float* wc
 }
 
 // Forward then backward of the fused scan. shape: B, C, H, W, then the group counts of lam, gl,
-// gc, gr, u. The gate gradients are per-channel (B, 4, C, H, W) planes, as the CUDA kernel writes
-// them (the host sums the groups). tile 0 picks the tile the CUDA host code would on an H100 / H200.
+// gc, gr, u. The gate gradients are per-channel (B, 4, C, H, W) planes: written directly (as the CUDA
+// kernel writes a per-channel gate's gradient) where a tensor's G is C, else as the per-channel fp32
+// planes whose groups the host sums. tile 0 picks the tile the CUDA host code would on an H100 / H200.
 int gspn_scan(const float* x, const float* lam, const float* gl, const float* gc, const float* gr, const float* u,
-              const float* gy, float* y, float* h_scratch, float* dx, float* dlam, float* dgl, float* dgc, float* dgr,
-              float* du, const int64_t* shape, int64_t chunk, int tile, int order, uint64_t seed, int drop_kernel,
-              int drop_site, int64_t* sites) {
+              const float* gy, float* y, float* dx, float* dlam, float* dgl, float* dgc, float* dgr, float* du,
+              const int64_t* shape, int64_t chunk, int tile, int per_block, int order, uint64_t seed,
+              int drop_kernel, int drop_site, int64_t* sites) {
   using namespace gspn;
   using namespace gspn::cuda_kernels;
   return guarded([&] {
@@ -91,18 +95,45 @@ int gspn_scan(const float* x, const float* lam, const float* gl, const float* gc
     const int fwd_tile = tile > 0 ? tile : pick_tile(lanes, fwd_smem_floats, kSmemOptinBytes);
     const int bwd_tile = tile > 0 ? tile : pick_tile(lanes, bwd_smem_floats, kSmemOptinBytes);
     if (fwd_tile == 0 || bwd_tile == 0) throw std::runtime_error("lines too long for the shared memory");
-    const GspnDim3 grid{static_cast<unsigned>(sh.B * sh.C), 1, 1};
+    const int groups = kDirections / per_block;
+    const int64_t planes = sh.B * sh.C, n = planes * sh.H * sh.W;
+    const GspnDim3 grid{static_cast<unsigned>(planes), static_cast<unsigned>(groups), 1};
     const GspnDim3 block{static_cast<unsigned>(threads_for(lanes)), 1, 1};
     const Order ord = static_cast<Order>(order);
+    // The partial maps of split planes (their own heap block, as on the GPU), summed as the host code does.
+    std::vector<float> partial(groups > 1 ? static_cast<size_t>(groups * n) : 0);
+    auto sum_groups = [&](float* out) {
+      if (groups == 1) return;
+      const GspnDim3 sum_grid{static_cast<unsigned>((n + 63) / 64), 1, 1}, sum_block{64, 1, 1};
+      Scheduler::get().launch(sum_grid, sum_block, 0, ord, seed, sum_direction_groups_kernel<float>,
+                              static_cast<const float*>(partial.data()), groups, n, out);
+    };
     plant(1, drop_kernel, drop_site);
+    const FwdParams<float> fwd{ScanArgs<float>{x, lam, gl, gc, gr, u, sh, chunk, fwd_tile, per_block},
+                               groups > 1 ? partial.data() : y, y};
     Scheduler::get().launch(grid, block, fwd_smem_floats(lanes, fwd_tile) * sizeof(float), ord, seed,
-                            gspn_scan_fwd_kernel<float>, x, lam, gl, gc, gr, u, y, y, sh, chunk, fwd_tile);
+                            gspn_scan_fwd_kernel<float>, fwd);
     sites[0] = Scheduler::get().barrier_sites();
+    sum_groups(y);
     plant(2, drop_kernel, drop_site);
+    std::vector<float> checkpoints(static_cast<size_t>(groups * planes * checkpoint_floats(lanes, bwd_tile)));
+    auto grad = [&](float* out, int64_t groups) {
+      return groups == sh.C ? GateGrad<float>{nullptr, out} : GateGrad<float>{out, nullptr};
+    };
+    const BwdParams<float> bwd{ScanArgs<float>{x, lam, gl, gc, gr, u, sh, chunk, bwd_tile, per_block},
+                               gy,
+                               checkpoints.data(),
+                               groups > 1 ? partial.data() : dx,
+                               dx,
+                               grad(dlam, sh.g_lam),
+                               grad(dgl, sh.g_gl),
+                               grad(dgc, sh.g_gc),
+                               grad(dgr, sh.g_gr),
+                               grad(du, sh.g_u)};
     Scheduler::get().launch(grid, block, bwd_smem_floats(lanes, bwd_tile) * sizeof(float), ord, seed + 1,
-                            gspn_scan_bwd_kernel<float>, gy, x, lam, gl, gc, gr, u, h_scratch, dx, dx, dlam, dgl, dgc,
-                            dgr, du, sh, chunk, bwd_tile);
+                            gspn_scan_bwd_kernel<float>, bwd);
     sites[1] = Scheduler::get().barrier_sites();
+    sum_groups(dx);
   });
 }
 

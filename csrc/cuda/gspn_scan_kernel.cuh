@@ -1,0 +1,282 @@
+// What the fused GSPN scan's CUDA kernels (gspn_scan_fwd.cuh, gspn_scan_bwd.cuh) share: their
+// parameter structs, the walk over a staged tile, the forward recurrence (the forward kernel and the
+// backward's recompute run this one function) and the arithmetic of their launch (threads, tile,
+// shared memory), which the launchers in gspn_scan_cuda.cu and tests/cuda_emulation/ use alike.
+//
+// Layout of the work. A thread block owns one (batch, channel) plane and runs its four directions one
+// after the other, so the direction sums (y, and dx in the backward) need no atomics; when there are too
+// few planes to fill the GPU (1 x 64 planes on 132 SMs), directions_per_block (direction_split) gives
+// each block of a plane one of them (blockIdx.y picks which; 2 works too), each block sums its directions
+// into its own fp32 partial map and sum_direction_groups_kernel adds the partial maps in a fixed order.
+// The tile is the largest that fits tile_smem_limit: small enough for three blocks per SM when there are
+// blocks for them, so that their staging (memory) and scanning (barriers, arithmetic) overlap.
+// Within a direction the block walks the S scan steps in tiles of T steps; a tile of all L lanes x T
+// steps of every input is staged in shared memory with coalesced global reads (consecutive threads
+// take consecutive lanes of a step for the vertical scans, consecutive steps of a lane for the
+// horizontal ones, whose step axis is the contiguous one), each thread loading kLoadBatch elements
+// before it computes on any (normalised gates while staging), then scanned from shared memory, then
+// written back coalesced. The previous step's lane vector stays in shared memory (padded with a zero
+// on either side, so the neighbour sums have no edge branches). Everything is computed in fp32; offsets
+// within a plane are 32-bit (a plane has at most 2048 x 2048 elements), plane bases 64-bit.
+//
+// Memory: the forward saves only its inputs. The backward recomputes each direction's hidden states:
+// a first sweep keeps the state at the end of every tile (an fp32 lane vector per tile: 4/T bytes per
+// element), and the adjoint sweep, tile by tile from the last, recomputes the tile's T states in shared
+// memory from that checkpoint with the same forward recurrence, then runs the adjoint over them.
+// Per-channel gate gradients are written in the inputs' dtype; grouped ones (G < C) as per-channel
+// fp32 planes that the host sums over each group in a fixed order (deterministic; no atomics).
+#pragma once
+
+#include <cstdint>
+
+#include "../gspn_scan_common.h"
+#include "kernel_macros.h"
+
+namespace gspn {
+
+// The CUDA kernels' exponential and reciprocal (GSPN_FAST_EXP / GSPN_FAST_RCP), for normalized_weights.
+struct FastExp {
+  GSPN_DEVICE float operator()(float v) const { return GSPN_FAST_EXP(v); }
+};
+GSPN_DEVICE float reciprocal_with(const FastExp&, float v) { return GSPN_FAST_RCP(v); }
+
+namespace cuda_kernels {
+
+constexpr int kMaxTile = 16;
+constexpr int kLoadBatch = 4;  // elements whose global loads a thread issues before computing on the first
+
+// The six inputs of the op (x is (B, C, H, W); the rest (B, 4, G, H, W)) and what both passes need to know.
+template <typename scalar_t>
+struct ScanArgs {
+  const scalar_t* x;
+  const scalar_t* lam;
+  const scalar_t* gl;
+  const scalar_t* gc;
+  const scalar_t* gr;
+  const scalar_t* u;
+  ScanShape shape;
+  int64_t chunk;            // 0: one global scan per direction
+  int tile;                 // T, steps per staged tile (pick_tile)
+  int directions_per_block; // 4, or 2 / 1 with gridDim.y = 4 / directions_per_block blocks per plane
+};
+
+template <typename scalar_t>
+struct FwdParams {
+  ScanArgs<scalar_t> in;
+  float* y_acc;  // the direction sum in fp32 (y itself for fp32 outputs), or the partial maps (direction_group)
+  scalar_t* y;
+};
+
+// Where one gate gradient goes: `direct`, (B, 4, C, H, W) in the inputs' dtype, for per-channel gates;
+// else `per_channel`, (B, 4, C, H, W) fp32 planes that the host sums over each group.
+template <typename scalar_t>
+struct GateGrad {
+  float* per_channel;
+  scalar_t* direct;
+
+  GSPN_DEVICE void store(int64_t i, float v) const {
+    if (per_channel != nullptr) {
+      per_channel[i] = v;
+    } else {
+      direct[i] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct BwdParams {
+  ScanArgs<scalar_t> in;
+  const scalar_t* gy;
+  float* checkpoints;  // (B*C) x checkpoint_floats(max_lanes, tile): the state at the end of each tile
+  float* dx_acc;       // the direction sum of dx in fp32 (dx itself for fp32), or the partial maps
+  scalar_t* dx;
+  GateGrad<scalar_t> d_lam, d_gl, d_gc, d_gr, d_u;
+};
+
+// The directions this block runs and where their sum goes: all four into the plane's fp32 sum map, the
+// last one writing the output, when one block runs a plane; else group blockIdx.y's directions into its
+// partial map (groups x planes x HW floats), which sum_direction_groups_kernel adds up. `slot` also
+// indexes the block's checkpoint buffer.
+struct DirectionGroup {
+  int first, last;     // directions [first, last)
+  int64_t slot;        // plane, or group * planes + plane
+  bool writes_output;  // the last direction writes the output (one group per plane)
+};
+
+GSPN_DEVICE DirectionGroup direction_group(int per_block, int64_t plane, int64_t planes) {
+  const int g = static_cast<int>(blockIdx.y);
+  const bool whole = per_block == kDirections;
+  return DirectionGroup{g * per_block, (g + 1) * per_block, whole ? plane : g * planes + plane, whole};
+}
+
+// out[i] = the sum over the groups' partial maps in group order, for the n elements of one map.
+template <typename scalar_t>
+GSPN_GLOBAL void sum_direction_groups_kernel(const float* __restrict__ partial, int groups, int64_t n,
+                                             scalar_t* __restrict__ out) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float sum = partial[i];
+    for (int g = 1; g < groups; ++g) sum += partial[g * n + i];
+    out[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// One direction's view of one plane: its geometry (32-bit, within the plane) and its gate planes.
+template <typename scalar_t>
+struct DirectionView {
+  int steps, lanes, origin, step_stride, lane_stride;
+  const scalar_t *lam, *gl, *gc, *gr, *u;
+  int64_t gate_index;  // (b * 4 + d) * C + c: this direction's plane in a per-channel (B, 4, C, H, W) map
+
+  GSPN_DEVICE int offset(int s, int l) const { return origin + s * step_stride + l * lane_stride; }
+};
+
+template <typename scalar_t>
+GSPN_DEVICE DirectionView<scalar_t> direction_view(const ScanArgs<scalar_t>& a, int64_t b, int64_t c, int d) {
+  const ScanShape& sh = a.shape;
+  const ScanGeometry g = scan_geometry(d, sh.H, sh.W);
+  const int64_t HW = sh.H * sh.W;
+  DirectionView<scalar_t> v;
+  v.steps = static_cast<int>(g.steps);
+  v.lanes = static_cast<int>(g.lanes);
+  v.origin = static_cast<int>(g.origin);
+  v.step_stride = static_cast<int>(g.step_stride);
+  v.lane_stride = static_cast<int>(g.lane_stride);
+  v.lam = a.lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW;
+  v.gl = a.gl + gate_plane(b, d, c, sh.C, sh.g_gl) * HW;
+  v.gc = a.gc + gate_plane(b, d, c, sh.C, sh.g_gc) * HW;
+  v.gr = a.gr + gate_plane(b, d, c, sh.C, sh.g_gr) * HW;
+  v.u = a.u + gate_plane(b, d, c, sh.C, sh.g_u) * HW;
+  v.gate_index = gate_plane(b, d, c, sh.C, sh.C);
+  return v;
+}
+
+// This thread's elements of a staged tile of n steps x L lanes, in the order that makes consecutive
+// threads touch consecutive global addresses: lanes fastest for the vertical scans (d < 2), steps
+// fastest for the horizontal ones. Starts at element threadIdx.x and advances blockDim.x elements per
+// next(), with the two divisions made once per tile.
+struct TileWalk {
+  int fast, slow, fast_size, slow_size, dfast, dslow;
+  bool lanes_fast;
+
+  GSPN_DEVICE TileWalk(int d, int n, int L) : lanes_fast(d < 2) {
+    fast_size = lanes_fast ? L : n;
+    slow_size = lanes_fast ? n : L;
+    fast = static_cast<int>(threadIdx.x) % fast_size;
+    slow = static_cast<int>(threadIdx.x) / fast_size;
+    dfast = static_cast<int>(blockDim.x) % fast_size;
+    dslow = static_cast<int>(blockDim.x) / fast_size;
+  }
+  GSPN_DEVICE bool done() const { return slow >= slow_size; }
+  GSPN_DEVICE int step() const { return lanes_fast ? slow : fast; }
+  GSPN_DEVICE int lane() const { return lanes_fast ? fast : slow; }
+  GSPN_DEVICE void next() {
+    fast += dfast;
+    slow += dslow;
+    if (fast >= fast_size) {
+      fast -= fast_size;
+      ++slow;
+    }
+  }
+};
+
+// Calls load(slot, k, l) for kLoadBatch of this thread's elements, then use(slot, k, l) for each: the
+// loads of a batch are issued before any of its arithmetic, so their latencies overlap. Full batches
+// run without per-element checks; the remaining elements go one by one.
+template <typename Load, typename Use>
+GSPN_DEVICE void for_tile_elements(int d, int n, int L, Load load, Use use) {
+  TileWalk w(d, n, L);
+  const int total = n * L, tid = static_cast<int>(threadIdx.x), stride = static_cast<int>(blockDim.x);
+  const int mine = tid < total ? (total - 1 - tid) / stride + 1 : 0;  // once per tile
+  int j = 0;
+  for (; j + kLoadBatch <= mine; j += kLoadBatch) {
+    int ks[kLoadBatch], ls[kLoadBatch];
+#pragma unroll
+    for (int i = 0; i < kLoadBatch; ++i) {
+      ks[i] = w.step();
+      ls[i] = w.lane();
+      load(i, ks[i], ls[i]);
+      w.next();
+    }
+#pragma unroll
+    for (int i = 0; i < kLoadBatch; ++i) use(i, ks[i], ls[i]);
+  }
+  for (; j < mine; ++j) {
+    const int k = w.step(), l = w.lane();
+    load(0, k, l);
+    use(0, k, l);
+    w.next();
+  }
+}
+
+// The forward recurrence over one staged tile: steps k = 0..n-1 of a line of L lanes, this thread taking
+// lanes threadIdx.x, threadIdx.x + blockDim.x, ... . drive(t) is lam x and wl, wc, wr the normalised
+// weights of tile element t = k * pitch + l; rows(k, prev, next) names the padded state rows of step k
+// (lane l at slot l + 1, zeros at 0 and L + 1), clock says which steps restart, and visit(t, h) sees each
+// new state. One barrier per step. The forward kernel and the backward's two sweeps all run this function.
+template <typename Drive, typename Rows, typename Visit>
+GSPN_DEVICE void scan_tile_forward(Drive drive, const float* wl, const float* wc, const float* wr, int pitch, int n,
+                                   int L, RestartClock& clock, Rows rows, Visit visit) {
+  for (int k = 0; k < n; ++k) {
+    const bool restart = clock.restarts();
+    const float* prev;
+    float* next;
+    rows(k, prev, next);
+    for (int l = threadIdx.x; l < L; l += blockDim.x) {
+      const int t = k * pitch + l;
+      const float h = restart ? drive(t)
+                              : scan_step<float>(wl[t], wc[t], wr[t], prev[l], prev[l + 1], prev[l + 2], drive(t), 1.f);
+      next[l + 1] = h;
+      visit(t, h);
+    }
+    clock.forward();
+    __syncthreads();
+  }
+}
+
+// Directions per block for `planes` planes on `sms` multiprocessors: all four when the planes alone give
+// at least 90% of the SMs a block, else one (four blocks per plane, at the cost of the partial maps'
+// traffic). The kernels also run 2 (the emulation tests it).
+inline int direction_split(int64_t planes, int sms) { return 10 * planes >= 9 * int64_t(sms) ? kDirections : 1; }
+
+// The shared memory a block's tile may take: a third of an SM's when there are blocks enough for three per
+// SM (so one stages while the others scan), else all a block may opt in to.
+inline size_t tile_smem_limit(int64_t blocks, int sms, size_t smem_per_sm, size_t smem_per_block) {
+  const size_t third = smem_per_sm / 3 > 1024 ? smem_per_sm / 3 - 1024 : 0;  // the runtime reserves 1 KiB a block
+  return 10 * blocks >= 18 * int64_t(sms) && third < smem_per_block ? third : smem_per_block;
+}
+
+// Threads of one block: one per lane, rounded up to whole warps, between 64 and 256.
+inline int threads_for(int64_t max_lanes) {
+  const int64_t rounded = (max_lanes + 31) / 32 * 32;
+  return static_cast<int>(rounded < 64 ? 64 : (rounded > 256 ? 256 : rounded));
+}
+
+// Shared-memory layout sizes (floats): padded state rows of max_lanes + 2, tile rows of max_lanes + 1
+// (the +1 spreads the horizontal scans' staging over the banks).
+GSPN_HD int64_t padded_row(int64_t max_lanes) { return max_lanes + 2; }
+GSPN_HD int64_t tile_pitch(int64_t max_lanes) { return max_lanes + 1; }
+constexpr int kFwdTileArrays = 5;   // drive, wl, wc, wr, u (then u h)
+constexpr int kBwdTileArrays = 10;  // x, lam, wl, wc, wr, ql, qc, qr, u, gy (then the gradients)
+constexpr int kBwdCarryRows = 6;    // two sets of the left / centre / right carries (the first sweep's two state rows)
+
+inline int64_t fwd_smem_floats(int64_t max_lanes, int64_t tile) {
+  return 2 * padded_row(max_lanes) + kFwdTileArrays * tile_pitch(max_lanes) * tile;
+}
+inline int64_t bwd_smem_floats(int64_t max_lanes, int64_t tile) {
+  return (kBwdCarryRows + tile + 1) * padded_row(max_lanes) + kBwdTileArrays * tile_pitch(max_lanes) * tile;
+}
+// Checkpoint floats per plane: one lane vector per tile of the longest direction.
+GSPN_HD int64_t checkpoint_floats(int64_t max_lanes, int64_t tile) { return (max_lanes + tile - 1) / tile * max_lanes; }
+
+// The largest tile (<= kMaxTile steps) whose staging fits `smem_limit` bytes, or 0 if none does.
+template <typename SmemFloats>
+int pick_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
+  for (int tile = kMaxTile; tile >= 1; tile /= 2) {
+    if (static_cast<size_t>(smem_floats(max_lanes, tile)) * sizeof(float) <= smem_limit) return tile;
+  }
+  return 0;
+}
+
+}  // namespace cuda_kernels
+}  // namespace gspn
