@@ -248,7 +248,7 @@ inline void adjoint_step_outputs(int64_t L, const acc_t* __restrict__ g, const a
   }
 }
 
-// The logit gradients of one step, dg_k = wq_k (dw_k - sum_m w_m dw_m) with dw_k = g h_prev[neighbour k],
+// The logit gradients of one step, dg_k += wq_k (dw_k - sum_m w_m dw_m) with dw_k = g h_prev[neighbour k],
 // and g times each weight (next_*), which the step before receives through A_s^T.
 template <typename acc_t>
 inline void gate_step_gradients(int64_t L, const acc_t* __restrict__ g, const acc_t* __restrict__ hp,
@@ -260,9 +260,9 @@ inline void gate_step_gradients(int64_t L, const acc_t* __restrict__ g, const ac
   for (int64_t l = 0; l < L; ++l) {
     const acc_t dwl = g[l] * hp[l - 1], dwc = g[l] * hp[l], dwr = g[l] * hp[l + 1];
     const acc_t dot = wl[l] * dwl + wc[l] * dwc + wr[l] * dwr;
-    dgl[l] = ql[l] * (dwl - dot);
-    dgc[l] = qc[l] * (dwc - dot);
-    dgr[l] = qr[l] * (dwr - dot);
+    dgl[l] += ql[l] * (dwl - dot);
+    dgc[l] += qc[l] * (dwc - dot);
+    dgr[l] += qr[l] * (dwr - dot);
     next_l[l] = wl[l] * g[l];
     next_c[l] = wc[l] * g[l];
     next_r[l] = wr[l] * g[l];
@@ -305,17 +305,62 @@ struct GateCache {
   }
 };
 
+// The logit gradients of each direction in scan order, summed per thread while consecutive channels share
+// their gate planes and written to the gradient tensors (scatter) only when a direction's planes change and
+// at the end of each task: a group's channels then cost one scatter per direction, not one each. `grads`
+// and `grouped` as in backward_kernel.
+template <typename scalar_t, typename acc_t>
+struct GateGradAccumulator {
+  Frames<acc_t> frames;
+  std::array<std::array<int64_t, 3>, kDirections> planes;
+  const std::array<void*, 3>& grads;
+  const std::array<bool, 3>& grouped;
+  int64_t H, W;
+  GateGradAccumulator(int64_t H_, int64_t W_, const std::array<void*, 3>& g, const std::array<bool, 3>& grp)
+      : frames(H_ * W_, kDirections * 3), grads(g), grouped(grp), H(H_), W(W_) {
+    for (auto& p : planes) p = {-1, -1, -1};
+  }
+  // Frames (dgl, dgc, dgr) of direction d to add the gradients of the gate planes `plane` into.
+  acc_t* get(int d, const std::array<int64_t, 3>& plane) {
+    if (planes[d] != plane) {
+      flush(d);
+      planes[d] = plane;
+    }
+    return frames.frame(d * 3);
+  }
+  void flush(int d) {
+    if (planes[d][0] < 0) return;
+    const ScanGeometry geo = scan_geometry(d, H, W);
+    const int64_t HW = H * W;
+    for (int k = 0; k < 3; ++k) {
+      acc_t* f = frames.frame(d * 3 + k);
+      if (grouped[k]) {
+        scatter_frame<true>(f, geo, static_cast<acc_t*>(grads[k]) + planes[d][k] * HW);
+      } else {
+        scatter_frame<false>(f, geo, static_cast<scalar_t*>(grads[k]) + planes[d][k] * HW);
+      }
+      std::fill(f, f + HW, acc_t(0));
+    }
+    planes[d] = {-1, -1, -1};
+  }
+  void flush_all() {
+    for (int d = 0; d < kDirections; ++d) flush(d);
+  }
+};
+
 std::array<int64_t, 3> gate_planes(const ScanShape& sh, int64_t b, int d, int64_t c) {
   return {gate_plane(b, d, c, sh.C, sh.g_gl), gate_plane(b, d, c, sh.C, sh.g_gc), gate_plane(b, d, c, sh.C, sh.g_gr)};
 }
 
 // Where a kernel's lam and u frames come from, and where their gradients go. Each thread builds its own
 // source from the shared arguments (Args). The kernels walk a thread's planes in chunks of at most
-// kChunkChannels consecutive channels of one batch: prepare(b, c0, n) before a chunk, then per channel and
+// chunk_channels(HW) consecutive channels of one batch: prepare(b, c0, n) before a chunk, then per channel and
 // direction lam_frame / u_frame (scan order, read-only) and, in the backward only, dlam_frame / du_frame
 // (scan order, written by the kernel) followed by accumulate, finish_chunk after a chunk's channels and
 // finish_task after each task.
-constexpr int64_t kChunkChannels = 32;
+// Channels per chunk: 16 to 128, about 256K values per (direction, chunk) frame block, so that a chunk's
+// GEMMs are large enough to run well and its frames stay in the cache where the maps are small.
+inline int64_t chunk_channels(int64_t HW) { return std::clamp<int64_t>(262144 / std::max<int64_t>(HW, 1), 16, 128); }
 
 // lam and u read from their (B, 4, G, H, W) tensors (gspn_scan), gathered into scan order per plane.
 template <typename scalar_t, typename acc_t>
@@ -360,40 +405,55 @@ struct TensorLamU {
   void finish_task(int64_t, int64_t) {}
 };
 
+// The type of the proxy GEMMs: bfloat16 for bfloat16 inputs (as the composition runs them under autocast:
+// float32 accumulation, bfloat16 results, twice the float32 rate where the CPU has bfloat16 dot products),
+// else the compute type.
+template <typename scalar_t, typename acc_t>
+using gemm_type_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, acc_t>;
+
 // lam and u generated from the proxy, lam[b, d, c] = sum_k w_lam[d C + c, k] p[b, k] (u likewise), never
 // materialised beyond one chunk of channels (gspn_proxy_scan). Each thread keeps its batch's proxy in the
 // four directions' scan orders, P (4, K, HW); a chunk's lam and u frames (4, n, HW) each come from one
 // batched GEMM over the directions, W[:, c0:c0+n] (4, n, K) @ P. The backward collects the chunk's dlam and
-// du frames the same way and turns them into the weights' gradients (dL @ P^T, into the (B, 4 C, K) partial
+// du frames the same way and turns them into the weights' gradients (dL @ P^T, into the (B, 4, C, K) partial
 // sums) and the proxy's (W^T @ dL, summed over the task's chunks into dP and, at the task's end, into its
 // slot of the (B, slots, K, H, W) partial sums). The GEMMs run on the calling thread (inside the kernel's
 // parallel region ATen does not start more threads).
 template <typename scalar_t, typename acc_t>
 struct ProxyLamU {
+  using gemm_t = gemm_type_t<scalar_t, acc_t>;
   struct Args {
-    const scalar_t* p;  // (B, K, H, W)
-    at::Tensor w_lam, w_u;  // (4, C, K) in the compute type
+    const scalar_t* p;      // (B, K, H, W)
+    at::Tensor w_lam, w_u;  // (4, C, K) in gemm_t
     int64_t K;
     // Backward only.
     acc_t* dp_partial = nullptr;  // (B, slots, K, H, W)
     int64_t slots = 1;
-    at::Tensor dw_lam_partial, dw_u_partial;  // (B, 4, C, K)
+    at::Tensor dw_lam_partial, dw_u_partial;  // (B, 4, C, K) in acc_t
   };
   const Args& a;
   const ScanShape& sh;
   int64_t HW;
-  at::Tensor P, dP;             // (4, K, HW)
-  at::Tensor lam, u, dlam, du;  // (4, kChunkChannels, HW): the current chunk's frames
-  int64_t loaded = -1;          // the batch whose proxy P holds
-  int64_t c0 = 0;               // the current chunk's first channel
+  int64_t chunk;                    // channels per chunk (chunk_channels)
+  at::Tensor P, dP;                 // (4, K, HW) in gemm_t; dP in acc_t
+  at::Tensor lam, u, dlam, du;      // (4, chunk, HW) in acc_t: the current chunk's frames
+  at::Tensor lam_g, u_g;            // the GEMMs' outputs, where gemm_t is not acc_t
+  int64_t loaded = -1;              // the batch whose proxy P holds
+  int64_t c0 = 0;                   // the current chunk's first channel
 
-  ProxyLamU(const Args& args, const ScanShape& shape) : a(args), sh(shape), HW(shape.H * shape.W) {
-    const auto opts = args.w_lam.options();
-    P = at::empty({kDirections, a.K, HW}, opts);
-    lam = at::empty({kDirections, kChunkChannels, HW}, opts);
+  ProxyLamU(const Args& args, const ScanShape& shape)
+      : a(args), sh(shape), HW(shape.H * shape.W), chunk(chunk_channels(shape.H * shape.W)) {
+    const auto gemm_opts = args.w_lam.options();
+    const auto acc_opts = gemm_opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+    P = at::empty({kDirections, a.K, HW}, gemm_opts);
+    lam = at::empty({kDirections, chunk, HW}, acc_opts);
     u = at::empty_like(lam);
+    if constexpr (!std::is_same_v<gemm_t, acc_t>) {
+      lam_g = at::empty({kDirections, chunk, HW}, gemm_opts);
+      u_g = at::empty_like(lam_g);
+    }
     if (a.dp_partial != nullptr) {
-      dP = at::zeros_like(P);
+      dP = at::zeros({kDirections, a.K, HW}, acc_opts);
       dlam = at::empty_like(lam);
       du = at::empty_like(lam);
     }
@@ -401,7 +461,7 @@ struct ProxyLamU {
 
   void load(int64_t b) {
     if (loaded == b) return;
-    acc_t* dst = P.data_ptr<acc_t>();
+    gemm_t* dst = P.data_ptr<gemm_t>();
     for (int d = 0; d < kDirections; ++d) {
       const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
       for (int64_t k = 0; k < a.K; ++k) gather_frame(a.p + (b * a.K + k) * HW, geo, dst + (d * a.K + k) * HW);
@@ -409,14 +469,25 @@ struct ProxyLamU {
     loaded = b;
   }
 
+  // out[:, :n] = W[:, c0:c0+n] @ P, through the gemm_t buffer where that is another type.
+  void project(at::Tensor& out, at::Tensor& out_g, const at::Tensor& w, int64_t n) {
+    at::Tensor dst = out.narrow(1, 0, n);
+    if constexpr (std::is_same_v<gemm_t, acc_t>) {
+      at::bmm_out(dst, w.narrow(1, c0, n), P);
+    } else {
+      at::Tensor tmp = out_g.narrow(1, 0, n);
+      at::bmm_out(tmp, w.narrow(1, c0, n), P);
+      dst.copy_(tmp);
+    }
+  }
+
   void prepare(int64_t b, int64_t first, int64_t n) {
     load(b);
     c0 = first;
-    at::Tensor lam_out = lam.narrow(1, 0, n), u_out = u.narrow(1, 0, n);
-    at::bmm_out(lam_out, a.w_lam.narrow(1, c0, n), P);
-    at::bmm_out(u_out, a.w_u.narrow(1, c0, n), P);
+    project(lam, lam_g, a.w_lam, n);
+    project(u, u_g, a.w_u, n);
   }
-  acc_t* frame(at::Tensor& t, int d, int64_t c) { return t.data_ptr<acc_t>() + (d * kChunkChannels + c - c0) * HW; }
+  acc_t* frame(at::Tensor& t, int d, int64_t c) { return t.data_ptr<acc_t>() + (d * chunk + c - c0) * HW; }
   const acc_t* lam_frame(int64_t, int d, int64_t c, const ScanGeometry&) { return frame(lam, d, c); }
   const acc_t* u_frame(int64_t, int d, int64_t c, const ScanGeometry&) { return frame(u, d, c); }
   acc_t* dlam_frame(int d, int64_t c) { return frame(dlam, d, c); }
@@ -424,11 +495,15 @@ struct ProxyLamU {
   void accumulate(int64_t, int, int64_t, const ScanGeometry&) {}
 
   void finish_chunk(int64_t b, int64_t first, int64_t n) {
-    const at::Tensor dl = dlam.narrow(1, 0, n), dd = du.narrow(1, 0, n), Pt = P.transpose(1, 2);
-    a.dw_lam_partial[b].narrow(1, first, n).copy_(at::bmm(dl, Pt));
-    a.dw_u_partial[b].narrow(1, first, n).copy_(at::bmm(dd, Pt));
-    dP.baddbmm_(a.w_lam.narrow(1, first, n).transpose(1, 2), dl);
-    dP.baddbmm_(a.w_u.narrow(1, first, n).transpose(1, 2), dd);
+    const at::Tensor Pt = P.transpose(1, 2);
+    const at::Tensor* weights[2] = {&a.w_lam, &a.w_u};
+    const at::Tensor* partials[2] = {&a.dw_lam_partial, &a.dw_u_partial};
+    const at::Tensor grads[2] = {dlam.narrow(1, 0, n), du.narrow(1, 0, n)};
+    for (int k = 0; k < 2; ++k) {
+      const at::Tensor g = grads[k].to(P.scalar_type());
+      (*partials[k])[b].narrow(1, first, n).add_(at::bmm(g, Pt));
+      dP.add_(at::bmm(weights[k]->narrow(1, first, n).transpose(1, 2), g));
+    }
   }
 
   // Adds the task's proxy gradient into its slot (in the plane layout) and clears it for the next task.
@@ -457,7 +532,7 @@ void forward_kernel(const scalar_t* x, const typename Source::Args& source_args,
     std::vector<acc_t> padded(2 * (max_lanes + 2), acc_t(0));  // two zero-padded state rows
     for (int64_t first = begin; first < end;) {
       const int64_t b = first / sh.C, c0 = first % sh.C;
-      const int64_t n = std::min({end - first, sh.C - c0, kChunkChannels});
+      const int64_t n = std::min({end - first, sh.C - c0, chunk_channels(HW)});
       source.prepare(b, c0, n);
       for (int64_t c = c0; c < c0 + n; ++c) {
         const int64_t p = b * sh.C + c;
@@ -527,10 +602,9 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const typename Sourc
   const int64_t max_lanes = std::max(sh.H, sh.W);
   const int64_t padded_lanes = max_lanes + 2;
   at::parallel_for(0, sh.B * tasks.slots, plane_grain(4 * tasks.span * HW), [&](int64_t begin, int64_t end) {
-    enum { DGL, DGC, DGR, kFrames };
     Source source(source_args, sh);
-    Frames<acc_t> f(HW, kFrames);
     GateCache<acc_t, true> gates(HW);
+    GateGradAccumulator<scalar_t, acc_t> gate_grads(sh.H, sh.W, d_gates, grouped);
     PlaneLayouts<acc_t> x_plane(sh.H, sh.W), gy_plane(sh.H, sh.W);
     PlaneAccumulator<acc_t> dx_plane(sh.H, sh.W);
     // All hidden states of one direction, each row zero-padded on both sides.
@@ -542,8 +616,8 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const typename Sourc
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tasks.slots, slot = task % tasks.slots;
       const int64_t task_end = std::min(sh.C, (slot + 1) * tasks.span);
-      for (int64_t c0 = slot * tasks.span; c0 < task_end; c0 += kChunkChannels) {
-        const int64_t n = std::min(task_end - c0, kChunkChannels);
+      for (int64_t c0 = slot * tasks.span; c0 < task_end; c0 += chunk_channels(HW)) {
+        const int64_t n = std::min(task_end - c0, chunk_channels(HW));
         source.prepare(b, c0, n);
         for (int64_t c = c0; c < c0 + n; ++c) {
           const int64_t p = b * sh.C + c;
@@ -556,6 +630,7 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const typename Sourc
             const std::array<int64_t, 3> gate_p = gate_planes(sh, b, d, c);
             const acc_t* w = gates.get(d, gate_p, geo, HW, gl, gc, gr);
             const acc_t* wq = w + 3 * HW;
+            acc_t* dg = gate_grads.get(d, gate_p);
             const acc_t* lam_f = source.lam_frame(b, d, c, geo);
             const acc_t* u_f = source.u_frame(b, d, c, geo);
             acc_t* dlam_f = source.dlam_frame(d, c);
@@ -590,32 +665,18 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const typename Sourc
                 for (int64_t l = 0; l < L; ++l) g[l] = u_r[l] * gy_r[l];
               }
               adjoint_step_outputs(L, g, lam_r, x_r, gy_r, h, dxs.row(s), dlam_f + r, du_f + r);
-              acc_t* dgl_r = f.frame(DGL) + r;
-              acc_t* dgc_r = f.frame(DGC) + r;
-              acc_t* dgr_r = f.frame(DGR) + r;
-              if (restart) {
-                std::fill(dgl_r, dgl_r + L, acc_t(0));
-                std::fill(dgc_r, dgc_r + L, acc_t(0));
-                std::fill(dgr_r, dgr_r + L, acc_t(0));
-                continue;  // the step before this one receives nothing through A_s
-              }
+              if (restart) continue;  // no gates act here; the step before receives nothing through A_s
               gate_step_gradients(L, g, h_row(s - 1), w + r, w + HW + r, w + 2 * HW + r, wq + r, wq + HW + r,
-                                  wq + 2 * HW + r, dgl_r, dgc_r, dgr_r, next_l, next_c, next_r);
+                                  wq + 2 * HW + r, dg + r, dg + HW + r, dg + 2 * HW + r, next_l, next_c, next_r);
             }
             source.accumulate(b, d, c, geo);
-            for (int k = 0; k < 3; ++k) {
-              if (grouped[k]) {
-                scatter_frame<true>(f.frame(k), geo, static_cast<acc_t*>(d_gates[k]) + gate_p[k] * HW);
-              } else {
-                scatter_frame<false>(f.frame(k), geo, static_cast<scalar_t*>(d_gates[k]) + gate_p[k] * HW);
-              }
-            }
           }
           dx_plane.write(d_x + p * HW);
         }
         source.finish_chunk(b, c0, n);
       }
       source.finish_task(b, slot);
+      gate_grads.flush_all();  // the task's groups are its own: nothing later adds to them
     }
   });
 }
@@ -724,19 +785,20 @@ std::pair<ScanShape, int64_t> check_proxy_inputs(const at::Tensor& x, const at::
   return {sh, K};
 }
 
-// A (4 C, K) proxy weight as the kernel reads it: (4, C, K), contiguous, in the compute type.
-at::Tensor proxy_weight(const at::Tensor& w, const ScanShape& sh, int64_t K, at::ScalarType acc) {
-  return w.to(acc).contiguous().view({kDirections, sh.C, K});
+// A (4 C, K) proxy weight as the kernel reads it: (4, C, K), contiguous, in the type of its GEMMs
+// (gemm_type_t), and detached (the GEMMs run on the parallel region's threads, where no autograd guard reaches).
+at::ScalarType gemm_dtype(const at::Tensor& x) { return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : compute_dtype(x); }
+at::Tensor proxy_weight(const at::Tensor& w, const ScanShape& sh, int64_t K, const at::Tensor& x) {
+  return w.detach().to(gemm_dtype(x)).contiguous().view({kDirections, sh.C, K});
 }
 
 at::Tensor gspn_proxy_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& p_in, const at::Tensor& w_lam_in,
                                    const at::Tensor& w_u_in, const at::Tensor& gl_in, const at::Tensor& gc_in,
                                    const at::Tensor& gr_in, int64_t chunk) {
   const auto [sh, K] = check_proxy_inputs(x_in, p_in, w_lam_in, w_u_in, gl_in, gc_in, gr_in, chunk);
-  const auto acc = compute_dtype(x_in);
   auto x = x_in.contiguous(), p = p_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
        gr = gr_in.contiguous();
-  auto w_lam = proxy_weight(w_lam_in, sh, K, acc), w_u = proxy_weight(w_u_in, sh, K, acc);
+  auto w_lam = proxy_weight(w_lam_in, sh, K, x_in), w_u = proxy_weight(w_u_in, sh, K, x_in);
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_proxy_scan_fwd_cpu", [&] {
@@ -757,7 +819,7 @@ gspn_proxy_scan_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, const a
   const auto acc = compute_dtype(x_in);
   auto gy = gy_in.contiguous(), x = x_in.contiguous(), p = p_in.contiguous(), gl = gl_in.contiguous(),
        gc = gc_in.contiguous(), gr = gr_in.contiguous();
-  auto w_lam = proxy_weight(w_lam_in, sh, K, acc), w_u = proxy_weight(w_u_in, sh, K, acc);
+  auto w_lam = proxy_weight(w_lam_in, sh, K, x_in), w_u = proxy_weight(w_u_in, sh, K, x_in);
   const GateGrads grads({&gl, &gc, &gr}, sh.C, acc);
   auto d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   // Enough tasks per batch to keep every thread busy; each has its own slot of proxy-gradient partial sums.
