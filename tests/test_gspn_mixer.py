@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_gspn.models import GSPNMixer
+from dit_gspn.ops import proxy_maps
 
 # Direction d: the step from a pixel's predecessor to the pixel, and the lane axis (neighbours).
 STEPS = [(1, 0), (-1, 0), (0, 1), (0, -1)]  # top-down, bottom-up, left-right, right-left
@@ -101,8 +102,8 @@ def test_mixer_matches_dense_affinity_oracle(grid, kwargs):
     tokens = torch.randn(2, grid[0] * grid[1], kwargs["dim"])
     expected_out, expected_prop = dense_oracle(mixer, tokens, grid)
 
-    x, lam, gl, gc, gr, u, skip, z = mixer.scan_operands(tokens, grid)
-    propagated = mixer.propagate(x, lam, gl, gc, gr, u, skip)
+    x, p, w_lam, w_u, gl, gc, gr, skip, z = mixer.scan_operands(tokens, grid)
+    propagated = mixer.propagate(x, p, w_lam, w_u, gl, gc, gr, skip)
     got_prop = propagated.flatten(2).transpose(1, 2).double()
     torch.testing.assert_close(got_prop, expected_prop, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixer(tokens, grid).double(), expected_out, rtol=1e-4, atol=1e-4)
@@ -154,5 +155,6 @@ def test_shared_gates_shrink_the_gate_projection():
     per_channel, shared = GSPNMixer(dim=32), GSPNMixer(dim=32, gate_groups=4)
     assert per_channel.gate_proj.out_features == 3 * 4 * 32
     assert shared.gate_proj.out_features == 3 * 4 * 4
-    x, lam, gl, gc, gr, u, skip, z = shared.scan_operands(torch.randn(1, 12, 32), (3, 4))
+    x, p, w_lam, w_u, gl, gc, gr, skip, z = shared.scan_operands(torch.randn(1, 12, 32), (3, 4))
+    lam, u = proxy_maps(p, w_lam, w_u)
     assert gl.shape == (1, 4, 4, 3, 4) and lam.shape == u.shape == (1, 4, 32, 3, 4)

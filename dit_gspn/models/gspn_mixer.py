@@ -7,11 +7,12 @@ Tokens (B, N, C) on an (h, w) grid go through:
 2. a low-rank proxy p = ``proxy``(x) (C -> C / ``proxy_ratio`` channels) from which every
    input-dependent quantity is projected: the raw gate logits gl, gc, gr (4 directions x
    ``gate_groups`` channel groups), lam and u (4 directions x C), and the skip D (C);
-3. ``dit_gspn.ops.gspn_scan``: for each direction d the normalised gates drive the line
+3. ``dit_gspn.ops.gspn_proxy_scan``: for each direction d the normalised gates drive the line
    recurrence over x, the result is mapped back to the original pixel positions, multiplied
    by u_d, and the four are summed (all inside the fused op, so no flipped or transposed copy of
    x is made here, and every direction's output lands on the pixel its gates were computed
-   for); then + D * x;
+   for); lam and u are handed over as their (4C x r + 1) affine maps of p, so that the CPU kernel
+   generates them inside the scan instead of this module writing two (B, 4C, h, w) maps; then + D * x;
 4. LayerNorm over channels, times SiLU(z) when ``output_gate``, and ``out_proj``.
 
 The learnable linear merge of the four directions is a per-direction, per-channel weight
@@ -47,15 +48,21 @@ def _with_ones_row(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([p, p.new_ones(p.shape[0], 1, p.shape[2])], dim=1)
 
 
+def _affine_weight(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(out, r) weight and (out,) bias -> (out, r + 1): the bias as one more column, for a proxy from
+    :func:`_with_ones_row`."""
+    return torch.cat([weight, bias[:, None]], dim=1)
+
+
 def _project_affine(p_ones: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(B, r + 1, N) from :func:`_with_ones_row` -> (B, out, N): the same map as :func:`_project_channels`,
     with the bias as one more column of the weight.
 
-    For the wide maps generated from the narrow proxy (lam and u: 4C rows from r = C/16): baddbmm first
-    copies the broadcast bias into its whole (B, out, N) output and its backward sums the output's
-    gradient for the bias, two more passes over a map the GEMM itself writes only once.
+    For the maps generated from the narrow proxy: baddbmm first copies the broadcast bias into its whole
+    (B, out, N) output and its backward sums the output's gradient for the bias, two more passes over a map
+    the GEMM itself writes only once.
     """
-    return torch.bmm(torch.cat([weight, bias[:, None]], dim=1).expand(p_ones.shape[0], -1, -1), p_ones)
+    return torch.bmm(_affine_weight(weight, bias).expand(p_ones.shape[0], -1, -1), p_ones)
 
 
 class GSPNMixer(nn.Module):
@@ -126,11 +133,12 @@ class GSPNMixer(nn.Module):
                 f"gate_groups={self.gate_groups}, output_gate={self.output_gate}")
 
     def scan_operands(self, tokens: torch.Tensor, grid: tuple[int, int]):
-        """The scan's inputs: (x, lam, gl, gc, gr, u, skip, z) for tokens (B, N, C) on ``grid``.
+        """The scan's inputs: (x, p, w_lam, w_u, gl, gc, gr, skip, z) for tokens (B, N, C) on ``grid``.
 
-        x: (B, C, h, w) map; lam, u: (B, 4, C, h, w), u with the merge folded in; gl, gc, gr:
-        (B, 4, gate_groups, h, w) raw logits (the op normalises them); skip: (B, C, h, w) or None;
-        z: (B, N, C) output gate or None. All in the original pixel frame.
+        x: (B, C, h, w) map; p: (B, r + 1, h, w) the proxy with a row of ones; w_lam, w_u: (4 C, r + 1) the
+        affine maps from p to lam and u (u's with the merge folded in), which :func:`dit_gspn.ops.proxy_maps`
+        turns into (B, 4, C, h, w) maps; gl, gc, gr: (B, 4, gate_groups, h, w) raw logits (the op normalises
+        them); skip: (B, C, h, w) or None; z: (B, N, C) output gate or None. All in the original pixel frame.
         """
         h, w = check_grid(tokens, grid, "GSPNMixer")
         B, N, C = tokens.shape
@@ -153,18 +161,18 @@ class GSPNMixer(nn.Module):
                             self.gate_proj.bias[k * D * G:(k + 1) * D * G]).view(B, D, G, h, w)
             for k in range(3)
         ]
-        lam = _project_affine(p, self.lam_proj.weight, self.lam_proj.bias).view(B, D, C, h, w)
+        w_lam = _affine_weight(self.lam_proj.weight, self.lam_proj.bias)
         merge = self.merge.reshape(D * C)
-        u = _project_affine(p, self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
-        u = u.view(B, D, C, h, w)
+        w_u = _affine_weight(self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
         skip = None
         if self.skip_proj is not None:
             skip = _project_affine(p, self.skip_proj.weight, self.skip_proj.bias).view(B, C, h, w)
-        return x, lam, gates[0], gates[1], gates[2], u, skip, z
+        return x, p.view(B, -1, h, w), w_lam, w_u, gates[0], gates[1], gates[2], skip, z
 
-    def propagate(self, x, lam, gl, gc, gr, u, skip=None) -> torch.Tensor:
-        """sum_d u_d * scan_d(x) (+ skip * x): the four merged propagations, (B, C, h, w)."""
-        y = ops.gspn_scan(x, lam, gl, gc, gr, u, chunk=self.chunk)
+    def propagate(self, x, p, w_lam, w_u, gl, gc, gr, skip=None) -> torch.Tensor:
+        """sum_d u_d * scan_d(x) (+ skip * x) with lam and u generated from p: the four merged
+        propagations, (B, C, h, w)."""
+        y = ops.gspn_proxy_scan(x, p, w_lam, w_u, gl, gc, gr, chunk=self.chunk)
         if skip is not None:
             y = torch.addcmul(y, skip, x)
         return y
@@ -177,5 +185,5 @@ class GSPNMixer(nn.Module):
         return self.out_proj(y)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x, lam, gl, gc, gr, u, skip, z = self.scan_operands(tokens, grid)
-        return self.output(self.propagate(x, lam, gl, gc, gr, u, skip), z)
+        x, p, w_lam, w_u, gl, gc, gr, skip, z = self.scan_operands(tokens, grid)
+        return self.output(self.propagate(x, p, w_lam, w_u, gl, gc, gr, skip), z)

@@ -44,7 +44,7 @@ def gspn_scan(x, lam, gl, gc, gr, u, chunk: int | None = None, impl: str | None 
     direction's scan every k steps along its scan axis; None scans the whole map. Gradients
     flow to all six tensors (grouped ones get the sum over their channels).
     """
-    _check_inputs(x, (lam, gl, gc, gr, u), chunk)
+    check_inputs(x, (lam, gl, gc, gr, u), chunk)
     impl = dispatch.resolve_impl("gspn_scan", (x, lam, gl, gc, gr, u), impl)
     chunk = None if chunk is None else int(chunk)
     if impl == "reference":
@@ -54,9 +54,9 @@ def gspn_scan(x, lam, gl, gc, gr, u, chunk: int | None = None, impl: str | None 
     return torch.ops.gspn.gspn_scan_fwd(x, lam, gl, gc, gr, u, 0 if chunk is None else chunk)
 
 
-def _check_inputs(x, gates, chunk) -> None:
+def check_inputs(x, gates, chunk) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"gspn_scan: x must be a (B, C, H, W) tensor, got {_describe(x)}")
+        raise ValueError(f"gspn_scan: x must be a (B, C, H, W) tensor, got {describe(x)}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"gspn_scan: x must be floating point, got {x.dtype}")
     B, C, H, W = x.shape
@@ -64,7 +64,7 @@ def _check_inputs(x, gates, chunk) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[0] != B or t.shape[1] != 4 or t.shape[3:] != (H, W):
             raise ValueError(
                 f"gspn_scan: {name} must be (B, 4, G, H, W) = ({B}, 4, G, {H}, {W}) to match x {tuple(x.shape)}, "
-                f"got {_describe(t)}"
+                f"got {describe(t)}"
             )
         if t.shape[2] < 1 or C % t.shape[2] != 0:
             raise ValueError(f"gspn_scan: {name}'s group count G={t.shape[2]} must divide the channel count C={C}")
@@ -76,7 +76,7 @@ def _check_inputs(x, gates, chunk) -> None:
         raise ValueError(f"gspn_scan: chunk must be None (global) or an int >= 1, got {chunk!r}")
 
 
-def _describe(t) -> str:
+def describe(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
 
