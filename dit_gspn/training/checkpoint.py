@@ -252,7 +252,9 @@ class CheckpointWriter:
         return latest_checkpoint(self.root.parent)
 
     def write(self, step: int, *, model, ema, optimizer, lr_scheduler, sampling_info, config: dict,
-              trainer_state: dict, noise_generator: torch.Generator) -> Path:
+              trainer_state: dict, noise_generator: torch.Generator, extra_weights: dict | None = None) -> Path:
+        """``extra_weights``: {folder name: module} saved beside the model (training-only modules, such as
+        REPA's projector, that sampling does not load)."""
         from .config import dump_config
 
         acc = self.accelerator
@@ -267,6 +269,10 @@ class CheckpointWriter:
         if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(tmp / "model")
             ema.save_pretrained(tmp / "ema")
+            for name, module in (extra_weights or {}).items():
+                (tmp / name).mkdir()
+                state = {k: v.contiguous() for k, v in acc.unwrap_model(module).state_dict().items()}
+                save_file(state, str(tmp / name / "model.safetensors"))
             sampling_info.write(tmp / "sampling.json")
             dump_config(config, tmp / "config.yaml")
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)

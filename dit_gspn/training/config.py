@@ -70,6 +70,12 @@ DEFAULTS: dict = {
         "cpu": False,               # force CPU even where a GPU is present
         "time_limit_minutes": None, # stop early (with a checkpoint and a grid) after this long; resume continues
     },
+    "repa": {                       # representation alignment (REPA, Yu et al. 2025; dit_gspn/training/repa.py)
+        "block": None,              # align the output of this block (1-based; REPA: 8 of 28 for XL); None: off
+        "encoder": None,            # frozen encoder: TorchScript file, torch.hub FOLDER:entry, or dinov2_vitb14
+        "coefficient": 0.5,         # weight of the negative cosine similarity in the loss (REPA: 0.5)
+        "projector_dim": 2048,      # hidden width of the 3-layer SiLU MLP projector (REPA: 2048)
+    },
     "checkpoint": {
         "every": 50_000,            # optimizer steps between checkpoints (and one at the end)
         "keep_last": 3,
@@ -274,6 +280,14 @@ def validate_config(config: dict) -> None:
         _flag(f"train.{key}", train[key])
     _number("train.ema_decay", train["ema_decay"], minimum=0, below=1)
     _number("train.time_limit_minutes", train["time_limit_minutes"], above=0, optional=True)
+
+    repa = config["repa"]
+    _number("repa.block", repa["block"], integer=True, minimum=1, optional=True)
+    if repa["block"] is not None and not (isinstance(repa["encoder"], str) and repa["encoder"]):
+        raise ConfigError(f"repa.block={repa['block']} needs repa.encoder (a TorchScript file, torch.hub "
+                          f"FOLDER:entry or a DINOv2 name such as dinov2_vitb14), got {repa['encoder']!r}")
+    _number("repa.coefficient", repa["coefficient"], minimum=0)
+    _number("repa.projector_dim", repa["projector_dim"], integer=True, minimum=1)
 
     checkpoint = config["checkpoint"]
     _number("checkpoint.every", checkpoint["every"], integer=True, minimum=1)

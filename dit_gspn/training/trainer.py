@@ -36,6 +36,7 @@ from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
 from .grids import GridWriter, grid_labels
+from .repa import PROJECTOR_DIR, RepresentationAlignment
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -89,6 +90,21 @@ def _micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start:
         for b, (x, y) in enumerate(loader, start=start):
             yield x, y, (epoch, b + 1)
         epoch, start = epoch + 1, 0
+
+
+def build_alignment(config: dict, model: torch.nn.Module, data: TrainingData, device) -> RepresentationAlignment | None:
+    """The REPA term ``config["repa"]`` asks for (its encoder loaded, its projector fresh), or None when off."""
+    from .encoders import load_encoder
+
+    rc = config["repa"]
+    if rc["block"] is None:
+        return None
+    try:
+        return RepresentationAlignment(model, load_encoder(rc["encoder"]), block=int(rc["block"]),
+                                       coefficient=float(rc["coefficient"]), projector_dim=int(rc["projector_dim"]),
+                                       info=data.sampling_info, device=device)
+    except ValueError as err:
+        raise ConfigError(f"repa: {err}") from err
 
 
 def _lr_lambda(warmup_steps: int):
@@ -222,8 +238,10 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     if tc["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     ema = make_ema(model)
+    repa = build_alignment(config, model, data, acc.device)
+    trained = model.parameters() if repa is None else [*model.parameters(), *repa.projector.parameters()]
     # fused: one kernel per parameter instead of ~8 small ops each (the for-loop default on CPU).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
+    optimizer = torch.optim.AdamW(trained, lr=float(tc["lr"]), betas=tuple(tc["betas"]),
                                   weight_decay=float(tc["weight_decay"]), fused=acc.device.type in ("cpu", "cuda"))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(int(tc["warmup_steps"])))
 
@@ -232,6 +250,8 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
         state = read_trainer_state(checkpoint)
         _load_model_weights(model, checkpoint / "model", "model")
         _load_model_weights(ema, checkpoint / "ema", "EMA")
+        if repa is not None:
+            _load_model_weights(repa.projector, checkpoint / PROJECTOR_DIR, "REPA projector")
         step, position = int(state["step"]), (int(state["epoch"]), int(state["batch_in_epoch"]))
         if state["global_micro_batch"] != micro_batch * acc.num_processes:
             raise ConfigError(f"{checkpoint} was trained with {state['global_micro_batch']} samples per micro-batch "
@@ -243,7 +263,10 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     if tc["compile"]:
         set_compile_cache()
         model.compile()
-    model, optimizer = acc.prepare(model, optimizer)
+    if repa is None:
+        model, optimizer = acc.prepare(model, optimizer)
+    else:
+        model, projector, optimizer = acc.prepare(model, repa.projector, optimizer)
     raw_model = acc.unwrap_model(model)
     ema.to(acc.device)
 
@@ -275,6 +298,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     bar = tqdm(total=total, initial=step, unit="step", desc=f"training {config['model']['name']}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     window_loss, window_steps, window_start = torch.zeros((), device=acc.device), 0, time.perf_counter()
+    window_alignment = torch.zeros((), device=acc.device)
     grid_path = None
     clip = tc["grad_clip"]
     deadline = None if tc["time_limit_minutes"] is None else time.monotonic() + 60 * float(tc["time_limit_minutes"])
@@ -282,6 +306,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=acc.device)
+        step_alignment = torch.zeros((), device=acc.device)
         step_inputs = []
         for k in range(accum):
             x, y, position = next(batches)
@@ -289,11 +314,18 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
             t = objective.sample_timesteps(x.shape[0], "cpu", noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=noise_generator).to(acc.device)
+            targets = repa.targets(x) if repa is not None else None
             with acc.no_sync(model) if k < accum - 1 else nullcontext():
                 loss = training_losses(model, x, t, dict(y=y), noise)["loss"].mean()
-                acc.backward(loss / accum)
+                if repa is None:
+                    acc.backward(loss / accum)
+                else:
+                    with acc.no_sync(projector) if k < accum - 1 else nullcontext():
+                        repa_term, alignment = repa.loss(projector, targets)
+                        acc.backward((loss + repa_term) / accum)
+                    step_alignment += alignment / accum
             step_loss += loss.detach() / accum
-        if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):
+        if not bool(torch.isfinite(acc.reduce(step_loss + step_alignment, "sum"))):
             last = writer.latest() or checkpoint
             if tensorboard is not None:
                 tensorboard.close()
@@ -307,12 +339,14 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                 f"the loss became {step_loss.item()} at step {step + 1} (no checkpoint written for it); "
                 f"last good checkpoint: {last if last else 'none (nothing was saved yet)'}. Resume from it "
                 f"with a lower train.lr or train.grad_clip set.")
-        grad_norm = acc.clip_grad_norm_(model.parameters(), float(clip)) if clip else None
+        clipped = model.parameters() if repa is None else [*model.parameters(), *projector.parameters()]
+        grad_norm = acc.clip_grad_norm_(clipped, float(clip)) if clip else None
         optimizer.step()
         lr_scheduler.step()
         step += 1
         update_ema(ema, raw_model, ema_decay_at(step, float(tc["ema_decay"]), bool(tc["ema_warmup"])))
         window_loss += step_loss
+        window_alignment += step_alignment
         window_steps += 1
         bar.update(1)
         if deadline is not None and step < total:
@@ -333,7 +367,12 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                 tensorboard.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], step)
                 if grad_norm is not None:
                     tensorboard.add_scalar("train/grad_norm", float(grad_norm), step)
+            if repa is not None:
+                alignment = (acc.reduce(window_alignment, "mean") / window_steps).item()
+                if tensorboard is not None:
+                    tensorboard.add_scalar("train/repa_alignment", alignment, step)  # mean -cos, in [-1, 1]
             window_loss.zero_()
+            window_alignment.zero_()
             window_steps, window_start = 0, time.perf_counter()
 
         if step % int(cc["every"]) == 0 or step == total:
@@ -349,7 +388,8 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                                       trainer_state={"epoch": position[0], "batch_in_epoch": position[1],
                                                      "num_processes": acc.num_processes,
                                                      "global_micro_batch": micro_batch * acc.num_processes,
-                                                     "grad_accum_steps": accum, "loss": last_loss})
+                                                     "grad_accum_steps": accum, "loss": last_loss},
+                                      extra_weights=None if repa is None else {PROJECTOR_DIR: projector})
         sample_every = int(lc["sample_every"])
         if (sample_every and step % sample_every == 0) or step == total:
             if grids is not None:
