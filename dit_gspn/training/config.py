@@ -91,6 +91,13 @@ DEFAULTS: dict = {
         "cfg_scale": 1.0,
         "guidance_interval": None,  # [low, high]: guide only steps at noise levels (timestep / 1000) in it
         "flow_shift": 1.0,          # flow samplers: SD3's timestep shift of the grid; 1: none
+        # FID (and IS) of the EMA's samples while training (dit_gspn/training/fid_monitor.py), with the grid's sampler:
+        "fid_every": 0,             # steps between evaluations; 0: off
+        "fid_samples": 1000,        # images per evaluation (a fixed seed and class list), shared by the processes
+        "fid_batch_size": 64,       # images per sampling batch on each process
+        "fid_reference": None,      # reference statistics .npz (python -m evaluation IMAGES --save-stats REF.npz)
+        "fid_extractor": None,      # None: Inception; a TorchScript extractor file; "shapes-classifier" (built-in data)
+        "fid_weights": None,        # Inception weights file (else $DIT_GSPN_INCEPTION_WEIGHTS, else the download)
     },
 }
 
@@ -305,6 +312,31 @@ def validate_config(config: dict) -> None:
     _number("logging.samples_per_class", logging["samples_per_class"], integer=True, minimum=1)
     _number("logging.sample_steps", logging["sample_steps"], integer=True, minimum=1)
     _number("logging.cfg_scale", logging["cfg_scale"], minimum=0)
+    _check_fid_settings(logging, data["kind"])
+
+
+def _check_fid_settings(logging: dict, data_kind: str) -> None:
+    _number("logging.fid_every", logging["fid_every"], integer=True, minimum=0)
+    _number("logging.fid_samples", logging["fid_samples"], integer=True, minimum=2)
+    _number("logging.fid_batch_size", logging["fid_batch_size"], integer=True, minimum=1)
+    if not logging["fid_every"]:
+        return
+    extractor, reference, weights = logging["fid_extractor"], logging["fid_reference"], logging["fid_weights"]
+    if extractor == "shapes-classifier":
+        if data_kind != "shapes":
+            raise ConfigError("logging.fid_extractor=shapes-classifier is the built-in shapes dataset's; with "
+                              f"data.kind={data_kind} use Inception (null) or a TorchScript extractor file")
+    elif extractor is not None and not Path(str(extractor)).is_file():
+        raise ConfigError(f"logging.fid_extractor {extractor} is not a file (a TorchScript feature extractor), "
+                          f"nor shapes-classifier; null is Inception")
+    if extractor is not None and weights is not None:
+        raise ConfigError("logging.fid_weights are Inception's: unset them with logging.fid_extractor set")
+    if reference is None and extractor != "shapes-classifier":
+        raise ConfigError("logging.fid_every > 0 needs logging.fid_reference, the data's FID statistics "
+                          "(python -m evaluation IMAGES --save-stats REF.npz, with the same extractor)")
+    if reference is not None and not Path(str(reference)).is_file():
+        raise ConfigError(f"logging.fid_reference {reference} does not exist (python -m evaluation IMAGES "
+                          f"--save-stats {reference})")
 
 
 def resolve_objective(config: dict) -> dict:

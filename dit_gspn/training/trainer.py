@@ -35,6 +35,7 @@ from .config import ConfigError, complete_config, config_changes, read_saved_con
 from .data_order import EpochBatchSampler
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
+from .fid_monitor import FidMonitor
 from .grids import GridWriter, grid_labels
 from .repa import PROJECTOR_DIR, RepresentationAlignment
 
@@ -287,6 +288,7 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
     objective, training_losses = build_objective(tc)
     writer = CheckpointWriter(acc, run_dir, int(cc["keep_last"]))
     grids = GridWriter(acc, run_dir, data.sampling_info, lc, seed) if acc.is_main_process else None
+    fid = FidMonitor(acc, run_dir, data.sampling_info, lc, seed, data.dataset) if lc["fid_every"] else None
     tensorboard = None
     if acc.is_main_process and lc["tensorboard"]:
         from torch.utils.tensorboard import SummaryWriter
@@ -397,6 +399,8 @@ def train(config: dict, resume: str | None = None, allow_config_change: bool = F
                 if tensorboard is not None:
                     grids.log_to(tensorboard, grid_path, step)
             acc.wait_for_everyone()
+        if fid is not None and fid.due(step):
+            fid.evaluate(ema, step, tensorboard)
     bar.close()
     if tensorboard is not None:
         tensorboard.close()
