@@ -189,14 +189,14 @@ def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[s
 
 
 def _sample_count_warnings(first: EvalInput, second: EvalInput | None, chosen: list[str],
-                           settings: Settings) -> list[str]:
+                           settings: Settings, scripted: bool = False) -> list[str]:
     """What makes these metrics less meaningful than they look: too few samples for FID, a shrunk KID subset."""
     notes = []
     dim = int(settings.feature_layer)
     if "fid" in chosen:
         for source in (first, second):
             if source.has_images and not (source.has_stats and not settings.stats_from_images):
-                if source.count <= dim:
+                if source.count <= dim and not scripted:  # a scripted extractor's width is not the layer's
                     notes.append(f"FID from {source.count} samples of {source.path}: the {dim}-d feature covariance "
                                  f"needs more than {dim} samples to be full rank, so this FID is not meaningful "
                                  f"(50,000 is the standard)")
@@ -234,7 +234,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         if source is not None:
             source.check()  # a corrupt or odd-sized input is named before the weights load
     layer = settings.feature_layer
-    warnings = _sample_count_warnings(first, second, chosen, settings)
+    warnings = _sample_count_warnings(first, second, chosen, settings, scripted=extractor is not None)
     layers = (layer, LOGITS) if "isc" in chosen else (layer,)
     scripted = extractor is not None
     extractor = (ScriptedFeatures(extractor, settings.device, layers) if scripted
