@@ -165,3 +165,24 @@ def test_repa_settings_are_checked(tmp_path, encoder_file, fresh_accelerate_stat
         train({**tiny_config(tmp_path / "a"), "repa": {"block": 1}})
     with pytest.raises(ConfigError, match=r"repa.block=3 must lie in \[1, 2\]"):
         train(_repa_config(tmp_path / "b", encoder_file, block=3))
+
+
+def test_on_latents_the_encoder_sees_the_vae_decoding_on_the_token_grid(tmp_path, encoder_file):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(2)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    model = create_model("GSPN-S/2", hidden_size=32, depth=2, num_heads=2, input_size=8, in_channels=4,
+                         num_classes=3, learn_sigma=False)
+    info = SamplingInfo(vae=str(tmp_path / "vae"), latent_scale=0.18215, image_size=(16, 16), num_classes=3)
+    encoder = load_encoder(str(encoder_file))
+    repa = RepresentationAlignment(model, encoder, block=1, coefficient=0.5, projector_dim=8, info=info)
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        images = vae.eval().decode(latents / 0.18215).sample.clamp(-1, 1)
+        expected = encoder(images)  # (2, 6, 8, 8): the 16 px images' features, on the 4 x 4 grid of patch 2
+    expected = torch.nn.functional.interpolate(expected, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(repa.targets(latents), expected.flatten(2).transpose(1, 2))
