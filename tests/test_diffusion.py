@@ -272,15 +272,14 @@ def test_flow_timestep_shift_draws_sd3s_shifted_levels(shift):
 
 def test_flow_timestep_shift_is_off_by_default_and_set_from_the_config():
     from dit_gspn.diffusion import FlowMatching
-    from dit_gspn.training.config import ConfigError, complete_config, resolve_objective
-    from dit_gspn.training.trainer import build_objective
+    from dit_gspn.training.config import ConfigError, complete_config, parse_config, resolve_objective
 
     g = torch.Generator().manual_seed(1)
     default = FlowMatching().sample_timesteps(64, "cpu", g)
     assert torch.equal(FlowMatching(shift=1.0).sample_timesteps(64, "cpu", torch.Generator().manual_seed(1)),
                        default)
-    config = resolve_objective(complete_config({"train": {"objective": "flow", "flow_shift": 3.0}}))
-    assert config["train"]["flow_shift"] == 3.0 and build_objective(config["train"])[0].shift == 3.0
+    config = parse_config({"train": {"objective": "flow", "flow_shift": 3.0}})
+    assert config.train.flow_shift == 3.0 and config.objective.shift == 3.0
     assert resolve_objective(complete_config({"train": {"objective": "flow"}}))["train"]["flow_shift"] == 1.0
     with pytest.raises(ConfigError, match="train.flow_shift must be a number > 0 for train.objective=flow"):
         resolve_objective(complete_config({"train": {"flow_shift": 3.0}}))  # DiT's objective has no shift

@@ -199,8 +199,9 @@ def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     done = [int(p.name) for p in list_checkpoints(tmp_path / "b")]
     assert done and max(done) < steps, "the kill came too late to test a resume"
 
-    subprocess.run(_train_cmd(straight), env=_env(), check=True, capture_output=True)
-    subprocess.run(_train_cmd(killed, "--resume"), env=_env(), check=True, capture_output=True)
+    for cmd in (_train_cmd(straight), _train_cmd(killed, "--resume")):
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     a = _final_tensors(tmp_path / "a" / "checkpoints" / f"{steps:07d}")
     b = _final_tensors(tmp_path / "b" / "checkpoints" / f"{steps:07d}")
     assert a.keys() == b.keys() and len(a) > 20
@@ -242,10 +243,12 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     saved = load_file(tmp_path / "run" / "checkpoints" / "0000003" / "model" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
     # ... and the steps did train: the weights moved from the (seeded) initial ones.
+    from dit_gspn.training.config import parse_config
     from dit_gspn.training.datasets import build_training_data
     from dit_gspn.training.trainer import build_model
     torch.manual_seed(config["seed"])
-    init = build_model(load_config(path), build_training_data(load_config(path))).state_dict()
+    parsed = parse_config(load_config(path))
+    init = build_model(parsed, build_training_data(parsed)).state_dict()
     assert not torch.equal(init["final_layer.linear.weight"], rank0["final_layer.linear.weight"])
 
 

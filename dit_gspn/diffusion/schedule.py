@@ -1,8 +1,8 @@
 """DiT's noise schedule, and the diffusers schedulers that sample with it (and with flow matching).
 
 The one place the schedule is defined: 1000 steps, linear betas 1e-4 to 0.02 (as DiT and ADM), held in
-float64 (``dit_betas``). A model trained with one objective is sampled only by that objective's samplers
-(``check_sampler``).
+float64 (``dit_betas``). Which samplers fit a model is its objective's word (``objective.py``); here each
+sampler is built.
 
 ``ddpm`` and ``ddim`` equal ADM's ``p_sample_loop`` and ``ddim_sample_loop`` step for step. They are built
 as ADM builds its ``SpacedDiffusion``: a diffusers scheduler over only the N kept timesteps
@@ -29,12 +29,11 @@ from .respacing import ddim_timesteps, ddpm_timesteps
 #: DiT's training schedule, as diffusers scheduler arguments.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
-#: The samplers of each training objective, its default first: DiT's epsilon + learned variance
-#: (``GaussianDiffusion``), and flow matching's velocity (``FlowMatching``: two ODE samplers and SiT's SDE).
-OBJECTIVE_SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("euler", "heun", "sde")}
-OBJECTIVES = tuple(OBJECTIVE_SAMPLERS)
-SAMPLERS = tuple(s for samplers in OBJECTIVE_SAMPLERS.values() for s in samplers)
-FLOW_SAMPLERS = OBJECTIVE_SAMPLERS["flow"]
+#: The samplers of DiT's epsilon + learned variance (``GaussianDiffusion``), ADM's two first, and those of flow
+#: matching's velocity (``FlowMatching``: two ODE samplers and SiT's SDE); each objective's default first.
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+FLOW_SAMPLERS = ("euler", "heun", "sde")
+SAMPLERS = DIFFUSION_SAMPLERS + FLOW_SAMPLERS
 #: The samplers that draw fresh noise at every step (they take the sampling generator).
 STOCHASTIC_SAMPLERS = ("ddpm", "sde")
 
@@ -52,34 +51,11 @@ def dit_betas(num_train_timesteps: int = DIT_SCHEDULE["num_train_timesteps"],
     return np.linspace(beta_start, beta_end, int(num_train_timesteps), dtype=np.float64)
 
 
-def default_sampler(objective: str) -> str:
-    """The sampler a model trained with ``objective`` is drawn with unless one is named."""
-    check_objective(objective)
-    return OBJECTIVE_SAMPLERS[objective][0]
-
-
 def default_num_steps(sampler: str) -> int:
     """The number of steps ``sampler`` takes unless one is named (``DEFAULT_NUM_STEPS``)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     return DEFAULT_NUM_STEPS[sampler]
-
-
-def check_objective(objective: str) -> None:
-    if objective not in OBJECTIVE_SAMPLERS:
-        raise ValueError(f"unknown training objective {objective!r}; choose one of {OBJECTIVES}")
-
-
-def check_sampler(sampler: str, objective: str, num_steps: int | None = None) -> None:
-    """Raise a ValueError unless ``sampler`` draws from models trained with ``objective`` (in ``num_steps``)."""
-    check_objective(objective)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    if sampler not in OBJECTIVE_SAMPLERS[objective]:
-        raise ValueError(f"sampler {sampler!r} does not fit a model trained with the {objective!r} objective; "
-                         f"use one of {OBJECTIVE_SAMPLERS[objective]}")
-    if num_steps is not None:
-        check_num_steps(sampler, num_steps)
 
 
 def check_num_steps(sampler: str, num_steps: int) -> None:
@@ -102,6 +78,10 @@ class SamplingSchedule:
     scheduler: SchedulerMixin
     model_timesteps: torch.Tensor
     step_kwargs: dict = field(default_factory=dict)
+    #: whether ``step`` takes the model's whole output (epsilon and the learned variance) or its first C channels
+    takes_variance: bool = False
+    #: whether ``step`` draws fresh noise (it then takes the sampling generator)
+    stochastic: bool = False
 
     def steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(scheduler timestep, model timestep) pairs, first step first."""
@@ -182,7 +162,7 @@ def make_schedule(sampler: str = "ddpm", num_steps: int | None = None, clip_deno
             scheduler.set_timesteps(num_steps)
         else:
             scheduler = flow_ode_scheduler(sampler, num_steps, flow_shift)
-        return SamplingSchedule(scheduler, scheduler.timesteps)
+        return SamplingSchedule(scheduler, scheduler.timesteps, stochastic=sampler in STOCHASTIC_SAMPLERS)
     if flow_shift != 1.0:
         raise ValueError(f"the timestep shift applies to flow matching's samplers {FLOW_SAMPLERS}, not to "
                          f"{sampler!r}; leave it at 1")
@@ -190,7 +170,8 @@ def make_schedule(sampler: str = "ddpm", num_steps: int | None = None, clip_deno
         kept = ddpm_timesteps(num_steps)
         scheduler = respaced_scheduler(DDPMScheduler, kept, clip_sample=clip_denoised,
                                        variance_type="learned_range" if learn_sigma else "fixed_large")
-        return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps])
+        return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps], takes_variance=learn_sigma,
+                                stochastic=True)
     if sampler == "ddim":
         kept = ddim_timesteps(num_steps)
         scheduler = respaced_scheduler(DDIMScheduler, kept, clip_sample=clip_denoised, set_alpha_to_one=True,

@@ -21,7 +21,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from dit_gspn.diffusion import DIT_SCHEDULE, FLOW_SAMPLERS, SAMPLERS, STOCHASTIC_SAMPLERS, make_schedule
+from dit_gspn.diffusion import DIT_SCHEDULE, SAMPLERS, make_schedule, objective_of_sampler
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -116,18 +116,17 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
     if out_channels not in (channels, 2 * channels):
         raise ValueError(f"model.out_channels is {out_channels}; expected {channels} (epsilon) or "
                          f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
-    flow = sampler in FLOW_SAMPLERS
-    if flow and out_channels != channels:
-        raise ValueError(f"sampler {sampler!r} needs a flow-matching model, which outputs {channels} channels (a "
-                         f"velocity); this model outputs {out_channels} (epsilon and a learned variance: DDPM's)")
+    objective = objective_of_sampler(sampler)
+    if not objective.learn_sigma and out_channels != channels:
+        raise ValueError(f"sampler {sampler!r} needs a {objective.kind} model, which outputs {channels} channels (a "
+                         f"{objective.prediction}); this model outputs {out_channels} (epsilon and a learned "
+                         f"variance: DDPM's)")
     schedule = make_schedule(sampler, num_steps, clip_denoised, learn_sigma=out_channels == 2 * channels,
                              flow_shift=flow_shift)
     for t, model_t in tqdm(list(schedule.steps()), desc="sampling", disable=not progress, leave=False):
         guide = guided and guided_at(float(model_t) / DIT_SCHEDULE["num_train_timesteps"], guidance_interval)
         rows = 2 * n if guide else n
-        # Flow schedulers step through fractional timesteps (noise level x 1000); DDPM's are integers.
-        t_batch = (torch.full((rows,), float(model_t), dtype=torch.float32, device=device) if flow
-                   else torch.full((rows,), int(model_t), dtype=torch.long, device=device))
+        t_batch = objective.model_timesteps(model_t, rows, device)
         if guide:
             out = model.forward_with_cfg(torch.cat([x, x]), t_batch, y_guided, cfg_scale,
                                          guided_channels=guided_channels)[:n]
@@ -136,9 +135,9 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
         if out.shape[1] != out_channels:
             raise ValueError(f"the model returned {out.shape[1]} channels; expected out_channels={out_channels}")
         out = out.to(dtype)
-        if not flow and sampler != "ddpm":
+        if not schedule.takes_variance:
             out = out[:, :channels]
-        if sampler in STOCHASTIC_SAMPLERS:
+        if schedule.stochastic:
             x = schedule.step(out, t, x, generator=generator).prev_sample
         else:
             x = schedule.step(out, t, x).prev_sample  # ODE steps and DDIM (eta = 0) draw no noise

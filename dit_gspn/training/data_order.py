@@ -8,7 +8,7 @@ the exact same stream, and it stays valid when the number of processes changes (
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -50,3 +50,32 @@ class EpochBatchSampler(Sampler[list[int]]):
         order = self._order()
         for b in range(self.start, self.batches_per_epoch):
             yield self._slice(order, b)
+
+
+def micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start: int, num_workers: int):
+    """Yields (x, y, position after this batch) forever, epoch after epoch, from (epoch, start)."""
+    while True:
+        sampler = EpochBatchSampler(len(dataset), micro_batch, acc.num_processes, acc.process_index, seed,
+                                    epoch=epoch, start=start)
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+        # would shift the label-dropout stream of a resumed run by one draw.
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                            pin_memory=acc.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for b, (x, y) in enumerate(loader, start=start):
+            yield x, y, (epoch, b + 1)
+        epoch, start = epoch + 1, 0
+
+
+def non_finite_sources(step_inputs, dataset, micro_batch: int, acc, seed: int) -> list[str]:
+    """Where the non-finite values among this step's micro-batches come from (dataset rows), if any."""
+    found = []
+    for x, (epoch, after) in step_inputs:
+        bad_rows = (~x.isfinite()).flatten(1).any(1).nonzero().flatten().tolist()
+        if not bad_rows:
+            continue
+        order = EpochBatchSampler(len(dataset), micro_batch, acc.num_processes, acc.process_index, seed,
+                                  epoch=epoch).batch_indices(after - 1)
+        locate = getattr(dataset, "locate", lambda i: f"item {i}")
+        found += [locate(order[r]) for r in bad_rows]
+    return found

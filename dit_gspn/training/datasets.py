@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 from dit_gspn.data import LatentShardDataset, ShapesDataset, read_index
 from dit_gspn.sampling.checkpoint import SamplingInfo
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 
 
 @dataclass
@@ -20,46 +20,39 @@ class TrainingData:
     sampling_info: SamplingInfo
 
 
-def build_training_data(config: dict) -> TrainingData:
-    """The dataset of ``config["data"]``, checked against the model settings given in ``config["model"]``;
+def build_training_data(config: RunConfig) -> TrainingData:
+    """The dataset of ``config.data``, checked against the model settings given in ``config.model``;
     its SamplingInfo carries ``train.objective``."""
-    data, model = config["data"], config["model"]
-    objective = config["train"]["objective"]  # how the model trained on this data is to be sampled
-    if data["kind"] == "shapes":
-        size = int(data["image_size"])
-        dataset = ShapesDataset(num_per_class=int(data["num_per_class"]), image_size=size, seed=int(config["seed"]),
-                                flip=bool(data["flip"]))
+    data, model = config.data, config.model.options
+    objective = config.train.objective  # how the model trained on this data is to be sampled
+    if data.kind == "shapes":
+        size = data.image_size
+        dataset = ShapesDataset(num_per_class=data.num_per_class, image_size=size, seed=config.seed, flip=data.flip)
         info = SamplingInfo(vae=None, latent_scale=1.0, image_size=(size, size), num_classes=dataset.num_classes,
                             class_names=list(dataset.class_names), objective=objective)
         result = TrainingData(dataset, 3, size, dataset.num_classes, info)
-        if model.get("num_classes") is not None and int(model["num_classes"]) < dataset.num_classes:
+        if model.get("num_classes") is not None and model["num_classes"] < dataset.num_classes:
             raise ConfigError(f"model.num_classes={model['num_classes']} but the shapes dataset has "
                               f"{dataset.num_classes} classes; unset it or set it to >= {dataset.num_classes}")
-    elif data["kind"] == "latents":
-        if not data["path"]:
-            raise ConfigError("data.path must name a latent folder (written by extract_latents.py) for "
-                              "data.kind=latents")
-        index = read_index(data["path"])
+    else:  # latents; validate_config made sure data.path is a folder
+        index = read_index(data.path)
         channels, height, width = index["latent_shape"]
         input_size = height if height == width else (height, width)
         expected = (model.get("in_channels", channels), *_pair(model.get("input_size", input_size)))
-        dataset = LatentShardDataset(data["path"], expected_shape=expected,
-                                     num_classes=model.get("num_classes", index["num_classes"]),
-                                     flip=bool(data["flip"]))
+        dataset = LatentShardDataset(data.path, expected_shape=expected,
+                                     num_classes=model.get("num_classes", index["num_classes"]), flip=data.flip)
         info = SamplingInfo(vae=index["vae"], latent_scale=float(index["latent_scale"]),
                             image_size=tuple(index["image_size"]), num_classes=int(index["num_classes"]),
                             class_names=index.get("class_names"), objective=objective)
         result = TrainingData(dataset, channels, input_size, int(index["num_classes"]), info)
-    else:
-        raise ConfigError(f"data.kind must be 'latents' or 'shapes', got {data['kind']!r}")
-    if model.get("in_channels") is not None and int(model["in_channels"]) != result.in_channels:
+    if model.get("in_channels") is not None and model["in_channels"] != result.in_channels:
         raise ConfigError(f"model.in_channels={model['in_channels']} but the data has {result.in_channels} channels")
     if model.get("input_size") is not None and _pair(model["input_size"]) != _pair(result.input_size):
         raise ConfigError(f"model.input_size={model['input_size']} but the data is {result.input_size} "
-                          f"({'latent' if data['kind'] == 'latents' else 'pixel'} size)")
+                          f"({'latent' if data.kind == 'latents' else 'pixel'} size)")
     if model.get("num_classes") is not None:
         # More classes than the data holds is allowed (a subset of ImageNet); fewer is caught per label.
-        result.num_classes = int(model["num_classes"])
+        result.num_classes = model["num_classes"]
         result.sampling_info.num_classes = result.num_classes
         if result.sampling_info.class_names and len(result.sampling_info.class_names) != result.num_classes:
             result.sampling_info.class_names = None

@@ -1,0 +1,119 @@
+"""Where a run starts: its folder checked and cleaned, the checkpoint to continue, and what that checkpoint restores.
+
+``open_run_folder`` runs before anything is built: every folder the run writes to is writable, a killed
+run's leftovers are undone, and a resumed checkpoint's config is compared with this one.
+``read_checkpoint`` loads the weights into the model and its EMA (before ``accelerate.prepare``) and reads
+the rest (position, optimizer, learning-rate schedule, this process's RNG), which ``Restored.apply`` puts
+back once the optimizer is prepared and the streams are seeded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dit_gspn.sampling.checkpoint import CheckpointError, state_dict_mismatch
+
+from .checkpoint import (check_writable, find_rng_state, latest_checkpoint, load_lr_scheduler_state,
+                         load_optimizer_state, load_weights, read_trainer_state, recover_leftovers, resolve_resume,
+                         set_rng_state)
+from .config import ConfigError, RunConfig, config_changes, read_saved_config
+
+
+def run_folders(run_dir: Path, tensorboard: bool) -> list[Path]:
+    """Every folder the run will write to."""
+    folders = [run_dir, run_dir / "checkpoints", run_dir / "samples"]
+    if tensorboard:
+        folders.append(run_dir / "tensorboard")
+    return folders
+
+
+def check_resume_config(checkpoint: Path, config: RunConfig, allow_change: bool, is_main: bool) -> None:
+    """Refuse (unless ``allow_change``) a resume whose config differs from the checkpoint's in a key that
+    changes the arithmetic of the run, naming each such key with its old and new value."""
+    changes = config_changes(read_saved_config(checkpoint), config.to_dict())
+    if not changes:
+        return
+    detail = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, (old, new) in changes.items())
+    if not allow_change:
+        raise ConfigError(f"--resume {checkpoint}: the config differs from the one it was trained with ({detail}); "
+                          f"an exact resume needs the same model, seed, data and training settings. Drop these "
+                          f"overrides, or pass --allow-config-change to continue with them anyway")
+    if is_main:
+        print(f"resuming {checkpoint} with a changed config ({detail}): the run is no longer an exact "
+              f"continuation", flush=True)
+
+
+def open_run_folder(config: RunConfig, resume: str | None, allow_config_change: bool, acc) -> Path | None:
+    """Check that every folder the run writes to is writable, undo what a killed run left in its checkpoints,
+    and return the checkpoint to resume (None: a fresh start), its config compared with ``config``."""
+    run_dir = Path(config.run_dir)
+    check_writable(run_folders(run_dir, config.logging.tensorboard))  # on every process: none waits for a failed one
+    if acc.is_main_process:
+        for note in recover_leftovers(run_dir):
+            print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
+    acc.wait_for_everyone()
+    checkpoint = resolve_resume(resume, run_dir)
+    if resume is None and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
+                          f"another run_dir")
+    if checkpoint is not None:
+        check_resume_config(checkpoint, config, allow_config_change, acc.is_main_process)
+    return checkpoint
+
+
+def load_model_weights(module: torch.nn.Module, folder: Path, name: str) -> None:
+    """``folder``'s safetensors weights into ``module``, or a CheckpointError naming what does not fit."""
+    state = load_weights(folder)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"the {name} weights in {folder} do not fit the model of this config: "
+                              f"{state_dict_mismatch(module, state)}") from err
+
+
+@dataclass
+class Restored:
+    """What a checkpoint gives back besides the weights: where the run stands and the states to put back."""
+
+    checkpoint: Path
+    step: int
+    position: tuple[int, int]  # (epoch, next micro-batch in it)
+    num_processes: int          # of the run that wrote it
+    optimizer_state: dict
+    scheduler_state: dict
+    rng: dict | None            # this process's RNG states; None when the number of processes changed
+
+    def apply(self, optimizer, lr_scheduler, noise_generator: torch.Generator, acc) -> None:
+        """Put the optimizer, schedule and RNG states back (after ``accelerate.prepare`` and the seeding)."""
+        try:
+            optimizer.load_state_dict(self.optimizer_state)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{self.checkpoint / 'optimizer.pt'} does not fit this model's optimizer: "
+                                  f"{err}") from err
+        lr_scheduler.load_state_dict(self.scheduler_state)
+        if self.rng is not None:
+            set_rng_state(self.rng, noise_generator)
+        elif acc.is_main_process:
+            print(f"resuming {self.checkpoint} with {acc.num_processes} processes instead of {self.num_processes}: "
+                  f"the data order continues exactly, the noise streams are re-seeded")
+
+
+def read_checkpoint(checkpoint: Path, model: torch.nn.Module, ema: torch.nn.Module, global_micro_batch: int,
+                    acc) -> Restored:
+    """Load ``checkpoint``'s weights into ``model`` and ``ema`` and read the rest of its state; a ConfigError
+    when this launch's samples per micro-batch (over all processes) differ from the checkpoint's."""
+    state = read_trainer_state(checkpoint)
+    load_model_weights(model, checkpoint / "model", "model")
+    load_model_weights(ema, checkpoint / "ema", "EMA")
+    if state["global_micro_batch"] != global_micro_batch:
+        raise ConfigError(f"{checkpoint} was trained with {state['global_micro_batch']} samples per micro-batch "
+                          f"over all processes; this launch gives {global_micro_batch}: keep "
+                          f"global_batch_size / grad_accum_steps the same to resume")
+    same_processes = state["num_processes"] == acc.num_processes
+    return Restored(checkpoint=checkpoint, step=int(state["step"]),
+                    position=(int(state["epoch"]), int(state["batch_in_epoch"])),
+                    num_processes=state["num_processes"], optimizer_state=load_optimizer_state(checkpoint),
+                    scheduler_state=load_lr_scheduler_state(checkpoint),
+                    rng=find_rng_state(checkpoint, acc.process_index) if same_processes else None)

@@ -1,0 +1,78 @@
+"""The objective objects: registry, what each one tells the trainer and the samplers, and their losses."""
+import pytest
+import torch
+
+from dit_gspn.cli import UserError
+from dit_gspn.diffusion import (DIT_SCHEDULE, OBJECTIVES, SAMPLERS, DiffusionObjective, FlowObjective,
+                                UnknownObjectiveError, get_objective, objective_of_sampler)
+
+
+def test_registry_names_each_objective_and_refuses_an_unknown_one_naming_the_choices():
+    assert OBJECTIVES == ("ddpm", "flow")
+    assert isinstance(get_objective("ddpm"), DiffusionObjective) and isinstance(get_objective("flow"), FlowObjective)
+    with pytest.raises(UnknownObjectiveError, match="unknown training objective 'edm'; choose one of ddpm, flow"):
+        get_objective("edm")
+    assert issubclass(UnknownObjectiveError, UserError) and issubclass(UnknownObjectiveError, ValueError)
+
+
+def test_every_sampler_belongs_to_exactly_one_objective_whose_default_comes_first():
+    owners = {sampler: [name for name in OBJECTIVES if sampler in get_objective(name).samplers] for sampler in SAMPLERS}
+    assert all(len(names) == 1 for names in owners.values()), owners
+    assert {s: objective_of_sampler(s).name for s in SAMPLERS} == {s: names[0] for s, names in owners.items()}
+    assert (get_objective("ddpm").default_sampler, get_objective("flow").default_sampler) == ("ddpm", "euler")
+    get_objective("flow").check_sampler("heun", num_steps=7)
+    with pytest.raises(ValueError, match="sampler 'euler' does not fit a model trained with the 'ddpm' objective"):
+        get_objective("ddpm").check_sampler("euler")
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        objective_of_sampler("lms")
+
+
+def test_what_the_model_predicts_and_its_timesteps():
+    ddpm, flow = get_objective("ddpm"), get_objective("flow")
+    assert (ddpm.learn_sigma, ddpm.prediction, flow.learn_sigma, flow.prediction) == (True, "epsilon", False,
+                                                                                     "velocity")
+    t = ddpm.sample_timesteps(4096, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) == 0 and int(t.max()) == DIT_SCHEDULE["num_train_timesteps"] - 1
+    s = flow.sample_timesteps(4096, torch.Generator().manual_seed(0))
+    assert s.dtype == torch.float32 and 0 <= float(s.min()) and float(s.max()) <= 1
+    assert ddpm.model_timesteps(torch.tensor(999.0), 3, "cpu").tolist() == [999] * 3
+    fractional = flow.model_timesteps(torch.tensor(512.5), 2, "cpu")
+    assert fractional.dtype == torch.float32 and fractional.tolist() == [512.5, 512.5]
+
+
+def test_settings_are_read_from_the_train_section():
+    flow = FlowObjective.from_train_config({"flow_timesteps": "logit_normal", "flow_shift": 3.0, "snr_gamma": None})
+    assert (flow.process.timestep_sampling, flow.shift) == ("logit_normal", 3.0)
+    assert DiffusionObjective.from_train_config({"snr_gamma": 5, "flow_shift": 1.0}).snr_gamma == 5.0
+
+
+def test_flow_loss_is_the_velocity_mse_in_float64():
+    gen = torch.Generator().manual_seed(3)
+    x, noise = torch.randn(5, 3, 4, 4, generator=gen), torch.randn(5, 3, 4, 4, generator=gen)
+    weight = torch.randn(3, 3, generator=gen)
+    objective = get_objective("flow", shift=2.0)
+    s = objective.sample_timesteps(5, gen)
+
+    def model(x_s, timestep, y):
+        assert torch.allclose(timestep, s * 1000) and y.tolist() == [0, 1, 2, 3, 4]
+        return torch.einsum("oc,bchw->bohw", weight, x_s)
+
+    loss = objective.losses(model, x, s, dict(y=torch.arange(5)), noise)["loss"]
+    x64, n64, s64 = x.double(), noise.double(), s.double().view(-1, 1, 1, 1)
+    prediction = torch.einsum("oc,bchw->bohw", weight.double(), (1 - s64) * x64 + s64 * n64)
+    expected = ((prediction - (n64 - x64)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ddpm_loss_weights_the_epsilon_mse_by_min_snr():
+    gen = torch.Generator().manual_seed(4)
+    x, noise = torch.randn(6, 2, 3, 3, generator=gen), torch.randn(6, 2, 3, 3, generator=gen)
+    t = torch.tensor([0, 10, 100, 400, 700, 999])
+    model = lambda x_t, timestep, y: torch.cat([0.5 * x_t, torch.zeros_like(x_t)], 1)  # noqa: E731
+    plain = get_objective("ddpm").losses(model, x, t, dict(y=None), noise)
+    weighted = get_objective("ddpm", snr_gamma=5.0).losses(model, x, t, dict(y=None), noise)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    torch.testing.assert_close(weighted["mse"].double(), plain["mse"].double() * snr.clamp(max=5.0) / snr,
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weighted["vb"], plain["vb"])
