@@ -68,10 +68,10 @@ def shapes_reference(folder: Path, dataset, image_size: int) -> tuple[Path, Path
                                          SHAPES_CLASSIFIER_SEED, view=silhouette)
         save_torchscript(FeatureExtractor(classifier), torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8),
                          extractor)
-    images = to_uint8(torch.stack([dataset[i][0] for i in range(len(dataset))]))
-    write_npz(folder / "reference_images.npz", images)
-    evaluate(folder / "reference_images.npz", metrics=[], extractor=extractor, save_stats=reference,
-             settings=Settings(device="cpu"))
+    images = write_npz(folder / "reference_images.npz",
+                       to_uint8(torch.stack([dataset[i][0] for i in range(len(dataset))])))
+    evaluate(images, metrics=[], extractor=extractor, save_stats=reference, settings=Settings(device="cpu"))
+    images.unlink()  # the statistics are what FID needs; the images are the run's own training data
     return extractor, reference
 
 
