@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from dit_gspn.data import (SHAPE_CLASSES, ClassFolderImages, LatentShardDataset, ShapesDataset, ShardError,
                            center_crop_arr, make_shapes)
 from dit_gspn.data.extract import extract_latents
+from dit_gspn.seeding import Stream, index_generator
 
 SIZE = 16
 
@@ -86,7 +87,7 @@ def test_extraction_shards_index_resume_and_dataset(image_root, tiny_vae_path, t
     vae = AutoencoderKL.from_pretrained(tiny_vae_path)
     images = ClassFolderImages(image_root, SIZE)
     x = torch.stack([images[i]["image"] for i in range(5)])
-    gen = torch.Generator().manual_seed(3 * 1_000_003 + 0)
+    gen = index_generator(3, 0, stream=Stream.LATENT_ENCODING)
     with torch.no_grad():
         want = vae.encode(x).latent_dist.sample(generator=gen) * 0.18215
         want_flip = vae.encode(x.flip(-1)).latent_dist.sample(generator=gen) * 0.18215

@@ -76,3 +76,13 @@ def test_ddpm_loss_weights_the_epsilon_mse_by_min_snr():
     torch.testing.assert_close(weighted["mse"].double(), plain["mse"].double() * snr.clamp(max=5.0) / snr,
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(weighted["vb"], plain["vb"])
+
+
+def test_schedule_builds_only_the_objectives_samplers():
+    ddpm, flow = get_objective("ddpm"), get_objective("flow")
+    assert ddpm.schedule("ddpm", 10).takes_variance and not ddpm.schedule("ddpm", 10, learn_sigma=False).takes_variance
+    assert not ddpm.schedule("ddim", 10).takes_variance and not ddpm.schedule("ddim", 10).stochastic
+    assert flow.schedule("sde", 10).stochastic and not flow.schedule("euler", 10).stochastic
+    assert len(flow.schedule("euler", 7, flow_shift=3.0).model_timesteps) == 7
+    with pytest.raises(ValueError, match="sampler 'ddim' does not fit a model trained with the 'flow' objective"):
+        flow.schedule("ddim", 10)

@@ -351,6 +351,28 @@ def test_resume_from_an_earlier_checkpoint_uses_its_config_and_purges_abandoned_
     assert _logged_steps(run / "tensorboard", "train/loss") == [1, 2, 3, 4, 5]
 
 
+def test_a_checkpoint_from_before_per_index_seeds_resumes_with_a_note(tmp_path, fresh_accelerate_state, capsys):
+    import json
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    run = tmp_path / "run"
+    train(tiny_config(run, train={"steps": 2}))
+    state_file = run / "checkpoints" / "0000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("seeding") == "seed_sequence"
+    state_file.write_text(json.dumps(state))  # as the runs before seeding.py wrote it
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    capsys.readouterr()
+    assert train(tiny_config(run, train={"steps": 4}), resume="latest").step == 4
+    assert "written before per-index seeds: the data order from here on" in capsys.readouterr().out
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    train(tiny_config(run, train={"steps": 6}), resume="latest")  # a checkpoint of this code: no note
+    assert "per-index seeds" not in capsys.readouterr().out
+
+
 def test_presets_grid_classes_follow_the_models_class_count(monkeypatch, tmp_path):
     from dit_gspn.training.grids import IMAGENET_GRID_CLASSES, grid_labels
     from dit_gspn.training.trainer import set_compile_cache

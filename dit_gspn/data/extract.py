@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from dit_gspn.sampling.checkpoint import DEFAULT_VAE, LATENT_SCALE, load_vae, vae_scale_factor
+from dit_gspn.seeding import Stream, index_generator
 
 from .image_folder import ClassFolderImages, collate_skipping_corrupt
 from .latent_shards import (ShardError, check_shard_file, read_index, read_shard_metadata, shard_name,
@@ -152,7 +153,7 @@ def extract_latents(image_root: str | os.PathLike, out_dir: str | os.PathLike, *
     for k, begin, end, expected in todo:
         loader = DataLoader(Subset(dataset, range(begin, end)), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=collate_skipping_corrupt)
-        generator = torch.Generator(accelerator.device).manual_seed(seed * 1_000_003 + k)
+        generator = index_generator(seed, k, stream=Stream.LATENT_ENCODING, device=accelerator.device)
         latents, flipped, labels, skipped = [], [], [], []
         for batch in loader:
             skipped += batch.skipped

@@ -24,7 +24,7 @@ from dit_gspn.cli import UserError
 
 from .flow import TIMESTEP_SAMPLING, FlowMatching
 from .gaussian import GaussianDiffusion
-from .schedule import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, check_num_steps
+from .schedule import DIFFUSION_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, SamplingSchedule, check_num_steps, make_schedule
 
 
 class UnknownObjectiveError(UserError, ValueError):
@@ -34,12 +34,12 @@ class UnknownObjectiveError(UserError, ValueError):
 class Objective:
     """What one training objective means to the model, the trainer and the samplers (subclasses fill it in).
 
-    Class attributes: ``name`` (the registry key), ``kind`` (its words for a model trained so), ``prediction`` (what the model outputs), ``learn_sigma``
-    (whether the model also outputs a variance: 2C channels instead of C), ``samplers`` (those that draw from
-    a model trained this way, the default first), ``timestep_dtype`` (the model's timestep: integers for
-    diffusion, fractions for flow matching), ``shifts_timesteps`` (SD3's timestep shift applies) and
-    ``weights_by_snr`` (Min-SNR weighting applies), ``train_settings`` (constructor argument -> the ``train.*``
-    config key it is read from).
+    Class attributes: ``name`` (the registry key), ``kind`` (its words for a model trained so), ``prediction``
+    (what the model outputs), ``learn_sigma`` (whether the model also outputs a variance: 2C channels instead
+    of C), ``samplers`` (those that draw from a model trained this way, the default first; ``schedule`` builds
+    one), ``timestep_dtype`` (the model's timestep: integers for diffusion, fractions for flow matching),
+    ``shifts_timesteps`` (SD3's timestep shift applies), ``weights_by_snr`` (Min-SNR weighting applies) and
+    ``train_settings`` (constructor argument -> the ``train.*`` config key it is read from).
     """
 
     name: ClassVar[str]
@@ -73,6 +73,15 @@ class Objective:
                              f"use one of {cls.samplers}")
         if num_steps is not None:
             check_num_steps(sampler, num_steps)
+
+    @classmethod
+    def schedule(cls, sampler: str, num_steps: int | None = None, *, clip_denoised: bool = False,
+                 learn_sigma: bool | None = None, flow_shift: float = 1.0) -> SamplingSchedule:
+        """The ready-to-step schedule of one of this objective's samplers (``make_schedule``); ``learn_sigma``
+        (whether the model outputs a variance) defaults to the objective's."""
+        cls.check_sampler(sampler)
+        return make_schedule(sampler, num_steps, clip_denoised, cls.learn_sigma if learn_sigma is None else learn_sigma,
+                             flow_shift)
 
     @classmethod
     def model_timesteps(cls, timestep, rows: int, device) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_gspn.cli import OutputExistsError, UserError, check_output_path
+from dit_gspn.seeding import index_seed
 
 from .checkpoint import SamplingInfo, decode
 from .grid import to_uint8
@@ -38,12 +39,6 @@ MANIFEST_DEFAULTS = {"guidance_interval": None, "flow_shift": 1.0}
 
 class BatchError(UserError, ValueError):
     """A batch-sampling job that cannot continue as asked (shards drawn with other settings, ...)."""
-
-
-def index_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index``'s generator: a hash of (seed, index), so runs with nearby seeds do not overlap."""
-    low, high = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return int((int(high) << 32 | int(low)) & (2**63 - 1))
 
 
 def index_generators(seed: int, indices) -> list[torch.Generator]:

@@ -5,9 +5,10 @@ guided_channels)``, ``num_classes`` (also the null class id), ``in_channels``, `
 ``out_channels``: ``2 * in_channels`` (epsilon, then the variance interpolation) when it learns sigma, or
 ``in_channels`` (epsilon) when it does not; DDPM then uses the fixed large variance (beta), as DiT's
 ``create_diffusion(learn_sigma=False)``. ``ddpm`` and ``ddim`` equal ADM's samplers step for step
-(``dit_gspn.diffusion.make_schedule``). A flow-matching
-model (``dit_gspn.diffusion.FlowMatching``) outputs ``in_channels`` (a velocity) and is drawn with the
-``euler`` or ``heun`` ODE sampler or SiT's ``sde``, which pass it fractional timesteps.
+(``dit_gspn.diffusion.make_schedule``). A flow-matching model (``dit_gspn.diffusion.FlowMatching``) outputs
+``in_channels`` (a velocity) and is drawn with the ``euler`` or ``heun`` ODE sampler or SiT's ``sde``, which
+pass it fractional timesteps. What a sampler needs to know of the model (its output channels, its timesteps,
+the schedule) it asks the sampler's objective (``dit_gspn.diffusion.objective``).
 
 Classifier-free guidance can be limited to an interval of noise levels (Kynkaanniemi et al. 2024): a step
 whose noise level (the model's timestep / 1000: s for flow matching, t / 1000 for DiT's diffusion) lies
@@ -21,7 +22,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from dit_gspn.diffusion import DIT_SCHEDULE, SAMPLERS, make_schedule, objective_of_sampler
+from dit_gspn.diffusion import DIT_SCHEDULE, objective_of_sampler
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -94,8 +95,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
     state and arithmetic (float32, or float64 with a float64 model); the initial noise is drawn in float32 for
     either, so both start from the same point (DDPM's and the SDE's per-step noise is drawn in ``dtype``).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    objective = objective_of_sampler(sampler)  # the objective whose models it draws (ValueError if unknown)
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     guidance_interval = check_guidance_interval(guidance_interval)
@@ -116,13 +116,12 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
     if out_channels not in (channels, 2 * channels):
         raise ValueError(f"model.out_channels is {out_channels}; expected {channels} (epsilon) or "
                          f"{2 * channels} (epsilon and learned variance) for in_channels={channels}")
-    objective = objective_of_sampler(sampler)
     if not objective.learn_sigma and out_channels != channels:
         raise ValueError(f"sampler {sampler!r} needs a {objective.kind} model, which outputs {channels} channels (a "
                          f"{objective.prediction}); this model outputs {out_channels} (epsilon and a learned "
                          f"variance: DDPM's)")
-    schedule = make_schedule(sampler, num_steps, clip_denoised, learn_sigma=out_channels == 2 * channels,
-                             flow_shift=flow_shift)
+    schedule = objective.schedule(sampler, num_steps, clip_denoised=clip_denoised,
+                                  learn_sigma=out_channels == 2 * channels, flow_shift=flow_shift)
     for t, model_t in tqdm(list(schedule.steps()), desc="sampling", disable=not progress, leave=False):
         guide = guided and guided_at(float(model_t) / DIT_SCHEDULE["num_train_timesteps"], guidance_interval)
         rows = 2 * n if guide else n

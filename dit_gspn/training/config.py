@@ -228,7 +228,6 @@ def _check_model_section(model: dict) -> None:
         raise ConfigError(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
 
 
-
 # --- The schema ----------------------------------------------------------------------------------------------
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -244,7 +243,8 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, values: dict, where: str = "model.") -> "ModelConfig":
+    def parse(cls, values: dict) -> "ModelConfig":
+        """The section from ``values``: the zoo name and each DiT argument checked."""
         _check_model_section(values)
         return cls(values["name"], {k: v for k, v in values.items() if k != "name"})
 
@@ -424,8 +424,9 @@ def parse_config(config: dict | RunConfig) -> RunConfig:
     if isinstance(config, RunConfig):
         config = config.to_dict()
     config = complete_config(config)
+    run_dir = _run_dir("run_dir", config["run_dir"])
     _number("seed", config["seed"], integer=True, minimum=0)
-    run = RunConfig(run_dir=_run_dir("run_dir", config["run_dir"]), seed=config["seed"],
+    run = RunConfig(run_dir=run_dir, seed=config["seed"],
                     model=ModelConfig.parse(config["model"]),
                     data=DataConfig.parse(config["data"], "data."),
                     train=TrainConfig.parse(config["train"], "train."),

@@ -1,7 +1,7 @@
 """The order in which a run visits its data: seeded per epoch, split over processes, resumable at any batch.
 
-Epoch e shuffles the dataset with a generator seeded by (seed, e). Global micro-batch b of that
-epoch is positions [b * G, (b + 1) * G) of the shuffle (G = micro-batch size x processes), and
+Epoch e shuffles the dataset with the generator of (seed, e, ``Stream.DATA_ORDER``). Global micro-batch
+b of that epoch is positions [b * G, (b + 1) * G) of the shuffle (G = micro-batch size x processes), and
 process r reads its r-th slice of it. The position (epoch, b) is all a checkpoint needs to continue
 the exact same stream, and it stays valid when the number of processes changes (G fixed).
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from dit_gspn.seeding import Stream, index_generator
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -35,7 +37,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         return max(0, self.batches_per_epoch - self.start)
 
     def _order(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = index_generator(self.seed, self.epoch, stream=Stream.DATA_ORDER)
         return torch.randperm(self.dataset_size, generator=generator)
 
     def _slice(self, order: torch.Tensor, batch: int) -> list[int]:
@@ -61,7 +63,7 @@ def micro_batches(dataset, micro_batch: int, acc, seed: int, epoch: int, start: 
         # would shift the label-dropout stream of a resumed run by one draw.
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                             pin_memory=acc.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                            generator=index_generator(seed, epoch, stream=Stream.LOADER))
         for b, (x, y) in enumerate(loader, start=start):
             yield x, y, (epoch, b + 1)
         epoch, start = epoch + 1, 0

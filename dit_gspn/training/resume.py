@@ -20,6 +20,10 @@ from .checkpoint import (check_writable, find_rng_state, latest_checkpoint, load
                          set_rng_state)
 from .config import ConfigError, RunConfig, config_changes, read_saved_config
 
+#: How a run's random streams are seeded, recorded in trainer_state.json: a checkpoint without it was written
+#: when they were ``seed * 1_000_003 + index``, whose data order a resume no longer repeats.
+SEEDING = "seed_sequence"
+
 
 def run_folders(run_dir: Path, tensorboard: bool) -> list[Path]:
     """Every folder the run will write to."""
@@ -84,6 +88,7 @@ class Restored:
     optimizer_state: dict
     scheduler_state: dict
     rng: dict | None            # this process's RNG states; None when the number of processes changed
+    seeding: str | None         # how the writing run seeded its streams (``SEEDING``; None: before it existed)
 
     def apply(self, optimizer, lr_scheduler, noise_generator: torch.Generator, acc) -> None:
         """Put the optimizer, schedule and RNG states back (after ``accelerate.prepare`` and the seeding)."""
@@ -98,6 +103,9 @@ class Restored:
         elif acc.is_main_process:
             print(f"resuming {self.checkpoint} with {acc.num_processes} processes instead of {self.num_processes}: "
                   f"the data order continues exactly, the noise streams are re-seeded")
+        if self.seeding != SEEDING and acc.is_main_process:
+            print(f"resuming {self.checkpoint}, written before per-index seeds: the data order from here on is "
+                  f"not the one that run would have visited (the noise streams continue exactly)", flush=True)
 
 
 def read_checkpoint(checkpoint: Path, model: torch.nn.Module, ema: torch.nn.Module, global_micro_batch: int,
@@ -116,4 +124,5 @@ def read_checkpoint(checkpoint: Path, model: torch.nn.Module, ema: torch.nn.Modu
                     position=(int(state["epoch"]), int(state["batch_in_epoch"])),
                     num_processes=state["num_processes"], optimizer_state=load_optimizer_state(checkpoint),
                     scheduler_state=load_lr_scheduler_state(checkpoint),
-                    rng=find_rng_state(checkpoint, acc.process_index) if same_processes else None)
+                    rng=find_rng_state(checkpoint, acc.process_index) if same_processes else None,
+                    seeding=state.get("seeding"))

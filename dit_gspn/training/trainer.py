@@ -21,6 +21,7 @@ import torch
 
 from dit_gspn.cli import UserError
 from dit_gspn.data import ShardError
+from dit_gspn.seeding import Stream, index_generator, index_seed
 
 from .checkpoint import CheckpointWriter
 from .config import ConfigError, RunConfig, validate_config
@@ -31,7 +32,7 @@ from .fid_monitor import FidMonitor
 from .grids import GridWriter, grid_labels
 from .progress import TrainingLog
 from .repa import PROJECTOR_DIR, RepresentationAlignment
-from .resume import load_model_weights, open_run_folder, read_checkpoint
+from .resume import SEEDING, load_model_weights, open_run_folder, read_checkpoint
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -192,8 +193,8 @@ class Trainer:
     def _seed_streams(self) -> None:
         """This process's noise generator (timesteps and noise) and global RNG (label dropout)."""
         seed, rank = self.config.seed, self.acc.process_index
-        self.noise_generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-        torch.manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+        self.noise_generator = index_generator(seed, rank, stream=Stream.NOISE)
+        torch.manual_seed(index_seed(seed, rank, stream=Stream.LABEL_DROPOUT))
 
     def run(self) -> TrainResult:
         """Train until ``train.steps`` (or the time limit), logging, checkpointing and drawing grids on the way."""
@@ -308,8 +309,9 @@ class Trainer:
             self.step, model=self.model, ema=self.ema, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             sampling_info=self.data.sampling_info, config=self.config.to_dict(), noise_generator=self.noise_generator,
             trainer_state={"epoch": self.position[0], "batch_in_epoch": self.position[1],
-                           "num_processes": acc.num_processes, "global_micro_batch": self.micro_batch * acc.num_processes,
-                           "grad_accum_steps": self.accum, "loss": last_loss},
+                           "num_processes": acc.num_processes,
+                           "global_micro_batch": self.micro_batch * acc.num_processes,
+                           "grad_accum_steps": self.accum, "loss": last_loss, "seeding": SEEDING},
             extra_weights=None if self.repa is None else {PROJECTOR_DIR: self.projector})
 
     def _draw_grid(self, log: TrainingLog) -> None:
