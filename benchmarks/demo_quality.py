@@ -17,6 +17,13 @@ where the shapes themselves are drawn right.
 
 With ``--seeds`` every model is trained and scored once per seed, and ``summary`` gives each model's
 mean and standard deviation over the seeds.
+
+REPA with the silhouette classifier's conv features as the encoder (``--repa-encoder`` trains one per seed, on
+another seed than the scoring classifiers, and saves it as TorchScript; a model's overrides name it as
+``{repa_encoder}``):
+
+    python -m benchmarks.demo_quality --seeds 0 1 2 --repa-encoder --models GSPN-S/4 \
+        "GSPN-S/4,repa.block=2,repa.encoder={repa_encoder}" train.steps=200 train.time_limit_minutes=null
 """
 from __future__ import annotations
 
@@ -34,62 +41,11 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/demo.p
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from dit_gspn.data.shapes_classifier import (save_torchscript, silhouette, silhouette_features,  # noqa: E402
+                                             train_classifier)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shape_classifier() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-
-def silhouette(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) images in [-1, 1] -> (B, 3, H, W) grey silhouettes: the channel mean stretched per image
-    so that its 2nd and 98th percentiles map to 0 and 1 (which colour a shape has, and how bright it is,
-    no longer tell the classes apart)."""
-    grey = images.mean(dim=1, keepdim=True)
-    flat = grey.flatten(1)
-    lo = flat.quantile(0.02, dim=1).view(-1, 1, 1, 1)
-    hi = flat.quantile(0.98, dim=1).view(-1, 1, 1, 1)
-    return ((grey - lo) / (hi - lo).clamp(min=1e-3)).clamp(0, 1).expand(-1, 3, -1, -1)
-
-
-class _View(nn.Module):
-    def __init__(self, view, net):
-        super().__init__()
-        self.view, self.net = view, net
-
-    def forward(self, x):
-        return self.net(self.view(x))
-
-
-def train_classifier(image_size: int, per_class: int, epochs: int, seed: int,
-                     view=None) -> tuple[nn.Module, float]:
-    """(classifier, its accuracy on held-out real shapes), trained on shapes from ``seed`` (with flips).
-
-    ``view``: a map applied to every image before the classifier sees it (e.g. ``silhouette``).
-    """
-    from dit_gspn.data import ShapesDataset
-
-    torch.manual_seed(seed)
-    train_set = ShapesDataset(num_per_class=per_class, image_size=image_size, seed=seed, flip=True)
-    test_set = ShapesDataset(num_per_class=max(20, per_class // 5), image_size=image_size, seed=seed + 1)
-    net = shape_classifier() if view is None else _View(view, shape_classifier())
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True)
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-    net.eval()
-    x, y = zip(*(test_set[i] for i in range(len(test_set))))
-    with torch.no_grad():
-        accuracy = (net(torch.stack(x)).argmax(1) == torch.tensor(y)).float().mean().item()
-    return net, accuracy
 
 
 def evaluate_model(spec: str, config_path: Path, overrides: list[str], run_dir: Path, classifiers: dict,
@@ -203,6 +159,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", default=None, help="where the two training runs go (default: a temp folder)")
     parser.add_argument("--checkpoints", nargs="+", default=None, metavar="DIR",
                         help="score these training checkpoints instead of training (e.g. one run's snapshots)")
+    parser.add_argument("--repa-encoder", action="store_true",
+                        help="train a silhouette classifier per seed (seed 20000 + seed) and save its conv features "
+                             "as TorchScript; model overrides name the file as {repa_encoder}")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo_quality.json"))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to both models")
     args = parser.parse_args(argv)
@@ -227,11 +186,21 @@ def main(argv=None) -> dict:
                 print(json.dumps(results[-1]), flush=True)
             continue
         runs = Path(args.runs or tempfile.mkdtemp(prefix="demo_quality_"))
-        for name in models:
+        encoder_file = ""
+        if args.repa_encoder:
+            size = int(config["data"]["image_size"])
+            classifier, encoder_accuracy = train_classifier(size, args.classifier_per_class, args.classifier_epochs,
+                                                            seed=20_000 + seed, view=silhouette)
+            real_accuracy[seed]["repa_encoder"] = encoder_accuracy
+            encoder_file = str(save_torchscript(silhouette_features(classifier), torch.zeros(2, 3, size, size),
+                                                runs / f"repa_encoder_s{seed}.pt"))
+        for name in [m.replace("{repa_encoder}", encoder_file) for m in models]:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = runs / f"{name.split(',')[0].replace('/', '_')}-s{seed}-{stamp}"
             results.append({"seed": seed, **evaluate_model(name, Path(args.config), overrides, run_dir, classifiers,
                                                            args.samples_per_class, sample_steps, seed=seed)})
+            results[-1]["model"] = results[-1]["model"].replace(encoder_file, "{repa_encoder}") if encoder_file \
+                else results[-1]["model"]
             print(json.dumps(results[-1]), flush=True)
     report = {
         "what": "accuracy of a CNN trained on real built-in shapes, applied to class-conditional samples "

@@ -29,6 +29,9 @@ def parse_args(argv=None):
                    help="default: every metric the inputs allow (fid needs two inputs; isc, kid, prc images)")
     p.add_argument("--weights", default=None,
                    help=f"Inception-v3 state dict for torch-fidelity (else ${ENV_WEIGHTS}, else its download)")
+    p.add_argument("--extractor", default=None,
+                   help="a TorchScript feature extractor instead of Inception: uint8 (B, 3, H, W) images -> (B, D) "
+                        "features, or (features, logits) for IS (e.g. the demo's silhouette classifier)")
     p.add_argument("--report", default=None, help="write the JSON report here (it is printed either way)")
     p.add_argument("--save-stats", default=None, help="write the samples' FID statistics (mu, sigma) to this .npz")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="FID statistics cache ('' disables it)")
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
                         feature_layer=args.feature_layer)
     report = evaluate(args.samples, args.reference, metrics=args.metrics, weights=args.weights,
                       settings=settings, cache_dir=args.cache_dir or None, save_stats=args.save_stats,
-                      progress=not args.quiet)
+                      progress=not args.quiet, extractor=args.extractor)
     for note in report["warnings"]:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     text = json.dumps(report, indent=2)

@@ -67,6 +67,9 @@ class InceptionFeatures:
     forward pass at the deepest one requested.
     """
 
+    name = FEATURE_EXTRACTOR
+    label = "inception"
+
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu",
                  layers: tuple[str, ...] = (POOL, LOGITS)):
         self.weights_path = resolve_inception_weights(weights)
@@ -99,28 +102,63 @@ class InceptionFeatures:
         return {layer: features[layer].cpu() for layer in self.layers}
 
 
+class ScriptedFeatures(InceptionFeatures):
+    """A TorchScript feature extractor in Inception's place (``--extractor FILE``): its module maps uint8
+    (B, 3, H, W) images to (B, D) features, or to a pair (features, logits) whose logits serve IS. It stands
+    for the layer ``layer``; the reports and statistics files name it ``torchscript <file name>`` and record
+    the file's sha256, so that statistics of one extractor are never compared with another's."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", layers: tuple[str, ...] = (POOL, LOGITS)):
+        self.weights_path = Path(path)
+        if not self.weights_path.is_file():
+            raise EvalInputError(f"feature extractor {self.weights_path} does not exist")
+        self.weights_sha256 = sha256_file(self.weights_path)
+        try:
+            self.model = torch.jit.load(str(self.weights_path), map_location=device).eval()
+        except (RuntimeError, ValueError) as err:
+            raise EvalInputError(f"{self.weights_path} is not a TorchScript file (torch.jit.save): {err}") from err
+        self.name = f"torchscript {self.weights_path.name}"
+        self.label = self.weights_path.stem
+        self.device = device
+        self.layers = tuple(layers)
+
+    @torch.no_grad()
+    def batch_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(images.to(self.device))
+        features, logits = out if isinstance(out, (tuple, list)) else (out, None)
+        found = {}
+        for layer in self.layers:
+            if layer == LOGITS and logits is None:
+                raise EvalInputError(f"{self.weights_path} returns features only, no logits: IS needs them "
+                                     f"(pass --metrics without isc)")
+            found[layer] = (logits if layer == LOGITS else features).float().flatten(1).cpu()
+        return found
+
+
 def fid_stats(features: torch.Tensor) -> dict[str, np.ndarray]:
     """torch-fidelity's mean and covariance of pool features, in float64 (ADM's reference files are float64)."""
     stats = fid_features_to_statistics(features)
     return {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
 
 
-def write_stats(path: str | Path, stats: dict, *, weights_sha256: str, count: int, source_sha256: str) -> Path:
-    """A reference-statistics ``.npz`` (``mu``, ``sigma``, as ADM's) that records which Inception made it."""
+def write_stats(path: str | Path, stats: dict, *, weights_sha256: str, count: int, source_sha256: str,
+                feature_extractor: str = FEATURE_EXTRACTOR) -> Path:
+    """A reference-statistics ``.npz`` (``mu``, ``sigma``, as ADM's) that records which extractor made it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return savez_atomically(path, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=FEATURE_EXTRACTOR,
+    return savez_atomically(path, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=feature_extractor,
                             weights_sha256=weights_sha256, count=np.int64(count), source_sha256=source_sha256)
 
 
-def _stored_stats(source: EvalInput, weights_sha256: str, layer: str) -> dict:
+def _stored_stats(source: EvalInput, weights_sha256: str, layer: str, scripted: bool = False) -> dict:
     meta = source.metadata()
     made_with = meta.get("weights_sha256")
+    what = "the feature extractor" if scripted else "Inception weights"
     if made_with is not None and made_with != weights_sha256:
-        raise EvalInputError(f"{source.path} was computed with Inception weights sha256 {made_with[:12]}…, but these "
-                         f"are {weights_sha256[:12]}…: recompute it with the same --weights")
+        raise EvalInputError(f"{source.path} was computed with {what} sha256 {made_with[:12]}…, but these "
+                         f"are {weights_sha256[:12]}…: recompute it with the same {'--extractor' if scripted else '--weights'}")
     stats = source.stats()
-    if stats["mu"].shape[0] != int(layer):
+    if not scripted and stats["mu"].shape[0] != int(layer):
         raise EvalInputError(f"{source.path} holds statistics of {stats['mu'].shape[0]}-d features, but the feature "
                          f"layer is {layer}: pass --feature-layer {stats['mu'].shape[0]} or recompute them")
     return stats
@@ -148,14 +186,14 @@ def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[s
 
 
 def _sample_count_warnings(first: EvalInput, second: EvalInput | None, chosen: list[str],
-                           settings: Settings) -> list[str]:
+                           settings: Settings, scripted: bool = False) -> list[str]:
     """What makes these metrics less meaningful than they look: too few samples for FID, a shrunk KID subset."""
     notes = []
     dim = int(settings.feature_layer)
     if "fid" in chosen:
         for source in (first, second):
             if source.has_images and not (source.has_stats and not settings.stats_from_images):
-                if source.count <= dim:
+                if source.count <= dim and not scripted:  # a scripted extractor's width is not the layer's
                     notes.append(f"FID from {source.count} samples of {source.path}: the {dim}-d feature covariance "
                                  f"needs more than {dim} samples to be full rank, so this FID is not meaningful "
                                  f"(50,000 is the standard)")
@@ -173,12 +211,15 @@ def _sample_count_warnings(first: EvalInput, second: EvalInput | None, chosen: l
 def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: list[str] | None = None,
              weights: str | os.PathLike | None = None, settings: Settings | None = None,
              cache_dir: str | Path | None = None, save_stats: str | Path | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, extractor: str | os.PathLike | None = None) -> dict:
     """Compare ``input1`` (the samples) with ``input2`` (the reference); returns the JSON-ready report.
 
     IS is computed on input1; precision is input1's samples inside input2's manifold, recall the converse
     (torch-fidelity's convention). ``save_stats`` writes input1's FID statistics to a reusable ``.npz``.
+    ``extractor``: a TorchScript feature extractor (``ScriptedFeatures``) instead of Inception.
     """
+    if extractor is not None and weights is not None:
+        raise EvalInputError("give Inception --weights or an --extractor, not both")
     settings = settings or Settings()
     start = time.perf_counter()
     first = open_input(input1)
@@ -190,8 +231,11 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         if source is not None:
             source.check()  # a corrupt or odd-sized input is named before the weights load
     layer = settings.feature_layer
-    warnings = _sample_count_warnings(first, second, chosen, settings)
-    extractor = InceptionFeatures(weights, settings.device, (layer, LOGITS) if "isc" in chosen else (layer,))
+    warnings = _sample_count_warnings(first, second, chosen, settings, scripted=extractor is not None)
+    layers = (layer, LOGITS) if "isc" in chosen else (layer,)
+    scripted = extractor is not None
+    extractor = (ScriptedFeatures(extractor, settings.device, layers) if scripted
+                 else InceptionFeatures(weights, settings.device, layers))
     cache = Path(cache_dir) if cache_dir is not None else None
     sources = [s for s in (first, second) if s is not None]
 
@@ -210,7 +254,8 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         if not needs_stats:
             continue
         if source.has_stats and not (settings.stats_from_images and source.has_images):
-            stats[id(source)], stats_origin[id(source)] = _stored_stats(source, extractor.weights_sha256, layer), "stored"
+            stats[id(source)] = _stored_stats(source, extractor.weights_sha256, layer, scripted)
+            stats_origin[id(source)] = "stored"
             continue
         cached = (cache / f"{source.sha256[:32]}-{extractor.weights_sha256[:16]}-fid{layer}-stats.npz"
                   if cache else None)
@@ -221,10 +266,14 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         stats_origin[id(source)] = "computed"
         if cached is not None:
             write_stats(cached, stats[id(source)], weights_sha256=extractor.weights_sha256, count=source.count,
-                        source_sha256=source.sha256)
+                        source_sha256=source.sha256, feature_extractor=extractor.name)
 
     results, used = {}, {}
     if "fid" in chosen:
+        if stats[id(first)]["mu"].shape != stats[id(second)]["mu"].shape:
+            raise EvalInputError(f"the FID statistics of {first.path} and {second.path} have different feature "
+                                 f"widths ({stats[id(first)]['mu'].shape[0]} and {stats[id(second)]['mu'].shape[0]}): "
+                                 f"they come from different extractors")
         results.update(fid_statistics_to_metric(stats[id(first)], stats[id(second)], verbose=False))
     if "isc" in chosen:
         splits = min(settings.isc_splits, first.count)
@@ -243,7 +292,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
                                               verbose=False))
     if save_stats is not None:
         write_stats(save_stats, stats[id(first)], weights_sha256=extractor.weights_sha256, count=first.count or 0,
-                    source_sha256=first.sha256)
+                    source_sha256=first.sha256, feature_extractor=extractor.name)
 
     inputs = []
     for source in sources:
@@ -255,8 +304,8 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         "metrics": results,
         "warnings": warnings,
         "inputs": inputs,
-        "settings": dict(asdict(settings), **used, metrics=chosen, feature_extractor=FEATURE_EXTRACTOR,
-                         prc_features=f"{FEATURE_EXTRACTOR} {layer}", weights=str(extractor.weights_path),
+        "settings": dict(asdict(settings), **used, metrics=chosen, feature_extractor=extractor.name,
+                         prc_features=f"{extractor.name} {layer}", weights=str(extractor.weights_path),
                          weights_sha256=extractor.weights_sha256, torch_fidelity=torch_fidelity.__version__,
                          save_stats=str(save_stats) if save_stats else None),
         "seconds": round(time.perf_counter() - start, 2),

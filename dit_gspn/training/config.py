@@ -317,6 +317,24 @@ class LoggingConfig(_Section):
     # [low, high]: guide only steps at noise levels (timestep / 1000) in it
     guidance_interval: list | None = custom(None, _guidance_interval)
     flow_shift: float = number(1.0, above=0)          # flow samplers: SD3's timestep shift of the grid; 1: none
+    # FID (and IS) of the EMA's samples while training (dit_gspn/training/fid_monitor.py), with the grid's sampler:
+    fid_every: int = integer(0, minimum=0)            # steps between evaluations; 0: off
+    fid_samples: int = integer(1000, minimum=2)       # images per evaluation (fixed seed and classes), all processes
+    fid_batch_size: int = integer(64, minimum=1)      # images per sampling batch on each process
+    fid_reference: str | None = custom(None, _optional_text)  # statistics .npz (python -m evaluation X --save-stats)
+    # None: Inception; a TorchScript extractor file; "shapes-classifier" (the built-in data's, not Inception)
+    fid_extractor: str | None = custom(None, _optional_text)
+    fid_weights: str | None = custom(None, _optional_text)  # Inception weights (else $DIT_GSPN_INCEPTION_WEIGHTS)
+
+
+@dataclass
+class RepaConfig(_Section):
+    """``repa``: representation alignment (REPA, Yu et al. 2025; dit_gspn/training/repa.py), off by default."""
+
+    block: int | None = integer(None, minimum=1, optional=True)  # align this block's output (1-based; REPA: 8 of 28)
+    encoder: str | None = custom(None, _optional_text)  # TorchScript file, torch.hub FOLDER:entry, or dinov2_vitb14
+    coefficient: float = number(0.5, minimum=0)       # weight of the negative cosine similarity (REPA: 0.5)
+    projector_dim: int = integer(2048, minimum=1)     # hidden width of the 3-layer SiLU MLP projector (REPA: 2048)
 
 
 @dataclass
@@ -330,6 +348,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def to_dict(self) -> dict:
         """The config as a mapping of sections (what a checkpoint's config.yaml holds)."""
@@ -412,7 +431,11 @@ def parse_config(config: dict | RunConfig) -> RunConfig:
                     data=DataConfig.parse(config["data"], "data."),
                     train=TrainConfig.parse(config["train"], "train."),
                     checkpoint=CheckpointConfig.parse(config["checkpoint"], "checkpoint."),
-                    logging=LoggingConfig.parse(config["logging"], "logging."))
+                    logging=LoggingConfig.parse(config["logging"], "logging."),
+                    repa=RepaConfig.parse(config["repa"], "repa."))
+    if run.repa.block is not None and not run.repa.encoder:
+        raise ConfigError(f"repa.block={run.repa.block} needs repa.encoder (a TorchScript file, torch.hub "
+                          f"FOLDER:entry or a DINOv2 name such as dinov2_vitb14), got {run.repa.encoder!r}")
     if run.train.global_batch_size % run.train.grad_accum_steps:
         raise ConfigError(f"train.global_batch_size={run.train.global_batch_size} must be divisible by "
                           f"train.grad_accum_steps={run.train.grad_accum_steps}")
@@ -435,7 +458,30 @@ def validate_config(config: dict | RunConfig) -> RunConfig:
     if data.kind == "shapes" and data.image_size % run.model.patch_size:
         raise ConfigError(f"data.image_size={data.image_size} must be divisible by the patch size "
                           f"{run.model.patch_size} of {run.model.name}")
+    _check_fid_files(run.logging, data.kind)
     return run
+
+
+def _check_fid_files(logging: LoggingConfig, data_kind: str) -> None:
+    """The FID monitor's extractor and reference exist and fit the data (when it is on)."""
+    if not logging.fid_every:
+        return
+    extractor, reference = logging.fid_extractor, logging.fid_reference
+    if extractor == "shapes-classifier":
+        if data_kind != "shapes":
+            raise ConfigError("logging.fid_extractor=shapes-classifier is the built-in shapes dataset's; with "
+                              f"data.kind={data_kind} use Inception (null) or a TorchScript extractor file")
+    elif extractor is not None and not Path(extractor).is_file():
+        raise ConfigError(f"logging.fid_extractor {extractor} is not a file (a TorchScript feature extractor), "
+                          f"nor shapes-classifier; null is Inception")
+    if extractor is not None and logging.fid_weights is not None:
+        raise ConfigError("logging.fid_weights are Inception's: unset them with logging.fid_extractor set")
+    if reference is None and extractor != "shapes-classifier":
+        raise ConfigError("logging.fid_every > 0 needs logging.fid_reference, the data's FID statistics "
+                          "(python -m evaluation IMAGES --save-stats REF.npz, with the same extractor)")
+    if reference is not None and not Path(reference).is_file():
+        raise ConfigError(f"logging.fid_reference {reference} does not exist (python -m evaluation IMAGES "
+                          f"--save-stats {reference})")
 
 
 def _resolve_objective(run: RunConfig) -> None:

@@ -67,7 +67,8 @@ def open_run_folder(config: RunConfig, resume: str | None, allow_config_change: 
     return checkpoint
 
 
-def _load_model_weights(module: torch.nn.Module, folder: Path, name: str) -> None:
+def load_model_weights(module: torch.nn.Module, folder: Path, name: str) -> None:
+    """``folder``'s safetensors weights into ``module``, or a CheckpointError naming what does not fit."""
     state = load_weights(folder)
     try:
         module.load_state_dict(state)
@@ -112,8 +113,8 @@ def read_checkpoint(checkpoint: Path, model: torch.nn.Module, ema: torch.nn.Modu
     """Load ``checkpoint``'s weights into ``model`` and ``ema`` and read the rest of its state; a ConfigError
     when this launch's samples per micro-batch (over all processes) differ from the checkpoint's."""
     state = read_trainer_state(checkpoint)
-    _load_model_weights(model, checkpoint / "model", "model")
-    _load_model_weights(ema, checkpoint / "ema", "EMA")
+    load_model_weights(model, checkpoint / "model", "model")
+    load_model_weights(ema, checkpoint / "ema", "EMA")
     if state["global_micro_batch"] != global_micro_batch:
         raise ConfigError(f"{checkpoint} was trained with {state['global_micro_batch']} samples per micro-batch "
                           f"over all processes; this launch gives {global_micro_batch}: keep "

@@ -28,9 +28,11 @@ from .config import ConfigError, RunConfig, validate_config
 from .data_order import micro_batches, non_finite_sources
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
-from .progress import TrainingLog
-from .resume import SEEDING, open_run_folder, read_checkpoint
+from .fid_monitor import FidMonitor
 from .sample_grids import GridWriter, grid_labels
+from .progress import TrainingLog
+from .repa import PROJECTOR_DIR, RepresentationAlignment
+from .resume import SEEDING, load_model_weights, open_run_folder, read_checkpoint
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -58,6 +60,21 @@ def build_model(config: RunConfig, data: TrainingData):
         return create_model(config.model.name, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
+
+
+def build_alignment(config: RunConfig, model: torch.nn.Module, data: TrainingData,
+                    device) -> RepresentationAlignment | None:
+    """The REPA term ``config.repa`` asks for (its encoder loaded, its projector fresh), or None when off."""
+    from .encoders import load_encoder
+
+    rc = config.repa
+    if rc.block is None:
+        return None
+    try:
+        return RepresentationAlignment(model, load_encoder(rc.encoder), block=rc.block, coefficient=rc.coefficient,
+                                       projector_dim=rc.projector_dim, info=data.sampling_info, device=device)
+    except ValueError as err:
+        raise ConfigError(f"repa: {err}") from err
 
 
 def _lr_lambda(warmup_steps: int):
@@ -127,10 +144,15 @@ class Trainer:
         if self.checkpoint is not None:
             restored = read_checkpoint(self.checkpoint, self.model, self.ema, self.micro_batch * acc.num_processes,
                                        acc)
+            if self.repa is not None:
+                load_model_weights(self.repa.projector, self.checkpoint / PROJECTOR_DIR, "REPA projector")
         if config.train.compile:
             set_compile_cache()
             self.model.compile()
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        if self.repa is None:
+            self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        else:
+            self.model, self.projector, self.optimizer = acc.prepare(self.model, self.repa.projector, self.optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         self.ema.to(acc.device)
         self._seed_streams()
@@ -143,6 +165,9 @@ class Trainer:
         self.grids = (GridWriter(acc, self.run_dir, self.data.sampling_info, config.logging.to_dict(), config.seed)
                       if acc.is_main_process else None)
         self.grid_path = None
+        self.fid = (FidMonitor(acc, self.run_dir, self.data.sampling_info, config.logging.to_dict(), config.seed,
+                               self.data.dataset) if config.logging.fid_every else None)
+        self.window_alignment = torch.zeros((), device=acc.device)  # REPA's mean -cos since the last report
 
     def _build(self) -> None:
         """The data (checked against the batch and the grid's classes), the model, its EMA, the optimizer and
@@ -157,8 +182,11 @@ class Trainer:
         if tc.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.ema = make_ema(self.model)
+        self.repa = build_alignment(config, self.model, self.data, acc.device)
+        trained = (self.model.parameters() if self.repa is None
+                   else [*self.model.parameters(), *self.repa.projector.parameters()])
         # fused: one kernel per parameter instead of ~8 small ops each (the for-loop default on CPU).
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas,
+        self.optimizer = torch.optim.AdamW(trained, lr=tc.lr, betas=tc.betas,
                                            weight_decay=tc.weight_decay, fused=acc.device.type in ("cpu", "cuda"))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.warmup_steps))
 
@@ -189,12 +217,16 @@ class Trainer:
                               f"step {self.step} of {total}; run again with --resume to continue")
                     total = self.step
                 if self.step % config.logging.every == 0 or self.step == total:
+                    if self.repa is not None:
+                        self._report_alignment(log)
                     log.report(self.step, self.lr_scheduler.get_last_lr()[0], grad_norm)
                 if self.step % config.checkpoint.every == 0 or self.step == total:
                     self._save(log.last_loss)
                 sample_every = config.logging.sample_every
                 if (sample_every and self.step % sample_every == 0) or self.step == total:
                     self._draw_grid(log)
+                if self.fid is not None and self.fid.due(self.step):
+                    self.fid.evaluate(self.ema, self.step, log.tensorboard)
         finally:
             log.close()
         return TrainResult(run_dir=self.run_dir, checkpoint=self.checkpoint, step=self.step, loss=log.last_loss,
@@ -206,6 +238,7 @@ class Trainer:
         acc, model, tc = self.acc, self.model, self.config.train
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=acc.device)
+        step_alignment = torch.zeros((), device=acc.device)
         step_inputs = []
         for k in range(self.accum):
             x, y, self.position = next(batches)
@@ -213,18 +246,34 @@ class Trainer:
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
             t = self.objective.sample_timesteps(x.shape[0], self.noise_generator).to(acc.device)
             noise = torch.randn(x.shape, generator=self.noise_generator).to(acc.device)
+            targets = self.repa.targets(x) if self.repa is not None else None
             with acc.no_sync(model) if k < self.accum - 1 else nullcontext():
                 loss = self.objective.losses(model, x, t, dict(y=y), noise)["loss"].mean()
-                acc.backward(loss / self.accum)
+                if self.repa is None:
+                    acc.backward(loss / self.accum)
+                else:
+                    with acc.no_sync(self.projector) if k < self.accum - 1 else nullcontext():
+                        repa_term, alignment = self.repa.loss(self.projector, targets)
+                        acc.backward((loss + repa_term) / self.accum)
+                    step_alignment += alignment / self.accum
             step_loss += loss.detach() / self.accum
-        if not bool(torch.isfinite(acc.reduce(step_loss, "sum"))):
+        if not bool(torch.isfinite(acc.reduce(step_loss + step_alignment, "sum"))):
             self._stop_on_non_finite_loss(step_loss, step_inputs)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip else None
+        self.window_alignment += step_alignment
+        clipped = model.parameters() if self.repa is None else [*model.parameters(), *self.projector.parameters()]
+        grad_norm = acc.clip_grad_norm_(clipped, tc.grad_clip) if tc.grad_clip else None
         self.optimizer.step()
         self.lr_scheduler.step()
         self.step += 1
         update_ema(self.ema, self.raw_model, ema_decay_at(self.step, tc.ema_decay, tc.ema_warmup))
         return step_loss, grad_norm
+
+    def _report_alignment(self, log: TrainingLog) -> None:
+        """REPA's mean alignment (-cos, in [-1, 1]) over the window to TensorBoard, ``train/repa_alignment``."""
+        alignment = (self.acc.reduce(self.window_alignment, "mean") / log.window_steps).item()
+        if log.tensorboard is not None:
+            log.tensorboard.add_scalar("train/repa_alignment", alignment, self.step)
+        self.window_alignment.zero_()
 
     def _out_of_time(self, deadline: float) -> bool:
         """Whether any process is past ``deadline``: every process stops at the same step."""
@@ -262,7 +311,8 @@ class Trainer:
             trainer_state={"epoch": self.position[0], "batch_in_epoch": self.position[1],
                            "num_processes": acc.num_processes,
                            "global_micro_batch": self.micro_batch * acc.num_processes,
-                           "grad_accum_steps": self.accum, "loss": last_loss, "seeding": SEEDING})
+                           "grad_accum_steps": self.accum, "loss": last_loss, "seeding": SEEDING},
+            extra_weights=None if self.repa is None else {PROJECTOR_DIR: self.projector})
 
     def _draw_grid(self, log: TrainingLog) -> None:
         """A labelled grid from the EMA weights (main process), logged to TensorBoard; the others wait."""
