@@ -149,7 +149,7 @@ def test_torch_compile_fullgraph_traces_the_fused_op():
         traced_ops.extend(str(node.target) for node in gm.graph.nodes)
         return torch._inductor.compile(gm, example_inputs)
 
-    compiled = torch.compile(lambda *a: gspn_proxy_scan(*a, chunk=3), fullgraph=True, backend=inductor_recording_ops)
+    compiled = torch.compile(lambda *a: gspn_proxy_scan(*a, chunk=3, impl="cpu"), fullgraph=True, backend=inductor_recording_ops)
     y = compiled(*inputs)
     assert "gspn.gspn_proxy_scan_fwd" in traced_ops, " ".join(traced_ops)
     grads = torch.autograd.grad(y.square().sum(), inputs)
@@ -177,3 +177,18 @@ def test_bad_inputs_raise_actionable_errors(mutate, error, match):
     mutate(inputs)
     with pytest.raises(error, match=match):
         gspn_proxy_scan(*inputs)
+
+
+@pytest.mark.parametrize("grad, H, W, fused", [(False, 32, 32, True), (True, 32, 32, False), (False, 33, 32, False)])
+def test_impl_none_runs_the_fused_kernel_only_where_it_pays(monkeypatch, grad, H, W, fused):
+    inputs = make_inputs(1, 4, H, W, 3, 2, torch.float32)
+    if grad:
+        inputs = [t.requires_grad_() for t in inputs]
+    called = []
+    real = proxy_scan.gspn_scan
+    monkeypatch.setattr(proxy_scan, "gspn_scan", lambda *a, **k: called.append(k) or real(*a, **k))
+    with torch.set_grad_enabled(grad):
+        y = gspn_proxy_scan(*inputs, chunk=4)
+    assert called == ([] if fused else [{"chunk": 4, "impl": None}])
+    expected = composition(*[t.detach().double() for t in inputs], 4)
+    assert_close_scaled(y.detach().double(), expected, 1e-5, "y")

@@ -13,9 +13,11 @@ Implementations (``impl``, as for :func:`dit_gspn.ops.gspn_scan`):
 - ``"cpu"``: the fused kernel (CPU tensors);
 - ``"reference"``, ``"composed"``, ``"cuda"``: the composition, :func:`proxy_maps` and then ``gspn_scan``
   with that ``impl``;
-- ``None``: :func:`dit_gspn.ops.dispatch.resolve_impl` decides, as for every op: the fused kernel for CPU
-  tensors when it is built and nothing else is forced; on CUDA the composition with ``gspn_scan``'s CUDA kernel
-  (so CUDA keeps today's path); else the composition with the unfused ops.
+- ``None``: :func:`dit_gspn.ops.dispatch.resolve_impl` decides, as for every op: for CPU tensors the fused
+  kernel when it is built, nothing else is forced and :func:`fused_kernel_pays` (a forward without autograd on a
+  map of at most :data:`FUSED_MAX_PIXELS` pixels), else the composition with ``gspn_scan``'s CPU kernel; on
+  CUDA the composition with ``gspn_scan``'s CUDA kernel (so CUDA keeps today's path); else the composition with
+  the unfused ops.
 """
 from __future__ import annotations
 
@@ -46,11 +48,28 @@ def gspn_proxy_scan(x, p, w_lam, w_u, gl, gc, gr, chunk: int | None = None, impl
     (B, 4, G, H, W) as for :func:`dit_gspn.ops.gspn_scan`. Gradients flow to all seven tensors.
     """
     _check_inputs(x, p, w_lam, w_u, (gl, gc, gr), chunk)
-    impl = dispatch.resolve_impl("gspn_proxy_scan", (x, p, w_lam, w_u, gl, gc, gr), impl)
+    tensors = (x, p, w_lam, w_u, gl, gc, gr)
+    asked = impl
+    impl = dispatch.resolve_impl("gspn_proxy_scan", tensors, impl)
+    if impl == "cpu" and asked is None and not fused_kernel_pays(x, tensors):
+        impl = None  # the composition with gspn_scan's own choice: its CPU kernel
     if impl == "cpu":
         return torch.ops.gspn.gspn_proxy_scan_fwd(x, p, w_lam, w_u, gl, gc, gr, 0 if chunk is None else int(chunk))
     lam, u = proxy_maps(p, w_lam, w_u)
     return gspn_scan(x, lam, gl, gc, gr, u, chunk=chunk, impl=impl)
+
+
+#: The largest map (H x W pixels) on which ``impl=None`` runs the fused CPU kernel.
+FUSED_MAX_PIXELS = 32 * 32
+
+
+def fused_kernel_pays(x, tensors) -> bool:
+    """Whether ``impl=None`` runs the fused CPU kernel rather than the composition with ``gspn_scan``'s: only
+    where it measured faster (README, Performance): a forward without autograd on at most
+    :data:`FUSED_MAX_PIXELS` pixels. Its backward, and its forward on larger maps, are slower than the
+    composition's on this CPU."""
+    records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not records_grad and x.shape[-2] * x.shape[-1] <= FUSED_MAX_PIXELS
 
 
 def _check_inputs(x, p, w_lam, w_u, gates, chunk) -> None:
