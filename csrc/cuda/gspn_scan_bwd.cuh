@@ -12,11 +12,10 @@ namespace cuda_kernels {
 template <typename scalar_t>
 GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
   GSPN_DYNAMIC_SMEM(float, smem);
-  const ScanShape& sh = p.in.shape;
-  const int64_t HW = sh.H * sh.W;
-  const int max_lanes = static_cast<int>(sh.H > sh.W ? sh.H : sh.W);
-  const int P = static_cast<int>(padded_row(max_lanes)), pitch = static_cast<int>(tile_pitch(max_lanes));
-  const int T = p.in.tile;
+  const BlockFrame f = block_frame(p.in);
+  const int64_t HW = f.HW, b = f.b, c = f.c;
+  const int P = f.P, pitch = f.pitch, T = f.T;
+  const DirectionGroup& group = f.group;
   // Carries of step s (left, centre, right: lane l's own products at slot l + 1) in set s & 1; the first
   // sweep uses the first two rows as its state rows.
   float* carries = smem;
@@ -33,14 +32,11 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
   float* t_u = t_qr + pitch * T;
   float* t_gy = t_u + pitch * T;
 
-  const int64_t plane = blockIdx.x;
-  const int64_t b = plane / sh.C, c = plane % sh.C;
-  const scalar_t* xp = p.in.x + plane * HW;
-  const scalar_t* gyp = p.gy + plane * HW;
-  const DirectionGroup group = direction_group(p.in.directions_per_block, plane, sh.B * sh.C);
+  const scalar_t* xp = p.in.x + f.plane * HW;
+  const scalar_t* gyp = p.gy + f.plane * HW;
   float* dx_acc = p.dx_acc + group.slot * HW;
-  scalar_t* dx = p.dx + plane * HW;
-  float* checkpoints = p.checkpoints + group.slot * checkpoint_floats(max_lanes, T);
+  scalar_t* dx = p.dx + f.plane * HW;
+  float* checkpoints = p.checkpoints + group.slot * checkpoint_floats(f.max_lanes, T);
   for (int d = group.first; d < group.last; ++d) {
     const DirectionView<scalar_t> v = direction_view(p.in, b, c, d);
     const int L = v.lanes;
@@ -52,23 +48,13 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
     for (int ti = 0; ti < tiles; ++ti) {
       const int s0 = ti * T;
       const int n = v.steps - s0 < T ? v.steps - s0 : T;
-      scalar_t rx[kLoadBatch], rlam[kLoadBatch], rgl[kLoadBatch], rgc[kLoadBatch], rgr[kLoadBatch];
+      ElementOperands<scalar_t> r[kLoadBatch];
       for_tile_elements(
-          d, n, L,
-          [&](int i, int k, int l) {
-            const int o = v.offset(s0 + k, l);
-            rx[i] = xp[o];
-            rlam[i] = v.lam[o];
-            rgl[i] = v.gl[o];
-            rgc[i] = v.gc[o];
-            rgr[i] = v.gr[o];
-          },
+          d, n, L, [&](int i, int k, int l) { r[i].load(v, xp, v.offset(s0 + k, l)); },
           [&](int i, int k, int l) {
             const int t = k * pitch + l;
-            normalized_weights<float>(static_cast<float>(rgl[i]), static_cast<float>(rgc[i]),
-                                      static_cast<float>(rgr[i]), l > 0, l < L - 1, t_wl[t], t_wc[t], t_wr[t],
-                                      FastExp());
-            t_x[t] = static_cast<float>(rlam[i]) * static_cast<float>(rx[i]);
+            r[i].weights(l, L, t_wl[t], t_wc[t], t_wr[t]);
+            t_x[t] = static_cast<float>(r[i].lam) * static_cast<float>(r[i].x);
           });
       __syncthreads();
       scan_tile_forward(
@@ -90,31 +76,25 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
     for (int ti = tiles - 1; ti >= 0; --ti) {
       const int s0 = ti * T;
       const int n = v.steps - s0 < T ? v.steps - s0 : T;
-      scalar_t rx[kLoadBatch], rlam[kLoadBatch], rgl[kLoadBatch], rgc[kLoadBatch], rgr[kLoadBatch], ru[kLoadBatch],
-          rgy[kLoadBatch];
+      ElementOperands<scalar_t> r[kLoadBatch];
+      scalar_t ru[kLoadBatch], rgy[kLoadBatch];
       for_tile_elements(
           d, n, L,
           [&](int i, int k, int l) {
             const int o = v.offset(s0 + k, l);
-            rx[i] = xp[o];
-            rlam[i] = v.lam[o];
-            rgl[i] = v.gl[o];
-            rgc[i] = v.gc[o];
-            rgr[i] = v.gr[o];
+            r[i].load(v, xp, o);
             ru[i] = v.u[o];
             rgy[i] = gyp[o];
           },
           [&](int i, int k, int l) {
             const int t = k * pitch + l;
             float slopes[3];
-            normalized_weights<float>(static_cast<float>(rgl[i]), static_cast<float>(rgc[i]),
-                                      static_cast<float>(rgr[i]), l > 0, l < L - 1, t_wl[t], t_wc[t], t_wr[t],
-                                      FastExp(), slopes);
+            r[i].weights(l, L, t_wl[t], t_wc[t], t_wr[t], slopes);
             t_ql[t] = slopes[0];
             t_qc[t] = slopes[1];
             t_qr[t] = slopes[2];
-            t_x[t] = static_cast<float>(rx[i]);
-            t_lam[t] = static_cast<float>(rlam[i]);
+            t_x[t] = static_cast<float>(r[i].x);
+            t_lam[t] = static_cast<float>(r[i].lam);
             t_u[t] = static_cast<float>(ru[i]);
             t_gy[t] = static_cast<float>(rgy[i]);
           });
@@ -173,12 +153,7 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
           [&](int, int k, int l) {
             const int o = v.offset(s0 + k, l);
             const int t = k * pitch + l;
-            const float sum = (d == group.first ? 0.f : dx_acc[o]) + t_lam[t];
-            if (d == kDirections - 1 && group.writes_output) {
-              dx[o] = static_cast<scalar_t>(sum);
-            } else {
-              dx_acc[o] = sum;
-            }
+            accumulate_direction(group, d, o, t_lam[t], dx_acc, dx);
             const int64_t og = v.gate_index * HW + o;
             p.d_lam.store(og, t_x[t]);
             p.d_gl.store(og, t_wl[t]);

@@ -10,11 +10,10 @@ namespace cuda_kernels {
 template <typename scalar_t>
 GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
   GSPN_DYNAMIC_SMEM(float, smem);
-  const ScanShape& sh = p.in.shape;
-  const int64_t HW = sh.H * sh.W;
-  const int max_lanes = static_cast<int>(sh.H > sh.W ? sh.H : sh.W);
-  const int P = static_cast<int>(padded_row(max_lanes)), pitch = static_cast<int>(tile_pitch(max_lanes));
-  const int T = p.in.tile;
+  const BlockFrame f = block_frame(p.in);
+  const int64_t HW = f.HW, b = f.b, c = f.c;
+  const int P = f.P, pitch = f.pitch, T = f.T;
+  const DirectionGroup& group = f.group;
   float* h_rows = smem;  // 2 padded state rows: step s in row s & 1
   float* t_drive = h_rows + 2 * P;
   float* t_wl = t_drive + pitch * T;
@@ -22,12 +21,9 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
   float* t_wr = t_wc + pitch * T;
   float* t_u = t_wr + pitch * T;  // u, then u * h
 
-  const int64_t plane = blockIdx.x;
-  const int64_t b = plane / sh.C, c = plane % sh.C;
-  const scalar_t* xp = p.in.x + plane * HW;
-  const DirectionGroup group = direction_group(p.in.directions_per_block, plane, sh.B * sh.C);
+  const scalar_t* xp = p.in.x + f.plane * HW;
   float* y_acc = p.y_acc + group.slot * HW;
-  scalar_t* y = p.y + plane * HW;
+  scalar_t* y = p.y + f.plane * HW;
   for (int d = group.first; d < group.last; ++d) {
     const DirectionView<scalar_t> v = direction_view(p.in, b, c, d);
     const int L = v.lanes;
@@ -35,24 +31,19 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
     RestartClock clock(0, p.in.chunk);
     for (int s0 = 0; s0 < v.steps; s0 += T) {
       const int n = v.steps - s0 < T ? v.steps - s0 : T;
-      scalar_t rx[kLoadBatch], rlam[kLoadBatch], rgl[kLoadBatch], rgc[kLoadBatch], rgr[kLoadBatch], ru[kLoadBatch];
+      ElementOperands<scalar_t> r[kLoadBatch];
+      scalar_t ru[kLoadBatch];
       for_tile_elements(
           d, n, L,
           [&](int i, int k, int l) {
             const int o = v.offset(s0 + k, l);
-            rx[i] = xp[o];
-            rlam[i] = v.lam[o];
-            rgl[i] = v.gl[o];
-            rgc[i] = v.gc[o];
-            rgr[i] = v.gr[o];
+            r[i].load(v, xp, o);
             ru[i] = v.u[o];
           },
           [&](int i, int k, int l) {
             const int t = k * pitch + l;
-            normalized_weights<float>(static_cast<float>(rgl[i]), static_cast<float>(rgc[i]),
-                                      static_cast<float>(rgr[i]), l > 0, l < L - 1, t_wl[t], t_wc[t], t_wr[t],
-                                      FastExp());
-            t_drive[t] = static_cast<float>(rlam[i]) * static_cast<float>(rx[i]);
+            r[i].weights(l, L, t_wl[t], t_wc[t], t_wr[t]);
+            t_drive[t] = static_cast<float>(r[i].lam) * static_cast<float>(r[i].x);
             t_u[t] = static_cast<float>(ru[i]);
           });
       __syncthreads();
@@ -66,13 +57,7 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
       for_tile_elements(
           d, n, L, [](int, int, int) {},
           [&](int, int k, int l) {
-            const int o = v.offset(s0 + k, l);
-            const float sum = (d == group.first ? 0.f : y_acc[o]) + t_u[k * pitch + l];
-            if (d == kDirections - 1 && group.writes_output) {
-              y[o] = static_cast<scalar_t>(sum);
-            } else {
-              y_acc[o] = sum;
-            }
+            accumulate_direction(group, d, v.offset(s0 + k, l), t_u[k * pitch + l], y_acc, y);
           });
       __syncthreads();
     }

@@ -180,6 +180,40 @@ struct TileWalk {
   }
 };
 
+// One element's scan operands in registers (x, lam and the three gate logits), loaded by a
+// for_tile_elements load ahead of the arithmetic that stages them.
+template <typename scalar_t>
+struct ElementOperands {
+  scalar_t x, lam, gl, gc, gr;
+
+  GSPN_DEVICE void load(const DirectionView<scalar_t>& v, const scalar_t* xp, int o) {
+    x = xp[o];
+    lam = v.lam[o];
+    gl = v.gl[o];
+    gc = v.gc[o];
+    gr = v.gr[o];
+  }
+  // The normalised weights of lane l of a line of L lanes (and their slopes, when asked for).
+  GSPN_DEVICE void weights(int l, int L, float& wl, float& wc, float& wr, float* slopes = nullptr) const {
+    normalized_weights<float>(static_cast<float>(gl), static_cast<float>(gc), static_cast<float>(gr), l > 0,
+                              l < L - 1, wl, wc, wr, FastExp(), slopes);
+  }
+};
+
+// A direction's contribution to a map summed over the directions of the block's group: added to the
+// group's fp32 partial sum, and the total written in the output's dtype by the last direction of a
+// group that writes the output.
+template <typename scalar_t>
+GSPN_DEVICE void accumulate_direction(const DirectionGroup& group, int d, int o, float value, float* acc,
+                                      scalar_t* out) {
+  const float sum = (d == group.first ? 0.f : acc[o]) + value;
+  if (d == kDirections - 1 && group.writes_output) {
+    out[o] = static_cast<scalar_t>(sum);
+  } else {
+    acc[o] = sum;
+  }
+}
+
 // Calls load(slot, k, l) for kLoadBatch of this thread's elements, then use(slot, k, l) for each: the
 // loads of a batch are issued before any of its arithmetic, so their latencies overlap. Full batches
 // run without per-element checks; the remaining elements go one by one.
@@ -256,6 +290,31 @@ inline int threads_for(int64_t max_lanes) {
 // (the +1 spreads the horizontal scans' staging over the banks).
 GSPN_HD int64_t padded_row(int64_t max_lanes) { return max_lanes + 2; }
 GSPN_HD int64_t tile_pitch(int64_t max_lanes) { return max_lanes + 1; }
+
+// What a block derives from the launch before it scans: its plane (batch b, channel c), its group of
+// directions, and the tile geometry (padded state rows of P floats, tile rows of `pitch`, T steps).
+struct BlockFrame {
+  int64_t HW, plane, b, c;
+  int max_lanes, P, pitch, T;
+  DirectionGroup group;
+};
+
+template <typename scalar_t>
+GSPN_DEVICE BlockFrame block_frame(const ScanArgs<scalar_t>& a) {
+  const ScanShape& sh = a.shape;
+  BlockFrame f;
+  f.HW = sh.H * sh.W;
+  f.max_lanes = static_cast<int>(sh.H > sh.W ? sh.H : sh.W);
+  f.P = static_cast<int>(padded_row(f.max_lanes));
+  f.pitch = static_cast<int>(tile_pitch(f.max_lanes));
+  f.T = a.tile;
+  f.plane = blockIdx.x;
+  f.b = f.plane / sh.C;
+  f.c = f.plane % sh.C;
+  f.group = direction_group(a.directions_per_block, f.plane, sh.B * sh.C);
+  return f;
+}
+
 constexpr int kFwdTileArrays = 5;   // drive, wl, wc, wr, u (then u h)
 constexpr int kBwdTileArrays = 10;  // x, lam, wl, wc, wr, ql, qc, qr, u, gy (then the gradients)
 constexpr int kBwdCarryRows = 6;    // two sets of the left / centre / right carries (the first sweep's two state rows)
