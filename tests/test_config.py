@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from dit_gspn.training.config import (DEFAULTS, ConfigError, DataConfig, RunConfig, TrainConfig, config_changes,
-                                      dump_config, load_config, parse_config, read_saved_config)
+                                      load_config, parse_config, read_saved_config)
+from dit_gspn.checkpoint.folder import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_each_mistake_names_its_key(override, message):
 
 def test_a_saved_config_reads_back_to_the_same_run(tmp_path):
     config = parse_config(load_config(REPO / "configs" / "demo.yaml", ["train.lr=2e-4", "logging.sample_classes=[1]"]))
-    dump_config(config.to_dict(), tmp_path / "config.yaml")
+    write_config(tmp_path, config.to_dict())
     saved = read_saved_config(tmp_path)
     assert parse_config(saved) == config and saved == config.to_dict()
     assert config_changes(saved, config.to_dict()) == {}

@@ -156,6 +156,13 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def write_config(folder: Path, config: dict) -> Path:
+    """``folder/config.yaml``: the resolved config (a mapping) as the checkpoint and the run folder keep it."""
+    path = Path(folder) / CONFIG_FILE
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 class CheckpointWriter:
     """Writes checkpoints for one run; every process calls ``write`` (it holds the barriers).
 
@@ -198,7 +205,7 @@ class CheckpointWriter:
                 state = {k: v.contiguous() for k, v in acc.unwrap_model(module).state_dict().items()}
                 save_file(state, str(tmp / name / "model.safetensors"))
             sampling_info.write(tmp / SAMPLING_FILE)
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+            write_config(tmp, config)
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             (tmp / LR_SCHEDULER_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=1))
             # Written last: its presence marks the checkpoint complete.

@@ -572,7 +572,3 @@ def read_saved_config(checkpoint: str | os.PathLike) -> dict:
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} does not hold a config mapping")
     return saved
-
-
-def dump_config(config: dict, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
