@@ -60,17 +60,20 @@ def dense_oracle(mixer: GSPNMixer, tokens, grid):
     x = F.silu(x).permute(0, 2, 3, 1)  # (B, h, w, C)
     p = x @ P["proxy.weight"].T + P["proxy.bias"]
     gates = (p @ P["gate_proj.weight"].T + P["gate_proj.bias"]).view(B, h, w, 3, 4, G)
-    lam = (p @ P["lam_proj.weight"].T + P["lam_proj.bias"]).view(B, h, w, 4, C)
-    u = (p @ P["u_proj.weight"].T + P["u_proj.bias"]).view(B, h, w, 4, C) * P["merge"]
+    # lam, u and the merge: per channel, or shared by the gate groups (group_lam_u).
+    S = P["merge"].shape[1]
+    lam = (p @ P["lam_proj.weight"].T + P["lam_proj.bias"]).view(B, h, w, 4, S)
+    u = (p @ P["u_proj.weight"].T + P["u_proj.bias"]).view(B, h, w, 4, S) * P["merge"]
     y = torch.zeros(B, h * w, C, dtype=torch.float64)
     eye = torch.eye(h * w, dtype=torch.float64)
     for d in range(4):
         for g in range(G):
             A = affinity_matrix(gates[..., 0, d, g], gates[..., 1, d, g], gates[..., 2, d, g], d, chunk)
             for c in range(g * (C // G), (g + 1) * (C // G)):
-                drive = (lam[..., d, c] * x[..., c]).reshape(B, h * w, 1)
+                s = c // (C // S)
+                drive = (lam[..., d, s] * x[..., c]).reshape(B, h * w, 1)
                 hd = torch.linalg.solve(eye - A, drive)[..., 0]
-                y[..., c] += u[..., d, c].reshape(B, -1) * hd
+                y[..., c] += u[..., d, s].reshape(B, -1) * hd
     x = x.reshape(B, h * w, C)
     if mixer.skip_proj is not None:
         y = y + (p @ P["skip_proj.weight"].T + P["skip_proj.bias"]).reshape(B, h * w, C) * x
@@ -95,6 +98,9 @@ def randomised_mixer(**kwargs) -> GSPNMixer:
         ((6, 5), dict(dim=8, chunk=2, gate_groups=2, dwconv=False, skip=False, output_gate=False)),
         ((4, 7), dict(dim=6, chunk=3, gate_groups=3, proxy_ratio=2)),
         ((1, 7), dict(dim=4, chunk=None, gate_groups=1)),
+        ((5, 4), dict(dim=8, chunk=None, gate_groups=2, group_lam_u=True)),
+        ((4, 6), dict(dim=6, chunk=2, gate_groups=3, group_lam_u=True, proxy_ratio=2, skip=False)),
+        ((3, 5), dict(dim=4, chunk=None, gate_groups=4, group_lam_u=True, dwconv=False, output_gate=False)),
     ],
 )
 def test_mixer_matches_dense_affinity_oracle(grid, kwargs):
@@ -102,8 +108,7 @@ def test_mixer_matches_dense_affinity_oracle(grid, kwargs):
     tokens = torch.randn(2, grid[0] * grid[1], kwargs["dim"])
     expected_out, expected_prop = dense_oracle(mixer, tokens, grid)
 
-    x, p, w_lam, w_u, gl, gc, gr, skip, z = mixer.scan_operands(tokens, grid)
-    propagated = mixer.propagate(x, p, w_lam, w_u, gl, gc, gr, skip)
+    propagated = mixer.propagate(mixer.scan_operands(tokens, grid))
     got_prop = propagated.flatten(2).transpose(1, 2).double()
     torch.testing.assert_close(got_prop, expected_prop, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixer(tokens, grid).double(), expected_out, rtol=1e-4, atol=1e-4)
@@ -155,6 +160,13 @@ def test_shared_gates_shrink_the_gate_projection():
     per_channel, shared = GSPNMixer(dim=32), GSPNMixer(dim=32, gate_groups=4)
     assert per_channel.gate_proj.out_features == 3 * 4 * 32
     assert shared.gate_proj.out_features == 3 * 4 * 4
-    x, p, w_lam, w_u, gl, gc, gr, skip, z = shared.scan_operands(torch.randn(1, 12, 32), (3, 4))
-    lam, u = proxy_maps(p, w_lam, w_u)
-    assert gl.shape == (1, 4, 4, 3, 4) and lam.shape == u.shape == (1, 4, 32, 3, 4)
+    o = shared.scan_operands(torch.randn(1, 12, 32), (3, 4))
+    lam, u = proxy_maps(o.p, o.w_lam, o.w_u)
+    assert o.gl.shape == (1, 4, 4, 3, 4) and lam.shape == u.shape == (1, 4, 32, 3, 4)
+
+
+def test_grouped_lam_u_are_maps_of_the_gate_groups():
+    mixer = GSPNMixer(dim=32, gate_groups=4, group_lam_u=True)
+    assert mixer.lam_proj.out_features == mixer.u_proj.out_features == 4 * 4 and mixer.merge.shape == (4, 4)
+    o = mixer.scan_operands(torch.randn(2, 12, 32), (3, 4))
+    assert o.p is None and all(t.shape == (2, 4, 4, 3, 4) for t in (o.gl, o.gc, o.gr, o.lam, o.u))

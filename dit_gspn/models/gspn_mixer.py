@@ -6,21 +6,26 @@ Tokens (B, N, C) on an (h, w) grid go through:
    an optional depthwise 3x3 convolution (as in the authors' block) and SiLU: the map x;
 2. a low-rank proxy p = ``proxy``(x) (C -> C / ``proxy_ratio`` channels) from which every
    input-dependent quantity is projected: the raw gate logits gl, gc, gr (4 directions x
-   ``gate_groups`` channel groups), lam and u (4 directions x C), and the skip D (C);
-3. ``dit_gspn.ops.gspn_proxy_scan``: for each direction d the normalised gates drive the line
+   ``gate_groups`` channel groups), lam and u (4 directions x ``gate_groups`` with
+   ``group_lam_u``, else 4 directions x C), and the skip D (C);
+3. the fused four-direction scan: for each direction d the normalised gates drive the line
    recurrence over x, the result is mapped back to the original pixel positions, multiplied
-   by u_d, and the four are summed (all inside the fused op, so no flipped or transposed copy of
+   by u_d, and the four are summed (all inside the op, so no flipped or transposed copy of
    x is made here, and every direction's output lands on the pixel its gates were computed
-   for); lam and u are handed over as their (4C x r + 1) affine maps of p, so that the CPU kernel
-   generates them inside the scan instead of this module writing two (B, 4C, h, w) maps; then + D * x;
+   for); then + D * x. With ``group_lam_u`` the five per-pixel maps are (B, 4, G, h, w) each, made
+   by one GEMM, and go to ``dit_gspn.ops.gspn_scan``; per channel, lam and u would be two
+   (B, 4C, h, w) maps, so they are handed to ``dit_gspn.ops.gspn_proxy_scan`` as their (4C x r + 1)
+   affine maps of p instead, and its CPU kernel generates them inside the scan where that pays;
 4. LayerNorm over channels, times SiLU(z) when ``output_gate``, and ``out_proj``.
 
-The learnable linear merge of the four directions is a per-direction, per-channel weight
-``merge`` (4, C), folded into u's projection (u_d = merge_d * (W_u p + b_u)_d): the merge
-costs a (4C x r) weight scaling, not a pass over a (B, 4, C, H, W) map. It starts at 1/4 and u's
+The learnable linear merge of the four directions is a per-direction weight ``merge`` (4, G)
+with ``group_lam_u``, else (4, C), folded into u's projection (u_d = merge_d * (W_u p + b_u)_d):
+the merge costs a weight scaling, not a pass over a (B, 4, C, H, W) map. It starts at 1/4 and u's
 bias at 1, so that at initialisation the mixer averages the four directions.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -65,6 +70,28 @@ def _project_affine(p_ones: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.bmm(_affine_weight(weight, bias).expand(p_ones.shape[0], -1, -1), p_ones)
 
 
+class ScanOperands(NamedTuple):
+    """The scan's inputs, all in the original pixel frame.
+
+    x: (B, C, h, w) map; gl, gc, gr: (B, 4, G, h, w) raw gate logits (the op normalises them); lam, u:
+    (B, 4, G, h, w) maps when lam and u are grouped, else None and given by ``p`` (B, r + 1, h, w), the
+    proxy with a row of ones, and ``w_lam``, ``w_u`` (4 C, r + 1), their affine maps of p (u's with the
+    merge folded in, as for :func:`dit_gspn.ops.proxy_maps`); skip: (B, C, h, w) or None; z: (B, N, C)
+    output gate or None.
+    """
+    x: torch.Tensor
+    gl: torch.Tensor
+    gc: torch.Tensor
+    gr: torch.Tensor
+    lam: torch.Tensor | None
+    u: torch.Tensor | None
+    p: torch.Tensor | None
+    w_lam: torch.Tensor | None
+    w_u: torch.Tensor | None
+    skip: torch.Tensor | None
+    z: torch.Tensor | None
+
+
 class GSPNMixer(nn.Module):
     """GSPN token mixer: (B, N, C) tokens with their (h, w) grid -> (B, N, C) tokens.
 
@@ -74,7 +101,9 @@ class GSPNMixer(nn.Module):
             every k steps along each scan (a local GSPN layer).
         proxy_ratio: the proxy has ``max(1, dim // proxy_ratio)`` channels.
         gate_groups: number of channel groups sharing one set of propagation gates (gl, gc, gr);
-            None gives every channel its own gates. Must divide ``dim``. lam and u stay per channel.
+            None gives every channel its own gates. Must divide ``dim``.
+        group_lam_u: share lam and u (and the merge) over the same channel groups as the gates, instead
+            of giving every channel its own: every per-pixel map is then 4 x ``gate_groups`` wide.
         dwconv: depthwise 3x3 convolution on the map before the scan.
         skip: add the input-dependent skip D * x.
         output_gate: multiply the normalised output by SiLU(z), z a second half of ``in_proj``.
@@ -86,6 +115,7 @@ class GSPNMixer(nn.Module):
         chunk: int | None = None,
         proxy_ratio: int = 16,
         gate_groups: int | None = None,
+        group_lam_u: bool = False,
         dwconv: bool = True,
         skip: bool = True,
         output_gate: bool = True,
@@ -101,6 +131,8 @@ class GSPNMixer(nn.Module):
         self.dim = dim
         self.chunk = None if chunk is None else int(chunk)
         self.gate_groups = gate_groups
+        self.group_lam_u = bool(group_lam_u)
+        scale_channels = gate_groups if self.group_lam_u else dim
         self.proxy_dim = max(1, dim // proxy_ratio)
         self.output_gate = output_gate
 
@@ -109,9 +141,9 @@ class GSPNMixer(nn.Module):
         self.proxy = nn.Linear(dim, self.proxy_dim)
         # Output rows: [gl | gc | gr], each (4 directions, gate_groups) flattened.
         self.gate_proj = nn.Linear(self.proxy_dim, 3 * NUM_DIRECTIONS * gate_groups)
-        self.lam_proj = nn.Linear(self.proxy_dim, NUM_DIRECTIONS * dim)
-        self.u_proj = nn.Linear(self.proxy_dim, NUM_DIRECTIONS * dim)
-        self.merge = nn.Parameter(torch.empty(NUM_DIRECTIONS, dim))
+        self.lam_proj = nn.Linear(self.proxy_dim, NUM_DIRECTIONS * scale_channels)
+        self.u_proj = nn.Linear(self.proxy_dim, NUM_DIRECTIONS * scale_channels)
+        self.merge = nn.Parameter(torch.empty(NUM_DIRECTIONS, scale_channels))
         self.skip_proj = nn.Linear(self.proxy_dim, dim) if skip else None
         self.out_norm = nn.LayerNorm(dim, eps=1e-6)
         self.out_proj = nn.Linear(dim, dim)
@@ -130,16 +162,10 @@ class GSPNMixer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, chunk={self.chunk}, proxy_dim={self.proxy_dim}, "
-                f"gate_groups={self.gate_groups}, output_gate={self.output_gate}")
+                f"gate_groups={self.gate_groups}, group_lam_u={self.group_lam_u}, output_gate={self.output_gate}")
 
-    def scan_operands(self, tokens: torch.Tensor, grid: tuple[int, int]):
-        """The scan's inputs: (x, p, w_lam, w_u, gl, gc, gr, skip, z) for tokens (B, N, C) on ``grid``.
-
-        x: (B, C, h, w) map; p: (B, r + 1, h, w) the proxy with a row of ones; w_lam, w_u: (4 C, r + 1) the
-        affine maps from p to lam and u (u's with the merge folded in), which :func:`dit_gspn.ops.proxy_maps`
-        turns into (B, 4, C, h, w) maps; gl, gc, gr: (B, 4, gate_groups, h, w) raw logits (the op normalises
-        them); skip: (B, C, h, w) or None; z: (B, N, C) output gate or None. All in the original pixel frame.
-        """
+    def scan_operands(self, tokens: torch.Tensor, grid: tuple[int, int]) -> ScanOperands:
+        """The scan's inputs (:class:`ScanOperands`) for tokens (B, N, C) on ``grid``."""
         h, w = check_grid(tokens, grid, "GSPNMixer")
         B, N, C = tokens.shape
         if C != self.dim:
@@ -155,26 +181,32 @@ class GSPNMixer(nn.Module):
 
         x_flat = x.view(B, C, N)
         p = _with_ones_row(_project_channels(x_flat, self.proxy.weight, self.proxy.bias))
-        G, D = self.gate_groups, NUM_DIRECTIONS
-        gates = [
-            _project_affine(p, self.gate_proj.weight[k * D * G:(k + 1) * D * G],
-                            self.gate_proj.bias[k * D * G:(k + 1) * D * G]).view(B, D, G, h, w)
-            for k in range(3)
-        ]
-        w_lam = _affine_weight(self.lam_proj.weight, self.lam_proj.bias)
-        merge = self.merge.reshape(D * C)
-        w_u = _affine_weight(self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
+        D = NUM_DIRECTIONS
         skip = None
         if self.skip_proj is not None:
             skip = _project_affine(p, self.skip_proj.weight, self.skip_proj.bias).view(B, C, h, w)
-        return x, p.view(B, -1, h, w), w_lam, w_u, gates[0], gates[1], gates[2], skip, z
+        merge = self.merge.reshape(-1)
+        if self.group_lam_u:
+            # gl, gc, gr, lam and u: (4, G) rows each, all five from one GEMM.
+            weight = torch.cat([self.gate_proj.weight, self.lam_proj.weight, self.u_proj.weight * merge[:, None]])
+            bias = torch.cat([self.gate_proj.bias, self.lam_proj.bias, self.u_proj.bias * merge])
+            gl, gc, gr, lam, u = _project_affine(p, weight, bias).view(B, 5, D, self.gate_groups, h, w).unbind(1)
+            return ScanOperands(x, gl, gc, gr, lam, u, None, None, None, skip, z)
+        G = self.gate_groups
+        gl, gc, gr = _project_affine(p, self.gate_proj.weight, self.gate_proj.bias).view(B, 3, D, G, h, w).unbind(1)
+        w_lam = _affine_weight(self.lam_proj.weight, self.lam_proj.bias)
+        w_u = _affine_weight(self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
+        return ScanOperands(x, gl, gc, gr, None, None, p.view(B, -1, h, w), w_lam, w_u, skip, z)
 
-    def propagate(self, x, p, w_lam, w_u, gl, gc, gr, skip=None) -> torch.Tensor:
-        """sum_d u_d * scan_d(x) (+ skip * x) with lam and u generated from p: the four merged
-        propagations, (B, C, h, w)."""
-        y = ops.gspn_proxy_scan(x, p, w_lam, w_u, gl, gc, gr, chunk=self.chunk)
-        if skip is not None:
-            y = torch.addcmul(y, skip, x)
+    def propagate(self, operands: ScanOperands) -> torch.Tensor:
+        """sum_d u_d * scan_d(x) (+ skip * x): the four merged propagations, (B, C, h, w)."""
+        o = operands
+        if o.lam is not None:
+            y = ops.gspn_scan(o.x, o.lam, o.gl, o.gc, o.gr, o.u, chunk=self.chunk)
+        else:
+            y = ops.gspn_proxy_scan(o.x, o.p, o.w_lam, o.w_u, o.gl, o.gc, o.gr, chunk=self.chunk)
+        if o.skip is not None:
+            y = torch.addcmul(y, o.skip, o.x)
         return y
 
     def output(self, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -185,5 +217,5 @@ class GSPNMixer(nn.Module):
         return self.out_proj(y)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x, p, w_lam, w_u, gl, gc, gr, skip, z = self.scan_operands(tokens, grid)
-        return self.output(self.propagate(x, p, w_lam, w_u, gl, gc, gr, skip), z)
+        operands = self.scan_operands(tokens, grid)
+        return self.output(self.propagate(operands), operands.z)

@@ -216,7 +216,7 @@ def _check_model_section(model: dict) -> None:
             _number(f"model.{key}", model[key], integer=True, minimum=1, optional=True)
     if "gspn_global_layers" in model:
         _number("model.gspn_global_layers", model["gspn_global_layers"], integer=True, minimum=0, optional=True)
-    for key in ("learn_sigma", "gspn_dwconv", "gspn_skip", "gspn_output_gate", "use_pos_embed"):
+    for key in ("learn_sigma", "gspn_group_lam_u", "gspn_dwconv", "gspn_skip", "gspn_output_gate", "use_pos_embed"):
         if key in model and not (model[key] is None and key == "use_pos_embed"):
             _flag(f"model.{key}", model[key])
     if "class_dropout_prob" in model:
