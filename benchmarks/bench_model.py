@@ -4,7 +4,7 @@ Two sections (``--sections``, default both):
 
 - ``models``: for each size (``--sizes``) and image resolution, GSPN-<size> and DiT-<size>
   (attention through scaled_dot_product_attention): the training step time (forward + backward +
-  AdamW step under bf16 autocast, batch ``--train-batch``) at each of ``--resolutions``, the
+  AdamW step under ``--precision``, batch ``--train-batch``) at each of ``--resolutions``, the
   sampling step time (forward with classifier-free guidance at batch 2 x ``--sample-batch``) at
   each of ``--sample-resolutions`` (default: the same), and the peak memory of each; a model that
   runs out of memory is recorded as such and the sweep goes on. With ``--interleave`` (the default
@@ -69,8 +69,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+#: ``--precision``: "bf16" runs every step under bfloat16 autocast, "fp32" in float32.
+PRECISIONS = ("bf16", "fp32")
+PRECISION = "bf16"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware (any CUDA GPU this project targets;
+    a CPU with AVX-512 BF16 or AMX). Elsewhere oneDNN emulates them, about 60x slower than float32 on this
+    project's AVX2 machines, so a bf16 comparison there measures the emulation, not the models."""
+    if device.type != "cpu":
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +120,7 @@ def bench_model(name: str, resolution: int, args, device: torch.device, override
 
 
 def training_step(model, latent: int, args, device: torch.device):
-    """One training step of ``model`` (forward + backward + AdamW under bf16 autocast) as a closure."""
+    """One training step of ``model`` (forward + backward + AdamW, in ``--precision``) as a closure."""
     model.train()
     # As the trainer builds it (fused: one kernel per parameter).
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type in ("cpu", "cuda"))
@@ -143,7 +157,7 @@ def _bench_training(model, latent: int, args, device: torch.device) -> dict:
 
 
 def sampling_step(model, latent: int, args, device: torch.device):
-    """One sampling step of ``model`` (the CFG forward at batch 2 x sample_batch, bf16 autocast) as a closure."""
+    """One sampling step of ``model`` (the CFG forward at batch 2 x sample_batch, in ``--precision``) as a closure."""
     model.eval()
     n = args.sample_batch
     half = torch.randn(n, LATENT_CHANNELS, latent, latent, device=device)
@@ -218,7 +232,7 @@ def mixer_settings(name: str, overrides: dict) -> tuple[int, int | None]:
 
 def bench_mixer(dim: int, gate_groups: int | None, resolution: int, patch: int, args, device: torch.device,
                 chunk: int | None) -> dict:
-    """GSPN mixer forward + backward under bf16 autocast: fused scan against the composed ops."""
+    """GSPN mixer forward + backward in ``--precision``: fused scan against the composed ops."""
     grid = resolution // VAE_DOWNSAMPLE // patch
     with torch.device(device):
         mixer = GSPNMixer(dim, chunk=chunk, gate_groups=gate_groups)
@@ -344,8 +358,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16 autocast or float32 (default: bf16 where the device has bf16 hardware, else fp32)")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes, one iteration: tests the script")
     args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if native_bf16(torch.device(args.device)) else "fp32"
     cpu = torch.device(args.device).type == "cpu"
     defaults = {"sizes": ["S/2", "B/2"] if cpu else ["B/2", "XL/2"],
                 "resolutions": [256] if cpu else [256, 512, 1024, 2048],
@@ -359,8 +377,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    global PRECISION
     args = parse_args(argv)
     device = torch.device(args.device)
+    PRECISION = args.precision
     overrides: dict = {}
     if args.smoke:
         args.sizes, args.resolutions, args.sample_resolutions = ["S/2"], [32, 64], [32, 64]
@@ -369,7 +389,7 @@ def main(argv=None) -> dict:
         overrides = {"depth": 1, "hidden_size": 32, "num_heads": 2}
 
     report = {"device": device_description(device), "smoke": args.smoke, "torch_threads": torch.get_num_threads(),
-              "autocast": "bfloat16", "config": {k: (str(v) if isinstance(v, Path) else v)
+              "precision": args.precision, "native_bf16": native_bf16(device), "config": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}}
     if "models" in args.sections:
         resolutions = sorted(set(args.resolutions) | set(args.sample_resolutions))

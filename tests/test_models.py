@@ -38,8 +38,12 @@ def test_zoo_names_are_dits_for_both_mixers():
     assert (model.config.hidden_size, model.config.num_heads, model.patch_size) == (384, 6, 4)
     assert model.config.mixer == "gspn" and create_model("DiT-S/8", depth=1).config.mixer == "attention"
     assert isinstance(model.blocks[0].mixer, GSPNMixer)
-    # The zoo's GSPN models share gates over 8 channel groups; an override restores per-channel gates.
+    # The zoo's GSPN models share gates, lam and u over 8 channel groups; overrides restore per-channel maps.
     assert model.config.gspn_gate_groups == 8 and model.blocks[0].mixer.gate_groups == 8
+    assert model.config.gspn_group_lam_u and model.blocks[0].mixer.lam_proj.out_features == 4 * 8
+    assert model.blocks[0].mixer.proxy_dim == 384 // 4
+    per_channel = create_model("GSPN-S/4", depth=1, gspn_group_lam_u=False).blocks[0].mixer
+    assert per_channel.lam_proj.out_features == per_channel.u_proj.out_features == 4 * 384
     assert create_model("GSPN-S/4", depth=1, gspn_gate_groups=None).blocks[0].mixer.gate_groups == 384
 
 
