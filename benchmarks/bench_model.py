@@ -71,7 +71,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 #: ``--precision``: "bf16" runs every step under bfloat16 autocast, "fp32" in float32.
 PRECISIONS = ("bf16", "fp32")
-PRECISION = "bf16"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -83,8 +82,9 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``--precision`` (disabled for fp32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def training_step(model, latent: int, args, device: torch.device):
     y = torch.randint(0, args.num_classes, (n,), device=device)
 
     def step():
-        with autocast(device):
+        with autocast(device, args.precision):
             out = model(x, t, y)
             # Output carries the learned variance too; an MSE on all of it times the same backward.
             loss = out.float().square().mean()
@@ -168,7 +168,7 @@ def sampling_step(model, latent: int, args, device: torch.device):
 
     @torch.no_grad()
     def step():
-        with autocast(device):
+        with autocast(device, args.precision):
             model.forward_with_cfg(x, t, y, cfg_scale=4.0)
 
     return step
@@ -222,28 +222,30 @@ def bench_pair_interleaved(size: str, resolution: int, args, device: torch.devic
 # mixer
 
 
-def mixer_settings(name: str, overrides: dict) -> tuple[int, int | None]:
-    """The zoo model's hidden size and gate groups, read from a model built on the meta device (no memory,
-    no init cost)."""
+def mixer_settings(name: str, overrides: dict) -> dict:
+    """The zoo model's mixer settings (hidden size, gate groups, grouped lam and u, proxy ratio), read from a
+    model built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         config = create_model(name, **overrides).config
-    return config.hidden_size, config.gspn_gate_groups
+    return {"dim": config.hidden_size, "gate_groups": config.gspn_gate_groups,
+            "group_lam_u": config.gspn_group_lam_u, "proxy_ratio": config.gspn_proxy_ratio}
 
 
-def bench_mixer(dim: int, gate_groups: int | None, resolution: int, patch: int, args, device: torch.device,
-                chunk: int | None) -> dict:
-    """GSPN mixer forward + backward in ``--precision``: fused scan against the composed ops."""
+def bench_mixer(settings: dict, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
+    """GSPN mixer (``settings`` from :func:`mixer_settings`) forward + backward in ``--precision``: fused scan
+    against the composed ops."""
     grid = resolution // VAE_DOWNSAMPLE // patch
+    dim = settings["dim"]
     with torch.device(device):
-        mixer = GSPNMixer(dim, chunk=chunk, gate_groups=gate_groups)
+        mixer = GSPNMixer(chunk=chunk, **settings)
     tokens = torch.randn(args.train_batch, grid * grid, dim, device=device, requires_grad=True)
 
     def step():
-        with autocast(device):
+        with autocast(device, args.precision):
             out = mixer(tokens, (grid, grid))
         out.float().sum().backward()
 
-    row = {"dim": dim, "gate_groups": gate_groups, "resolution": resolution, "grid": [grid, grid],
+    row = {**settings, "resolution": resolution, "grid": [grid, grid],
            "batch": args.train_batch, "chunk": chunk}
     for impl in ("fused", "composed"):
         try:
@@ -377,10 +379,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    global PRECISION
     args = parse_args(argv)
     device = torch.device(args.device)
-    PRECISION = args.precision
     overrides: dict = {}
     if args.smoke:
         args.sizes, args.resolutions, args.sample_resolutions = ["S/2"], [32, 64], [32, 64]
@@ -409,9 +409,9 @@ def main(argv=None) -> dict:
     if "mixer" in args.sections:
         report["mixer"] = []
         for size in args.sizes:
-            dim, gate_groups = mixer_settings(f"GSPN-{size}", overrides)
+            settings = mixer_settings(f"GSPN-{size}", overrides)
             for resolution in args.resolutions:
-                row = bench_mixer(dim, gate_groups, resolution, int(size.split("/")[1]), args, device, chunk=None)
+                row = bench_mixer(settings, resolution, int(size.split("/")[1]), args, device, chunk=None)
                 row["size"] = size
                 report["mixer"].append(row)
                 print(json.dumps(row), flush=True)

@@ -57,8 +57,8 @@ def _channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class ScanOperands(NamedTuple):
     """The scan's inputs, all in the original pixel frame.
 
-    x: (B, C, h, w) map, and the same map as (B, N, C) tokens; gl, gc, gr: (B, 4, G, h, w) raw gate logits (the op normalises them); lam, u:
-    (B, 4, G, h, w) maps when lam and u are grouped, else None and given by ``p`` (B, r + 1, h, w), the
+    x: (B, C, h, w) map, and x_tokens the same map as (B, N, C) tokens; gl, gc, gr: (B, 4, G, h, w) raw
+    gate logits (the op normalises them); lam, u: (B, 4, G, h, w) maps when lam and u are grouped, else None and given by ``p`` (B, r + 1, h, w), the
     proxy with a row of ones, and ``w_lam``, ``w_u`` (4 C, r + 1), their affine maps of p (u's with the
     merge folded in, as for :func:`dit_gspn.ops.proxy_maps`); skip: (B, N, C) tokens or None; z: (B, N, C)
     output gate or None.
@@ -153,8 +153,8 @@ class GSPNMixer(nn.Module):
         """The scan's inputs (:class:`ScanOperands`) for tokens (B, N, C) on ``grid``.
 
         Everything but the scan runs on (B, N, C) tokens: the projections are plain GEMMs, and the depthwise
-        convolution sees them as a channels-last map (on the CPU its backward is several times faster so
-        than on a channel-first one); only x is laid out channel-first, once, for the scan.
+        convolution sees them as a channels-last map (on the CPU its backward is several times faster on
+        one than on a channel-first map); only x is laid out channel-first, once, for the scan.
         """
         h, w = check_grid(tokens, grid, "GSPNMixer")
         B, N, C = tokens.shape
