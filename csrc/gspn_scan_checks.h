@@ -34,6 +34,13 @@ inline ScanShape check_inputs(const at::Tensor& x, const at::Tensor& lam, const 
   return shape;
 }
 
+// The layout of the op's outputs y and dx: x's own where x is channels-last ((B, H, W, C) in memory, as a
+// (B, N, C) token tensor viewed as a map), else contiguous. Gate gradients are always contiguous.
+inline at::MemoryFormat scan_memory_format(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
+}
+
 // The backward's incoming gradient must have y's (that is, x's) shape and dtype.
 inline void check_grad_output(const at::Tensor& gy, const at::Tensor& x) {
   TORCH_CHECK(gy.sizes() == x.sizes() && gy.scalar_type() == x.scalar_type(),

@@ -150,6 +150,76 @@ def test_non_contiguous_inputs():
         assert_close_scaled(g, g_ref, 2e-5, "grad")
 
 
+# A (B, N, C) token tensor viewed as a (B, C, H, W) map is channels-last; the CPU runs a kernel of its own on
+# it where the five gate tensors share one G with at least 8 channels per group, and the plane kernel
+# otherwise. Either way y and dx come back channels-last, as x.
+CHANNELS_LAST_SHAPES = [
+    # (B, C, H, W, G, chunk)
+    (2, 16, 5, 7, 2, None),
+    (1, 24, 7, 4, 3, 2),  # H != W, chunked
+    (1, 12, 1, 6, 1, None),  # H = 1, a group of 12 channels (not a whole number of vectors)
+    (1, 16, 6, 1, 2, 3),  # W = 1
+    (2, 32, 9, 9, 4, 4),  # odd square
+    (1, 8, 3, 11, 1, 1),  # chunk = 1
+    (1, 4, 5, 6, 2, 2),  # 2 channels per group: the plane kernel
+]
+
+
+def channels_last(inputs):
+    return [inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-G{s[4]}-chunk{s[5]}")
+def test_channels_last_x_matches_reference(shape, dtype):
+    B, C, H, W, G, chunk = shape
+    inputs = channels_last(make_inputs(B, C, H, W, (G,) * 5, dtype))
+    grad_y = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last)
+    y_ref, grads_ref = reference_with_grads(inputs, chunk, grad_y)
+    y, grads = fused_with_grads(inputs, chunk, grad_y, impl="cpu")
+    assert y.is_contiguous(memory_format=torch.channels_last) and grads[0].is_contiguous(memory_format=torch.channels_last)
+    tol = TOLERANCE[dtype]
+    assert_close_scaled(y, y_ref, tol, "y")
+    for name, g, g_ref, t in zip(("x",) + GATES, grads, grads_ref, inputs):
+        assert g.shape == t.shape and g.dtype == dtype
+        assert_close_scaled(g, g_ref, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("groups", [(2, 2, 2, 2, 2), (2, 1, 2, 2, 2), (16, 16, 16, 16, 16)], ids=str)
+def test_channels_last_x_with_any_grouping_matches_reference(groups):
+    # Gate tensors with different G, or one channel per group, run the plane kernel on a copy of x.
+    inputs = channels_last(make_inputs(2, 16, 6, 5, groups, torch.float32))
+    grad_y = torch.randn(2, 16, 6, 5)
+    y_ref, grads_ref = reference_with_grads(inputs, 3, grad_y)
+    y, grads = fused_with_grads(inputs, 3, grad_y, impl="cpu")
+    assert y.is_contiguous(memory_format=torch.channels_last) and grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(y, y_ref, 2e-5, "y")
+    for name, g, g_ref in zip(("x",) + GATES, grads, grads_ref):
+        assert_close_scaled(g, g_ref, 2e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_channels_last_gradcheck_float64(chunk):
+    inputs = channels_last(make_inputs(1, 16, 4, 3, (2,) * 5, torch.float64))
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda *a: gspn_scan(*a, chunk=chunk, impl="cpu"), inputs, fast_mode=True)
+
+
+def test_channels_last_opcheck_and_compile():
+    # The fake (meta) functions promise the real kernel's layouts, so a compiled graph sees the right strides.
+    x, lam, gl, gc, gr, u = channels_last(make_inputs(1, 16, 5, 3, (2,) * 5, torch.float32))
+    gspn_scan(x, lam, gl, gc, gr, u, impl="cpu")
+    torch.library.opcheck(torch.ops.gspn.gspn_scan_fwd.default, (x, lam, gl, gc, gr, u, 2))
+    gy = torch.randn(1, 16, 5, 3).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.gspn.gspn_scan_bwd.default, (gy, x, lam, gl, gc, gr, u, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    inputs = [t.requires_grad_() for t in (x, lam, gl, gc, gr, u)]
+    y = torch.compile(lambda *a: gspn_scan(*a, chunk=2), fullgraph=True)(*inputs)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, gspn_scan_reference(*inputs, chunk=2))
+
+
+
 def test_impl_none_on_cpu_uses_the_fused_kernel():
     inputs = make_inputs(1, 2, 3, 4, None, torch.float32, requires_grad=True)
     assert "gspn_scan_fwd" in type(gspn_scan(*inputs).grad_fn).__name__

@@ -41,42 +41,16 @@
 #include "../cpu_parallel.h"
 #include "../gspn_scan_checks.h"
 #include "../gspn_scan_common.h"
+#include "gspn_scan_channels_last.h"
+#include "lane_math.h"
 
 namespace gspn {
 namespace {
-
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The gate normalisation's compares and clamps become selects only where no code depends on the
 // floating-point exception flags (GCC keeps branches otherwise, and the lane loop does not vectorise).
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
-
-// exp(v), branch-free so that loops calling it vectorise (std::exp's do not): Cody-Waite range
-// reduction and Cephes' degree-6 polynomial, within 2 ulp of expf. Arguments are clamped to
-// [-87, 88], so a result that would underflow is ~1e-38 and one that would overflow ~1.7e38.
-__attribute__((always_inline)) inline float exp_lanes(float v) {
-  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
-  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(v / ln 2)
-  const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-inline double exp_lanes(double v) { return std::exp(v); }
-struct LaneExp {
-  template <typename T>
-  T operator()(T v) const { return exp_lanes(v); }
-};
 
 // The normalised weights of one position from its logits (see the top of the file); with kGrad
 // also wq_k = w_k (1 - sigmoid(g_k)) = w_k / (1 + exp(g_k)), the factor of the logit gradients.
@@ -705,17 +679,19 @@ at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, c
                              const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in,
                              int64_t chunk) {
   const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  if (channels_last_kernel_applies(x_in, sh))
+    return gspn_scan_fwd_channels_last(x_in, lam_in, gl_in, gc_in, gr_in, u_in, sh, chunk);
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
        gr = gr_in.contiguous(), u = u_in.contiguous();
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return y.contiguous(scan_memory_format(x_in));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_fwd_cpu", [&] {
     using Source = TensorLamU<scalar_t, acc_type_t<scalar_t>>;
     const typename Source::Args args{lam.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), {}, {}};
     forward_kernel<scalar_t, Source>(x.data_ptr<scalar_t>(), args, gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
                                      gr.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, chunk);
   });
-  return y;
+  return y.contiguous(scan_memory_format(x_in));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gspn_scan_bwd_cpu(
@@ -723,6 +699,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in, int64_t chunk) {
   const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
   check_grad_output(gy_in, x_in);
+  if (channels_last_kernel_applies(x_in, sh))
+    return gspn_scan_bwd_channels_last(gy_in, x_in, lam_in, gl_in, gc_in, gr_in, u_in, sh, chunk);
   auto gy = gy_in.contiguous(), x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(),
        gc = gc_in.contiguous(), gr = gr_in.contiguous(), u = u_in.contiguous();
   const GateGrads grads({&lam, &gl, &gc, &gr, &u}, sh.C, compute_dtype(x));
@@ -740,7 +718,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   }
   const auto dt = x.scalar_type();
-  return {d_x, grads.result(0, dt), grads.result(1, dt), grads.result(2, dt), grads.result(3, dt), grads.result(4, dt)};
+  return {d_x.contiguous(scan_memory_format(x_in)), grads.result(0, dt), grads.result(1, dt), grads.result(2, dt), grads.result(3, dt), grads.result(4, dt)};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
        gr = gr_in.contiguous(), u = u_in.contiguous();
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return y.contiguous(scan_memory_format(x_in));
   check_plane_count(sh);
   const int64_t max_lanes = std::max(sh.H, sh.W);
   const int per_block = direction_split(sh.B * sh.C, multiprocessors());
@@ -137,7 +137,8 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (groups > 1) sum_direction_groups<scalar_t>(y_acc, groups, y, stream);
   });
-  return y;
+  // The kernel reads and writes (B, C, H, W) planes; a channels-last x gets its y back in its own layout.
+  return y.contiguous(scan_memory_format(x_in));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gspn_scan_bwd_cuda(
@@ -195,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (G == sh.C) return outputs[k];
     return at::sum(outputs[k].view({sh.B, kDirections, G, sh.C / G, sh.H, sh.W}), {3}, false, dt);
   };
-  return {d_x, group_sum(0), group_sum(1), group_sum(2), group_sum(3), group_sum(4)};
+  return {d_x.contiguous(scan_memory_format(x_in)), group_sum(0), group_sum(1), group_sum(2), group_sum(3),
+          group_sum(4)};
 }
 
 }  // namespace

@@ -38,7 +38,10 @@ _GATE_NAMES = ("lam", "gl", "gc", "gr", "u")
 def gspn_scan(x, lam, gl, gc, gr, u, chunk: int | None = None, impl: str | None = None):
     """Four-direction GSPN propagation, gated by u and summed: (B, C, H, W) -> (B, C, H, W).
 
-    x: (B, C, H, W). lam, gl, gc, gr, u: (B, 4, G, H, W) each, with its own G dividing C
+    x: (B, C, H, W), contiguous or channels-last (a (B, N, C) token tensor viewed as a map: the compiled
+    ops then return y, and x's gradient, channels-last too, and on the CPU, where lam, gl, gc, gr and u share
+    one G of at least 8 channels per group, run a kernel vectorised over each group's channels with no
+    layout copy). lam, gl, gc, gr, u: (B, 4, G, H, W) each, with its own G dividing C
     (channel c uses group c // (C // G)); dim 1 is (top-down, bottom-up, left-right,
     right-left). gl, gc, gr are raw logits (normalised inside). ``chunk=k`` restarts every
     direction's scan every k steps along its scan axis; None scans the whole map. Gradients
@@ -84,12 +87,20 @@ def describe(t) -> str:
 # Python side of the custom ops, registered once the compiled library is loaded.
 
 
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of the compiled op's y and dx: channels-last where x is (csrc/gspn_scan_checks.h says the same)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _fake_forward(x, lam, gl, gc, gr, u, chunk):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
 def _fake_backward(grad_y, x, lam, gl, gc, gr, u, chunk):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, lam, gl, gc, gr, u))
+    d_x = torch.empty_like(x, memory_format=output_memory_format(x))
+    return (d_x, *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (lam, gl, gc, gr, u)))
 
 
 def _setup_context(ctx, inputs, output):
