@@ -57,7 +57,7 @@ def _channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class ScanOperands(NamedTuple):
     """The scan's inputs, all in the original pixel frame.
 
-    x: (B, C, h, w) map, and x_tokens the same map as (B, N, C) tokens; gl, gc, gr: (B, 4, G, h, w) raw
+    x: (B, C, h, w) channels-last view of x_tokens, the same map as (B, N, C) tokens; gl, gc, gr: (B, 4, G, h, w) raw
     gate logits (the op normalises them); lam, u: (B, 4, G, h, w) maps when lam and u are grouped, else None and given by ``p`` (B, r + 1, h, w), the
     proxy with a row of ones, and ``w_lam``, ``w_u`` (4 C, r + 1), their affine maps of p (u's with the
     merge folded in, as for :func:`dit_gspn.ops.proxy_maps`); skip: (B, N, C) tokens or None; z: (B, N, C)
@@ -152,23 +152,24 @@ class GSPNMixer(nn.Module):
     def scan_operands(self, tokens: torch.Tensor, grid: tuple[int, int]) -> ScanOperands:
         """The scan's inputs (:class:`ScanOperands`) for tokens (B, N, C) on ``grid``.
 
-        Everything but the scan runs on (B, N, C) tokens: the projections are plain GEMMs, and the depthwise
-        convolution sees them as a channels-last map (on the CPU its backward is several times faster on
-        one than on a channel-first map); only x is laid out channel-first, once, for the scan.
+        Everything runs on (B, N, C) tokens: the projections are plain GEMMs, the depthwise convolution and
+        the scan see them as a channels-last map (on the CPU the convolution's backward is several times
+        faster on one than on a channel-first map, and the scan takes it without a copy); only the five
+        small per-pixel maps are laid out channel-first.
         """
         h, w = check_grid(tokens, grid, "GSPNMixer")
         B, N, C = tokens.shape
         if C != self.dim:
             raise ValueError(f"GSPNMixer: expected {self.dim} channels, got tokens of shape {tuple(tokens.shape)}")
         xz = self.in_proj(tokens)
-        x, z = (xz[..., :C], xz[..., C:]) if self.output_gate else (xz, None)
+        x, z = xz.split(C, dim=-1) if self.output_gate else (xz, None)  # split's backward is one cat, no zero fill
         if self.dwconv is not None:
             x = x.reshape(B, h, w, C).permute(0, 3, 1, 2)  # a channels-last (B, C, h, w) view
             x = self.dwconv(x).permute(0, 2, 3, 1).reshape(B, N, C)
         x = F.silu(x)
         p = self.proxy(x)
         skip = self.skip_proj(p) if self.skip_proj is not None else None
-        x_map = _channel_first(x, h, w)
+        x_map = x.view(B, h, w, C).permute(0, 3, 1, 2)  # channels-last: the scan takes tokens as they lie
         D, G = NUM_DIRECTIONS, self.gate_groups
         merge = self.merge.reshape(-1)
         if self.group_lam_u:
@@ -191,7 +192,7 @@ class GSPNMixer(nn.Module):
             y = ops.gspn_scan(o.x, o.lam, o.gl, o.gc, o.gr, o.u, chunk=self.chunk)
         else:
             y = ops.gspn_proxy_scan(o.x, o.p, o.w_lam, o.w_u, o.gl, o.gc, o.gr, chunk=self.chunk)
-        y = y.flatten(2).transpose(1, 2)
+        y = y.permute(0, 2, 3, 1).flatten(1, 2)  # a view of a channels-last y
         if o.skip is not None:
             return torch.addcmul(y, o.skip, o.x_tokens)
         return y.contiguous()
