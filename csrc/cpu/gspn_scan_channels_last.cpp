@@ -7,14 +7,15 @@
 //
 // A task is one (batch, channel group). Its five gate maps hold one value per pixel and direction, shared by
 // the group's n channels, so one step of the recurrence at one pixel is a few scalar-times-vector updates
-// over n contiguous channels (vectorised by the compiler; csrc/cpu/lane_math.h's GSPN_CPU_CLONES builds
-// them for AVX2 + FMA too), and the normalisation runs once per pixel and group, not once per channel. A
-// direction changes only the order in which pixels are visited: nothing is transposed. The gates' gradients
-// are per-pixel sums over the group's channels, each computed by one task and written once: no atomics,
-// no zero-filled accumulators, deterministic.
+// over the group's channels, held as m = n rounded up to whole Packs (csrc/cpu/lane_math.h: explicit 32-byte
+// vectors, AVX2 + FMA in the GSPN_CPU_CLONES x86-64-v3 clones; the padding channels are zero), and the
+// normalisation runs once per pixel and group, a row of lanes at a time (csrc/cpu/scan_frames.h), not once
+// per channel. A direction changes only the order in which pixels are visited: nothing is transposed. The
+// gates' gradients are per-pixel sums over the group's channels, each computed by one task and written once:
+// no atomics, no zero-filled accumulators, deterministic.
 //
 // Memory: as in gspn_scan_cpu.cpp, the backward recomputes one direction's states at a time, here into a
-// per-thread (H or W + 1, lanes + 2, n) buffer, instead of the forward saving 4 x C maps.
+// per-thread (H or W + 1, lanes + 2, m) buffer, instead of the forward saving 4 x C maps.
 #include "gspn_scan_channels_last.h"
 
 #include <ATen/Dispatch.h>
@@ -27,12 +28,13 @@
 #include "../cpu_parallel.h"
 #include "../gspn_scan_checks.h"
 #include "lane_math.h"
+#include "scan_frames.h"
 
 namespace gspn {
 namespace {
 
 // One direction's per-pixel values of one (batch, group) in scan order (index s * L + l): the normalised
-// weights wl, wc, wr, their slopes ql, qc, qr (backward only; csrc/scan_math.h), lam and u.
+// weights wl, wc, wr, their slopes ql, qc, qr (backward only; csrc/cpu/scan_frames.h), lam and u.
 template <typename acc_t>
 struct DirectionFrames {
   enum { kWl, kWc, kWr, kQl, kQc, kQr, kLam, kU, kCount };
@@ -40,103 +42,111 @@ struct DirectionFrames {
   std::vector<acc_t> data;
   explicit DirectionFrames(int64_t HW) : size(HW), data(kCount * HW) {}
   const acc_t* operator[](int k) const { return data.data() + k * size; }
+  acc_t* frame(int k) { return data.data() + k * size; }
 
-  // From the gate tensors' plane `plane` (offset of its (0, 0) pixel), read along geo.
+  // From the gate tensors' plane `plane` (offset of its (0, 0) pixel), read along geo; the logits are
+  // normalised in place, a row of lanes at a time.
   template <typename scalar_t>
   void load(const ScanGeometry& geo, int64_t plane, const scalar_t* lam, const scalar_t* gl, const scalar_t* gc,
             const scalar_t* gr, const scalar_t* u, bool slopes) {
-    acc_t* f = data.data();
-    const int64_t L = geo.lanes;
-    for (int64_t s = 0; s < geo.steps; ++s) {
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t i = s * L + l, o = plane + geo.offset(s, l);
-        acc_t q[3];
-        normalized_weights<acc_t>(acc_t(gl[o]), acc_t(gc[o]), acc_t(gr[o]), l > 0, l + 1 < L, f[kWl * size + i],
-                                  f[kWc * size + i], f[kWr * size + i], LaneExp(), slopes ? q : nullptr);
-        if (slopes) {
-          f[kQl * size + i] = q[0];
-          f[kQc * size + i] = q[1];
-          f[kQr * size + i] = q[2];
-        }
-        f[kLam * size + i] = acc_t(lam[o]);
-        f[kU * size + i] = acc_t(u[o]);
-      }
+    gather_frame(gl + plane, geo, frame(kWl));
+    gather_frame(gc + plane, geo, frame(kWc));
+    gather_frame(gr + plane, geo, frame(kWr));
+    gather_frame(lam + plane, geo, frame(kLam));
+    gather_frame(u + plane, geo, frame(kU));
+    if (slopes) {
+      normalize_frames<acc_t, true>(geo.steps, geo.lanes, frame(kWl), frame(kWc), frame(kWr), frame(kQl),
+                                    frame(kQc), frame(kQr));
+    } else {
+      normalize_frames<acc_t, false>(geo.steps, geo.lanes, frame(kWl), frame(kWc), frame(kWr), nullptr, nullptr,
+                                     nullptr);
     }
   }
 };
 
-// out (HW, n) = channels [c0, c0 + n) of the (HW, C) channels-last plane `map`, in the compute type.
+// Channels [c0, c0 + n) of the (HW, C) channels-last plane `map` as (HW, m) rows in the compute type, m the
+// group's width rounded up to whole Packs, the padding channels zero (they stay zero through the recurrence
+// and add nothing to the gates' sums).
 template <typename scalar_t, typename acc_t>
-void gather_group(const scalar_t* map, int64_t HW, int64_t C, int64_t c0, int64_t n, acc_t* out) {
+void gather_group(const scalar_t* map, int64_t HW, int64_t C, int64_t c0, int64_t n, int64_t m, acc_t* out) {
   for (int64_t p = 0; p < HW; ++p) {
     const scalar_t* src = map + p * C + c0;
-    acc_t* dst = out + p * n;
+    acc_t* dst = out + p * m;
     for (int64_t j = 0; j < n; ++j) dst[j] = acc_t(src[j]);
+    for (int64_t j = n; j < m; ++j) dst[j] = acc_t(0);
   }
 }
 
-// The inverse of gather_group: channels [c0, c0 + n) of `map` = in (HW, n), converted to the map's type.
+// The inverse of gather_group: channels [c0, c0 + n) of `map` = in (HW, m), converted to the map's type.
 template <typename acc_t, typename scalar_t>
-void scatter_group(const acc_t* in, int64_t HW, int64_t C, int64_t c0, int64_t n, scalar_t* map) {
+void scatter_group(const acc_t* in, int64_t HW, int64_t C, int64_t c0, int64_t n, int64_t m, scalar_t* map) {
   for (int64_t p = 0; p < HW; ++p) {
-    const acc_t* src = in + p * n;
+    const acc_t* src = in + p * m;
     scalar_t* dst = map + p * C + c0;
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
   }
 }
 
-// The state rows of one step: L lanes of n channels with a zero lane on each side (lane(-1), lane(L)).
+// The state rows of one step: L lanes of m channels with a zero lane on each side (lane(-1), lane(L)).
 template <typename acc_t>
 struct StateRow {
   acc_t* base;  // lane 0
-  int64_t n;
-  acc_t* lane(int64_t l) const { return base + l * n; }
+  int64_t m;
+  acc_t* lane(int64_t l) const { return base + l * m; }
 };
 
-// h = lam x + (wl hp[l-1] + wc hp[l] + wr hp[l+1], unless the step restarts), and y += u h, at one pixel.
-template <typename acc_t>
-__attribute__((always_inline)) inline void step_pixel(int64_t n, bool restart, acc_t lam, acc_t wl, acc_t wc, acc_t wr, acc_t u,
-                                const acc_t* __restrict__ x, const acc_t* __restrict__ hl,
-                                const acc_t* __restrict__ hc, const acc_t* __restrict__ hr, acc_t* __restrict__ h,
-                                acc_t* __restrict__ y) {
-  if (restart) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) h[j] = lam * x[j];
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) h[j] = lam * x[j] + wl * hl[j] + wc * hc[j] + wr * hr[j];
-  }
-  if (y != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] += u * h[j];
+// h = lam x + (wl hp[l-1] + wc hp[l] + wr hp[l+1], unless the step restarts), and y += u h (kY), at one
+// pixel of m channels.
+template <typename acc_t, bool kRestart, bool kY>
+__attribute__((always_inline)) inline void step_pixel(int64_t m, acc_t lam, acc_t wl, acc_t wc, acc_t wr, acc_t u,
+                                                      const acc_t* x, const acc_t* hl, const acc_t* hc,
+                                                      const acc_t* hr, acc_t* h, acc_t* y) {
+  using V = Pack<acc_t>;
+  for (int64_t k = 0; k < m; k += kPackLanes<acc_t>) {
+    V hv = lam * load_pack(x + k);
+    if constexpr (!kRestart) hv += wl * load_pack(hl + k) + wc * load_pack(hc + k) + wr * load_pack(hr + k);
+    store_pack(h + k, hv);
+    if constexpr (kY) store_pack(y + k, load_pack(y + k) + u * hv);
   }
 }
 
-// One direction's sweep over the group's (HW, n) map x: step s reads the states row_of(s) and writes
-// row_of(s + 1); u h is added into y (if not null).
-template <typename acc_t, typename RowOf>
-GSPN_CPU_CLONES void sweep_states(const ScanGeometry& geo, const DirectionFrames<acc_t>& f, int64_t n, int64_t chunk,
-                  const acc_t* x, RowOf row_of, acc_t* y) {
+template <typename acc_t, bool kRestart, bool kY, typename RowOf>
+__attribute__((always_inline)) inline void sweep_step(const ScanGeometry& geo, const DirectionFrames<acc_t>& f,
+                                                      int64_t m, int64_t s, const acc_t* x, RowOf row_of, acc_t* y) {
   const int64_t L = geo.lanes;
   const acc_t *wl = f[f.kWl], *wc = f[f.kWc], *wr = f[f.kWr], *lam = f[f.kLam], *u = f[f.kU];
+  const StateRow<acc_t> hp = row_of(s), h = row_of(s + 1);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t i = s * L + l, pix = geo.offset(s, l);
+    step_pixel<acc_t, kRestart, kY>(m, lam[i], wl[i], wc[i], wr[i], u[i], x + pix * m, hp.lane(l - 1),
+                                    hp.lane(l), hp.lane(l + 1), h.lane(l), kY ? y + pix * m : nullptr);
+  }
+}
+
+// One direction's sweep over the group's (HW, m) map x: step s reads the states row_of(s) and writes
+// row_of(s + 1); u h is added into y (if not null).
+template <typename acc_t, typename RowOf>
+GSPN_CPU_CLONES void sweep_states(const ScanGeometry& geo, const DirectionFrames<acc_t>& f, int64_t m, int64_t chunk,
+                                  const acc_t* x, RowOf row_of, acc_t* y) {
   for (int64_t s = 0; s < geo.steps; ++s) {
     const bool restart = restarts_at(s, chunk);
-    const StateRow<acc_t> hp = row_of(s), h = row_of(s + 1);
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t i = s * L + l, pix = geo.offset(s, l);
-      step_pixel<acc_t>(n, restart, lam[i], wl[i], wc[i], wr[i], u[i], x + pix * n, hp.lane(l - 1), hp.lane(l),
-                        hp.lane(l + 1), h.lane(l), y == nullptr ? nullptr : y + pix * n);
+    if (y != nullptr) {
+      if (restart) sweep_step<acc_t, true, true>(geo, f, m, s, x, row_of, y);
+      else sweep_step<acc_t, false, true>(geo, f, m, s, x, row_of, y);
+    } else {
+      if (restart) sweep_step<acc_t, true, false>(geo, f, m, s, x, row_of, y);
+      else sweep_step<acc_t, false, false>(geo, f, m, s, x, row_of, y);
     }
   }
 }
 
-// Per-thread rows of states: `rows` rows of (max_lanes + 2) x n, zeroed, viewed as StateRows.
+// Per-thread rows of states: `rows` rows of (max_lanes + 2) x m, zeroed, viewed as StateRows.
 template <typename acc_t>
 struct StateRows {
   std::vector<acc_t> data;
   std::vector<StateRow<acc_t>> rows;
-  StateRows(int64_t count, int64_t max_lanes, int64_t n) : data(count * (max_lanes + 2) * n, acc_t(0)) {
-    for (int64_t r = 0; r < count; ++r) rows.push_back({data.data() + (r * (max_lanes + 2) + 1) * n, n});
+  StateRows(int64_t count, int64_t max_lanes, int64_t m) : data(count * (max_lanes + 2) * m, acc_t(0)) {
+    for (int64_t r = 0; r < count; ++r) rows.push_back({data.data() + (r * (max_lanes + 2) + 1) * m, m});
   }
   void zero() { std::fill(data.begin(), data.end(), acc_t(0)); }
 };
@@ -146,71 +156,69 @@ struct Operands {
   const scalar_t *x, *lam, *gl, *gc, *gr, *u;
 };
 
+// The group's width in the compute type: n channels rounded up to whole Packs.
+template <typename acc_t>
+int64_t padded_width(int64_t n) {
+  const int64_t P = kPackLanes<acc_t>;
+  return (n + P - 1) / P * P;
+}
+
 template <typename scalar_t>
 void forward_kernel(const Operands<scalar_t>& in, scalar_t* y, const ScanShape& sh, int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t HW = sh.H * sh.W, G = sh.g_gl, n = sh.C / G, max_lanes = std::max(sh.H, sh.W);
+  const int64_t HW = sh.H * sh.W, G = sh.g_gl, n = sh.C / G, m = padded_width<acc_t>(n);
+  const int64_t max_lanes = std::max(sh.H, sh.W);
   at::parallel_for(0, sh.B * G, plane_grain(kDirections * HW * n), [&](int64_t begin, int64_t end) {
     DirectionFrames<acc_t> frames(HW);
-    std::vector<acc_t> x(HW * n), y_acc(HW * n);
-    StateRows<acc_t> rows(2, max_lanes, n);
+    std::vector<acc_t> x(HW * m), y_acc(HW * m);
+    StateRows<acc_t> rows(2, max_lanes, m);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / G, g = task % G;
-      gather_group(in.x + b * HW * sh.C, HW, sh.C, g * n, n, x.data());
+      gather_group(in.x + b * HW * sh.C, HW, sh.C, g * n, n, m, x.data());
       std::fill(y_acc.begin(), y_acc.end(), acc_t(0));
       for (int d = 0; d < kDirections; ++d) {
         const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
         frames.load(geo, ((b * kDirections + d) * G + g) * HW, in.lam, in.gl, in.gc, in.gr, in.u, false);
         rows.zero();  // the pads (a direction with fewer lanes reads lane L, which a longer one wrote)
         // Two rows, alternating: step s reads row s % 2 and writes the other.
-        sweep_states(geo, frames, n, chunk, x.data(), [&](int64_t r) { return rows.rows[r % 2]; }, y_acc.data());
+        sweep_states(geo, frames, m, chunk, x.data(), [&](int64_t r) { return rows.rows[r % 2]; }, y_acc.data());
       }
-      scatter_group(y_acc.data(), HW, sh.C, g * n, n, y + b * HW * sh.C);
+      scatter_group(y_acc.data(), HW, sh.C, g * n, n, m, y + b * HW * sh.C);
     }
   });
 }
 
-// The adjoint g of one pixel's state, g = u gy + (the next step's weights times its adjoints, where it
-// applies), and what needs only g: dx += lam g, and the returned (dlam, du) = (sum x g, sum gy h).
-template <typename acc_t>
-__attribute__((always_inline)) inline std::pair<acc_t, acc_t> adjoint_pixel(int64_t n, bool next_applies, acc_t u, acc_t lam, acc_t cw,
-                                                     acc_t lw, acc_t rw, const acc_t* __restrict__ gy,
-                                                     const acc_t* __restrict__ x, const acc_t* __restrict__ h,
-                                                     const acc_t* __restrict__ gn_left,
-                                                     const acc_t* __restrict__ gn_centre,
-                                                     const acc_t* __restrict__ gn_right, acc_t* __restrict__ g,
-                                                     acc_t* __restrict__ dx) {
-  if (next_applies) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = u * gy[j] + cw * gn_centre[j] + lw * gn_right[j] + rw * gn_left[j];
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = u * gy[j];
+// At one pixel of m channels: the adjoint g of its state, g = u gy + (with kNext, the next step's weights
+// times its adjoints), dx += lam g, and sums = (dlam, du, dwl, dwc, dwr) = sum over channels of (x g, gy h,
+// g hp[l-1], g hp[l], g hp[l+1]), the last three only with kGates (no gates act on a restarting step).
+template <typename acc_t, bool kNext, bool kGates>
+__attribute__((always_inline)) inline void adjoint_pixel(int64_t m, acc_t u, acc_t lam, acc_t cw, acc_t lw, acc_t rw,
+                                                         const acc_t* gy, const acc_t* x, const acc_t* h,
+                                                         const acc_t* hp_left, const acc_t* hp_centre,
+                                                         const acc_t* hp_right, const acc_t* gn_left,
+                                                         const acc_t* gn_centre, const acc_t* gn_right, acc_t* g,
+                                                         acc_t* dx, acc_t sums[5]) {
+  using V = Pack<acc_t>;
+  V dlam{}, du{}, dwl{}, dwc{}, dwr{};
+  for (int64_t k = 0; k < m; k += kPackLanes<acc_t>) {
+    const V gyv = load_pack(gy + k);
+    V gv = u * gyv;
+    if constexpr (kNext) gv += cw * load_pack(gn_centre + k) + lw * load_pack(gn_right + k) + rw * load_pack(gn_left + k);
+    store_pack(g + k, gv);
+    store_pack(dx + k, load_pack(dx + k) + lam * gv);
+    dlam += load_pack(x + k) * gv;
+    du += gyv * load_pack(h + k);
+    if constexpr (kGates) {
+      dwl += gv * load_pack(hp_left + k);
+      dwc += gv * load_pack(hp_centre + k);
+      dwr += gv * load_pack(hp_right + k);
+    }
   }
-  acc_t dlam = 0, du = 0;
-#pragma omp simd reduction(+ : dlam, du)
-  for (int64_t j = 0; j < n; ++j) {
-    dx[j] += lam * g[j];
-    dlam += x[j] * g[j];
-    du += gy[j] * h[j];
-  }
-  return {dlam, du};
-}
-
-// The weights' gradients at one pixel, dw_k = sum over channels of g h_prev[neighbour k].
-template <typename acc_t>
-__attribute__((always_inline)) inline void weight_gradients(int64_t n, const acc_t* __restrict__ g, const acc_t* __restrict__ hl,
-                                      const acc_t* __restrict__ hc, const acc_t* __restrict__ hr, acc_t dw[3]) {
-  acc_t a = 0, b = 0, c = 0;
-#pragma omp simd reduction(+ : a, b, c)
-  for (int64_t j = 0; j < n; ++j) {
-    a += g[j] * hl[j];
-    b += g[j] * hc[j];
-    c += g[j] * hr[j];
-  }
-  dw[0] = a;
-  dw[1] = b;
-  dw[2] = c;
+  sums[0] = lane_sum<acc_t>(dlam);
+  sums[1] = lane_sum<acc_t>(du);
+  sums[2] = kGates ? lane_sum<acc_t>(dwl) : acc_t(0);
+  sums[3] = kGates ? lane_sum<acc_t>(dwc) : acc_t(0);
+  sums[4] = kGates ? lane_sum<acc_t>(dwr) : acc_t(0);
 }
 
 template <typename scalar_t>
@@ -218,42 +226,57 @@ struct GateGradPtrs {
   scalar_t *lam, *gl, *gc, *gr, *u;
 };
 
-// One direction's backward sweep over the group's (HW, n) maps x and gy, given its recomputed states (row
+// Step s of one direction's backward sweep (see adjoint_sweep), all lanes.
+template <typename acc_t, typename scalar_t, bool kNext, bool kGates>
+__attribute__((always_inline)) inline void adjoint_step(const ScanGeometry& geo, const DirectionFrames<acc_t>& f,
+                                                        int64_t m, int64_t s, const acc_t* x, const acc_t* gy,
+                                                        const StateRows<acc_t>& states,
+                                                        const StateRows<acc_t>& adjoints, acc_t* dx,
+                                                        const GateGradPtrs<scalar_t>& grads, int64_t plane) {
+  const int64_t L = geo.lanes;
+  const acc_t *wl = f[f.kWl], *wc = f[f.kWc], *wr = f[f.kWr], *lam = f[f.kLam], *u = f[f.kU];
+  const StateRow<acc_t> gn = adjoints.rows[(s + 1) % 2], gc = adjoints.rows[s % 2];
+  const StateRow<acc_t> h = states.rows[s + 1], hp = states.rows[s];
+  const int64_t next = (s + 1) * L;  // the next step's frame row (read only with kNext)
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t i = s * L + l, pix = geo.offset(s, l), o = plane + pix;
+    // Lane l of this step feeds lane l of the next through wc, lane l + 1 through wl, lane l - 1 through wr.
+    const acc_t cw = kNext ? wc[next + l] : acc_t(0);
+    const acc_t lw = kNext && l + 1 < L ? wl[next + l + 1] : acc_t(0);
+    const acc_t rw = kNext && l > 0 ? wr[next + l - 1] : acc_t(0);
+    acc_t sums[5];
+    adjoint_pixel<acc_t, kNext, kGates>(m, u[i], lam[i], cw, lw, rw, gy + pix * m, x + pix * m, h.lane(l),
+                                        hp.lane(l - 1), hp.lane(l), hp.lane(l + 1), gn.lane(l - 1), gn.lane(l),
+                                        gn.lane(l + 1), gc.lane(l), dx + pix * m, sums);
+    grads.lam[o] = static_cast<scalar_t>(sums[0]);
+    grads.u[o] = static_cast<scalar_t>(sums[1]);
+    acc_t dgl = 0, dgc = 0, dgr = 0;
+    if constexpr (kGates) {
+      const acc_t q[3] = {f[f.kQl][i], f[f.kQc][i], f[f.kQr][i]};
+      normalized_weights_backward<acc_t>(q, wl[i], wc[i], wr[i], sums[2], sums[3], sums[4], dgl, dgc, dgr);
+    }
+    grads.gl[o] = static_cast<scalar_t>(dgl);
+    grads.gc[o] = static_cast<scalar_t>(dgc);
+    grads.gr[o] = static_cast<scalar_t>(dgr);
+  }
+}
+
+// One direction's backward sweep over the group's (HW, m) maps x and gy, given its recomputed states (row
 // s + 1 holds step s): dx accumulates, the gate gradients of plane `plane` are written.
 template <typename acc_t, typename scalar_t>
-GSPN_CPU_CLONES void adjoint_sweep(const ScanGeometry& geo, const DirectionFrames<acc_t>& f, int64_t n, int64_t chunk,
+GSPN_CPU_CLONES void adjoint_sweep(const ScanGeometry& geo, const DirectionFrames<acc_t>& f, int64_t m, int64_t chunk,
                                    const acc_t* x, const acc_t* gy, const StateRows<acc_t>& states,
                                    const StateRows<acc_t>& adjoints, acc_t* dx, const GateGradPtrs<scalar_t>& grads,
                                    int64_t plane) {
-  const int64_t S = geo.steps, L = geo.lanes;
-  const acc_t *wl = f[f.kWl], *wc = f[f.kWc], *wr = f[f.kWr], *lam = f[f.kLam], *u = f[f.kU];
+  const int64_t S = geo.steps;
   for (int64_t s = S - 1; s >= 0; --s) {
     const bool next_applies = s + 1 < S && !restarts_at(s + 1, chunk), restart = restarts_at(s, chunk);
-    const StateRow<acc_t> gn = adjoints.rows[(s + 1) % 2], gc = adjoints.rows[s % 2];
-    const StateRow<acc_t> h = states.rows[s + 1], hp = states.rows[s];
-    const int64_t next = (s + 1) * L;  // the next step's frame row (read only where it applies)
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t i = s * L + l, pix = geo.offset(s, l), o = plane + pix;
-      // Lane l of this step feeds lane l of the next through wc, lane l + 1 through wl, lane l - 1 through wr.
-      const acc_t cw = next_applies ? wc[next + l] : acc_t(0);
-      const acc_t lw = next_applies && l + 1 < L ? wl[next + l + 1] : acc_t(0);
-      const acc_t rw = next_applies && l > 0 ? wr[next + l - 1] : acc_t(0);
-      const auto [dlam, du] =
-          adjoint_pixel<acc_t>(n, next_applies, u[i], lam[i], cw, lw, rw, gy + pix * n,
-                               x + pix * n, h.lane(l), gn.lane(l - 1), gn.lane(l), gn.lane(l + 1),
-                               gc.lane(l), dx + pix * n);
-      grads.lam[o] = static_cast<scalar_t>(dlam);
-      grads.u[o] = static_cast<scalar_t>(du);
-      acc_t dgl = 0, dgc = 0, dgr = 0;
-      if (!restart) {  // no gates act on a restarting step
-        acc_t dw[3];
-        weight_gradients<acc_t>(n, gc.lane(l), hp.lane(l - 1), hp.lane(l), hp.lane(l + 1), dw);
-        const acc_t q[3] = {f[f.kQl][i], f[f.kQc][i], f[f.kQr][i]};
-        normalized_weights_backward<acc_t>(q, wl[i], wc[i], wr[i], dw[0], dw[1], dw[2], dgl, dgc, dgr);
-      }
-      grads.gl[o] = static_cast<scalar_t>(dgl);
-      grads.gc[o] = static_cast<scalar_t>(dgc);
-      grads.gr[o] = static_cast<scalar_t>(dgr);
+    if (next_applies) {
+      if (restart) adjoint_step<acc_t, scalar_t, true, false>(geo, f, m, s, x, gy, states, adjoints, dx, grads, plane);
+      else adjoint_step<acc_t, scalar_t, true, true>(geo, f, m, s, x, gy, states, adjoints, dx, grads, plane);
+    } else {
+      if (restart) adjoint_step<acc_t, scalar_t, false, false>(geo, f, m, s, x, gy, states, adjoints, dx, grads, plane);
+      else adjoint_step<acc_t, scalar_t, false, true>(geo, f, m, s, x, gy, states, adjoints, dx, grads, plane);
     }
   }
 }
@@ -265,15 +288,16 @@ template <typename scalar_t>
 void backward_kernel(const scalar_t* gy_in, const Operands<scalar_t>& in, scalar_t* d_x,
                      const GateGradPtrs<scalar_t>& grads, const ScanShape& sh, int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t HW = sh.H * sh.W, G = sh.g_gl, n = sh.C / G, max_lanes = std::max(sh.H, sh.W);
+  const int64_t HW = sh.H * sh.W, G = sh.g_gl, n = sh.C / G, m = padded_width<acc_t>(n);
+  const int64_t max_lanes = std::max(sh.H, sh.W);
   at::parallel_for(0, sh.B * G, plane_grain(2 * kDirections * HW * n), [&](int64_t begin, int64_t end) {
     DirectionFrames<acc_t> f(HW);
-    std::vector<acc_t> x(HW * n), gy(HW * n), dx(HW * n);
-    StateRows<acc_t> states(max_lanes + 1, max_lanes, n), adjoints(2, max_lanes, n);
+    std::vector<acc_t> x(HW * m), gy(HW * m), dx(HW * m);
+    StateRows<acc_t> states(max_lanes + 1, max_lanes, m), adjoints(2, max_lanes, m);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / G, g = task % G;
-      gather_group(in.x + b * HW * sh.C, HW, sh.C, g * n, n, x.data());
-      gather_group(gy_in + b * HW * sh.C, HW, sh.C, g * n, n, gy.data());
+      gather_group(in.x + b * HW * sh.C, HW, sh.C, g * n, n, m, x.data());
+      gather_group(gy_in + b * HW * sh.C, HW, sh.C, g * n, n, m, gy.data());
       std::fill(dx.begin(), dx.end(), acc_t(0));
       for (int d = 0; d < kDirections; ++d) {
         const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
@@ -281,11 +305,11 @@ void backward_kernel(const scalar_t* gy_in, const Operands<scalar_t>& in, scalar
         f.load(geo, plane, in.lam, in.gl, in.gc, in.gr, in.u, true);
         states.zero();
         adjoints.zero();
-        sweep_states(geo, f, n, chunk, x.data(), [&](int64_t r) { return states.rows[r]; },
+        sweep_states(geo, f, m, chunk, x.data(), [&](int64_t r) { return states.rows[r]; },
                      static_cast<acc_t*>(nullptr));
-        adjoint_sweep(geo, f, n, chunk, x.data(), gy.data(), states, adjoints, dx.data(), grads, plane);
+        adjoint_sweep(geo, f, m, chunk, x.data(), gy.data(), states, adjoints, dx.data(), grads, plane);
       }
-      scatter_group(dx.data(), HW, sh.C, g * n, n, d_x + b * HW * sh.C);
+      scatter_group(dx.data(), HW, sh.C, g * n, n, m, d_x + b * HW * sh.C);
     }
   });
 }

@@ -47,9 +47,44 @@ __attribute__((always_inline)) inline float exp_lanes(float v) {
 inline double exp_lanes(double v) { return std::exp(v); }
 struct LaneExp {
   template <typename T>
-  T operator()(T v) const { return exp_lanes(v); }
+  __attribute__((always_inline)) T operator()(T v) const { return exp_lanes(v); }
 };
 
 #pragma GCC pop_options
+
+// Pack<T>: 32 bytes of T lanes (8 float32 or 4 float64) as one GCC vector, which a GSPN_CPU_CLONES
+// function's x86-64-v3 clone keeps in one AVX register and the baseline build in two SSE registers; the
+// channels-last kernel's per-pixel loops run on them, so what vectorises does not depend on the
+// auto-vectoriser. Loads and stores are unaligned.
+// (always inlined: -Wpsabi's note about passing 32-byte vectors by value in the baseline build concerns calls.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T>
+struct PackOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Pack = typename PackOf<T>::type;
+template <typename T>
+constexpr int64_t kPackLanes = int64_t(32 / sizeof(T));
+
+template <typename T>
+__attribute__((always_inline)) inline Pack<T> load_pack(const T* p) {
+  Pack<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+__attribute__((always_inline)) inline void store_pack(T* p, Pack<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+// The sum of v's lanes.
+template <typename T>
+__attribute__((always_inline)) inline T lane_sum(Pack<T> v) {
+  T s = 0;
+  for (int64_t k = 0; k < kPackLanes<T>; ++k) s += v[k];
+  return s;
+}
+#pragma GCC diagnostic pop
 
 }  // namespace gspn
