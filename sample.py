@@ -18,6 +18,7 @@ from dit_gspn.checkpoint import WEIGHT_FOLDERS
 from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
 from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, check_num_steps, check_sampler, default_num_steps, default_sampler
 from dit_gspn.diffusion.flow import check_shift
+from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
 from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_grid
 from dit_gspn.sampling.model_loader import checkpoint_sha256, load_model, read_checkpoint_info
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
     from accelerate import PartialState
 
     args = parse_args(argv)
+    retain_freed_host_memory()
     # Everything the arguments and the checkpoint's sampling.json can tell is checked before any weights load.
     info = read_checkpoint_info(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae)
     sampler = args.sampler or default_sampler(info.objective)

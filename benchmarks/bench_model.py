@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.timing import device_description, time_callable
+from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.models import GSPNMixer, create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
 
@@ -354,6 +355,8 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=None, help="default: 8 on a GPU, 4 on a CPU")
     p.add_argument("--sample-batch", type=int, default=None,
                    help="N; the CFG forward runs at 2N (default: 8 on a GPU, 1 on a CPU)")
+    p.add_argument("--retain-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed host memory for reuse, as training and sampling do (dit_gspn.host_memory; default: on)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="alternate GSPN's and DiT's timed steps (default: on a CPU)")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -381,6 +384,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    host_memory_retained = retain_freed_host_memory() if args.retain_host_memory else False
     overrides: dict = {}
     if args.smoke:
         args.sizes, args.resolutions, args.sample_resolutions = ["S/2"], [32, 64], [32, 64]
@@ -389,6 +393,7 @@ def main(argv=None) -> dict:
         overrides = {"depth": 1, "hidden_size": 32, "num_heads": 2}
 
     report = {"device": device_description(device), "smoke": args.smoke, "torch_threads": torch.get_num_threads(),
+              "host_memory_retained": host_memory_retained,
               "precision": args.precision, "native_bf16": native_bf16(device), "config": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}}
     if "models" in args.sections:

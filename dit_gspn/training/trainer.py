@@ -22,6 +22,7 @@ import torch
 from dit_gspn.checkpoint import CheckpointWriter
 from dit_gspn.cli import UserError
 from dit_gspn.data import ShardError
+from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.seeding import Stream, index_generator, index_seed
 
 from .config import ConfigError, RunConfig, validate_config
@@ -133,6 +134,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, resume: str | None = None, allow_config_change: bool = False):
+        retain_freed_host_memory()  # CPU steps reuse their activations' pages instead of faulting them in anew
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.acc = acc = _accelerator(config.train)
