@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.timing import device_description, time_callable
 from dit_gspn.host_memory import retain_freed_host_memory
-from dit_gspn.models import GSPNMixer, create_model
+from dit_gspn.models import DiT_models, GSPNMixer, create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
 
 SECTIONS = ("models", "mixer")
@@ -376,6 +376,10 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    unknown = [size for size in args.sizes if f"GSPN-{size}" not in DiT_models]
+    if unknown:
+        sizes = sorted({name.split("-", 1)[1] for name in DiT_models})
+        p.error(f"--sizes: unknown size {', '.join(unknown)}; the zoo's sizes are {', '.join(sizes)}")
     if args.sample_resolutions is None:
         args.sample_resolutions = [1024] if cpu and args.resolutions == [256] else list(args.resolutions)
     return args

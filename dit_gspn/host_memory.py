@@ -27,18 +27,26 @@ TOP_PAD = 64 << 20
 MMAP_THRESHOLD = 32 << 20
 
 
+#: Whether this process's malloc is glibc's (the only one these settings are for).
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``: True if it took the setting, False if it refused or is not glibc's."""
+    if not GLIBC:
+        return False
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    function.argtypes, function.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return function(param, value) == 1
+
+
 def retain_freed_host_memory() -> bool:
     """Tell the process's malloc to keep freed memory for reuse; True if it did (glibc), False elsewhere (no-op).
 
     Process-wide and idempotent; call it once at the start of a long CPU job (training, sampling, a benchmark).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    return all(mallopt(param, value) for param, value in settings)

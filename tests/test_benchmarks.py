@@ -71,3 +71,13 @@ def test_bench_model_goals_are_dits_time_over_gspns_where_both_were_measured():
     assert goals["S2_sample_1024px"]["dit_over_gspn_time"] == pytest.approx(3.0)
     assert goals["S2_sample_1024px"]["met"] is True
     assert set(goals) == {"S2_train_256px", "S2_sample_1024px"}  # B/2 lacks its DiT twin
+
+
+def test_bench_model_names_an_unknown_size_in_one_line(capsys):
+    from benchmarks import bench_model
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_model.parse_args(["--device", "cpu", "--sizes", "S/2", "Q/9"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown size Q/9" in err and "S/2" in err.splitlines()[-1] and "Traceback" not in err

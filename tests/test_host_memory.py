@@ -6,25 +6,24 @@ a share that changes from run to run).
 The oracle is the kernel's count of minor page faults (getrusage), measured in a fresh interpreter per case so
 that the malloc settings of this test process play no part.
 """
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+from dit_gspn.host_memory import GLIBC
+
+pytestmark = pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 
 # As a training step does: many MiB-sized activations, all freed before the next step allocates them again.
 _STEPS = """
 import resource, sys
 import torch
-from dit_gspn.host_memory import retain_freed_host_memory
+from dit_gspn.host_memory import M_MMAP_THRESHOLD, mallopt, retain_freed_host_memory
 if sys.argv[1] == "retain":
     retained = retain_freed_host_memory()
 else:  # the control: glibc's starting thresholds held fixed, every block of 128 KiB and up mapped and unmapped
-    import ctypes
-    retained = ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10) == 1  # M_MMAP_THRESHOLD
+    retained = mallopt(M_MMAP_THRESHOLD, 128 << 10)
 def step(i):
     acts = [torch.ones(((i + j) % 8 + 1) << 18) for j in range(32)]  # 1 to 8 MiB each, 144 MiB, touched once
     return sum(float(a[0]) for a in acts)
