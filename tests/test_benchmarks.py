@@ -77,7 +77,7 @@ def test_bench_model_names_an_unknown_size_in_one_line(capsys):
     from benchmarks import bench_model
 
     with pytest.raises(SystemExit) as exit_info:
-        bench_model.parse_args(["--device", "cpu", "--sizes", "S/2", "Q/9"])
+        bench_model.parse_args(["--device", "cpu", "--out", "unused.json", "--sizes", "S/2", "Q/9"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown size Q/9" in err and "S/2" in err.splitlines()[-1] and "Traceback" not in err
