@@ -38,7 +38,8 @@ KERNELS_TU = r"""
 using namespace gspn;
 template <typename S> void variants() {
   (void)&cuda_kernels::gspn_scan_fwd_kernel<S>;
-  (void)&cuda_kernels::gspn_scan_bwd_kernel<S>;
+  (void)&cuda_kernels::gspn_scan_bwd_kernel<S, true>;
+  (void)&cuda_kernels::gspn_scan_bwd_kernel<S, false>;
   (void)&line_scan_kernels::line_scan_fwd_kernel<S, float, 1, 2>;
   (void)&line_scan_kernels::line_scan_bwd_kernel<S, float, 1, 2>;
 }
@@ -185,7 +186,9 @@ def compile_and_disassemble(arch: str = "sm_90") -> str:
 def short_name(mangled: str) -> str:
     m = re.search(r"(\w+_kernel)I", mangled)
     dtype = "bf16" if "BFloat16" in mangled else ("fp32" if "If" in mangled else "")
-    return f"{m.group(1)}<{dtype}>" if m else mangled
+    grads = {"Lb1E": ", direct gate grads", "Lb0E": ", fp32 gate grads"}
+    extra = next((text for code, text in grads.items() if "gspn_scan_bwd" in mangled and code in mangled), "")
+    return f"{m.group(1)}<{dtype}{extra}>" if m else mangled
 
 
 def report(kernels: list[Kernel]) -> str:

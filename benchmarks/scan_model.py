@@ -189,7 +189,8 @@ def measured_instructions() -> tuple[float, float]:
 
     kernels = {k.name: k for k in parse_sass(compile_and_disassemble())}
     fwd = next(k for name, k in kernels.items() if "gspn_scan_fwd_kernel" in name and "BFloat16" in name)
-    bwd = next(k for name, k in kernels.items() if "gspn_scan_bwd_kernel" in name and "BFloat16" in name)
+    bwd = next(k for name, k in kernels.items()  # per-channel gates: their gradients written in bf16 (Lb1E)
+               if "gspn_scan_bwd_kernel" in name and "BFloat16" in name and "Lb1E" in name)
     return gspn_scan_per_element(fwd, "forward")["total"], gspn_scan_per_element(bwd, "backward")["total"]
 
 

@@ -9,8 +9,9 @@
 namespace gspn {
 namespace cuda_kernels {
 
-template <typename scalar_t>
+template <typename scalar_t, bool kDirectGateGrads>
 GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
+  using grad_t = std::conditional_t<kDirectGateGrads, scalar_t, float>;
   GSPN_DYNAMIC_SMEM(float, smem);
   const BlockFrame f = block_frame(p.in);
   const int64_t HW = f.HW, b = f.b, c = f.c;
@@ -41,6 +42,9 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
     const DirectionView<scalar_t> v = direction_view(p.in, b, c, d);
     const int L = v.lanes;
     const int tiles = (v.steps + T - 1) / T;
+    grad_t* d_gates[5];  // this direction's planes of d_lam, d_gl, d_gc, d_gr, d_u
+#pragma unroll
+    for (int k = 0; k < 5; ++k) d_gates[k] = static_cast<grad_t*>(p.d_gates[k]) + v.gate_index * HW;
 
     // Sweep 1: the forward recurrence, keeping the state at the end of every tile but the last.
     if (threadIdx.x < 2) h_rows[threadIdx.x * P] = h_rows[threadIdx.x * P + L + 1] = 0.f;
@@ -148,19 +152,18 @@ GSPN_GLOBAL void gspn_scan_bwd_kernel(BwdParams<scalar_t> p) {
       }
 
       // Coalesced write-out: dx summed over the directions, the gate gradients of this direction.
-      for_tile_elements(
-          d, n, L, [](int, int, int) {},
-          [&](int, int k, int l) {
-            const int o = v.offset(s0 + k, l);
-            const int t = k * pitch + l;
-            accumulate_direction(group, d, o, t_lam[t], dx_acc, dx);
-            const int64_t og = v.gate_index * HW + o;
-            p.d_lam.store(og, t_x[t]);
-            p.d_gl.store(og, t_wl[t]);
-            p.d_gc.store(og, t_wc[t]);
-            p.d_gr.store(og, t_wr[t]);
-            p.d_u.store(og, t_u[t]);
-          });
+      with_direction_sum(group, d, [&](auto mode) {
+        for_tile_elements(d, n, L, [](int, int, int) {}, [&](int, int k, int l) {
+          const int o = v.offset(s0 + k, l);
+          const int t = k * pitch + l;
+          accumulate_direction<decltype(mode)::value>(o, t_lam[t], dx_acc, dx);
+          d_gates[0][o] = static_cast<grad_t>(t_x[t]);
+          d_gates[1][o] = static_cast<grad_t>(t_wl[t]);
+          d_gates[2][o] = static_cast<grad_t>(t_wc[t]);
+          d_gates[3][o] = static_cast<grad_t>(t_wr[t]);
+          d_gates[4][o] = static_cast<grad_t>(t_u[t]);
+        });
+      });
       __syncthreads();
     }
   }

@@ -151,12 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
        gc = gc_in.contiguous(), gr = gr_in.contiguous(), u = u_in.contiguous();
   const at::Tensor* inputs[] = {&lam, &gl, &gc, &gr, &u};
   const auto f32 = x.options().dtype(at::kFloat);
-  // Per-channel gates' gradients are written by the kernel in their dtype; grouped ones as per-channel
-  // fp32 planes summed over each group below. Every element is overwritten by the kernel.
+  // The kernel writes per-channel gate gradients: in the inputs' dtype when every gate is per-channel (or the
+  // dtype is fp32), else all five as fp32 planes, summed over each group (or cast) below. Every element is
+  // overwritten by the kernel.
+  const bool direct = x.scalar_type() == at::kFloat ||
+                      std::all_of(std::begin(inputs), std::end(inputs), [&](const at::Tensor* t) { return t->size(2) == sh.C; });
   at::Tensor outputs[5];
   for (int k = 0; k < 5; ++k) {
-    outputs[k] = inputs[k]->size(2) == sh.C ? at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, x.options())
-                                            : at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, f32);
+    outputs[k] = at::empty({sh.B, kDirections, sh.C, sh.H, sh.W}, direct ? x.options() : f32);
   }
   auto d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() > 0) {
@@ -173,18 +175,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor dx_acc = groups == 1 && std::is_same_v<scalar_t, float>
                               ? d_x
                               : at::empty({groups, sh.B, sh.C, sh.H, sh.W}, f32);
-      auto grad = [&](int k) {
-        const bool direct = inputs[k]->size(2) == sh.C;
-        return GateGrad<scalar_t>{direct ? nullptr : outputs[k].data_ptr<float>(),
-                                  direct ? outputs[k].data_ptr<scalar_t>() : nullptr};
-      };
       const BwdParams<scalar_t> params{scan_args<scalar_t>(x, lam, gl, gc, gr, u, sh, chunk, tile, per_block),
                                        gy.const_data_ptr<scalar_t>(), checkpoints.data_ptr<float>(),
-                                       dx_acc.data_ptr<float>(), d_x.data_ptr<scalar_t>(), grad(0), grad(1), grad(2),
-                                       grad(3), grad(4)};
-      auto kernel = gspn_scan_bwd_kernel<scalar_t>;
-      allow_smem(kernel, smem);
-      kernel<<<scan_grid(sh, per_block), threads_for(max_lanes), smem, stream>>>(params);
+                                       dx_acc.data_ptr<float>(), d_x.data_ptr<scalar_t>(),
+                                       {outputs[0].data_ptr(), outputs[1].data_ptr(), outputs[2].data_ptr(),
+                                        outputs[3].data_ptr(), outputs[4].data_ptr()}};
+      auto launch = [&](auto kernel) {
+        allow_smem(kernel, smem);
+        kernel<<<scan_grid(sh, per_block), threads_for(max_lanes), smem, stream>>>(params);
+      };
+      if (direct) {
+        launch(gspn_scan_bwd_kernel<scalar_t, true>);
+      } else {
+        launch(gspn_scan_bwd_kernel<scalar_t, false>);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (groups > 1) sum_direction_groups<scalar_t>(dx_acc, groups, d_x, stream);
     });
@@ -193,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto dt = x.scalar_type();
   auto group_sum = [&](int k) {
     const int64_t G = inputs[k]->size(2);
-    if (G == sh.C) return outputs[k];
+    if (G == sh.C) return outputs[k].to(dt);
     return at::sum(outputs[k].view({sh.B, kDirections, G, sh.C / G, sh.H, sh.W}), {3}, false, dt);
   };
   return {d_x.contiguous(scan_memory_format(x_in)), group_sum(0), group_sum(1), group_sum(2), group_sum(3),

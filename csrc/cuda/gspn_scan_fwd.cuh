@@ -54,11 +54,11 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
             next = h_rows + ((s0 + k) & 1) * P;
           },
           [&](int t, float h) { t_u[t] *= h; });
-      for_tile_elements(
-          d, n, L, [](int, int, int) {},
-          [&](int, int k, int l) {
-            accumulate_direction(group, d, v.offset(s0 + k, l), t_u[k * pitch + l], y_acc, y);
-          });
+      with_direction_sum(group, d, [&](auto mode) {
+        for_tile_elements(d, n, L, [](int, int, int) {}, [&](int, int k, int l) {
+          accumulate_direction<decltype(mode)::value>(v.offset(s0 + k, l), t_u[k * pitch + l], y_acc, y);
+        });
+      });
       __syncthreads();
     }
   }

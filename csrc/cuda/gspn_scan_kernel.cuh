@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../gspn_scan_common.h"
 #include "kernel_macros.h"
@@ -67,22 +68,9 @@ struct FwdParams {
   scalar_t* y;
 };
 
-// Where one gate gradient goes: `direct`, (B, 4, C, H, W) in the inputs' dtype, for per-channel gates;
-// else `per_channel`, (B, 4, C, H, W) fp32 planes that the host sums over each group.
-template <typename scalar_t>
-struct GateGrad {
-  float* per_channel;
-  scalar_t* direct;
-
-  GSPN_DEVICE void store(int64_t i, float v) const {
-    if (per_channel != nullptr) {
-      per_channel[i] = v;
-    } else {
-      direct[i] = static_cast<scalar_t>(v);
-    }
-  }
-};
-
+// The five gate gradients (d_lam, d_gl, d_gc, d_gr, d_u), each (B, 4, C, H, W) per-channel planes: in the
+// inputs' dtype when every gate is per-channel (the kernel's kDirectGateGrads), else fp32 planes that the host
+// sums over each group (and casts, for a per-channel gate among grouped ones).
 template <typename scalar_t>
 struct BwdParams {
   ScanArgs<scalar_t> in;
@@ -90,7 +78,7 @@ struct BwdParams {
   float* checkpoints;  // (B*C) x checkpoint_floats(max_lanes, tile): the state at the end of each tile
   float* dx_acc;       // the direction sum of dx in fp32 (dx itself for fp32), or the partial maps
   scalar_t* dx;
-  GateGrad<scalar_t> d_lam, d_gl, d_gc, d_gr, d_u;
+  void* d_gates[5];    // scalar_t* with kDirectGateGrads, else float*
 };
 
 // The directions this block runs and where their sum goes: all four into the plane's fp32 sum map, the
@@ -200,17 +188,33 @@ struct ElementOperands {
   }
 };
 
-// A direction's contribution to a map summed over the directions of the block's group: added to the
-// group's fp32 partial sum, and the total written in the output's dtype by the last direction of a
-// group that writes the output.
-template <typename scalar_t>
-GSPN_DEVICE void accumulate_direction(const DirectionGroup& group, int d, int o, float value, float* acc,
-                                      scalar_t* out) {
-  const float sum = (d == group.first ? 0.f : acc[o]) + value;
-  if (d == kDirections - 1 && group.writes_output) {
-    out[o] = static_cast<scalar_t>(sum);
+// How a direction's values join the map summed over the directions of the block's group: the group's
+// first direction starts its fp32 partial sum, later ones add to it, and the last direction of a group
+// that writes the output writes the total in the output's dtype. The same for a whole direction, so the
+// kernels pick it once per direction (with_direction_sum) and the element loops hold no branch for it.
+enum class DirectionSum { kFirst, kAdd, kLastToOutput };
+
+template <DirectionSum kMode, typename scalar_t>
+GSPN_DEVICE void accumulate_direction(int o, float value, float* acc, scalar_t* out) {
+  if constexpr (kMode == DirectionSum::kFirst) {
+    acc[o] = value;
+  } else if constexpr (kMode == DirectionSum::kAdd) {
+    acc[o] += value;
   } else {
-    acc[o] = sum;
+    out[o] = static_cast<scalar_t>(acc[o] + value);
+  }
+}
+
+// fn(std::integral_constant<DirectionSum, mode>{}) with direction d's mode in `group`.
+template <typename Fn>
+GSPN_DEVICE void with_direction_sum(const DirectionGroup& group, int d, Fn fn) {
+  using M = DirectionSum;
+  if (d == kDirections - 1 && group.writes_output) {
+    fn(std::integral_constant<M, M::kLastToOutput>{});
+  } else if (d == group.first) {
+    fn(std::integral_constant<M, M::kFirst>{});
+  } else {
+    fn(std::integral_constant<M, M::kAdd>{});
   }
 }
 

@@ -80,9 +80,8 @@ int line_scan(const float* x, const float* lam, const float* wl, const float* wc
 }
 
 // Forward then backward of the fused scan. shape: B, C, H, W, then the group counts of lam, gl,
-// gc, gr, u. The gate gradients are per-channel (B, 4, C, H, W) planes: written directly (as the CUDA
-// kernel writes a per-channel gate's gradient) where a tensor's G is C, else as the per-channel fp32
-// planes whose groups the host sums. tile 0 picks the tile the CUDA host code would on an H100 / H200.
+// gc, gr, u. The gate gradients are per-channel (B, 4, C, H, W) fp32 planes (as the CUDA kernel writes
+// them for fp32 inputs), whose groups the caller sums as the host code does. tile 0 picks the tile the CUDA host code would on an H100 / H200.
 int gspn_scan(const float* x, const float* lam, const float* gl, const float* gc, const float* gr, const float* u,
               const float* gy, float* y, float* dx, float* dlam, float* dgl, float* dgc, float* dgr, float* du,
               const int64_t* shape, int64_t chunk, int tile, int per_block, int order, uint64_t seed,
@@ -117,21 +116,14 @@ int gspn_scan(const float* x, const float* lam, const float* gl, const float* gc
     sum_groups(y);
     plant(2, drop_kernel, drop_site);
     std::vector<float> checkpoints(static_cast<size_t>(groups * planes * checkpoint_floats(lanes, bwd_tile)));
-    auto grad = [&](float* out, int64_t groups) {
-      return groups == sh.C ? GateGrad<float>{nullptr, out} : GateGrad<float>{out, nullptr};
-    };
     const BwdParams<float> bwd{ScanArgs<float>{x, lam, gl, gc, gr, u, sh, chunk, bwd_tile, per_block},
                                gy,
                                checkpoints.data(),
                                groups > 1 ? partial.data() : dx,
                                dx,
-                               grad(dlam, sh.g_lam),
-                               grad(dgl, sh.g_gl),
-                               grad(dgc, sh.g_gc),
-                               grad(dgr, sh.g_gr),
-                               grad(du, sh.g_u)};
+                               {dlam, dgl, dgc, dgr, du}};
     Scheduler::get().launch(grid, block, bwd_smem_floats(lanes, bwd_tile) * sizeof(float), ord, seed + 1,
-                            gspn_scan_bwd_kernel<float>, bwd);
+                            gspn_scan_bwd_kernel<float, true>, bwd);
     sites[1] = Scheduler::get().barrier_sites();
     sum_groups(dx);
   });
