@@ -68,6 +68,7 @@ class Kernel:
     name: str
     instructions: int
     loops: list
+    registers: int = 0  # per thread, from ``cuobjdump -res-usage`` (0: not read)
 
 
 def find_tool(name: str) -> str | None:
@@ -88,20 +89,28 @@ def find_tool(name: str) -> str | None:
 
 
 def parse_sass(text: str) -> list[Kernel]:
-    """Kernels, their instruction counts and innermost loops from ``cuobjdump -sass`` output."""
+    """Kernels, their instruction counts and innermost loops from ``cuobjdump -sass`` output (and their
+    registers per thread from ``cuobjdump -res-usage`` records in the same text)."""
     kernels, name, body = [], None, []
 
     def finish():
         if name is not None:
             kernels.append(Kernel(name, len(body), innermost_loops(body)))
 
+    registers, usage_of = {}, None
     for line in text.splitlines():
         if m := re.search(r"Function : (\S+)", line):
             finish()
             name, body = m.group(1), []
+        elif m := re.match(r"\s*Function (\S+):\s*$", line):  # a -res-usage record
+            usage_of = m.group(1)
+        elif usage_of is not None and (m := re.search(r"\bREG:(\d+)", line)):
+            registers[usage_of], usage_of = int(m.group(1)), None
         elif name is not None and (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)):
             body.append((int(m.group(1), 16), m.group(2)))
     finish()
+    for kernel in kernels:
+        kernel.registers = registers.get(kernel.name, 0)
     return kernels
 
 
@@ -166,7 +175,7 @@ def gspn_scan_per_element(kernel: Kernel, phase: str) -> dict:
 
 
 def compile_and_disassemble(arch: str = "sm_90") -> str:
-    """The SASS of KERNELS_TU for ``arch`` (raises RuntimeError naming a missing tool)."""
+    """The SASS of KERNELS_TU for ``arch``, then its resource usage (raises RuntimeError naming a missing tool)."""
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         raise RuntimeError(f"needs nvcc and cuobjdump (found nvcc={nvcc}, cuobjdump={cuobjdump})")
@@ -180,7 +189,8 @@ def compile_and_disassemble(arch: str = "sm_90") -> str:
                                 str(cubin)], capture_output=True, text=True, timeout=600)
         if built.returncode != 0:
             raise RuntimeError(f"nvcc failed:\n{built.stderr[-4000:]}")
-        return subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+        return "\n".join(subprocess.run([cuobjdump, flag, str(cubin)], check=True, capture_output=True, text=True).stdout
+                         for flag in ("-sass", "-res-usage"))
 
 
 def short_name(mangled: str) -> str:
@@ -194,7 +204,8 @@ def short_name(mangled: str) -> str:
 def report(kernels: list[Kernel]) -> str:
     lines = []
     for k in kernels:
-        lines.append(f"{short_name(k.name)}: {k.instructions} instructions, {len(k.loops)} innermost loops")
+        lines.append(f"{short_name(k.name)}: {k.instructions} instructions, {k.registers} registers, "
+                     f"{len(k.loops)} innermost loops")
         for loop in k.loops:
             c = " ".join(f"{key}={value}" for key, value in loop.counts.items() if value)
             lines.append(f"  loop 0x{loop.start:04x}-0x{loop.end:04x}: {loop.instructions:4d} instr  {c}")
@@ -215,7 +226,7 @@ def main(argv=None) -> int:
     for k in kernels:
         for phase in ("forward", "backward"):
             if f"gspn_scan_{KERNEL_OF[phase]}_kernel" in k.name and "BFloat16" in k.name:
-                print(f"  {phase}: {gspn_scan_per_element(k, phase)}")
+                print(f"  {short_name(k.name)}: {gspn_scan_per_element(k, phase)}")
     if args.json:
         args.json.write_text(json.dumps([asdict(k) for k in kernels], indent=1) + "\n")
     return 0

@@ -10,6 +10,8 @@ code picks it, and the SASS instruction counts per direction-element of the hot 
 Without nvcc (a GPU machine may lack it) the counts come from RECORDED, the last SASS reading committed.
 
 The model (every constant below, each an assumption a GPU run can falsify):
+- occupancy: blocks per SM as shared memory, 2048 threads and the register file (the kernels' registers
+  per thread, read with the SASS) allow;
 - memory: t_mem = bytes / (copy bandwidth x min(1, 2 x busy SMs / SMs)): one SM can draw about twice its
   share of the bandwidth, no more;
 - issue: t_issue = warp instructions / (4 schedulers x busy SMs x clock x eta), eta = min(1, resident
@@ -39,6 +41,7 @@ L2_BYTES = 50e6
 SMEM_PER_SM = 233472
 SMEM_PER_BLOCK = 232448
 MAX_THREADS_PER_SM = 2048
+REGISTERS_PER_SM = 65536  # allocated per warp in units of 256
 STEP_CYCLES = 90  # barrier + shared load -> 3 FMAs -> shared store, per scan step
 TILE_LOAD_CYCLES = 800  # one global load round trip exposed per staged tile
 
@@ -53,10 +56,14 @@ def direction_split(planes: int, sms: int = SMS) -> int:
     return 4 if 10 * planes >= 9 * sms else 1
 
 
-def tile_smem_limit(blocks: int, sms: int = SMS) -> int:
-    """csrc/cuda/gspn_scan_kernel.cuh's tile_smem_limit: a third of an SM when there are blocks for three."""
-    third = SMEM_PER_SM // 3 - 1024
-    return third if 10 * blocks >= 18 * sms and third < SMEM_PER_BLOCK else SMEM_PER_BLOCK
+def blocks_per_sm_target(blocks: int, sms: int = SMS) -> int:
+    """csrc/cuda/gspn_scan_kernel.cuh's blocks_per_sm_target: 3 when there are blocks for them, 2 past one per SM."""
+    return 3 if 10 * blocks >= 18 * sms else (2 if blocks > sms else 1)
+
+
+def smem_share(per_sm: int) -> int:
+    """The shared memory one of ``per_sm`` blocks sharing an SM may take (the runtime reserves 1 KiB a block)."""
+    return min(max(SMEM_PER_SM // per_sm - 1024, 0), SMEM_PER_BLOCK)
 
 
 def threads_for(lanes: int) -> int:
@@ -68,16 +75,21 @@ def fwd_smem_floats(lanes: int, tile: int) -> int:
 
 
 def bwd_smem_floats(lanes: int, tile: int) -> int:
-    return (6 + tile + 1) * (lanes + 2) + 10 * (lanes + 1) * tile
+    return (6 + tile + 1) * (lanes + 2) + 11 * (lanes + 1) * tile  # ten slots per element, padded to eleven
 
 
 def pick_tile(lanes: int, smem_floats, limit: int = SMEM_PER_BLOCK) -> int:
-    """The host code's tile: the largest power of two <= 16 whose staging fits ``limit`` (else the opt-in limit's)."""
-    for bound in (limit, SMEM_PER_BLOCK):
-        tile = 16
-        while tile >= 1 and smem_floats(lanes, tile) * 4 > bound:
-            tile //= 2
-        if tile >= 1:
+    """The largest power of two <= 16 whose staging fits ``limit`` bytes, or 0."""
+    tile = 16
+    while tile >= 1 and smem_floats(lanes, tile) * 4 > limit:
+        tile //= 2
+    return max(tile, 0)
+
+
+def launch_tile(lanes: int, smem_floats, blocks: int) -> int:
+    """csrc/cuda/gspn_scan_kernel.cuh's launch_tile: room for blocks_per_sm_target blocks per SM, else fewer."""
+    for per_sm in range(blocks_per_sm_target(blocks), 0, -1):
+        if tile := pick_tile(lanes, smem_floats, smem_share(per_sm)):
             return tile
     return 0
 
@@ -134,15 +146,26 @@ class Launch:
     l2_resident: bool
 
 
-def launch(phase: str, shape, elem_bytes: int = 2) -> Launch:
+def register_limit(registers: int, threads: int) -> int:
+    """Blocks of ``threads`` threads of ``registers`` registers each that fit an SM's register file (0: no limit)."""
+    if registers <= 0:
+        return 32
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    return REGISTERS_PER_SM // (per_warp * math.ceil(threads / 32))
+
+
+def launch(phase: str, shape, elem_bytes: int = 2, registers: int = 0) -> Launch:
+    """How the host code launches ``phase`` at ``shape``; blocks per SM as shared memory, threads and (given
+    the kernel's ``registers`` per thread) the register file allow."""
     B, C, H, W = shape
     planes, lanes = B * C, max(H, W)
     per_block = direction_split(planes)
     blocks = planes * (4 // per_block)
     smem_floats = fwd_smem_floats if phase == "forward" else bwd_smem_floats
-    tile = pick_tile(lanes, smem_floats, tile_smem_limit(blocks))
+    tile = launch_tile(lanes, smem_floats, blocks)
     threads = threads_for(lanes)
-    per_sm = max(1, min(SMEM_PER_SM // (smem_floats(lanes, tile) * 4 + 1024), MAX_THREADS_PER_SM // threads, 32))
+    per_sm = max(1, min(SMEM_PER_SM // (smem_floats(lanes, tile) * 4 + 1024), MAX_THREADS_PER_SM // threads, 32,
+                        register_limit(registers, threads)))
     # A plane's repeated reads and its fp32 sum map stay in L2 when the resident planes' share fits half of it.
     plane_scratch = H * W * (4 + elem_bytes * (1 if phase == "forward" else 5))
     l2_resident = min(blocks, SMS * per_sm) * plane_scratch <= L2_BYTES / 2
@@ -156,12 +179,13 @@ def kernel_bytes(phase: str, shape, elem_bytes: int = 2) -> float:
     return moved_bytes(phase, elem_bytes, lc.directions_per_block, lc.tile, lc.l2_resident) * B * C * H * W
 
 
-def predict(phase: str, shape, instructions: float, elem_bytes: int = 2) -> Prediction:
-    """The model's time and fraction for ``phase`` ("forward" / "backward") of per-channel gates at ``shape``."""
+def predict(phase: str, shape, instructions: float, elem_bytes: int = 2, registers: int = 0) -> Prediction:
+    """The model's time and fraction for ``phase`` ("forward" / "backward") of per-channel gates at ``shape``,
+    for kernels of ``instructions`` per direction-element and ``registers`` per thread."""
     B, C, H, W = shape
     s = elem_bytes
     elements = B * C * H * W
-    lc = launch(phase, shape, s)
+    lc = launch(phase, shape, s, registers)
     per_block, blocks, tile, threads, per_sm = lc.directions_per_block, lc.blocks, lc.tile, lc.threads, lc.blocks_per_sm
     minimum = s * (1 + 20 + 1) if phase == "forward" else s * (2 + 20 + 21)
     moved = moved_bytes(phase, s, per_block, tile, lc.l2_resident)
@@ -183,15 +207,17 @@ def predict(phase: str, shape, instructions: float, elem_bytes: int = 2) -> Pred
 RECORDED = Path(__file__).resolve().parent / "results" / "scan_model_h200.json"
 
 
-def measured_instructions() -> tuple[float, float]:
-    """(forward, backward) instructions per direction-element of the bf16 kernels, read from their SASS now."""
+def measured_kernels() -> dict:
+    """{phase: {"instructions": per direction-element, "registers": per thread}} of the bf16 kernels (the
+    backward's for per-channel gates, whose gradients it writes in bf16), read from their SASS now."""
     from benchmarks.sass_counts import compile_and_disassemble, gspn_scan_per_element, parse_sass
 
     kernels = {k.name: k for k in parse_sass(compile_and_disassemble())}
     fwd = next(k for name, k in kernels.items() if "gspn_scan_fwd_kernel" in name and "BFloat16" in name)
-    bwd = next(k for name, k in kernels.items()  # per-channel gates: their gradients written in bf16 (Lb1E)
+    bwd = next(k for name, k in kernels.items()
                if "gspn_scan_bwd_kernel" in name and "BFloat16" in name and "Lb1E" in name)
-    return gspn_scan_per_element(fwd, "forward")["total"], gspn_scan_per_element(bwd, "backward")["total"]
+    return {phase: {"instructions": gspn_scan_per_element(k, phase)["total"], "registers": k.registers}
+            for phase, k in (("forward", fwd), ("backward", bwd))}
 
 
 def table(predictions: list[Prediction]) -> str:
@@ -225,23 +251,26 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the predictions here")
     parser.add_argument("--measured", default=None, help="a bench_scan JSON (GPU) to print beside the predictions")
     args = parser.parse_args(argv)
+    try:
+        kernels = measured_kernels()
+    except RuntimeError as exc:  # no nvcc / cuobjdump here: the committed reading
+        recorded = json.loads(RECORDED.read_text())
+        kernels = {phase: {"instructions": recorded["instructions"][phase],
+                           "registers": recorded.get("registers", {}).get(phase, 0)} for phase in ("forward", "backward")}
+        print(f"({exc}; using the SASS counts recorded in {RECORDED.name})")
     if args.instructions:
-        fwd, bwd = (float(v) for v in args.instructions.split(","))
-    else:
-        try:
-            fwd, bwd = measured_instructions()
-        except RuntimeError as exc:  # no nvcc / cuobjdump here: the committed reading
-            recorded = json.loads(RECORDED.read_text())["instructions"]
-            fwd, bwd = recorded["forward"], recorded["backward"]
-            print(f"({exc}; using the SASS counts recorded in {RECORDED.name})")
-    predictions = [predict(phase, shape, n) for shape in SHAPES for phase, n in (("forward", fwd), ("backward", bwd))]
+        for phase, n in zip(("forward", "backward"), args.instructions.split(",")):
+            kernels[phase]["instructions"] = float(n)
+    predictions = [predict(phase, shape, kernels[phase]["instructions"], registers=kernels[phase]["registers"])
+                   for shape in SHAPES for phase in ("forward", "backward")]
     print("PREDICTED (performance model, no GPU ran it), bf16, per-channel gates, global scan, H200:")
     print(table(predictions))
     if args.measured:
         print(compare(predictions, json.loads(Path(args.measured).read_text())))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"predicted": True, "instructions": {"forward": fwd, "backward": bwd}, "before": BEFORE,
+            json.dump({"predicted": True, "instructions": {p: k["instructions"] for p, k in kernels.items()},
+                       "registers": {p: k["registers"] for p, k in kernels.items()}, "before": BEFORE,
                        "predictions": [asdict(p) for p in predictions]}, f, indent=1)
             f.write("\n")
     return 0

@@ -31,6 +31,23 @@ def test_the_loop_finder_reads_innermost_loops_and_their_mix():
     assert second.counts["BAR"] == 1 and second.counts["FP32"] == 1 and second.counts["LDS"] == 1
 
 
+def test_registers_come_from_the_resource_usage_records():
+    usage = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z5otherv:
+  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:896 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z6kernelPf:
+  REG:127 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:680 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    (kernel,) = sass_counts.parse_sass(LISTING + usage)
+    assert kernel.registers == 127 and kernel.instructions == 10
+    # 127 registers round up to 128 a thread, 4,096 a warp: 16 warps an SM, 8 blocks of 64 threads, 4 of 128
+    assert scan_model.register_limit(127, 64) == 8 and scan_model.register_limit(127, 128) == 4
+    assert scan_model.register_limit(72, 256) == 3 and scan_model.register_limit(0, 64) == 32
+
+
 def test_an_enclosing_loop_is_not_innermost():
     listing = LISTING.replace("@!P1 BRA 0x50", "@!P1 BRA 0x0")  # now the second branch closes a loop around the first
     (kernel,) = sass_counts.parse_sass(listing)
@@ -77,7 +94,7 @@ def test_the_model_counts_the_bytes_the_kernels_move():
     assert scan_model.direction_split(64) == 1 and scan_model.direction_split(4096) == 4  # 1 x 64: 256 blocks
     # 256 blocks of 1024-pixel lines: tiles small enough for three blocks per SM; 64 blocks: the whole opt-in.
     assert scan_model.launch("forward", (1, 64, 1024, 1024)).blocks_per_sm >= 3
-    assert scan_model.tile_smem_limit(64) == scan_model.SMEM_PER_BLOCK
+    assert scan_model.blocks_per_sm_target(64) == 1 and scan_model.smem_share(1) == scan_model.SMEM_PER_BLOCK
 
 
 def test_the_model_predicts_a_fraction_no_faster_than_the_copy():

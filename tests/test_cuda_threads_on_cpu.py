@@ -71,6 +71,17 @@ def library():
     return driver.build()
 
 
+def test_the_performance_model_launches_the_tiles_the_host_code_picks(library):
+    from benchmarks import scan_model
+
+    for shape in [*scan_model.SHAPES, (4, 384, 16, 16), (1, 8, 2048, 2048), (2, 64, 512, 512), (1, 200, 64, 64)]:
+        for backward, phase in enumerate(("forward", "backward")):
+            launch = scan_model.launch(phase, shape)
+            assert launch.tile == library.gspn_scan_launch_tile(backward, max(shape[2:]), launch.blocks), (shape, phase)
+    # 1 x 64 planes of 1024 x 1024: 256 blocks on 132 SMs, every one resident at once
+    assert all(scan_model.launch(phase, (1, 64, 1024, 1024)).blocks_per_sm >= 2 for phase in ("forward", "backward"))
+
+
 @pytest.mark.slow  # about 12 s of CPU: 13 barriers x 8 configurations x up to 2 orders
 def test_deleting_any_one_barrier_is_noticed(library):
     cases = [driver.Case(library, op, name, seed) for seed, (op, name) in enumerate(CASES)]

@@ -39,7 +39,7 @@ int multiprocessors() {
   return sms;
 }
 
-// The tile for lines of `max_lanes` pixels in a launch of `blocks` blocks on this device (tile_smem_limit),
+// The tile for lines of `max_lanes` pixels in a launch of `blocks` blocks on this device (launch_tile),
 // or an error naming the way out.
 template <typename SmemFloats>
 int checked_tile(int64_t max_lanes, SmemFloats smem_floats, int64_t blocks) {
@@ -47,9 +47,8 @@ int checked_tile(int64_t max_lanes, SmemFloats smem_floats, int64_t blocks) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   const size_t smem_limit = smem_per_block_limit();
-  int tile = pick_tile(max_lanes, smem_floats,
-                       tile_smem_limit(blocks, multiprocessors(), static_cast<size_t>(per_sm), smem_limit));
-  if (tile == 0) tile = pick_tile(max_lanes, smem_floats, smem_limit);
+  const int tile = launch_tile(max_lanes, smem_floats, blocks, multiprocessors(), static_cast<size_t>(per_sm),
+                               smem_limit);
   TORCH_CHECK(tile > 0, "gspn_scan (CUDA): lines of ", max_lanes, " pixels need more than the ", smem_limit,
               " bytes of shared memory a block may use on this GPU; use impl='composed' for this map size");
   return tile;

@@ -14,16 +14,13 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
   const int64_t HW = f.HW, b = f.b, c = f.c;
   const int P = f.P, pitch = f.pitch, T = f.T;
   const DirectionGroup& group = f.group;
-  float* h_rows = smem;  // 2 padded state rows: step s in row s & 1
-  float* t_drive = h_rows + 2 * P;
-  float* t_wl = t_drive + pitch * T;
-  float* t_wc = t_wl + pitch * T;
-  float* t_wr = t_wc + pitch * T;
-  float* t_u = t_wr + pitch * T;  // u, then u * h
+  using namespace fwd_slot;
+  float* h_rows = smem;      // 2 padded state rows: step s in row s & 1
+  float* tile = h_rows + 2 * P;  // pitch x T elements of kCount slots (fwd_slot)
 
-  const scalar_t* xp = p.in.x + f.plane * HW;
-  float* y_acc = p.y_acc + group.slot * HW;
-  scalar_t* y = p.y + f.plane * HW;
+  const scalar_t* xp = register_pointer(p.in.x + f.plane * HW);
+  float* y_acc = register_pointer(p.y_acc + group.slot * HW);
+  scalar_t* y = register_pointer(p.y + f.plane * HW);
   for (int d = group.first; d < group.last; ++d) {
     const DirectionView<scalar_t> v = direction_view(p.in, b, c, d);
     const int L = v.lanes;
@@ -34,29 +31,28 @@ GSPN_GLOBAL void gspn_scan_fwd_kernel(FwdParams<scalar_t> p) {
       ElementOperands<scalar_t> r[kLoadBatch];
       scalar_t ru[kLoadBatch];
       for_tile_elements(
-          d, n, L,
-          [&](int i, int k, int l) {
-            const int o = v.offset(s0 + k, l);
-            r[i].load(v, xp, o);
-            ru[i] = v.u[o];
+          v, d, s0, n, pitch,
+          [&](int i, const TileElement& e) {
+            r[i].load(v, xp, e.o);
+            ru[i] = v.u[e.o];
           },
-          [&](int i, int k, int l) {
-            const int t = k * pitch + l;
-            r[i].weights(l, L, t_wl[t], t_wc[t], t_wr[t]);
-            t_drive[t] = static_cast<float>(r[i].lam) * static_cast<float>(r[i].x);
-            t_u[t] = static_cast<float>(ru[i]);
+          [&](int i, const TileElement& e) {
+            float* slot = tile + e.t * kCount;
+            r[i].weights(e.l, L, slot);
+            slot[kDrive] = static_cast<float>(r[i].lam) * static_cast<float>(r[i].x);
+            slot[kU] = static_cast<float>(ru[i]);
           });
       __syncthreads();
-      scan_tile_forward(
-          [&](int t) { return t_drive[t]; }, t_wl, t_wc, t_wr, pitch, n, L, clock,
+      scan_tile_forward<kCount>(
+          tile, pitch, n, L, clock, [](const float* e) { return e[kDrive]; },
           [&](int k, const float*& prev, float*& next) {
             prev = h_rows + ((s0 + k + 1) & 1) * P;
             next = h_rows + ((s0 + k) & 1) * P;
           },
-          [&](int t, float h) { t_u[t] *= h; });
+          [](float* e, float h) { e[kU] *= h; });
       with_direction_sum(group, d, [&](auto mode) {
-        for_tile_elements(d, n, L, [](int, int, int) {}, [&](int, int k, int l) {
-          accumulate_direction<decltype(mode)::value>(v.offset(s0 + k, l), t_u[k * pitch + l], y_acc, y);
+        for_tile_elements(v, d, s0, n, pitch, [](int, const TileElement&) {}, [&](int, const TileElement& e) {
+          accumulate_direction<decltype(mode)::value>(e.o, tile[e.t * kCount + kU], y_acc, y);
         });
       });
       __syncthreads();

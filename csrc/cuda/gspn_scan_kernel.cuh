@@ -8,8 +8,9 @@
 // few planes to fill the GPU (1 x 64 planes on 132 SMs), directions_per_block (direction_split) gives
 // each block of a plane one of them (blockIdx.y picks which; 2 works too), each block sums its directions
 // into its own fp32 partial map and sum_direction_groups_kernel adds the partial maps in a fixed order.
-// The tile is the largest that fits tile_smem_limit: small enough for three blocks per SM when there are
-// blocks for them, so that their staging (memory) and scanning (barriers, arithmetic) overlap.
+// The tile is the largest that fits launch_tile's share of an SM: small enough for three blocks per SM when
+// there are blocks for them, so that their staging (memory) and scanning (barriers, arithmetic) overlap, and
+// for two when there are more blocks than SMs.
 // Within a direction the block walks the S scan steps in tiles of T steps; a tile of all L lanes x T
 // steps of every input is staged in shared memory with coalesced global reads (consecutive threads
 // take consecutive lanes of a step for the vertical scans, consecutive steps of a lane for the
@@ -116,7 +117,6 @@ struct DirectionView {
   const scalar_t *lam, *gl, *gc, *gr, *u;
   int64_t gate_index;  // (b * 4 + d) * C + c: this direction's plane in a per-channel (B, 4, C, H, W) map
 
-  GSPN_DEVICE int offset(int s, int l) const { return origin + s * step_stride + l * lane_stride; }
 };
 
 template <typename scalar_t>
@@ -130,43 +130,63 @@ GSPN_DEVICE DirectionView<scalar_t> direction_view(const ScanArgs<scalar_t>& a, 
   v.origin = static_cast<int>(g.origin);
   v.step_stride = static_cast<int>(g.step_stride);
   v.lane_stride = static_cast<int>(g.lane_stride);
-  v.lam = a.lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW;
-  v.gl = a.gl + gate_plane(b, d, c, sh.C, sh.g_gl) * HW;
-  v.gc = a.gc + gate_plane(b, d, c, sh.C, sh.g_gc) * HW;
-  v.gr = a.gr + gate_plane(b, d, c, sh.C, sh.g_gr) * HW;
-  v.u = a.u + gate_plane(b, d, c, sh.C, sh.g_u) * HW;
+  v.lam = register_pointer(a.lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW);
+  v.gl = register_pointer(a.gl + gate_plane(b, d, c, sh.C, sh.g_gl) * HW);
+  v.gc = register_pointer(a.gc + gate_plane(b, d, c, sh.C, sh.g_gc) * HW);
+  v.gr = register_pointer(a.gr + gate_plane(b, d, c, sh.C, sh.g_gr) * HW);
+  v.u = register_pointer(a.u + gate_plane(b, d, c, sh.C, sh.g_u) * HW);
   v.gate_index = gate_plane(b, d, c, sh.C, sh.C);
   return v;
 }
 
-// This thread's elements of a staged tile of n steps x L lanes, in the order that makes consecutive
-// threads touch consecutive global addresses: lanes fastest for the vertical scans (d < 2), steps
-// fastest for the horizontal ones. Starts at element threadIdx.x and advances blockDim.x elements per
-// next(), with the two divisions made once per tile.
-struct TileWalk {
-  int fast, slow, fast_size, slow_size, dfast, dslow;
-  bool lanes_fast;
+// One element of a staged tile as for_tile_elements visits it: its offset in the plane, its tile element
+// t = k * pitch + l (step k, lane l) and its lane.
+struct TileElement {
+  int o, t, l;
+};
 
-  GSPN_DEVICE TileWalk(int d, int n, int L) : lanes_fast(d < 2) {
+// This thread's elements of a staged tile of n steps x L lanes, in the order that makes consecutive
+// threads touch consecutive global addresses: lanes fastest for the vertical scans (d < 2), steps fastest
+// for the horizontal ones. Starts at element threadIdx.x and advances blockDim.x elements per next(): o, t
+// and l each by a fixed amount, and by a second one when the fast index wraps (two divisions per tile, no
+// multiplication per element).
+struct TileWalk {
+  TileElement e;
+  int fast, fast_size, dfast;
+  TileElement step, wrap;
+
+  // origin: the plane offset of the tile's step 0, lane 0.
+  GSPN_DEVICE TileWalk(bool lanes_fast, int n, int L, int pitch, int origin, int step_stride, int lane_stride) {
+    const TileElement per_step{step_stride, pitch, 0}, per_lane{lane_stride, 1, 1};
+    const TileElement f = lanes_fast ? per_lane : per_step, s = lanes_fast ? per_step : per_lane;
+    const int tid = static_cast<int>(threadIdx.x), threads = static_cast<int>(blockDim.x);
     fast_size = lanes_fast ? L : n;
-    slow_size = lanes_fast ? n : L;
-    fast = static_cast<int>(threadIdx.x) % fast_size;
-    slow = static_cast<int>(threadIdx.x) / fast_size;
-    dfast = static_cast<int>(blockDim.x) % fast_size;
-    dslow = static_cast<int>(blockDim.x) / fast_size;
+    fast = tid % fast_size;
+    dfast = threads % fast_size;
+    const int slow = tid / fast_size, dslow = threads / fast_size;
+    e = TileElement{origin + fast * f.o + slow * s.o, fast * f.t + slow * s.t, fast * f.l + slow * s.l};
+    step = TileElement{dfast * f.o + dslow * s.o, dfast * f.t + dslow * s.t, dfast * f.l + dslow * s.l};
+    wrap = TileElement{s.o - fast_size * f.o, s.t - fast_size * f.t, s.l - fast_size * f.l};
   }
-  GSPN_DEVICE bool done() const { return slow >= slow_size; }
-  GSPN_DEVICE int step() const { return lanes_fast ? slow : fast; }
-  GSPN_DEVICE int lane() const { return lanes_fast ? fast : slow; }
   GSPN_DEVICE void next() {
     fast += dfast;
-    slow += dslow;
+    e.o += step.o;
+    e.t += step.t;
+    e.l += step.l;
     if (fast >= fast_size) {
       fast -= fast_size;
-      ++slow;
+      e.o += wrap.o;
+      e.t += wrap.t;
+      e.l += wrap.l;
     }
   }
 };
+
+// A staged tile holds each element's values side by side (AoS): element t's kSlots floats start at
+// tile + t * kSlots, so one address reaches all of them (constant offsets), and an odd kSlots keeps 32
+// consecutive elements, or 32 elements a (odd) pitch apart, in 32 different banks. The normalised weights
+// take the first three slots in both kernels (scan_tile_forward reads them there).
+constexpr int kSlotWl = 0, kSlotWc = 1, kSlotWr = 2;
 
 // One element's scan operands in registers (x, lam and the three gate logits), loaded by a
 // for_tile_elements load ahead of the arithmetic that stages them.
@@ -181,10 +201,20 @@ struct ElementOperands {
     gc = v.gc[o];
     gr = v.gr[o];
   }
-  // The normalised weights of lane l of a line of L lanes (and their slopes, when asked for).
-  GSPN_DEVICE void weights(int l, int L, float& wl, float& wc, float& wr, float* slopes = nullptr) const {
+  // The normalised weights of lane l of a line of L lanes into slot's weight slots (and their slopes, when
+  // asked for).
+  GSPN_DEVICE void weights(int l, int L, float* slot, float* slopes = nullptr) const {
+    float w[3], q[3];  // in registers: stores through slot could alias the slopes' slots
     normalized_weights<float>(static_cast<float>(gl), static_cast<float>(gc), static_cast<float>(gr), l > 0,
-                              l < L - 1, wl, wc, wr, FastExp(), slopes);
+                              l < L - 1, w[0], w[1], w[2], FastExp(), slopes != nullptr ? q : nullptr);
+    slot[kSlotWl] = w[0];
+    slot[kSlotWc] = w[1];
+    slot[kSlotWr] = w[2];
+    if (slopes != nullptr) {
+      slopes[0] = q[0];
+      slopes[1] = q[1];
+      slopes[2] = q[2];
+    }
   }
 };
 
@@ -218,54 +248,54 @@ GSPN_DEVICE void with_direction_sum(const DirectionGroup& group, int d, Fn fn) {
   }
 }
 
-// Calls load(slot, k, l) for kLoadBatch of this thread's elements, then use(slot, k, l) for each: the
-// loads of a batch are issued before any of its arithmetic, so their latencies overlap. Full batches
-// run without per-element checks; the remaining elements go one by one.
-template <typename Load, typename Use>
-GSPN_DEVICE void for_tile_elements(int d, int n, int L, Load load, Use use) {
-  TileWalk w(d, n, L);
-  const int total = n * L, tid = static_cast<int>(threadIdx.x), stride = static_cast<int>(blockDim.x);
+// Calls load(i, e) for kLoadBatch of this thread's elements e of direction v's tile of n steps from step s0,
+// then use(i, e) for each: the loads of a batch are issued before any of its arithmetic, so their
+// latencies overlap. Full batches run without per-element checks; the remaining elements go one by one.
+template <typename scalar_t, typename Load, typename Use>
+GSPN_DEVICE void for_tile_elements(const DirectionView<scalar_t>& v, int d, int s0, int n, int pitch, Load load,
+                                   Use use) {
+  TileWalk w(d < 2, n, v.lanes, pitch, v.origin + s0 * v.step_stride, v.step_stride, v.lane_stride);
+  const int total = n * v.lanes, tid = static_cast<int>(threadIdx.x), stride = static_cast<int>(blockDim.x);
   const int mine = tid < total ? (total - 1 - tid) / stride + 1 : 0;  // once per tile
   int j = 0;
   for (; j + kLoadBatch <= mine; j += kLoadBatch) {
-    int ks[kLoadBatch], ls[kLoadBatch];
+    TileElement es[kLoadBatch];
 #pragma unroll
     for (int i = 0; i < kLoadBatch; ++i) {
-      ks[i] = w.step();
-      ls[i] = w.lane();
-      load(i, ks[i], ls[i]);
+      es[i] = w.e;
+      load(i, es[i]);
       w.next();
     }
 #pragma unroll
-    for (int i = 0; i < kLoadBatch; ++i) use(i, ks[i], ls[i]);
+    for (int i = 0; i < kLoadBatch; ++i) use(i, es[i]);
   }
   for (; j < mine; ++j) {
-    const int k = w.step(), l = w.lane();
-    load(0, k, l);
-    use(0, k, l);
+    load(0, w.e);
+    use(0, w.e);
     w.next();
   }
 }
 
-// The forward recurrence over one staged tile: steps k = 0..n-1 of a line of L lanes, this thread taking
-// lanes threadIdx.x, threadIdx.x + blockDim.x, ... . drive(t) is lam x and wl, wc, wr the normalised
-// weights of tile element t = k * pitch + l; rows(k, prev, next) names the padded state rows of step k
-// (lane l at slot l + 1, zeros at 0 and L + 1), clock says which steps restart, and visit(t, h) sees each
-// new state. One barrier per step. The forward kernel and the backward's two sweeps all run this function.
-template <typename Drive, typename Rows, typename Visit>
-GSPN_DEVICE void scan_tile_forward(Drive drive, const float* wl, const float* wc, const float* wr, int pitch, int n,
-                                   int L, RestartClock& clock, Rows rows, Visit visit) {
+// The forward recurrence over one staged tile of kSlots-float elements: steps k = 0..n-1 of a line of L
+// lanes, this thread taking lanes threadIdx.x, threadIdx.x + blockDim.x, ... . drive(e) is lam x of the
+// element whose slots start at e, rows(k, prev, next) names the padded state rows of step k (lane l at
+// slot l + 1, zeros at 0 and L + 1), clock says which steps restart, and visit(e, h) sees each new state.
+// One barrier per step. The forward kernel and the backward's two sweeps all run this function.
+template <int kSlots, typename Drive, typename Rows, typename Visit>
+GSPN_DEVICE void scan_tile_forward(float* tile, int pitch, int n, int L, RestartClock& clock, Drive drive, Rows rows,
+                                   Visit visit) {
   for (int k = 0; k < n; ++k) {
     const bool restart = clock.restarts();
     const float* prev;
     float* next;
     rows(k, prev, next);
     for (int l = threadIdx.x; l < L; l += blockDim.x) {
-      const int t = k * pitch + l;
-      const float h = restart ? drive(t)
-                              : scan_step<float>(wl[t], wc[t], wr[t], prev[l], prev[l + 1], prev[l + 2], drive(t), 1.f);
+      float* e = tile + (k * pitch + l) * kSlots;
+      const float h = restart ? drive(e)
+                              : scan_step<float>(e[kSlotWl], e[kSlotWc], e[kSlotWr], prev[l], prev[l + 1], prev[l + 2],
+                                                 drive(e), 1.f);
       next[l + 1] = h;
-      visit(t, h);
+      visit(e, h);
     }
     clock.forward();
     __syncthreads();
@@ -277,11 +307,17 @@ GSPN_DEVICE void scan_tile_forward(Drive drive, const float* wl, const float* wc
 // traffic). The kernels also run 2 (the emulation tests it).
 inline int direction_split(int64_t planes, int sms) { return 10 * planes >= 9 * int64_t(sms) ? kDirections : 1; }
 
-// The shared memory a block's tile may take: a third of an SM's when there are blocks enough for three per
-// SM (so one stages while the others scan), else all a block may opt in to.
-inline size_t tile_smem_limit(int64_t blocks, int sms, size_t smem_per_sm, size_t smem_per_block) {
-  const size_t third = smem_per_sm / 3 > 1024 ? smem_per_sm / 3 - 1024 : 0;  // the runtime reserves 1 KiB a block
-  return 10 * blocks >= 18 * int64_t(sms) && third < smem_per_block ? third : smem_per_block;
+// Blocks per SM worth making room for in a launch of `blocks` blocks on `sms` multiprocessors: three when
+// there are blocks for them (one stages while the others scan), else two when there are more blocks than
+// SMs (so that every block is resident at once), else one.
+inline int blocks_per_sm_target(int64_t blocks, int sms) {
+  return 10 * blocks >= 18 * int64_t(sms) ? 3 : (blocks > sms ? 2 : 1);
+}
+
+// The shared memory one of `per_sm` blocks sharing an SM may take (the runtime reserves 1 KiB a block).
+inline size_t smem_share(int per_sm, size_t smem_per_sm, size_t smem_per_block) {
+  const size_t share = smem_per_sm / per_sm > 1024 ? smem_per_sm / per_sm - 1024 : 0;
+  return share < smem_per_block ? share : smem_per_block;
 }
 
 // Threads of one block: one per lane, rounded up to whole warps, between 64 and 256.
@@ -319,15 +355,22 @@ GSPN_DEVICE BlockFrame block_frame(const ScanArgs<scalar_t>& a) {
   return f;
 }
 
-constexpr int kFwdTileArrays = 5;   // drive, wl, wc, wr, u (then u h)
-constexpr int kBwdTileArrays = 10;  // x, lam, wl, wc, wr, ql, qc, qr, u, gy (then the gradients)
-constexpr int kBwdCarryRows = 6;    // two sets of the left / centre / right carries (the first sweep's two state rows)
+// The forward's slots: the weights, lam x, u (then u h).
+namespace fwd_slot {
+constexpr int kDrive = 3, kU = 4, kCount = 5;
+}
+// The backward's: the weights, x, lam, the weights' slopes, u, gy; the gradients overwrite them in place
+// (x <- dlam, lam <- dx's term, the weights <- dgl, dgc, dgr, u <- du). Ten, padded to an odd eleven.
+namespace bwd_slot {
+constexpr int kX = 3, kLam = 4, kSlopes = 5, kU = 8, kGy = 9, kCount = 11;
+}
+constexpr int kBwdCarryRows = 6;  // two sets of the left / centre / right carries (the first sweep's two state rows)
 
 inline int64_t fwd_smem_floats(int64_t max_lanes, int64_t tile) {
-  return 2 * padded_row(max_lanes) + kFwdTileArrays * tile_pitch(max_lanes) * tile;
+  return 2 * padded_row(max_lanes) + fwd_slot::kCount * tile_pitch(max_lanes) * tile;
 }
 inline int64_t bwd_smem_floats(int64_t max_lanes, int64_t tile) {
-  return (kBwdCarryRows + tile + 1) * padded_row(max_lanes) + kBwdTileArrays * tile_pitch(max_lanes) * tile;
+  return (kBwdCarryRows + tile + 1) * padded_row(max_lanes) + bwd_slot::kCount * tile_pitch(max_lanes) * tile;
 }
 // Checkpoint floats per plane: one lane vector per tile of the longest direction.
 GSPN_HD int64_t checkpoint_floats(int64_t max_lanes, int64_t tile) { return (max_lanes + tile - 1) / tile * max_lanes; }
@@ -337,6 +380,18 @@ template <typename SmemFloats>
 int pick_tile(int64_t max_lanes, SmemFloats smem_floats, size_t smem_limit) {
   for (int tile = kMaxTile; tile >= 1; tile /= 2) {
     if (static_cast<size_t>(smem_floats(max_lanes, tile)) * sizeof(float) <= smem_limit) return tile;
+  }
+  return 0;
+}
+
+// The tile of a launch of `blocks` blocks: the largest that leaves room for blocks_per_sm_target blocks per
+// SM, else for one fewer, down to one; 0 when even a one-step tile exceeds a block's shared memory.
+template <typename SmemFloats>
+int launch_tile(int64_t max_lanes, SmemFloats smem_floats, int64_t blocks, int sms, size_t smem_per_sm,
+                size_t smem_per_block) {
+  for (int per_sm = blocks_per_sm_target(blocks, sms); per_sm >= 1; --per_sm) {
+    const int tile = pick_tile(max_lanes, smem_floats, smem_share(per_sm, smem_per_sm, smem_per_block));
+    if (tile > 0) return tile;
   }
   return 0;
 }

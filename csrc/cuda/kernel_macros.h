@@ -40,3 +40,15 @@ __device__ __forceinline__ float gspn_rcp_approx(float v) {
 #define GSPN_FAST_EXP(v) gspn_ex2_approx((v) * 1.44269504088896341f)
 #define GSPN_FAST_RCP(v) gspn_rcp_approx(v)
 #endif
+
+// p, opaque to the optimiser: one 64-bit register from here on. nvcc otherwise rebuilds every address from
+// the kernel parameter, the plane's 64-bit offset and the element's (four instructions a load or store
+// where one IMAD.WIDE does); the kernels pass each plane's pointers through this once per direction.
+template <typename T>
+GSPN_DEVICE T* register_pointer(T* p) {
+#if !defined(GSPN_CUDA_EMULATION)
+  asm("" : "+l"(p));
+  __builtin_assume(__isGlobal(p));  // still global memory: LDG / STG, not generic loads
+#endif
+  return p;
+}

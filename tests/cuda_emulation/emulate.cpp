@@ -24,8 +24,11 @@ namespace {
 using fibers::Order;
 using fibers::Scheduler;
 
-// Shared memory a block may opt in to on an H100 / H200 (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+// Shared memory a block may opt in to on an H100 / H200 (cudaDevAttrMaxSharedMemoryPerBlockOptin), and
+// an SM's (cudaDevAttrMaxSharedMemoryPerMultiprocessor), and its SMs.
 constexpr size_t kSmemOptinBytes = 232448;
+constexpr size_t kSmemPerSmBytes = 233472;
+constexpr int kSms = 132;
 
 std::string error_text;
 
@@ -52,6 +55,14 @@ int guarded(Fn&& fn) {
 extern "C" {
 
 const char* last_error() { return error_text.c_str(); }
+
+// The tile the CUDA host code launches the fused scan's forward (backward 0) or backward (1) with on an
+// H100 / H200, for lines of max_lanes pixels in a launch of `blocks` blocks.
+int gspn_scan_launch_tile(int backward, int64_t max_lanes, int64_t blocks) {
+  using namespace gspn::cuda_kernels;
+  return backward ? launch_tile(max_lanes, bwd_smem_floats, blocks, kSms, kSmemPerSmBytes, kSmemOptinBytes)
+                  : launch_tile(max_lanes, fwd_smem_floats, blocks, kSms, kSmemPerSmBytes, kSmemOptinBytes);
+}
 
 // Forward then backward of the line scan over `planes` (H, W) planes; chunk 0 scans the whole height.
 int line_scan(const float* x, const float* lam, const float* wl, const float* wc, const float* wr, const float* gh,
