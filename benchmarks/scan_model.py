@@ -67,7 +67,7 @@ def smem_share(per_sm: int) -> int:
 
 
 def threads_for(lanes: int) -> int:
-    return min(256, max(64, (lanes + 31) // 32 * 32))
+    return min(256, (lanes + 31) // 32 * 32)
 
 
 def fwd_smem_floats(lanes: int, tile: int) -> int:

@@ -320,10 +320,11 @@ inline size_t smem_share(int per_sm, size_t smem_per_sm, size_t smem_per_block) 
   return share < smem_per_block ? share : smem_per_block;
 }
 
-// Threads of one block: one per lane, rounded up to whole warps, between 64 and 256.
+// Threads of one block: one per lane, rounded up to whole warps, at most 256 (a 16-lane plane gets one
+// warp: more would idle in every scan step and take registers that more blocks per SM could use).
 inline int threads_for(int64_t max_lanes) {
   const int64_t rounded = (max_lanes + 31) / 32 * 32;
-  return static_cast<int>(rounded < 64 ? 64 : (rounded > 256 ? 256 : rounded));
+  return static_cast<int>(rounded > 256 ? 256 : rounded);
 }
 
 // Shared-memory layout sizes (floats): padded state rows of max_lanes + 2, tile rows of max_lanes + 1
