@@ -146,10 +146,11 @@ GSPN_PHASES = {
     ],
     "backward": [
         ("staging, checkpoint sweep", lambda c: c["EX2"] > 0 and c["STS"] == c["EX2"], ("STS", 4)),
-        ("scan step, checkpoint sweep", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] * 8 == c["LDS"],
+        # a step's loads: wl, wc, wr, three neighbours and the drive (lam x; lam and x apart in the recompute)
+        ("scan step, checkpoint sweep", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] * 7 == c["LDS"],
          ("STS", 1)),
         ("staging, adjoint sweep", lambda c: c["EX2"] > 0 and 2 * c["STS"] == 5 * c["EX2"], ("STS", 10)),
-        ("recompute step", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] * 10 == c["LDS"], ("STS", 1)),
+        ("recompute step", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] * 8 == c["LDS"], ("STS", 1)),
         ("adjoint step", lambda c: c["LDG"] == c["STG"] == 0 and c["STS"] > 0 and c["STS"] % 9 == 0, ("STS", 9)),
         ("write-out", lambda c: c["STG"] > 1 and c["EX2"] == 0 and c["LDS"] > 0, ("LDS", 6)),
     ],

@@ -18,14 +18,16 @@
 // before it computes on any (normalised gates while staging), then scanned from shared memory, then
 // written back coalesced. The previous step's lane vector stays in shared memory (padded with a zero
 // on either side, so the neighbour sums have no edge branches). Everything is computed in fp32; offsets
-// within a plane are 32-bit (a plane has at most 2048 x 2048 elements), plane bases 64-bit.
+// within a plane are 32-bit (a plane has at most 2048 x 2048 elements), plane bases 64-bit, formed once
+// per direction (register_pointer). Staged elements keep their values side by side (fwd_slot, bwd_slot).
 //
 // Memory: the forward saves only its inputs. The backward recomputes each direction's hidden states:
 // a first sweep keeps the state at the end of every tile (an fp32 lane vector per tile: 4/T bytes per
 // element), and the adjoint sweep, tile by tile from the last, recomputes the tile's T states in shared
 // memory from that checkpoint with the same forward recurrence, then runs the adjoint over them.
-// Per-channel gate gradients are written in the inputs' dtype; grouped ones (G < C) as per-channel
-// fp32 planes that the host sums over each group in a fixed order (deterministic; no atomics).
+// Gate gradients are written in the inputs' dtype when every gate is per-channel; when any is grouped
+// (G < C), all five as per-channel fp32 planes that the host sums over each group in a fixed order
+// (deterministic; no atomics) or casts.
 #pragma once
 
 #include <cstdint>
@@ -116,7 +118,6 @@ struct DirectionView {
   int steps, lanes, origin, step_stride, lane_stride;
   const scalar_t *lam, *gl, *gc, *gr, *u;
   int64_t gate_index;  // (b * 4 + d) * C + c: this direction's plane in a per-channel (B, 4, C, H, W) map
-
 };
 
 template <typename scalar_t>
@@ -285,17 +286,24 @@ template <int kSlots, typename Drive, typename Rows, typename Visit>
 GSPN_DEVICE void scan_tile_forward(float* tile, int pitch, int n, int L, RestartClock& clock, Drive drive, Rows rows,
                                    Visit visit) {
   for (int k = 0; k < n; ++k) {
-    const bool restart = clock.restarts();
     const float* prev;
     float* next;
     rows(k, prev, next);
-    for (int l = threadIdx.x; l < L; l += blockDim.x) {
-      float* e = tile + (k * pitch + l) * kSlots;
-      const float h = restart ? drive(e)
-                              : scan_step<float>(e[kSlotWl], e[kSlotWc], e[kSlotWr], prev[l], prev[l + 1], prev[l + 2],
-                                                 drive(e), 1.f);
-      next[l + 1] = h;
-      visit(e, h);
+    // The restart test is the same for every lane of a step: made once, outside the lane loops.
+    auto lanes = [&](auto state) {
+      for (int l = threadIdx.x; l < L; l += blockDim.x) {
+        float* e = tile + (k * pitch + l) * kSlots;
+        const float h = state(e, l);
+        next[l + 1] = h;
+        visit(e, h);
+      }
+    };
+    if (clock.restarts()) {
+      lanes([&](const float* e, int) { return drive(e); });
+    } else {
+      lanes([&](const float* e, int l) {
+        return scan_step<float>(e[kSlotWl], e[kSlotWc], e[kSlotWr], prev[l], prev[l + 1], prev[l + 2], drive(e), 1.f);
+      });
     }
     clock.forward();
     __syncthreads();
