@@ -158,6 +158,8 @@ GSPN_PHASES = {
 
 
 KERNEL_OF = {"forward": "fwd", "backward": "bwd"}
+#: The mangled template argument of gspn_scan_bwd_kernel<S, true>: gate gradients written in the inputs' dtype.
+DIRECT_GATE_GRADS = "Lb1E"
 
 
 def gspn_scan_per_element(kernel: Kernel, phase: str) -> dict:
@@ -197,7 +199,7 @@ def compile_and_disassemble(arch: str = "sm_90") -> str:
 def short_name(mangled: str) -> str:
     m = re.search(r"(\w+_kernel)I", mangled)
     dtype = "bf16" if "BFloat16" in mangled else ("fp32" if "If" in mangled else "")
-    grads = {"Lb1E": ", direct gate grads", "Lb0E": ", fp32 gate grads"}
+    grads = {DIRECT_GATE_GRADS: ", direct gate grads", "Lb0E": ", fp32 gate grads"}
     extra = next((text for code, text in grads.items() if "gspn_scan_bwd" in mangled and code in mangled), "")
     return f"{m.group(1)}<{dtype}{extra}>" if m else mangled
 
@@ -218,6 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the kernels and loops as JSON here")
     parser.add_argument("--sass", type=Path, default=None, help="also write the full SASS listing here")
     args = parser.parse_args(argv)
+    for option, path in (("--json", args.json), ("--sass", args.sass)):
+        if path is not None and not path.resolve().parent.is_dir():
+            parser.error(f"{option}: no such folder: {path.resolve().parent}")
     sass = compile_and_disassemble()
     if args.sass:
         args.sass.write_text(sass)

@@ -83,7 +83,7 @@ def pick_tile(lanes: int, smem_floats, limit: int = SMEM_PER_BLOCK) -> int:
     tile = 16
     while tile >= 1 and smem_floats(lanes, tile) * 4 > limit:
         tile //= 2
-    return max(tile, 0)
+    return tile
 
 
 def launch_tile(lanes: int, smem_floats, blocks: int) -> int:
@@ -210,12 +210,12 @@ RECORDED = Path(__file__).resolve().parent / "results" / "scan_model_h200.json"
 def measured_kernels() -> dict:
     """{phase: {"instructions": per direction-element, "registers": per thread}} of the bf16 kernels (the
     backward's for per-channel gates, whose gradients it writes in bf16), read from their SASS now."""
-    from benchmarks.sass_counts import compile_and_disassemble, gspn_scan_per_element, parse_sass
+    from benchmarks.sass_counts import DIRECT_GATE_GRADS, compile_and_disassemble, gspn_scan_per_element, parse_sass
 
     kernels = {k.name: k for k in parse_sass(compile_and_disassemble())}
     fwd = next(k for name, k in kernels.items() if "gspn_scan_fwd_kernel" in name and "BFloat16" in name)
     bwd = next(k for name, k in kernels.items()
-               if "gspn_scan_bwd_kernel" in name and "BFloat16" in name and "Lb1E" in name)
+               if "gspn_scan_bwd_kernel" in name and "BFloat16" in name and DIRECT_GATE_GRADS in name)
     return {phase: {"instructions": gspn_scan_per_element(k, phase)["total"], "registers": k.registers}
             for phase, k in (("forward", fwd), ("backward", bwd))}
 
@@ -244,13 +244,28 @@ def compare(predictions: list[Prediction], bench: dict) -> str:
     return "\n".join(lines)
 
 
+def instruction_pair(text: str) -> tuple[float, float]:
+    """``--instructions``: "FORWARD,BACKWARD", two positive numbers."""
+    try:
+        pair = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) <= 0:
+        raise argparse.ArgumentTypeError(f"expected FORWARD,BACKWARD (two positive numbers), got {text!r}")
+    return pair
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instructions", default=None,
+    parser.add_argument("--instructions", default=None, type=instruction_pair,
                         help="forward,backward instructions per direction-element (default: read the SASS now)")
     parser.add_argument("--json", default=None, help="write the predictions here")
     parser.add_argument("--measured", default=None, help="a bench_scan JSON (GPU) to print beside the predictions")
     args = parser.parse_args(argv)
+    if args.measured and not Path(args.measured).is_file():
+        parser.error(f"--measured: no such file: {args.measured}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json: no such folder: {Path(args.json).resolve().parent}")
     try:
         kernels = measured_kernels()
     except RuntimeError as exc:  # no nvcc / cuobjdump here: the committed reading
@@ -259,8 +274,8 @@ def main(argv=None) -> int:
                            "registers": recorded.get("registers", {}).get(phase, 0)} for phase in ("forward", "backward")}
         print(f"({exc}; using the SASS counts recorded in {RECORDED.name})")
     if args.instructions:
-        for phase, n in zip(("forward", "backward"), args.instructions.split(",")):
-            kernels[phase]["instructions"] = float(n)
+        for phase, n in zip(("forward", "backward"), args.instructions):
+            kernels[phase]["instructions"] = n
     predictions = [predict(phase, shape, kernels[phase]["instructions"], registers=kernels[phase]["registers"])
                    for shape in SHAPES for phase in ("forward", "backward")]
     print("PREDICTED (performance model, no GPU ran it), bf16, per-channel gates, global scan, H200:")

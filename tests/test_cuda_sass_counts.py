@@ -104,3 +104,14 @@ def test_the_model_predicts_a_fraction_no_faster_than_the_copy():
             assert 0 < fast.fraction_of_copy_bandwidth <= 1 + 1e-9
             slow = scan_model.predict(phase, shape, instructions=2000)
             assert slow.fraction_of_copy_bandwidth < fast.fraction_of_copy_bandwidth
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--instructions", "abc"], "expected FORWARD,BACKWARD"),
+    (["--instructions", "1,2,3"], "expected FORWARD,BACKWARD"),
+    (["--measured", "/no/such/bench.json"], "--measured: no such file"),
+])
+def test_the_model_names_a_bad_argument_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scan_model.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
