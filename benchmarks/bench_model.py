@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.timing import device_description, time_callable
 from dit_gspn.host_memory import retain_freed_host_memory
-from dit_gspn.models import DiT_models, GSPNMixer, create_model
+from dit_gspn.models import MODELS, GSPNMixer, create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
 
 SECTIONS = ("models", "mixer")
@@ -227,9 +227,9 @@ def mixer_settings(name: str, overrides: dict) -> dict:
     """The zoo model's mixer settings (hidden size, gate groups, grouped lam and u, proxy ratio), read from a
     model built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        config = create_model(name, **overrides).config
-    return {"dim": config.hidden_size, "gate_groups": config.gspn_gate_groups,
-            "group_lam_u": config.gspn_group_lam_u, "proxy_ratio": config.gspn_proxy_ratio}
+        mixer = create_model(name, **{"depth": 1, **overrides}).blocks[0].mixer
+    return {"dim": mixer.dim, "gate_groups": mixer.gate_groups, "group_lam_u": mixer.group_lam_u,
+            "proxy_ratio": mixer.dim // mixer.proxy_dim}
 
 
 def bench_mixer(settings: dict, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
@@ -376,9 +376,9 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    unknown = [size for size in args.sizes if f"GSPN-{size}" not in DiT_models]
+    unknown = [size for size in args.sizes if f"GSPN-{size}" not in MODELS]
     if unknown:
-        sizes = sorted({name.split("-", 1)[1] for name in DiT_models})
+        sizes = sorted({name.split("-", 1)[1] for name in MODELS})
         p.error(f"--sizes: unknown size {', '.join(unknown)}; the zoo's sizes are {', '.join(sizes)}")
     if args.sample_resolutions is None:
         args.sample_resolutions = [1024] if cpu and args.resolutions == [256] else list(args.resolutions)

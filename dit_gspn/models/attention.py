@@ -5,15 +5,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mixer import BlockContext, TokenMixer, register_mixer
 from .token_grid import check_grid
 
 
-class Attention(nn.Module):
+@register_mixer("attention")
+class Attention(TokenMixer):
     """Self-attention over all tokens; keys ``qkv`` and ``proj`` as in DiT's checkpoints.
 
     The grid is accepted (and checked) only so that every token mixer has the same call
     signature ``mixer(tokens, grid)``; attention itself is permutation-equivariant.
     """
+
+    block_attribute = "attn"  # DiT's key: the official checkpoints load unchanged
+
+    @classmethod
+    def for_block(cls, context: BlockContext) -> "Attention":
+        return cls(context.hidden_size, num_heads=context.num_heads, qkv_bias=True)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()

@@ -16,12 +16,31 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from dit_gspn.sizes import size_pair
 
-from .attention import Attention
-from .token_grid import check_grid
-from .gspn_mixer import GSPNMixer
+from . import gspn_mixer, attention  # noqa: F401 (they register the built-in mixers)
+from .mixer import MIXERS, BlockContext, build_mixer
 from .pos_embed import sincos_pos_embed_2d
+from .token_grid import check_grid
 
-MIXERS = ("gspn", "attention")
+
+#: The constructor arguments GSPN's options had before ``mixer_kwargs``, and the option each one is now.
+LEGACY_GSPN_ARGUMENTS = {"gspn_chunk": "chunk", "gspn_global_layers": "global_layers",
+                         "gspn_proxy_ratio": "proxy_ratio", "gspn_gate_groups": "gate_groups",
+                         "gspn_group_lam_u": "group_lam_u", "gspn_dwconv": "dwconv", "gspn_skip": "skip",
+                         "gspn_output_gate": "output_gate"}
+
+
+def upgrade_model_config(config: dict) -> dict:
+    """``config`` (DiT's constructor arguments, e.g. a checkpoint's config.json or config.yaml's ``model``) with
+    the ``gspn_*`` arguments of older checkpoints moved into ``mixer_kwargs`` (dropped for other mixers, which
+    never read them); a config without them is returned as it is."""
+    legacy = {key: config[key] for key in LEGACY_GSPN_ARGUMENTS if key in config}
+    if not legacy:
+        return config
+    upgraded = {key: value for key, value in config.items() if key not in LEGACY_GSPN_ARGUMENTS}
+    if upgraded.get("mixer", "gspn") == "gspn":
+        options = {LEGACY_GSPN_ARGUMENTS[key]: value for key, value in legacy.items()}
+        upgraded["mixer_kwargs"] = {**options, **(upgraded.get("mixer_kwargs") or {})}
+    return upgraded
 
 
 def modulate(x, shift, scale):
@@ -93,24 +112,11 @@ class LabelEmbedder(nn.Module):
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, self.num_classes, labels)
 
-    def check_labels(self, labels: torch.Tensor) -> None:
-        """Raise a ValueError naming the bad label when one lies outside the embedding table."""
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        # Only the dtype is checked here: the range is checked where labels enter (the dataset, the sampler, the
+        # command line), since reading a device tensor's values would make every forward wait for the device.
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
-        if labels.numel() == 0 or torch.compiler.is_compiling():
-            return
-        lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
-        top = self.embedding_table.num_embeddings - 1
-        if lo < 0 or hi > top:
-            bad = lo if lo < 0 else hi
-            null = (f"{self.num_classes} is the null class used by classifier-free guidance"
-                    if self.has_null_class else "this model has no null class (class_dropout_prob = 0)")
-            raise ValueError(f"class label {bad} is out of range: labels must lie in [0, {top}] "
-                             f"for num_classes = {self.num_classes} ({null})")
-
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
-        self.check_labels(labels)
         if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -134,31 +140,54 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DiTBlock(nn.Module):
-    """A DiT block with adaLN-Zero conditioning; its token mixer is ``attn`` (attention) or ``gspn``."""
+class DropPath(nn.Module):
+    """Stochastic depth: while training, drop a residual branch for a random share ``p`` of the samples and
+    scale it by 1 / (1 - p) for the others (timm's ``DropPath``); the identity when ``p`` is 0 or in eval mode."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mixer: str = "gspn",
-                 gspn_kwargs: dict | None = None):
+    def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"the drop-path rate must lie in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning; its token mixer comes from the mixer registry by name.
+
+    The mixer is held under its class's ``block_attribute`` (``attn`` for attention, DiT's key), so the
+    state dict's keys are those of the checkpoints each mixer's models were released with.
+    """
+
+    def __init__(self, context: BlockContext, mlp_ratio: float = 4.0, mixer: str = "gspn",
+                 mixer_kwargs: dict | None = None, drop_path: float = 0.0):
+        super().__init__()
+        hidden_size = context.hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        # The attribute name is part of the state dict: "attn" keeps DiT's official keys.
-        self.mixer_attr = "attn" if mixer == "attention" else "gspn"
-        if mixer == "attention":
-            self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        else:
-            self.gspn = GSPNMixer(hidden_size, **(gspn_kwargs or {}))
+        token_mixer = build_mixer(mixer, context, mixer_kwargs)
+        self.mixer_attribute = token_mixer.block_attribute
+        self.add_module(self.mixer_attribute, token_mixer)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.drop_path = DropPath(drop_path)
 
     @property
     def mixer(self) -> nn.Module:
-        return getattr(self, self.mixer_attr)
+        return getattr(self, self.mixer_attribute)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa), grid)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + self.drop_path(gate_msa.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa), grid))
+        x = x + self.drop_path(gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -177,20 +206,24 @@ class FinalLayer(nn.Module):
 
 
 class DiT(ModelMixin, ConfigMixin):
-    """Diffusion model with a transformer backbone whose token mixer is GSPN or self-attention.
+    """Diffusion model with a transformer backbone whose token mixer is GSPN, self-attention or any registered one.
 
     The first ten arguments are facebookresearch/DiT's; ``input_size`` (the training size of the
-    latent or pixel map) may also be an (H, W) pair. ``mixer`` picks the token mixer.
+    latent or pixel map) may also be an (H, W) pair. ``mixer`` names the token mixer (``dit_gspn.models.MIXERS``)
+    and ``mixer_kwargs`` its own options (e.g. GSPN's ``chunk``, ``gate_groups``: ``GSPNMixer.for_block``).
     ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
     which needs none and then runs at any resolution); it is recomputed for an input whose grid
-    differs from the training grid ``input_size / patch_size``. The ``gspn_*`` options configure
-    :class:`GSPNMixer`: layers ``depth - gspn_global_layers`` and later scan globally, the others
-    restart every ``gspn_chunk`` steps (``gspn_global_layers=None``: the last ``depth // 4``;
-    ``gspn_chunk=None``: every layer global). ``num_classes`` is also the null class id used by
-    label dropout and classifier-free guidance.
+    differs from the training grid ``input_size / patch_size``. ``drop_path`` is the stochastic-depth rate of
+    the last block, rising linearly from 0 over the blocks (0: none, DiT's). ``num_classes`` is also the null
+    class id used by label dropout and classifier-free guidance.
     """
 
     _supports_gradient_checkpointing = True
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # A config.json written before the mixers had a registry holds GSPN's options as gspn_* arguments.
+        return super().extract_init_dict(upgrade_model_config(config_dict), **kwargs)
 
     @register_to_config
     def __init__(
@@ -206,19 +239,12 @@ class DiT(ModelMixin, ConfigMixin):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         mixer: str = "gspn",
+        mixer_kwargs: dict | None = None,
         use_pos_embed: bool | None = None,
-        gspn_chunk: int | None = 8,
-        gspn_global_layers: int | None = None,
-        gspn_proxy_ratio: int = 16,
-        gspn_gate_groups: int | None = None,
-        gspn_group_lam_u: bool = False,
-        gspn_dwconv: bool = True,
-        gspn_skip: bool = True,
-        gspn_output_gate: bool = True,
+        drop_path: float = 0.0,
     ):
         super().__init__()
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        MIXERS[mixer]  # an unknown name is an error naming the registered mixers
         height, width = size_pair(input_size, "input_size")
         if height % patch_size or width % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -244,18 +270,11 @@ class DiT(ModelMixin, ConfigMixin):
         else:
             self.pos_embed = None
 
-        if gspn_global_layers is None:
-            gspn_global_layers = depth // 4
-        if gspn_global_layers < 0:
-            raise ValueError(f"gspn_global_layers must be >= 0 (or None for depth // 4), got {gspn_global_layers}")
-        self.blocks = nn.ModuleList()
-        for i in range(depth):
-            local = gspn_chunk is not None and i < depth - gspn_global_layers
-            gspn_kwargs = dict(
-                chunk=gspn_chunk if local else None, proxy_ratio=gspn_proxy_ratio, gate_groups=gspn_gate_groups,
-                group_lam_u=gspn_group_lam_u, dwconv=gspn_dwconv, skip=gspn_skip, output_gate=gspn_output_gate,
-            )
-            self.blocks.append(DiTBlock(hidden_size, num_heads, mlp_ratio, mixer, gspn_kwargs))
+        drop_rates = [float(drop_path) * i / max(depth - 1, 1) for i in range(depth)]  # 0 .. drop_path
+        self.blocks = nn.ModuleList(
+            DiTBlock(BlockContext(hidden_size, num_heads, i, depth), mlp_ratio, mixer, mixer_kwargs, drop_rates[i])
+            for i in range(depth)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -286,8 +305,7 @@ class DiT(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
         for block in self.blocks:
-            if isinstance(block.mixer, GSPNMixer):
-                block.mixer.reset_gspn_parameters()
+            block.mixer.reset_parameters()
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
 
@@ -368,50 +386,3 @@ class DiT(ModelMixin, ConfigMixin):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
-
-
-#################################################################################
-#                                   Model zoo                                   #
-#################################################################################
-
-# DiT's sizes: (depth, hidden_size, num_heads).
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-_PATCHES = (2, 4, 8)
-_FAMILIES = {"GSPN": "gspn", "DiT": "attention"}
-#: The zoo's GSPN models share each direction's propagation gates, lam and u over this many channel
-#: groups: the per-pixel maps shrink from 20 C to 20 x 8 values per token, which makes a training step
-#: markedly faster, and on the demo's dataset shapes came out at least as well as with per-channel maps
-#: (README, "The demo's quality"). ``gspn_gate_groups=None, gspn_group_lam_u=False`` gives every channel
-#: its own.
-ZOO_GATE_GROUPS = 8
-#: The zoo's GSPN proxy has C / 4 channels (the constructor's default is the authors' C / 16): the
-#: parameters the grouped maps no longer need go to a wider proxy, which keeps every GSPN model within
-#: 3% of its DiT's parameter count (tests/test_models.py).
-ZOO_PROXY_RATIO = 4
-
-
-def _zoo_entry(mixer: str, depth: int, hidden_size: int, num_heads: int, patch_size: int):
-    preset = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, mixer=mixer)
-    if mixer == "gspn":
-        preset.update(gspn_gate_groups=ZOO_GATE_GROUPS, gspn_group_lam_u=True, gspn_proxy_ratio=ZOO_PROXY_RATIO)
-
-    def build(**kwargs) -> DiT:
-        return DiT(**{**preset, **kwargs})
-
-    return build
-
-
-#: "GSPN-S/2" ... "GSPN-XL/8" and "DiT-S/2" ... "DiT-XL/8" -> constructor taking DiT's keyword arguments.
-DiT_models = {
-    f"{family}-{size}/{patch}": _zoo_entry(mixer, *_SIZES[size], patch)
-    for family, mixer in _FAMILIES.items()
-    for size in ("XL", "L", "B", "S")
-    for patch in _PATCHES
-}
-
-
-def create_model(name: str, **overrides) -> DiT:
-    """Build the zoo model ``name`` (e.g. "GSPN-XL/2"), with any DiT constructor argument overridden."""
-    if name not in DiT_models:
-        raise KeyError(f"unknown model name {name!r}; known names: {', '.join(DiT_models)}")
-    return DiT_models[name](**overrides)

@@ -14,10 +14,15 @@ from dit_gspn.sizes import size_pair
 from dit_gspn.vae import DEFAULT_VAE, LATENT_SCALE
 
 
-def _dit_class():
-    from dit_gspn.models import DiT
+def _model_class(folder: Path):
+    """The class a save_pretrained folder was written by (its config.json's ``_class_name``; DiT if absent)."""
+    from dit_gspn.models import MODEL_CLASSES
 
-    return DiT
+    name = _read_model_config(folder).get("_class_name", "DiT")
+    if name not in MODEL_CLASSES:
+        raise CheckpointError(f"{folder / 'config.json'}: _class_name {name!r} is not a model class of this "
+                              f"project; known: {', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[name]
 
 
 def infer_sampling_info(model, vae: str | None = None) -> SamplingInfo:
@@ -37,14 +42,14 @@ def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
     if weights not in WEIGHT_FOLDERS:
         raise CheckpointError(f"weights must be one of {WEIGHT_FOLDERS}, got {weights!r}")
     if model_name is not None:
-        from dit_gspn.models import DiT_models
+        from dit_gspn.models import MODELS
 
         from .sit import SIT_PREFIX, network_name
 
-        if network_name(model_name) not in DiT_models:
-            sit_names = [SIT_PREFIX + n[len("DiT-"):] for n in DiT_models if n.startswith("DiT-")]
+        if network_name(model_name) not in MODELS:
+            sit_names = [SIT_PREFIX + n[len("DiT-"):] for n in MODELS if n.startswith("DiT-")]
             raise CheckpointError(f"--model {model_name!r} is not a zoo model; known: "
-                                  f"{', '.join([*DiT_models, *sit_names])}")
+                                  f"{', '.join([*MODELS, *sit_names])}")
         if not ckpt.is_file():
             raise MissingFileError(f"state-dict file {ckpt} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
         return "state_dict"
@@ -97,11 +102,14 @@ def _read_model_config(folder: Path) -> dict:
 
 
 def _from_pretrained(folder: Path):
-    """DiT.from_pretrained from safetensors only (never a pickled .bin), with a damaged folder named."""
+    """The model class's from_pretrained from safetensors only (never a pickled .bin), with a damaged folder
+    named."""
+    model_class = _model_class(folder)
     try:
-        return _dit_class().from_pretrained(folder, use_safetensors=True)
+        return model_class.from_pretrained(folder, use_safetensors=True)
     except (OSError, ValueError, TypeError, RuntimeError) as err:
-        raise CheckpointError(f"{folder} does not hold a loadable DiT (config.json + safetensors weights): "
+        raise CheckpointError(f"{folder} does not hold a loadable {model_class.__name__} (config.json + "
+                              f"safetensors weights): "
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 

@@ -191,14 +191,14 @@ def _plain(value):
 def _check_model_section(model: dict) -> None:
     import inspect
 
-    from dit_gspn.models import DiT, DiT_models
+    from dit_gspn.models import MODELS, DiT
 
     name = model.get("name")
-    if name not in DiT_models:
-        close = difflib.get_close_matches(str(name), DiT_models, n=3)
+    if name not in MODELS:
+        close = difflib.get_close_matches(str(name), MODELS, n=3)
         raise ConfigError(f"model.name {name!r} is not a zoo model"
                           + (f" (did you mean {', '.join(close)}?)" if close else "")
-                          + f"; known: {', '.join(DiT_models)}")
+                          + f"; known: {', '.join(MODELS)}")
     accepted = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
     for key, value in model.items():
         if key == "name":
@@ -207,16 +207,10 @@ def _check_model_section(model: dict) -> None:
             close = difflib.get_close_matches(key, accepted, n=3)
             raise ConfigError(f"unknown key 'model.{key}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
                               + f"; DiT takes: {', '.join(accepted)}")
-    for key in ("hidden_size", "depth", "num_heads", "patch_size", "in_channels", "num_classes",
-                "gspn_proxy_ratio"):
+    for key in ("hidden_size", "depth", "num_heads", "patch_size", "in_channels", "num_classes"):
         if key in model:
             _number(f"model.{key}", model[key], integer=True, minimum=1)
-    for key in ("gspn_chunk", "gspn_gate_groups"):
-        if key in model:
-            _number(f"model.{key}", model[key], integer=True, minimum=1, optional=True)
-    if "gspn_global_layers" in model:
-        _number("model.gspn_global_layers", model["gspn_global_layers"], integer=True, minimum=0, optional=True)
-    for key in ("learn_sigma", "gspn_group_lam_u", "gspn_dwconv", "gspn_skip", "gspn_output_gate", "use_pos_embed"):
+    for key in ("learn_sigma", "use_pos_embed"):
         if key in model and not (model[key] is None and key == "use_pos_embed"):
             _flag(f"model.{key}", model[key])
     if "class_dropout_prob" in model:
@@ -245,6 +239,9 @@ class ModelConfig:
     @classmethod
     def parse(cls, values: dict) -> "ModelConfig":
         """The section from ``values``: the zoo name and each DiT argument checked."""
+        from dit_gspn.models.dit import upgrade_model_config
+
+        values = upgrade_model_config(values)
         _check_model_section(values)
         return cls(values["name"], {k: v for k, v in values.items() if k != "name"})
 
