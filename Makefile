@@ -47,7 +47,7 @@ gpu-check:  ## on a GPU machine: the whole device check in one call (README, "On
 
 # The packages the GPU image lacks, at the versions requirements.lock pins, as wheels for its Python
 # 3.12 into .whl/ (git-ignored; carry it to the device). gpu-check installs them into a temporary folder.
-WHEELS ?= diffusers torch_fidelity importlib_metadata lazy-importer zipp regex
+WHEELS ?= diffusers torch_fidelity importlib_metadata lazy-importer zipp regex omegaconf
 space := $(subst ,, )
 wheels:  ## download the wheels the GPU image lacks into .whl/
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

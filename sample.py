@@ -16,7 +16,8 @@ import torch
 
 from dit_gspn.checkpoint import WEIGHT_FOLDERS
 from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
-from dit_gspn.diffusion import FLOW_SAMPLERS, SAMPLERS, check_num_steps, check_sampler, default_num_steps, default_sampler
+from dit_gspn.diffusion import SAMPLERS, check_sampling, default_sampler
+from dit_gspn.diffusion.samplers import SamplerSettingError
 from dit_gspn.diffusion.flow import check_shift
 from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
@@ -41,10 +42,10 @@ def parse_args(argv=None):
                      help="pixels; another size than the training one needs a model without positional embedding")
 
     smp = p.add_argument_group("sampler")
-    smp.add_argument("--sampler", choices=SAMPLERS, default=None,
+    smp.add_argument("--sampler", choices=SAMPLERS.names(), default=None,
                      help="default: the checkpoint's objective's (ddpm for DiT's diffusion, euler for flow matching)")
-    smp.add_argument("--num-steps", type=int, default=None,
-                     help="default: the sampler's (250 for ddpm, ddim, dpm-solver++ and sde; 50 for euler, heun)")
+    smp.add_argument("--num-steps", type=int, default=None, help="default: the sampler's (" + ", ".join(
+                     f"{name} {spec.default_steps}" for name, spec in SAMPLERS.items()) + ")")
     smp.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no classifier-free guidance")
     smp.add_argument("--guided-channels", type=int, default=None,
                      help="guide only the first N channels (3 = DiT's published FIDs); default all")
@@ -141,17 +142,9 @@ def main(argv=None) -> int:
     info = read_checkpoint_info(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae)
     sampler = args.sampler or default_sampler(info.objective)
     try:
-        check_sampler(sampler, info.objective)
-    except ValueError as err:
-        raise UserError(f"--sampler: {err}") from err
-    num_steps = args.num_steps if args.num_steps is not None else default_num_steps(sampler)
-    try:
-        check_num_steps(sampler, num_steps)
-    except ValueError as err:
-        raise UserError(f"--num-steps: {err}") from err
-    if args.flow_shift != 1.0 and sampler not in FLOW_SAMPLERS:
-        raise UserError(f"--flow-shift {args.flow_shift}: the timestep shift applies to flow matching's samplers "
-                        f"{FLOW_SAMPLERS}, not to {sampler!r}; leave it at 1")
+        _, num_steps = check_sampling(sampler, info.objective, args.num_steps, args.flow_shift)
+    except SamplerSettingError as err:
+        raise UserError(f"--{err.setting.replace('_', '-')}: {err}") from err
     if args.guided_channels is not None and info.vae is None and args.guided_channels > 3:
         raise UserError(f"--guided-channels {args.guided_channels}: a pixel-space model has 3 channels")
     if args.model is None:  # a .pt file's class count is known once its shapes are read

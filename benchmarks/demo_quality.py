@@ -52,16 +52,17 @@ def evaluate_model(spec: str, config_path: Path, overrides: list[str], run_dir: 
                    samples_per_class: int, sample_steps: int, seed: int) -> dict:
     """Train the model ``spec`` names with the demo config, then score its EMA's samples (``score_samples``).
 
-    ``spec`` is a zoo name, optionally followed by overrides of its own: ``GSPN-S/4,model.gspn_gate_groups=null``.
+    ``spec`` is a zoo name, optionally followed by overrides of its own:
+    ``GSPN-S/4,model.mixer_kwargs.gate_groups=null``.
     """
     from accelerate.state import AcceleratorState, PartialState
 
     from dit_gspn.training import load_config, train
-    from dit_gspn.training.config import resolve_objective
+    from dit_gspn.training.config import parse_config
 
     name, *own_overrides = spec.split(",")
-    config = resolve_objective(load_config(config_path, [*overrides, *own_overrides, f"model.name={name}",
-                                                         f"run_dir={run_dir}"]))
+    config = parse_config(load_config(config_path, [*overrides, *own_overrides, f"model.name={name}",
+                                                    f"run_dir={run_dir}"])).to_dict()
     start = time.perf_counter()
     result = train(config)
     train_seconds = time.perf_counter() - start
@@ -166,11 +167,11 @@ def main(argv=None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to both models")
     args = parser.parse_args(argv)
 
-    from dit_gspn.diffusion import FLOW_SAMPLERS
+    from dit_gspn.diffusion import SAMPLERS
     from dit_gspn.training import load_config
-    from dit_gspn.training.config import resolve_objective
+    from dit_gspn.training.config import parse_config
 
-    config = resolve_objective(load_config(args.config, args.overrides))
+    config = parse_config(load_config(args.config, args.overrides)).to_dict()
     gspn_name = config["model"]["name"]
     models = args.models or [gspn_name, gspn_name.replace("GSPN-", "DiT-")]
     sample_steps = args.sample_steps or int(config["logging"]["sample_steps"])
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
         "config": str(args.config), "overrides": args.overrides, "objective": config["train"]["objective"],
         "sampler": config["logging"]["sampler"],
         "sample_steps": sample_steps, "cfg_scale": float(config["logging"]["cfg_scale"]),
-        "clip_denoised": config["logging"]["sampler"] not in FLOW_SAMPLERS,  # the flow samplers do not clip
+        "clip_denoised": SAMPLERS[config["logging"]["sampler"]].objective != "flow",  # the flow samplers do not clip
         "seeds": seeds,
         "classifier_real_accuracy": {str(seed): {key: round(value, 4) for key, value in accuracies.items()}
                                      for seed, accuracies in real_accuracy.items()},

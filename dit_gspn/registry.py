@@ -100,15 +100,16 @@ class Option:
         return self.default is inspect.Parameter.empty
 
 
-def keyword_options(function: Callable, skip: tuple[str, ...] = ()) -> dict[str, Option]:
+def keyword_options(function: Callable, skip: tuple[str, ...] = (), skip_positional: int = 0) -> dict[str, Option]:
     """The keyword options ``function`` (or a class's ``__init__``) takes, by name, leaving out ``self``/``cls``,
-    ``*args``/``**kwargs`` and the names in ``skip`` (what its caller passes itself)."""
+    ``*args``/``**kwargs``, the first ``skip_positional`` parameters and the names in ``skip`` (what its caller
+    passes itself)."""
     target = function.__init__ if inspect.isclass(function) else function
     hints = typing.get_type_hints(target)
+    parameters = [p for name, p in inspect.signature(target).parameters.items() if name not in ("self", "cls")]
     options = {}
-    for name, parameter in inspect.signature(target).parameters.items():
-        if name in ("self", "cls") or name in skip or parameter.kind in (parameter.VAR_POSITIONAL,
-                                                                           parameter.VAR_KEYWORD):
+    for parameter in parameters[skip_positional:]:
+        if parameter.name in skip or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        options[name] = Option(name, hints.get(name, Any), parameter.default)
+        options[parameter.name] = Option(parameter.name, hints.get(parameter.name, Any), parameter.default)
     return options

@@ -272,20 +272,22 @@ def test_flow_timestep_shift_draws_sd3s_shifted_levels(shift):
 
 def test_flow_timestep_shift_is_off_by_default_and_set_from_the_config():
     from dit_gspn.diffusion import FlowMatching
-    from dit_gspn.training.config import ConfigError, complete_config, parse_config, resolve_objective
+    from dit_gspn.training.config import ConfigError, parse_config
 
     g = torch.Generator().manual_seed(1)
     default = FlowMatching().sample_timesteps(64, "cpu", g)
     assert torch.equal(FlowMatching(shift=1.0).sample_timesteps(64, "cpu", torch.Generator().manual_seed(1)),
                        default)
-    config = parse_config({"train": {"objective": "flow", "flow_shift": 3.0}})
-    assert config.train.flow_shift == 3.0 and config.objective.shift == 3.0
-    assert resolve_objective(complete_config({"train": {"objective": "flow"}}))["train"]["flow_shift"] == 1.0
-    with pytest.raises(ConfigError, match="train.flow_shift must be a number > 0 for train.objective=flow"):
-        resolve_objective(complete_config({"train": {"flow_shift": 3.0}}))  # DiT's objective has no shift
+    config = parse_config({"train": {"objective": "flow", "objective_kwargs": {"shift": 3.0}}})
+    assert config.train.objective_kwargs["shift"] == 3.0 and config.objective.shift == 3.0
+    assert parse_config({"train": {"objective": "flow"}}).to_dict()["train"]["objective_kwargs"]["shift"] == 1.0
+    with pytest.raises(ConfigError, match="unknown key 'train.objective_kwargs.shift'; the ddpm objective takes"):
+        parse_config({"train": {"objective_kwargs": {"shift": 3.0}}})  # DiT's objective has no shift
+    with pytest.raises(ConfigError, match="train.objective_kwargs: the timestep shift must be a positive number"):
+        parse_config({"train": {"objective": "flow", "objective_kwargs": {"shift": 0}}})
     with pytest.raises(ConfigError, match="logging.flow_shift"):
-        resolve_objective(complete_config({"train": {"objective": "flow"}, "logging": {"flow_shift": -1}}))
+        parse_config({"train": {"objective": "flow"}, "logging": {"flow_shift": -1}})
     with pytest.raises(ConfigError, match="logging.guidance_interval: the guidance interval must be"):
-        resolve_objective(complete_config({"logging": {"guidance_interval": [0.9, 0.1]}}))
+        parse_config({"logging": {"guidance_interval": [0.9, 0.1]}})
     with pytest.raises(ValueError, match="timestep shift must be a positive number"):
         FlowMatching(shift=0.0)

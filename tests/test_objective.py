@@ -4,27 +4,48 @@ import torch
 
 from dit_gspn.cli import UserError
 from dit_gspn.diffusion import (DIT_SCHEDULE, OBJECTIVES, SAMPLERS, DiffusionObjective, FlowObjective,
-                                UnknownObjectiveError, get_objective, objective_of_sampler)
+                                check_sampling, get_objective, objective_of_sampler)
+from dit_gspn.diffusion.samplers import SamplerSettingError
+from dit_gspn.registry import UnknownNameError
 
 
 def test_registry_names_each_objective_and_refuses_an_unknown_one_naming_the_choices():
-    assert OBJECTIVES == ("ddpm", "flow")
+    assert OBJECTIVES.names() == ("ddpm", "flow")
     assert isinstance(get_objective("ddpm"), DiffusionObjective) and isinstance(get_objective("flow"), FlowObjective)
-    with pytest.raises(UnknownObjectiveError, match="unknown training objective 'edm'; choose one of ddpm, flow"):
+    with pytest.raises(UnknownNameError, match="unknown training objective 'edm'; choose one of ddpm, flow"):
         get_objective("edm")
-    assert issubclass(UnknownObjectiveError, UserError) and issubclass(UnknownObjectiveError, ValueError)
+    assert issubclass(UnknownNameError, UserError) and issubclass(UnknownNameError, ValueError)
 
 
-def test_every_sampler_belongs_to_exactly_one_objective_whose_default_comes_first():
-    owners = {sampler: [name for name in OBJECTIVES if sampler in get_objective(name).samplers] for sampler in SAMPLERS}
+def test_every_sampler_belongs_to_exactly_one_objective_with_a_default():
+    owners = {sampler: [name for name in OBJECTIVES if sampler in get_objective(name).samplers()] for sampler in SAMPLERS}
     assert all(len(names) == 1 for names in owners.values()), owners
     assert {s: objective_of_sampler(s).name for s in SAMPLERS} == {s: names[0] for s, names in owners.items()}
     assert (get_objective("ddpm").default_sampler, get_objective("flow").default_sampler) == ("ddpm", "euler")
-    get_objective("flow").check_sampler("heun", num_steps=7)
+    assert get_objective("flow").check_sampler("heun", num_steps=7) == 7
     with pytest.raises(ValueError, match="sampler 'euler' does not fit a model trained with the 'ddpm' objective"):
         get_objective("ddpm").check_sampler("euler")
     with pytest.raises(ValueError, match="unknown sampler 'lms'"):
         objective_of_sampler("lms")
+
+
+@pytest.mark.parametrize("sampler, objective, num_steps, flow_shift, setting, message", [
+    ("lms", "ddpm", None, 1.0, "sampler", "unknown sampler 'lms'.*choose one of ddpm, ddim"),
+    ("heun", "ddpm", None, 1.0, "sampler", "sampler 'heun' does not fit .* 'ddpm' objective; use one of ddpm, ddim"),
+    ("ddim", "ddpm", 60, 1.0, "num_steps", "nearest counts that can are 59 or 63"),
+    ("ddpm", "ddpm", 1001, 1.0, "num_steps", ""),
+    ("sde", "flow", 1, 1.0, "num_steps", "the sde sampler takes an integer number of steps >= 2, got 1"),
+    ("euler", "flow", 0, 1.0, "num_steps", ">= 1, got 0"),
+    ("ddpm", "ddpm", 10, 3.0, "flow_shift", "the timestep shift applies to the samplers euler, heun, sde"),
+    ("euler", "flow", 10, -1.0, "flow_shift", "positive number"),
+])
+def test_one_check_of_a_samplers_settings_names_the_setting(sampler, objective, num_steps, flow_shift, setting,
+                                                               message):
+    with pytest.raises(SamplerSettingError, match=message) as info:
+        check_sampling(sampler, objective, num_steps, flow_shift)
+    assert info.value.setting == setting
+    spec, steps = check_sampling("euler", "flow", None, 3.0)
+    assert (spec.name, steps) == ("euler", 50)
 
 
 def test_what_the_model_predicts_and_its_timesteps():
@@ -40,10 +61,10 @@ def test_what_the_model_predicts_and_its_timesteps():
     assert fractional.dtype == torch.float32 and fractional.tolist() == [512.5, 512.5]
 
 
-def test_settings_are_read_from_the_train_section():
-    flow = FlowObjective.from_train_config({"flow_timesteps": "logit_normal", "flow_shift": 3.0, "snr_gamma": None})
+def test_settings_are_the_constructors_keyword_options():
+    flow = get_objective("flow", timestep_sampling="logit_normal", shift=3.0)
     assert (flow.process.timestep_sampling, flow.shift) == ("logit_normal", 3.0)
-    assert DiffusionObjective.from_train_config({"snr_gamma": 5, "flow_shift": 1.0}).snr_gamma == 5.0
+    assert get_objective("ddpm", snr_gamma=5).snr_gamma == 5.0
 
 
 def test_flow_loss_is_the_velocity_mse_in_float64():

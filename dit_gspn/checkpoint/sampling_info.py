@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dit_gspn.diffusion import OBJECTIVES, DiffusionObjective, UnknownObjectiveError, objective_class
+from dit_gspn.diffusion import OBJECTIVES, DiffusionObjective
 from dit_gspn.sizes import size_pair
 
 from .safe_load import CheckpointError
@@ -53,10 +53,8 @@ class SamplingInfo:
             raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is "
                                   f"{raw['num_classes']}")
         objective = raw.get("objective", DiffusionObjective.name)
-        try:
-            objective_class(objective)
-        except UnknownObjectiveError as err:
-            raise CheckpointError(f"{path}: objective {objective!r} is not one of {OBJECTIVES}") from err
+        if objective not in OBJECTIVES:
+            raise CheckpointError(f"{path}: objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
         return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
 
     def write(self, path: str | Path) -> None:

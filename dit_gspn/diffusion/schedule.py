@@ -1,8 +1,9 @@
 """DiT's noise schedule, and the diffusers schedulers that sample with it (and with flow matching).
 
 The one place the schedule is defined: 1000 steps, linear betas 1e-4 to 0.02 (as DiT and ADM), held in
-float64 (``dit_betas``). Which samplers fit a model is its objective's word (``objective.py``); here each
-sampler is built.
+float64 (``dit_betas``). Here the six built-in samplers are built and registered (``samplers.py``: each
+one's objective, default step count and rules): DiT's ``ddpm``, ``ddim`` and ``dpm-solver++`` for its
+epsilon + learned variance models, and ``euler``, ``heun`` and SiT's ``sde`` for flow matching's velocity.
 
 ``ddpm`` and ``ddim`` equal ADM's ``p_sample_loop`` and ``ddim_sample_loop`` step for step. They are built
 as ADM builds its ``SpacedDiffusion``: a diffusers scheduler over only the N kept timesteps
@@ -22,25 +23,13 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        FlowMatchHeunDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .flow import HEUN_LAST_LEVEL, check_shift, ode_noise_levels
+from .flow import HEUN_LAST_LEVEL, ode_noise_levels
 from .flow_sde import FlowSDEScheduler
 from .respacing import ddim_timesteps, ddpm_timesteps
+from .samplers import SAMPLERS, SamplerSpec, register_sampler
 
 #: DiT's training schedule, as diffusers scheduler arguments.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-#: The samplers of DiT's epsilon + learned variance (``GaussianDiffusion``), ADM's two first, and those of flow
-#: matching's velocity (``FlowMatching``: two ODE samplers and SiT's SDE); each objective's default first.
-DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-FLOW_SAMPLERS = ("euler", "heun", "sde")
-SAMPLERS = DIFFUSION_SAMPLERS + FLOW_SAMPLERS
-#: The samplers that draw fresh noise at every step (they take the sampling generator).
-STOCHASTIC_SAMPLERS = ("ddpm", "sde")
-
-#: Steps a sampler takes unless told otherwise: DiT's (ADM's) 250 for the diffusion samplers; for the flow
-#: ODE samplers SiT's ``Sampler.sample_ode`` default, 50; for SiT's SDE the 250 of its ``sample.py``.
-DEFAULT_NUM_STEPS = {"ddpm": 250, "ddim": 250, "dpm-solver++": 250, "euler": 50, "heun": 50, "sde": 250}
-
 
 def dit_betas(num_train_timesteps: int = DIT_SCHEDULE["num_train_timesteps"],
               beta_start: float = DIT_SCHEDULE["beta_start"], beta_end: float = DIT_SCHEDULE["beta_end"]) -> np.ndarray:
@@ -49,26 +38,6 @@ def dit_betas(num_train_timesteps: int = DIT_SCHEDULE["num_train_timesteps"],
         raise NotImplementedError(f"only the linear schedule is implemented, DIT_SCHEDULE says "
                                   f"{DIT_SCHEDULE['beta_schedule']!r}")
     return np.linspace(beta_start, beta_end, int(num_train_timesteps), dtype=np.float64)
-
-
-def default_num_steps(sampler: str) -> int:
-    """The number of steps ``sampler`` takes unless one is named (``DEFAULT_NUM_STEPS``)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    return DEFAULT_NUM_STEPS[sampler]
-
-
-def check_num_steps(sampler: str, num_steps: int) -> None:
-    """Raise a ValueError unless ``sampler`` can take ``num_steps`` steps (DDIM: only ADM's ``ddimN`` counts;
-    SiT's SDE: at least 2)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if sampler == "sde" and num_steps < 2:
-        raise ValueError(f"the sde sampler takes at least 2 steps, got {num_steps}")
-    if sampler == "ddpm":
-        ddpm_timesteps(num_steps)
-    elif sampler == "ddim":
-        ddim_timesteps(num_steps)
 
 
 @dataclass
@@ -135,52 +104,75 @@ def flow_ode_scheduler(sampler: str, num_steps: int, shift: float = 1.0) -> Sche
 
 def make_schedule(sampler: str = "ddpm", num_steps: int | None = None, clip_denoised: bool = False,
                   learn_sigma: bool = True, flow_shift: float = 1.0) -> SamplingSchedule:
-    """The scheduler for ``sampler`` over ``num_steps`` steps of DiT's schedule, ready to step.
+    """The schedule of the registered ``sampler`` over ``num_steps`` steps (None: its default), ready to step.
 
-    ``ddpm`` is ADM's ``p_sample`` over ``space_timesteps(1000, "N")`` (any N in 1..1000): with
-    ``learn_sigma`` the model's learned variance (``learned_range``: it takes the full 2C-channel output),
-    without it DiT's fixed large variance (beta). ``ddim`` is ADM's ``ddim_sample`` with eta = 0 over
-    ``"ddimN"`` (N in ``DDIM_COUNTS``), its last step returning the x0 prediction (alpha_bar_prev = 1) and its
-    eps re-derived from the (clipped) x0; it takes the epsilon half only, as does ``dpm-solver++`` (diffusers'
-    multistep solver, order 2, over linspace timesteps). ``euler`` and ``heun`` integrate a flow-matching
-    model's velocity ODE from noise level 1 to 0 in ``num_steps`` steps (``ode_noise_levels``: equal ones for
-    Euler; Heun's last one 0.001, and 2 * num_steps - 1 model evaluations); ``sde`` is SiT's Euler-Maruyama
-    sampler (``FlowSDEScheduler``).
-    ``flow_shift`` applies SD3's timestep shift to the flow samplers' grid (1: none; the diffusion samplers
-    refuse another value). ``num_steps=None`` takes the sampler's default (``DEFAULT_NUM_STEPS``).
-    ``clip_denoised`` clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for
-    latents, which are not bounded); the flow samplers do not clip.
+    ``learn_sigma``: whether the model also outputs a variance (DDPM then uses it); ``flow_shift``: SD3's
+    timestep shift of a flow sampler's grid (1: none; the others refuse another value); ``clip_denoised``
+    clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for latents, which are not
+    bounded); the flow samplers do not clip. The built-in samplers are described where they are built below.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    num_steps = default_num_steps(sampler) if num_steps is None else num_steps
-    check_num_steps(sampler, num_steps)
-    flow_shift = check_shift(flow_shift)
-    if sampler in FLOW_SAMPLERS:
-        if sampler == "sde":
-            scheduler = FlowSDEScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"], shift=flow_shift)
-            scheduler.set_timesteps(num_steps)
-        else:
-            scheduler = flow_ode_scheduler(sampler, num_steps, flow_shift)
-        return SamplingSchedule(scheduler, scheduler.timesteps, stochastic=sampler in STOCHASTIC_SAMPLERS)
-    if flow_shift != 1.0:
-        raise ValueError(f"the timestep shift applies to flow matching's samplers {FLOW_SAMPLERS}, not to "
-                         f"{sampler!r}; leave it at 1")
-    if sampler == "ddpm":
-        kept = ddpm_timesteps(num_steps)
-        scheduler = respaced_scheduler(DDPMScheduler, kept, clip_sample=clip_denoised,
-                                       variance_type="learned_range" if learn_sigma else "fixed_large")
-        return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps], takes_variance=learn_sigma,
-                                stochastic=True)
-    if sampler == "ddim":
-        kept = ddim_timesteps(num_steps)
-        scheduler = respaced_scheduler(DDIMScheduler, kept, clip_sample=clip_denoised, set_alpha_to_one=True,
-                                       timestep_spacing="leading")
-        return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps],
-                                dict(use_clipped_model_output=True))
-    # dpm-solver++. Thresholding with sample_max_value=1 clamps the threshold to 1: a plain clip to [-1, 1].
+    spec = SAMPLERS[sampler]
+    num_steps = spec.check(num_steps, flow_shift)
+    schedule = spec.build(num_steps, clip_denoised=clip_denoised, learn_sigma=learn_sigma,
+                          flow_shift=float(flow_shift))
+    schedule.stochastic = spec.stochastic
+    return schedule
+
+
+def ddpm_schedule(num_steps: int, *, clip_denoised: bool, learn_sigma: bool, flow_shift: float) -> SamplingSchedule:
+    """ADM's ``p_sample`` over ``space_timesteps(1000, "N")`` (any N in 1..1000): with ``learn_sigma`` the model's
+    learned variance (``learned_range``: it takes the full 2C-channel output), without it DiT's fixed large
+    variance (beta)."""
+    kept = ddpm_timesteps(num_steps)
+    scheduler = respaced_scheduler(DDPMScheduler, kept, clip_sample=clip_denoised,
+                                   variance_type="learned_range" if learn_sigma else "fixed_large")
+    return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps], takes_variance=learn_sigma)
+
+
+def ddim_schedule(num_steps: int, *, clip_denoised: bool, learn_sigma: bool, flow_shift: float) -> SamplingSchedule:
+    """ADM's ``ddim_sample`` with eta = 0 over ``"ddimN"`` (N in ``DDIM_COUNTS``), its last step returning the x0
+    prediction (alpha_bar_prev = 1) and its eps re-derived from the (clipped) x0; the epsilon half only."""
+    kept = ddim_timesteps(num_steps)
+    scheduler = respaced_scheduler(DDIMScheduler, kept, clip_sample=clip_denoised, set_alpha_to_one=True,
+                                   timestep_spacing="leading")
+    return SamplingSchedule(scheduler, torch.tensor(kept)[scheduler.timesteps], dict(use_clipped_model_output=True))
+
+
+def dpm_solver_schedule(num_steps: int, *, clip_denoised: bool, learn_sigma: bool,
+                        flow_shift: float) -> SamplingSchedule:
+    """diffusers' multistep DPM-Solver++ (order 2) over linspace timesteps; the epsilon half only."""
+    # Thresholding with sample_max_value=1 clamps the threshold to 1: a plain clip to [-1, 1].
     scheduler = DPMSolverMultistepScheduler(**DIT_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
                                             timestep_spacing="linspace", thresholding=clip_denoised,
                                             sample_max_value=1.0)
     scheduler.set_timesteps(num_steps)
     return SamplingSchedule(scheduler, scheduler.timesteps)
+
+
+def flow_ode_schedule(sampler: str):
+    """Euler's or Heun's integration of a flow-matching model's velocity ODE from noise level 1 to 0
+    (``flow_ode_scheduler``: Euler in N equal steps; Heun's last level 0.001, 2N - 1 model evaluations)."""
+
+    def build(num_steps: int, *, clip_denoised: bool, learn_sigma: bool, flow_shift: float) -> SamplingSchedule:
+        scheduler = flow_ode_scheduler(sampler, num_steps, flow_shift)
+        return SamplingSchedule(scheduler, scheduler.timesteps)
+
+    return build
+
+
+def flow_sde_schedule(num_steps: int, *, clip_denoised: bool, learn_sigma: bool, flow_shift: float) -> SamplingSchedule:
+    """SiT's Euler-Maruyama sampler of a flow-matching model (``FlowSDEScheduler``)."""
+    scheduler = FlowSDEScheduler(num_train_timesteps=DIT_SCHEDULE["num_train_timesteps"], shift=flow_shift)
+    scheduler.set_timesteps(num_steps)
+    return SamplingSchedule(scheduler, scheduler.timesteps)
+
+
+# The built-in samplers, each objective's default first. Step counts: DiT's (ADM's) 250 for the diffusion
+# samplers; SiT's ``Sampler.sample_ode`` default, 50, for the ODE ones; the 250 of SiT's sample.py for its SDE.
+register_sampler(SamplerSpec("ddpm", "ddpm", ddpm_schedule, 250, stochastic=True, check_steps=ddpm_timesteps))
+register_sampler(SamplerSpec("ddim", "ddpm", ddim_schedule, 250, check_steps=ddim_timesteps))
+register_sampler(SamplerSpec("dpm-solver++", "ddpm", dpm_solver_schedule, 250))
+register_sampler(SamplerSpec("euler", "flow", flow_ode_schedule("euler"), 50, shifts_timesteps=True))
+register_sampler(SamplerSpec("heun", "flow", flow_ode_schedule("heun"), 50, shifts_timesteps=True))
+register_sampler(SamplerSpec("sde", "flow", flow_sde_schedule, 250, stochastic=True, shifts_timesteps=True,
+                             min_steps=2))

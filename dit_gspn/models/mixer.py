@@ -64,8 +64,12 @@ def register_mixer(name: str):
 
 
 def mixer_options(name: str) -> dict[str, Option]:
-    """The keyword options mixer ``name`` accepts in ``mixer_kwargs``."""
-    return keyword_options(MIXERS[name].for_block, skip=("context",))
+    """The keyword options mixer ``name`` accepts in ``mixer_kwargs``: its ``for_block``'s, or where it keeps
+    TokenMixer's, its constructor's after the width."""
+    cls = MIXERS[name]
+    if cls.for_block.__func__ is TokenMixer.for_block.__func__:
+        return keyword_options(cls, skip_positional=1)
+    return keyword_options(cls.for_block, skip=("context",))
 
 
 def build_mixer(name: str, context: BlockContext, options: dict | None = None) -> TokenMixer:

@@ -77,8 +77,9 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
     or ``dpm-solver++`` (the epsilon half), over ``num_steps`` respaced steps of DiT's schedule; or, for a
     flow-matching model, ``euler`` or ``heun`` (the velocity ODE, ``num_steps`` equal steps) or ``sde``
     (SiT's Euler-Maruyama), over a grid shifted by ``flow_shift`` (SD3's timestep shift; 1 = none).
-    ``num_steps=None`` takes the sampler's default (``DEFAULT_NUM_STEPS``). Which objective a
-    checkpoint was trained with is in its ``SamplingInfo.objective`` (``check_sampler`` matches the two).
+    ``num_steps=None`` takes the sampler's default (its ``SamplerSpec``); any registered sampler is accepted
+    (``dit_gspn.diffusion.SAMPLERS``). Which objective a checkpoint was trained with is in its
+    ``SamplingInfo.objective`` (``check_sampler`` matches the two).
     ``cfg_scale`` > 1 uses classifier-free guidance through ``model.forward_with_cfg`` (conditional half,
     then the unconditional half with the null class ``model.num_classes``); ``guided_channels=None``
     guides all epsilon channels, ``3`` reproduces DiT's published behaviour. ``guidance_interval`` =

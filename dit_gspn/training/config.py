@@ -1,342 +1,301 @@
-"""Training configuration: one typed schema (``RunConfig``), filled from YAML files and ``section.key=value``
-overrides, and checked once.
+"""Training configuration: OmegaConf structured configs whose dataclasses below are the schema.
 
-    load_config(path, overrides) -> dict       the file and the overrides merged over DEFAULTS
-    parse_config(dict) -> RunConfig            every key checked (type, range, choice), the objective resolved
-    validate_config(dict) -> RunConfig         parse_config and what the run needs beyond its keys (the data)
-    RunConfig.to_dict()                        the resolved config, as a checkpoint's config.yaml holds it
+    load_config(path, overrides) -> dict      the defaults, the YAML file and ``section.key=value`` overrides merged
+    parse_config(dict) -> RunConfig           typed sections, each section's ``validate`` run once
+    RunConfig.to_dict()                       the resolved config, as a checkpoint's config.yaml holds it
 
-Every key a run can use is a field of a section dataclass below, whose declaration (``integer``, ``number``,
-``flag``, ``choice``, ``custom``) is its check; ``DEFAULTS`` is the schema's defaults as a mapping. An unknown
-key (a typo) is an error that names it and the keys it could have meant, never a silently ignored setting.
-A new setting is one field in its section (with its check); a new section, one ``_Section`` dataclass and
-its line in ``RunConfig`` and ``parse_config``.
+OmegaConf merges the sources and checks each value's type against the dataclasses (a wrong type or an unknown
+key is a ``ConfigError`` naming the full key and the source); each section's ``validate`` checks ranges and
+what its keys must satisfy together; ``RunConfig.validate`` what the sections must satisfy together. The two
+open sections are checked against the registries: ``model`` holds the zoo name and any constructor argument
+of its class (``mixer_kwargs`` against the named mixer's options), ``data`` the dataset kind and that kind's
+own options. A new setting is one field in its section's dataclass (and its range in ``validate``).
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
-import re
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dit_gspn.cli import UserError
-from dit_gspn.diffusion import OBJECTIVES, Objective, check_num_steps, default_num_steps, objective_class
-from dit_gspn.diffusion.flow import TIMESTEP_SAMPLING
-from dit_gspn.diffusion.objective import REGISTRY, UnknownObjectiveError
+from dit_gspn.diffusion import OBJECTIVES, Objective, check_sampling
+from dit_gspn.diffusion.samplers import SamplerSettingError
+from dit_gspn.registry import Option, UnknownNameError, keyword_options
 from dit_gspn.sampling.sampler import check_guidance_interval
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-4`` as a string; researchers write learning rates that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
-    list("-+0123456789."))
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key, the file and what was expected."""
 
 
-# --- What a value may be: each check takes (dotted key, value) and returns the value as the run uses it ---
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _fail(key: str, want: str, value) -> None:
+    raise ConfigError(f"{key} must be {want}, got {value!r}")
 
 
-def _is_number(value) -> bool:
-    return _is_int(value) or isinstance(value, float)
+class Section:
+    """A config section: its dataclass fields are the schema; ``validate`` checks ranges and what its keys must
+    satisfy together."""
+
+    prefix = ""
+
+    def check_range(self, name: str, *, minimum=None, above=None, below=None) -> None:
+        """Field ``name`` (None passes) is >= minimum, > above and < below; NaN fails every range. The error
+        says the field's type and range: ``train.steps must be an integer >= 1, got 0``."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        if not (value != value or (minimum is not None and value < minimum) or (above is not None and value <= above)
+                or (below is not None and value >= below)):
+            return
+        hint = typing.get_type_hints(type(self)).get(name)
+        bounds = [f">= {minimum}" if minimum is not None else "", f"> {above}" if above is not None else "",
+                  f"< {below}" if below is not None else ""]
+        want = _describe(hint).replace(" or null", "") + " " + " and ".join(b for b in bounds if b)
+        if type(None) in typing.get_args(hint):
+            want += " or null"
+        _fail(f"{self.prefix}{name}", want, value)
 
 
-def _number(key: str, value, *, integer: bool = False, minimum=None, below=None, optional: bool = False,
-            above=None) -> None:
-    """Check that ``value`` (config key ``key``) is a number in range, or raise a ConfigError saying what fits."""
-    if value is None and optional:
-        return
-    kind = "an integer" if integer else "a number"
-    ok_type = _is_int(value) if integer else _is_number(value)
-    bounds = []
-    if minimum is not None:
-        bounds.append(f">= {minimum}")
-    if above is not None:
-        bounds.append(f"> {above}")
-    if below is not None:
-        bounds.append(f"< {below}")
-    want = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}{' or null' if optional else ''}"
-    if not ok_type or value != value:  # NaN fails every range
-        raise ConfigError(f"{key} must be {want}, got {value!r}")
-    if ((minimum is not None and value < minimum) or (above is not None and value <= above)
-            or (below is not None and value >= below)):
-        raise ConfigError(f"{key} must be {want}, got {value!r}")
-
-
-def _flag(key: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-
-
-def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def integer(default, *, minimum=None, optional: bool = False):
-    """A field holding an integer (>= ``minimum``; or None if ``optional``)."""
-    def check(key, value):
-        _number(key, value, integer=True, minimum=minimum, optional=optional)
-        return value
-    return field(default=default, metadata={"check": check})
-
-
-def number(default, *, minimum=None, above=None, below=None, optional: bool = False):
-    """A field holding a float (an integer in the YAML is read as one), in range; or None if ``optional``."""
-    def check(key, value):
-        _number(key, value, minimum=minimum, above=above, below=below, optional=optional)
-        return None if value is None else float(value)
-    return field(default=default, metadata={"check": check})
-
-
-def flag(default: bool):
-    """A field holding true or false."""
-    def check(key, value):
-        _flag(key, value)
-        return value
-    return field(default=default, metadata={"check": check})
-
-
-def choice(default, choices):
-    """A field holding one of ``choices``."""
-    def check(key, value):
-        _choice(key, value, choices)
-        return value
-    return field(default=default, metadata={"check": check})
-
-
-def custom(default, check=None):
-    """A field whose value ``check(key, value)`` checks and returns (None: taken as it is; checked elsewhere)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"check": check})
-    return field(default=default, metadata={"check": check})
-
-
-def _run_dir(key, value):
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key} must be a folder path, got {value!r}")
-    return value
-
-
-def _optional_text(key, value):
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string or null, got {value!r}")
-    return value
-
-
-def _betas(key, value):
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(b) and 0 <= b < 1 for b in value)):
-        raise ConfigError(f"{key} must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {value!r}")
-    return tuple(float(b) for b in value)
-
-
-def _class_ids(key, value):
-    if value is not None and not (isinstance(value, list) and value and all(_is_int(c) and c >= 0 for c in value)):
-        raise ConfigError(f"{key} must be a list of class ids (integers >= 0) or null, got {value!r}")
-    return value
-
-
-def _guidance_interval(key, value):
-    try:
-        interval = check_guidance_interval(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}: {err}") from err
-    return None if interval is None else list(interval)
-
-
-class _Section:
-    """A config section: a dataclass whose fields carry their check; ``parse`` builds it from a mapping."""
-
-    @classmethod
-    def parse(cls, values: dict, where: str):
-        """The section from ``values`` (complete: every key present), each value checked and normalised."""
-        kwargs = {}
-        for f in fields(cls):
-            check = f.metadata.get("check")
-            kwargs[f.name] = values[f.name] if check is None else check(f"{where}{f.name}", values[f.name])
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-
-def _plain(value):
-    """``value`` as YAML writes it: tuples as lists, sections as mappings."""
-    if isinstance(value, (_Section, ModelConfig)):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _check_model_section(model: dict) -> None:
-    import inspect
-
-    from dit_gspn.models import MODELS, DiT
-
-    name = model.get("name")
-    if name not in MODELS:
-        close = difflib.get_close_matches(str(name), MODELS, n=3)
-        raise ConfigError(f"model.name {name!r} is not a zoo model"
-                          + (f" (did you mean {', '.join(close)}?)" if close else "")
-                          + f"; known: {', '.join(MODELS)}")
-    accepted = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
-    for key, value in model.items():
-        if key == "name":
-            continue
-        if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=3)
-            raise ConfigError(f"unknown key 'model.{key}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                              + f"; DiT takes: {', '.join(accepted)}")
-    for key in ("hidden_size", "depth", "num_heads", "patch_size", "in_channels", "num_classes"):
-        if key in model:
-            _number(f"model.{key}", model[key], integer=True, minimum=1)
-    for key in ("learn_sigma", "use_pos_embed"):
-        if key in model and not (model[key] is None and key == "use_pos_embed"):
-            _flag(f"model.{key}", model[key])
-    if "class_dropout_prob" in model:
-        _number("model.class_dropout_prob", model["class_dropout_prob"], minimum=0, below=1)
-    if "mlp_ratio" in model:
-        _number("model.mlp_ratio", model["mlp_ratio"], above=0)
-    hidden, heads = model.get("hidden_size"), model.get("num_heads")
-    if hidden is not None and heads is not None and hidden % heads:
-        raise ConfigError(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
-
-
-# --- The schema ----------------------------------------------------------------------------------------------
+# --- The schema: one dataclass a section --------------------------------------------------------------------
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-DATA_KINDS = ("latents", "shapes")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig(Section):
+    prefix = "train."
+
+    steps: int = 400_000
+    global_batch_size: int = 256  # over all processes and accumulation steps, as DiT counts it
+    grad_accum_steps: int = 1
+    lr: float = 1e-4  # DiT: AdamW, lr 1e-4, no weight decay, constant
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # a tuple once parsed
+    # The learning rate: linear warm-up over warmup_steps, then constant or a cosine from lr down to min_lr at
+    # lr_decay_steps (None: train.steps). lr_update_every > 1 holds it for that many steps (the steps of an epoch:
+    # a per-epoch schedule), each block at the value of its first step, warm-up counted to the block's end.
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    lr_decay_steps: Optional[int] = None
+    lr_update_every: int = 1
+    grad_clip: Optional[float] = None  # max gradient norm; None: no clipping (DiT's)
+    # "ddpm": DiT's epsilon + learned variance, MSE + VLB; "flow": SiT's linear flow matching (velocity, MSE; the
+    # model then has learn_sigma=False); any registered objective. objective_kwargs: its own options (ddpm:
+    # snr_gamma, Min-SNR weighting; flow: timestep_sampling uniform | logit_normal, shift: SD3's timestep shift).
+    objective: str = "ddpm"
+    objective_kwargs: Dict[str, Any] = field(default_factory=dict)
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)); DiT: off
+    cpu: bool = False  # force CPU even where a GPU is present
+    time_limit_minutes: Optional[float] = None  # stop early (with a checkpoint and a grid); resume continues
+
+    def validate(self) -> None:
+        for key in ("steps", "global_batch_size", "grad_accum_steps", "lr_update_every"):
+            self.check_range(key, minimum=1)
+        self.check_range("lr", above=0)
+        self.check_range("weight_decay", minimum=0)
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            _fail("train.betas", "two numbers in [0, 1), e.g. [0.9, 0.999]", list(self.betas))
+        self.check_range("warmup_steps", minimum=0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            _fail("train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        self.check_range("min_lr", minimum=0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
+        self.check_range("lr_decay_steps", minimum=1)
+        self.check_range("grad_clip", above=0)
+        if self.mixed_precision not in MIXED_PRECISION:
+            _fail("train.mixed_precision", f"one of {', '.join(MIXED_PRECISION)}", self.mixed_precision)
+        self.check_range("ema_decay", minimum=0, below=1)
+        self.check_range("time_limit_minutes", above=0)
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be divisible by "
+                              f"train.grad_accum_steps={self.grad_accum_steps}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        self.objective_kwargs = check_options(OBJECTIVES[self.objective], self.objective_kwargs,
+                                              "train.objective_kwargs", f"the {self.objective} objective",
+                                              complete=True)
+        try:
+            self.build_objective()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"train.objective_kwargs: {err}") from err
+
+    def build_objective(self) -> Objective:
+        """The training objective with its options."""
+        return OBJECTIVES[self.objective](**self.objective_kwargs)
+
+
+@dataclass
+class CheckpointConfig(Section):
+    prefix = "checkpoint."
+
+    every: int = 50_000  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3
+
+    def validate(self) -> None:
+        self.check_range("every", minimum=1)
+        self.check_range("keep_last", minimum=1)
+
+
+@dataclass
+class LoggingConfig(Section):
+    prefix = "logging."
+
+    every: int = 100  # steps between TensorBoard scalars and the bar's loss
+    tensorboard: bool = True
+    sample_every: int = 0  # steps between labelled sample grids (0: only at the end)
+    sample_classes: Optional[List[int]] = None  # class ids in the grid; None: DiT's for 1000 classes, else 10 spread
+    samples_per_class: int = 1
+    sampler: Optional[str] = None  # None: the objective's default (ddpm: "ddpm", flow: "euler")
+    sample_steps: Optional[int] = None  # None: the sampler's default
+    cfg_scale: float = 1.0
+    guidance_interval: Optional[List[float]] = None  # [low, high]: guide only steps at noise levels in it
+    flow_shift: float = 1.0  # flow samplers: SD3's timestep shift of the grid; 1: none
+    # FID (and IS) of the EMA's samples while training (dit_gspn/training/fid_monitor.py), with the grid's sampler:
+    fid_every: int = 0  # steps between evaluations; 0: off
+    fid_samples: int = 1000  # images per evaluation (fixed seed and classes), all processes
+    fid_batch_size: int = 64  # images per sampling batch on each process
+    fid_reference: Optional[str] = None  # statistics .npz (python -m evaluation X --save-stats)
+    # None: Inception; a feature-extractor file; "shapes-classifier" (the built-in data's, not Inception)
+    fid_extractor: Optional[str] = None
+    fid_weights: Optional[str] = None  # Inception weights (else $DIT_GSPN_INCEPTION_WEIGHTS)
+
+    def validate(self) -> None:
+        for key in ("every", "samples_per_class", "fid_batch_size"):
+            self.check_range(key, minimum=1)
+        for key in ("sample_every", "fid_every"):
+            self.check_range(key, minimum=0)
+        self.check_range("fid_samples", minimum=2)
+        self.check_range("cfg_scale", minimum=0)
+        if self.sample_classes is not None and (not self.sample_classes or min(self.sample_classes) < 0):
+            _fail("logging.sample_classes", "a list of class ids (integers >= 0) or null", self.sample_classes)
+        try:
+            interval = check_guidance_interval(self.guidance_interval)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"logging.guidance_interval: {err}") from err
+        self.guidance_interval = None if interval is None else list(interval)
+        if self.fid_every:
+            self._check_fid_files()
+
+    def _check_fid_files(self) -> None:
+        """The FID monitor's extractor and reference exist (when it is on)."""
+        extractor, reference = self.fid_extractor, self.fid_reference
+        if extractor is not None and extractor != "shapes-classifier" and not Path(extractor).is_file():
+            raise ConfigError(f"logging.fid_extractor {extractor} is not a file (a feature extractor), nor "
+                              f"shapes-classifier; null is Inception")
+        if extractor is not None and self.fid_weights is not None:
+            raise ConfigError("logging.fid_weights are Inception's: unset them with logging.fid_extractor set")
+        if reference is None and extractor != "shapes-classifier":
+            raise ConfigError("logging.fid_every > 0 needs logging.fid_reference, the data's FID statistics "
+                              "(python -m evaluation IMAGES --save-stats REF.npz, with the same extractor)")
+        if reference is not None and not Path(reference).is_file():
+            raise ConfigError(f"logging.fid_reference {reference} does not exist (python -m evaluation IMAGES "
+                              f"--save-stats {reference})")
+
+
+@dataclass
+class RepaConfig(Section):
+    """``repa``: representation alignment (REPA, Yu et al. 2025; dit_gspn/training/repa.py), off by default."""
+
+    prefix = "repa."
+
+    block: Optional[int] = None  # align this block's output (1-based; REPA: 8 of 28)
+    encoder: Optional[str] = None  # a feature-extractor file, torch.hub FOLDER:entry, or dinov2_vitb14
+    coefficient: float = 0.5  # weight of the negative cosine similarity (REPA: 0.5)
+    projector_dim: int = 2048  # hidden width of the 3-layer SiLU MLP projector (REPA: 2048)
+
+    def validate(self) -> None:
+        self.check_range("block", minimum=1)
+        self.check_range("coefficient", minimum=0)
+        self.check_range("projector_dim", minimum=1)
+        if self.block is not None and not self.encoder:
+            raise ConfigError(f"repa.block={self.block} needs repa.encoder (a feature-extractor file, torch.hub "
+                              f"FOLDER:entry or a DINOv2 name such as dinov2_vitb14), got {self.encoder!r}")
 
 
 @dataclass
 class ModelConfig:
-    """``model``: the zoo name, and any further DiT constructor argument (hidden_size, depth, gspn_chunk, ...).
-    input_size, in_channels and num_classes default to what the data says; learn_sigma to the objective's."""
+    """``model``: the zoo name and any constructor argument of its class (hidden_size, depth, mixer_kwargs, ...),
+    written side by side in the YAML. in_channels, input_size and num_classes default to the data's."""
 
     name: str = "GSPN-XL/2"
-    options: dict = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, values: dict) -> "ModelConfig":
-        """The section from ``values``: the zoo name and each DiT argument checked."""
-        from dit_gspn.models.dit import upgrade_model_config
-
-        values = upgrade_model_config(values)
-        _check_model_section(values)
-        return cls(values["name"], {k: v for k, v in values.items() if k != "name"})
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, **_plain(self.options)}
+    options: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def patch_size(self) -> int:
         return int(self.options.get("patch_size", self.name.rsplit("/", 1)[-1]))
 
+    def validate(self) -> None:
+        from dit_gspn.models import MODELS, MIXERS
+        from dit_gspn.models.mixer import mixer_options
 
-@dataclass
-class DataConfig(_Section):
-    kind: str = choice("latents", DATA_KINDS)       # a folder written by extract_latents.py, or the built-in shapes
-    path: str | None = custom(None, _optional_text)  # the latent folder
-    flip: bool = flag(True)                          # use the flipped copies too (latents: needs them extracted)
-    num_per_class: int = integer(500, minimum=1)     # shapes: images per class
-    image_size: int = integer(32, minimum=1)         # shapes: pixels
-    num_workers: int = integer(4, minimum=0)
+        if self.name not in MODELS:
+            close = difflib.get_close_matches(str(self.name), MODELS, n=3)
+            raise ConfigError(f"model.name {self.name!r} is not a zoo model"
+                              + (f" (did you mean {', '.join(close)}?)" if close else "")
+                              + f"; known: {', '.join(MODELS)}")
+        entry = MODELS[self.name]
+        options = check_options(entry.model_class, self.options, "model", f"{self.name} ({entry.model_class.__name__})")
+        mixer = options.get("mixer", entry.preset.get("mixer"))
+        if "mixer" in options and mixer not in MIXERS:
+            raise ConfigError(f"model.mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
+        if options.get("mixer_kwargs") is not None and mixer is not None:
+            options["mixer_kwargs"] = check_options(None, options["mixer_kwargs"], "model.mixer_kwargs",
+                                                    f"the {mixer} mixer", schema=mixer_options(mixer))
+        hidden, heads = options.get("hidden_size"), options.get("num_heads")
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+            raise ConfigError(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
+        self.options = options
 
-
-@dataclass
-class TrainConfig(_Section):
-    steps: int = integer(400_000, minimum=1)
-    global_batch_size: int = integer(256, minimum=1)  # over all processes and accumulation steps, as DiT counts it
-    grad_accum_steps: int = integer(1, minimum=1)
-    lr: float = number(1e-4, above=0)                 # DiT: AdamW, lr 1e-4, no weight decay, constant
-    weight_decay: float = number(0.0, minimum=0)
-    betas: tuple = custom((0.9, 0.999), _betas)
-    warmup_steps: int = integer(0, minimum=0)
-    grad_clip: float | None = number(None, above=0, optional=True)  # max gradient norm; None: no clipping (DiT's)
-    # "ddpm": DiT's epsilon + learned variance, MSE + VLB; "flow": SiT's linear flow matching (velocity, MSE;
-    # the model then has learn_sigma=False). The objective object (dit_gspn.diffusion.objective) says the rest.
-    objective: str = custom("ddpm")
-    flow_timesteps: str = choice("uniform", TIMESTEP_SAMPLING)  # flow: how noise levels are drawn (logit_normal: SD3)
-    flow_shift: float = number(1.0, above=0)          # flow: SD3's timestep shift, s' = k s / (1 + (k-1) s); 1: none
-    snr_gamma: float | None = number(None, above=0, optional=True)  # ddpm: Min-SNR weighting (e.g. 5.0); None: DiT's
-    mixed_precision: str = choice("no", MIXED_PRECISION)
-    gradient_checkpointing: bool = flag(False)
-    compile: bool = flag(False)                       # torch.compile the model
-    ema_decay: float = number(0.9999, minimum=0, below=1)
-    ema_warmup: bool = flag(False)                    # decay min(ema_decay, (1 + step) / (10 + step)); DiT: off
-    cpu: bool = flag(False)                           # force CPU even where a GPU is present
-    # stop early (with a checkpoint and a grid) after this long; resume continues
-    time_limit_minutes: float | None = number(None, above=0, optional=True)
-
-    @property
-    def objective_class(self) -> type[Objective]:
-        """The objective ``objective`` names (an UnknownObjectiveError naming the choices otherwise)."""
-        return objective_class(self.objective)
+    def to_dict(self) -> dict:
+        return {"name": self.name, **copy.deepcopy(self.options)}
 
 
 @dataclass
-class CheckpointConfig(_Section):
-    every: int = integer(50_000, minimum=1)           # optimizer steps between checkpoints (and one at the end)
-    keep_last: int = integer(3, minimum=1)
+class DataConfig:
+    """``data``: the dataset kind (``dit_gspn.training.datasets.DATASETS``), the loader's worker count, and the
+    kind's own options (its builder's keyword arguments), written side by side in the YAML."""
+
+    kind: str = "latents"
+    num_workers: int = 4
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from .datasets import DATASETS, dataset_options
+
+        if self.kind not in DATASETS:
+            raise ConfigError(f"data.kind must be one of {', '.join(DATASETS)}, got {self.kind!r}")
+        if self.num_workers < 0:
+            _fail("data.num_workers", "an integer >= 0", self.num_workers)
+        self.options = check_options(None, self.options, "data", f"the {self.kind} dataset",
+                                     schema=dataset_options(self.kind), complete=True)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "num_workers": self.num_workers, **copy.deepcopy(self.options)}
 
 
-@dataclass
-class LoggingConfig(_Section):
-    every: int = integer(100, minimum=1)              # steps between TensorBoard scalars and the bar's loss
-    tensorboard: bool = flag(True)
-    sample_every: int = integer(0, minimum=0)         # steps between labelled sample grids (0: only at the end)
-    # class ids in the grid; None: DiT's for 1000 classes, else up to 10 spread
-    sample_classes: list | None = custom(None, _class_ids)
-    samples_per_class: int = integer(1, minimum=1)
-    sampler: str | None = custom(None)                # None: the objective's default (ddpm: "ddpm", flow: "euler")
-    sample_steps: int | None = integer(None, minimum=1, optional=True)  # None: the sampler's default
-    cfg_scale: float = number(1.0, minimum=0)
-    # [low, high]: guide only steps at noise levels (timestep / 1000) in it
-    guidance_interval: list | None = custom(None, _guidance_interval)
-    flow_shift: float = number(1.0, above=0)          # flow samplers: SD3's timestep shift of the grid; 1: none
-    # FID (and IS) of the EMA's samples while training (dit_gspn/training/fid_monitor.py), with the grid's sampler:
-    fid_every: int = integer(0, minimum=0)            # steps between evaluations; 0: off
-    fid_samples: int = integer(1000, minimum=2)       # images per evaluation (fixed seed and classes), all processes
-    fid_batch_size: int = integer(64, minimum=1)      # images per sampling batch on each process
-    fid_reference: str | None = custom(None, _optional_text)  # statistics .npz (python -m evaluation X --save-stats)
-    # None: Inception; a TorchScript extractor file; "shapes-classifier" (the built-in data's, not Inception)
-    fid_extractor: str | None = custom(None, _optional_text)
-    fid_weights: str | None = custom(None, _optional_text)  # Inception weights (else $DIT_GSPN_INCEPTION_WEIGHTS)
-
-
-@dataclass
-class RepaConfig(_Section):
-    """``repa``: representation alignment (REPA, Yu et al. 2025; dit_gspn/training/repa.py), off by default."""
-
-    block: int | None = integer(None, minimum=1, optional=True)  # align this block's output (1-based; REPA: 8 of 28)
-    encoder: str | None = custom(None, _optional_text)  # TorchScript file, torch.hub FOLDER:entry, or dinov2_vitb14
-    coefficient: float = number(0.5, minimum=0)       # weight of the negative cosine similarity (REPA: 0.5)
-    projector_dim: int = integer(2048, minimum=1)     # hidden width of the 3-layer SiLU MLP projector (REPA: 2048)
+#: The sections whose keys are fixed by their dataclass (model and data are open: see ModelConfig, DataConfig).
+SECTIONS = {"train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig, "repa": RepaConfig}
 
 
 @dataclass
 class RunConfig:
-    """A whole training run's settings, each checked once (``parse_config``); what ``train`` runs."""
+    """A whole training run's settings, typed and checked once (``parse_config``); what ``train`` runs."""
 
     run_dir: str = "runs/default"
     seed: int = 0
@@ -347,182 +306,289 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
 
+    def validate(self) -> None:
+        """Each section's checks, then what the sections must satisfy together; fills in the objective's
+        defaults (``model.learn_sigma``, ``logging.sampler`` and ``logging.sample_steps``)."""
+        if not self.run_dir.strip():
+            _fail("run_dir", "a folder path", self.run_dir)
+        if not 0 <= self.seed < 2 ** 63:
+            _fail("seed", "an integer >= 0 (and < 2**63)", self.seed)
+        for section in (self.model, self.data, self.train, self.checkpoint, self.logging, self.repa):
+            section.validate()
+        objective = OBJECTIVES[self.train.objective]
+        learn_sigma = self.model.options.get("learn_sigma", objective.learn_sigma)
+        if learn_sigma != objective.learn_sigma:
+            output = "learns the variance" if objective.learn_sigma else f"predicts a {objective.prediction} only"
+            raise ConfigError(f"model.learn_sigma={learn_sigma} does not fit train.objective={objective.name}: "
+                              f"{objective.name} {output}; leave model.learn_sigma unset")
+        self.model.options["learn_sigma"] = objective.learn_sigma
+        logging = self.logging
+        if logging.sampler is None:
+            logging.sampler = objective.default_sampler
+        try:
+            _, logging.sample_steps = check_sampling(logging.sampler, objective.name, logging.sample_steps,
+                                                     logging.flow_shift)
+        except SamplerSettingError as err:
+            key = {"sampler": "logging.sampler", "num_steps": "logging.sample_steps",
+                   "flow_shift": "logging.flow_shift"}[err.setting]
+            raise ConfigError(f"{key}: {err}") from err
+
     def to_dict(self) -> dict:
         """The config as a mapping of sections (what a checkpoint's config.yaml holds)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        out = {"run_dir": self.run_dir, "seed": self.seed, "model": self.model.to_dict(), "data": self.data.to_dict()}
+        for name in SECTIONS:
+            out[name] = OmegaConf.to_container(OmegaConf.structured(getattr(self, name)))
+        return out
 
     @property
     def objective(self) -> Objective:
         """The training objective, configured from the ``train`` section."""
-        return self.train.objective_class.from_train_config(self.train)
+        return self.train.build_objective()
+
+
+# --- Options of registered things: the schema read from a signature ----------------------------------------
+
+def check_options(function, options: dict, where: str, owner: str, *, schema: dict[str, Option] | None = None,
+                  complete: bool = False) -> dict:
+    """``options`` with each value typed as the keyword options of ``function`` (or ``schema``) declare, checked
+    by OmegaConf; an unknown key names the ones ``owner`` takes. ``complete``: fill in the defaults too (and
+    require the options without one)."""
+    if not isinstance(options, dict):
+        _fail(where, "a mapping of options", options)
+    schema = keyword_options(function) if schema is None else schema
+    unknown = [key for key in options if key not in schema]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), schema, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}'{hint}; {owner} takes: {', '.join(schema) or 'none'}")
+    missing = [o.name for o in schema.values() if o.required and o.name not in options]
+    if complete and missing:
+        raise ConfigError(f"{where}.{missing[0]} must be set: {owner} has no default for it")
+    spec = make_dataclass("Options", [(o.name, _omegaconf_type(o.type), None if o.required else o.default)
+                                      for o in schema.values()])
+    given = {key: options[key] for key in options}
+    try:
+        typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(spec), given))
+    except OmegaConfBaseException as err:
+        raise _reworded(err, given, where, hints={o.name: o.type for o in schema.values()}) from None
+    return typed if complete else {key: typed[key] for key in options}
+
+
+def _omegaconf_type(hint):
+    """``hint`` as OmegaConf can check it: a union with None as Optional, other unions and unknown types as Any."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        rest = [a for a in args if a is not type(None)]
+        inner = _omegaconf_type(rest[0]) if len(rest) == 1 else Any
+        return Optional[inner] if type(None) in args else inner
+    if hint in (int, float, bool, str):
+        return hint
+    if origin in (list, List, tuple, Tuple, dict, Dict):
+        return Any
+    return Any
+
+
+def _describe(hint) -> str:
+    """What a value of type ``hint`` is, in a user's words."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{_describe(rest[0]) if len(rest) == 1 else 'a value'} or null"
+    origin = typing.get_origin(hint)
+    if origin in (tuple, Tuple):
+        return f"{len(args)} numbers, e.g. [0.9, 0.999]" if args and args[0] is float else f"a list of {len(args)}"
+    if origin in (list, List):
+        return "a list of integers" if args and args[0] is int else "a list of numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, f"a {hint}")
+
+
+def _reworded(err: OmegaConfBaseException, source: dict, where: str = "", origin: str = "",
+              hints: dict | None = None) -> ConfigError:
+    """OmegaConf's error as one ConfigError line naming the full key, the expected type and the given value."""
+    key = getattr(err, "full_key", None) or ""
+    full = ".".join(part for part in (where, key) if part)
+    prefix = f"{origin}: " if origin else ""
+    if isinstance(err, ConfigKeyError):
+        parent, _, name = full.rpartition(".")
+        known = _schema_keys(parent)
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return ConfigError(f"{prefix}unknown key {full!r}{hint}")
+    value = _lookup(source, key.split(".")) if key else None
+    hint = hints.get(key) if hints is not None else _schema_hint(full)
+    if isinstance(err, ValidationError) and hint is not None and key:
+        return ConfigError(f"{prefix}{full} must be {_describe(hint)}, got {value!r}")
+    message = str(err).splitlines()[0]
+    return ConfigError(f"{prefix}{full + ': ' if full else ''}{message}")
+
+
+def _lookup(mapping, parts):
+    for part in parts:
+        if not isinstance(mapping, dict) or part not in mapping:
+            return None
+        mapping = mapping[part]
+    return mapping
+
+
+def _schema_keys(dotted: str) -> list[str]:
+    cls = {"": _RunSchema, **SECTIONS}.get(dotted)
+    return [f.name for f in fields(cls)] if cls is not None else []
+
+
+def _schema_hint(dotted: str):
+    section, _, key = dotted.rpartition(".")
+    cls = {"": _RunSchema, **SECTIONS}.get(section)
+    if cls is None:
+        return None
+    return typing.get_type_hints(cls).get(key)
+
+
+# --- Sources: defaults, YAML files, overrides ---------------------------------------------------------------
+
+@dataclass
+class _RunSchema:
+    """The YAML form of RunConfig: the open sections ``model`` and ``data`` as mappings."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: Dict[str, Any] = field(default_factory=lambda: {"name": ModelConfig.name})
+    data: Dict[str, Any] = field(default_factory=lambda: {"kind": DataConfig.kind,
+                                                          "num_workers": DataConfig.num_workers})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
 
 #: Every key a run can use, with its default (the schema's defaults as a mapping).
-DEFAULTS: dict = RunConfig().to_dict()
+DEFAULTS: dict = OmegaConf.to_container(OmegaConf.structured(_RunSchema))
+
+#: Keys of older configs and the keys they are now (see ``upgrade_config``).
+LEGACY_TRAIN_KEYS = {"flow_timesteps": ("timestep_sampling", "uniform"), "flow_shift": ("shift", 1.0),
+                     "snr_gamma": ("snr_gamma", None)}
 
 
-def _merge(base: dict, update: dict, where: str, source: str) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if key not in base and not where.startswith("model"):
-            close = difflib.get_close_matches(key, base, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else f"; known keys: {', '.join(base)}"
-            raise ConfigError(f"{source}: unknown key {where + key!r}{hint}")
-        if isinstance(base.get(key), dict) and not isinstance(value, dict):
-            raise ConfigError(f"{source}: {where + key!r} must be a mapping, got {value!r}")
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = _merge(base[key], value, f"{where}{key}.", source)
-        else:
-            out[key] = value
-    return out
+def upgrade_config(config: dict) -> dict:
+    """``config`` (one source, possibly partial) with the keys of older versions moved where they are now:
+    ``model.gspn_*`` into ``model.mixer_kwargs``; ``train.flow_timesteps``, ``flow_shift`` and ``snr_gamma``
+    into ``train.objective_kwargs`` (dropped where they hold their old default, which every objective then
+    had in its config whether it read it or not)."""
+    from dit_gspn.models.dit import upgrade_model_config
+
+    config = copy.deepcopy(config)
+    if isinstance(config.get("model"), dict):
+        config["model"] = upgrade_model_config(config["model"])
+    train = config.get("train")
+    if isinstance(train, dict) and any(key in train for key in LEGACY_TRAIN_KEYS):
+        moved = {}
+        for old, (new, default) in LEGACY_TRAIN_KEYS.items():
+            if old in train:
+                value = train.pop(old)
+                if value != default:
+                    moved[new] = value
+        if moved:
+            train["objective_kwargs"] = {**moved, **(train.get("objective_kwargs") or {})}
+    return config
+
+
+def _merge_source(base, update: dict, origin: str):
+    """``base`` (an OmegaConf config) with ``update`` merged over it; an OmegaConf error as a ConfigError."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"{origin} must hold a mapping of sections, got {type(update).__name__}")
+    update = upgrade_config(update)
+    for name in ("model", "data"):  # the open sections: merged key by key, never replaced as a whole
+        if name in update and not isinstance(update[name], dict):
+            raise ConfigError(f"{origin}: {name!r} must be a mapping, got {update[name]!r}")
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        raise _reworded(err, update, origin=origin) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping a YAML file holds; a ConfigError naming the file for a missing file, text that is not UTF-8,
+    invalid YAML, or a key written twice in one mapping (YAML would keep the last one without a word)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file" if path.is_dir() else "not found"))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    try:
+        _refuse_duplicate_keys(yaml.compose(text), path)
+        loaded = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            dotted = f"{where}{key}"
+            if key in seen:
+                raise ConfigError(f"{path}: {dotted!r} is written twice, on lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}; YAML would keep only the last: merge them")
+            seen[key] = key_node.start_mark.line
+            _refuse_duplicate_keys(value_node, path, f"{dotted}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, where)
 
 
 def parse_override(text: str) -> dict:
     """``"train.lr=3e-4"`` -> ``{"train": {"lr": 3e-4}}``; the value is read as YAML (numbers, null, lists)."""
-    if "=" not in text:
+    if "=" not in text or not text.split("=", 1)[0].strip():
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.steps=1000")
-    dotted, raw = text.split("=", 1)
-    value = _yaml(raw) if raw.strip() else None
-    for part in reversed(dotted.strip().split(".")):
-        value = {part: value}
-    return value
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([text]))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(err).split()[:8])}); "
+                          f"quote it or fix it") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {text!r}: {str(err).splitlines()[0]}") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
-    """DEFAULTS, updated by the YAML file at ``path`` (if any), then by each ``key=value`` override."""
-    config = copy.deepcopy(DEFAULTS)
+    """The defaults, updated by the YAML file at ``path`` (if any), then by each ``key=value`` override, every
+    value's type checked; a complete mapping of sections."""
+    config = OmegaConf.structured(_RunSchema)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            loaded = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
-        config = _merge(config, loaded, "", str(path))
+        config = _merge_source(config, read_yaml(path), str(path))
     for text in overrides:
-        config = _merge(config, parse_override(text), "", f"override {text!r}")
-    return config
-
-
-def complete_config(config: dict) -> dict:
-    """``config`` (a possibly partial dict) merged over DEFAULTS, with unknown keys rejected."""
-    return _merge(DEFAULTS, config, "", "config")
+        config = _merge_source(config, parse_override(text), f"override {text!r}")
+    return OmegaConf.to_container(config)
 
 
 def parse_config(config: dict | RunConfig) -> RunConfig:
-    """``config`` (a possibly partial mapping; unknown keys refused) as a RunConfig: every key checked (type,
-    range, choice, the zoo name, what one section's keys must satisfy together) and the objective resolved:
-    its settings checked against it, ``model.learn_sigma`` set to its own, ``logging.sampler`` and
-    ``logging.sample_steps`` filled in with its default sampler and that sampler's step count when None.
-    Raises a ConfigError naming the key, its value and what would fit."""
+    """``config`` (a possibly partial mapping; unknown keys refused) as a RunConfig: every value typed, each
+    section validated, the objective's defaults filled in (``RunConfig.validate``). A ConfigError names the key,
+    its value and what would fit."""
     if isinstance(config, RunConfig):
         config = config.to_dict()
-    config = complete_config(config)
-    run_dir = _run_dir("run_dir", config["run_dir"])
-    _number("seed", config["seed"], integer=True, minimum=0)
-    run = RunConfig(run_dir=run_dir, seed=config["seed"],
-                    model=ModelConfig.parse(config["model"]),
-                    data=DataConfig.parse(config["data"], "data."),
-                    train=TrainConfig.parse(config["train"], "train."),
-                    checkpoint=CheckpointConfig.parse(config["checkpoint"], "checkpoint."),
-                    logging=LoggingConfig.parse(config["logging"], "logging."),
-                    repa=RepaConfig.parse(config["repa"], "repa."))
-    if run.repa.block is not None and not run.repa.encoder:
-        raise ConfigError(f"repa.block={run.repa.block} needs repa.encoder (a TorchScript file, torch.hub "
-                          f"FOLDER:entry or a DINOv2 name such as dinov2_vitb14), got {run.repa.encoder!r}")
-    if run.train.global_batch_size % run.train.grad_accum_steps:
-        raise ConfigError(f"train.global_batch_size={run.train.global_batch_size} must be divisible by "
-                          f"train.grad_accum_steps={run.train.grad_accum_steps}")
-    _resolve_objective(run)
+    merged = OmegaConf.to_container(_merge_source(OmegaConf.structured(_RunSchema), config, "config"))
+    model, data = dict(merged["model"]), dict(merged["data"])
+    if "name" not in model:
+        model["name"] = ModelConfig.name
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sections[name] = cls(**merged[name])
+        if isinstance(sections[name], TrainConfig):
+            sections[name].betas = tuple(sections[name].betas)
+    run = RunConfig(run_dir=merged["run_dir"] if merged["run_dir"] is not None else "", seed=merged["seed"],
+                    model=ModelConfig(model.pop("name"), model),
+                    data=DataConfig(data.pop("kind", DataConfig.kind), data.pop("num_workers", DataConfig.num_workers),
+                                    data),
+                    **sections)
+    run.validate()
     return run
-
-
-def validate_config(config: dict | RunConfig) -> RunConfig:
-    """``parse_config``, and what the run needs beyond its keys: the latent folder exists, the shapes fit the
-    model's patches. The one check of a config before anything is built."""
-    run = parse_config(config)
-    data = run.data
-    if data.kind == "latents":
-        if not data.path:
-            raise ConfigError("data.path must name a latent folder (written by extract_latents.py) for "
-                              "data.kind=latents")
-        if not Path(data.path).is_dir():
-            raise ConfigError(f"data.path {data.path} is not a folder: extract latents into it first "
-                              f"(extract_latents.py --out {data.path})")
-    if data.kind == "shapes" and data.image_size % run.model.patch_size:
-        raise ConfigError(f"data.image_size={data.image_size} must be divisible by the patch size "
-                          f"{run.model.patch_size} of {run.model.name}")
-    _check_fid_files(run.logging, data.kind)
-    return run
-
-
-def _check_fid_files(logging: LoggingConfig, data_kind: str) -> None:
-    """The FID monitor's extractor and reference exist and fit the data (when it is on)."""
-    if not logging.fid_every:
-        return
-    extractor, reference = logging.fid_extractor, logging.fid_reference
-    if extractor == "shapes-classifier":
-        if data_kind != "shapes":
-            raise ConfigError("logging.fid_extractor=shapes-classifier is the built-in shapes dataset's; with "
-                              f"data.kind={data_kind} use Inception (null) or a TorchScript extractor file")
-    elif extractor is not None and not Path(extractor).is_file():
-        raise ConfigError(f"logging.fid_extractor {extractor} is not a file (a TorchScript feature extractor), "
-                          f"nor shapes-classifier; null is Inception")
-    if extractor is not None and logging.fid_weights is not None:
-        raise ConfigError("logging.fid_weights are Inception's: unset them with logging.fid_extractor set")
-    if reference is None and extractor != "shapes-classifier":
-        raise ConfigError("logging.fid_every > 0 needs logging.fid_reference, the data's FID statistics "
-                          "(python -m evaluation IMAGES --save-stats REF.npz, with the same extractor)")
-    if reference is not None and not Path(reference).is_file():
-        raise ConfigError(f"logging.fid_reference {reference} does not exist (python -m evaluation IMAGES "
-                          f"--save-stats {reference})")
-
-
-def _resolve_objective(run: RunConfig) -> None:
-    """Check the settings that depend on the objective and fill in its defaults (see ``parse_config``)."""
-    train, logging, model = run.train, run.logging, run.model
-    try:
-        objective = train.objective_class
-    except UnknownObjectiveError:
-        raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {train.objective!r}") from None
-    name = objective.name
-    if train.snr_gamma is not None and not objective.weights_by_snr:
-        raise ConfigError(f"train.snr_gamma (Min-SNR) weights the epsilon MSE of train.objective="
-                          f"{' or '.join(n for n, c in REGISTRY.items() if c.weights_by_snr)}; unset it for "
-                          f"train.objective={name}")
-    if not objective.shifts_timesteps:
-        shifted = " or ".join(n for n, c in REGISTRY.items() if c.shifts_timesteps)
-        for key, shift in (("train.flow_shift", train.flow_shift), ("logging.flow_shift", logging.flow_shift)):
-            if shift != 1:
-                raise ConfigError(f"{key} must be a number > 0 for train.objective={shifted} and 1 (no shift) "
-                                  f"otherwise, got {shift!r}")
-    learn_sigma = model.options.get("learn_sigma", objective.learn_sigma)
-    if learn_sigma != objective.learn_sigma:
-        output = "learns the variance" if objective.learn_sigma else f"predicts a {objective.prediction} only"
-        raise ConfigError(f"model.learn_sigma={learn_sigma} does not fit train.objective={name}: {name} {output}; "
-                          f"leave model.learn_sigma unset")
-    model.options["learn_sigma"] = objective.learn_sigma
-    if logging.sampler is None:
-        logging.sampler = objective.samplers[0]
-    try:
-        objective.check_sampler(logging.sampler)
-    except ValueError as err:
-        raise ConfigError(f"logging.sampler: {err}") from err
-    if logging.sample_steps is None:
-        logging.sample_steps = default_num_steps(logging.sampler)
-    try:
-        check_num_steps(logging.sampler, logging.sample_steps)
-    except ValueError as err:
-        raise ConfigError(f"logging.sample_steps: {err}") from err
-
-
-def resolve_objective(config: dict) -> dict:
-    """``parse_config(config)`` as a mapping: the complete config, checked, with its objective's defaults
-    filled in (what a checkpoint's config.yaml holds)."""
-    return parse_config(config).to_dict()
 
 
 #: Keys a resumed run may change without changing its arithmetic: where it writes, how long it runs,
@@ -543,9 +609,8 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def config_changes(saved: dict, given: dict) -> dict[str, tuple]:
     """The dotted keys (old value, new value) in which ``given`` differs from ``saved`` (both resolved
-    configs), leaving out ``RESUME_SAFE_KEYS``."""
-    # A key the saved config lacks (added to DEFAULTS since) counts as its default.
-    old, new = {**_flatten(DEFAULTS), **_flatten(saved)}, _flatten(given)
+    configs: ``RunConfig.to_dict()``), leaving out ``RESUME_SAFE_KEYS``."""
+    old, new = _flatten(saved), _flatten(given)
     changed = {}
     for key in sorted(set(old) | set(new)):
         if any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS):
@@ -559,13 +624,17 @@ def config_changes(saved: dict, given: dict) -> dict[str, tuple]:
 
 
 def read_saved_config(checkpoint: str | os.PathLike) -> dict:
-    """The resolved config a checkpoint was written with (its ``config.yaml``)."""
+    """The config a checkpoint was written with (its ``config.yaml``), resolved as this version resolves it: the
+    keys of older versions upgraded, and the data options its kind does not take dropped (older versions wrote
+    every kind's options)."""
+    from .datasets import DATASETS, dataset_options
+
     path = Path(checkpoint) / "config.yaml"
-    try:
-        saved = _yaml(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is missing or not YAML ({exc}); it records the config the checkpoint was "
-                          f"trained with") from exc
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} does not hold a config mapping")
-    return saved
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; it records the config the checkpoint was trained with")
+    saved = upgrade_config(read_yaml(path))
+    data = saved.get("data")
+    if isinstance(data, dict) and data.get("kind") in DATASETS:
+        accepted = set(dataset_options(data["kind"])) | {"kind", "num_workers"}
+        saved["data"] = {key: value for key, value in data.items() if key in accepted}
+    return parse_config(saved).to_dict()

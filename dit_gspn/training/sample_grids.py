@@ -13,7 +13,7 @@ from dit_gspn.sampling import sample
 from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_grid
 from dit_gspn.vae import decode, load_vae
 
-from .config import ConfigError
+from .config import ConfigError, LoggingConfig
 
 
 def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> tuple[list[int], int]:
@@ -31,13 +31,13 @@ def grid_labels(num_classes: int, classes: list[int] | None, per_class: int) -> 
 class GridWriter:
     """Writes ``<run_dir>/samples/<step:07d>.png`` on the main process; the noise is the same at every step."""
 
-    def __init__(self, accelerator, run_dir: str | Path, info: SamplingInfo, logging: dict, seed: int):
+    def __init__(self, accelerator, run_dir: str | Path, info: SamplingInfo, logging: LoggingConfig, seed: int):
         self.device = accelerator.device
         self.folder = Path(run_dir) / "samples"
         self.info = info
         self.logging = logging
         self.seed = seed
-        self.labels, self.nrow = grid_labels(info.num_classes, logging["sample_classes"], logging["samples_per_class"])
+        self.labels, self.nrow = grid_labels(info.num_classes, logging.sample_classes, logging.samples_per_class)
         self._vae = None
         self._vae_failed = False
 
@@ -56,9 +56,10 @@ class GridWriter:
     def write(self, ema: torch.nn.Module, step: int) -> Path | None:
         if self.info.vae is not None and self._decoder() is None:
             return None
-        out = sample(ema, self.labels, sampler=self.logging["sampler"], num_steps=int(self.logging["sample_steps"]),
-                     cfg_scale=float(self.logging["cfg_scale"]), guidance_interval=self.logging["guidance_interval"],
-                     flow_shift=float(self.logging["flow_shift"]), generator=torch.Generator().manual_seed(self.seed),
+        logging = self.logging
+        out = sample(ema, self.labels, sampler=logging.sampler, num_steps=logging.sample_steps,
+                     cfg_scale=logging.cfg_scale, guidance_interval=logging.guidance_interval,
+                     flow_shift=logging.flow_shift, generator=torch.Generator().manual_seed(self.seed),
                      clip_denoised=self.info.clip_denoised)
         images = decode(out, self.info, self._vae)
         return save_labelled_grid(images.cpu(), self.labels, self.folder / f"{step:07d}.png",

@@ -11,10 +11,11 @@ RNG; a checkpoint stores the position and every state, so a resumed run repeats 
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from dit_gspn.data import ShardError
 from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.seeding import Stream, index_generator, index_seed
 
-from .config import ConfigError, RunConfig, validate_config
+from .config import ConfigError, RunConfig, TrainConfig, parse_config
 from .data_order import micro_batches, non_finite_sources
 from .datasets import TrainingData, build_training_data
 from .ema import ema_decay_at, make_ema, update_ema
@@ -52,7 +53,9 @@ class TrainResult:
 
 
 def build_model(config: RunConfig, data: TrainingData):
-    """The zoo model ``config.model.name`` with the data's channels, size and classes filled in."""
+    """The zoo model ``config.model.name`` with the data's channels, size and classes filled in; a ConfigError
+    naming the model's settings when they do not fit its class (build it on the meta device to check them
+    without memory or initialisation cost)."""
     from dit_gspn.models import create_model
 
     kwargs = {**config.model.options, "in_channels": data.in_channels, "input_size": data.input_size,
@@ -60,7 +63,7 @@ def build_model(config: RunConfig, data: TrainingData):
     try:
         return create_model(config.model.name, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model settings {kwargs} do not fit DiT's constructor: {exc}") from exc
+        raise ConfigError(f"model {config.model.name} with {kwargs}: {exc}") from exc
 
 
 def build_alignment(config: RunConfig, model: torch.nn.Module, data: TrainingData,
@@ -78,10 +81,25 @@ def build_alignment(config: RunConfig, model: torch.nn.Module, data: TrainingDat
         raise ConfigError(f"repa: {err}") from err
 
 
-def _lr_lambda(warmup_steps: int):
-    if warmup_steps <= 0:
-        return lambda step: 1.0
-    return lambda step: min(1.0, (step + 1) / warmup_steps)
+def lr_factor(train: TrainConfig):
+    """The factor of ``train.lr`` after ``step`` optimizer steps (what LambdaLR multiplies it by): a linear
+    warm-up over ``warmup_steps``, then 1 (constant) or a cosine down to ``min_lr / lr`` at ``lr_decay_steps``
+    (default ``steps``); held for blocks of ``lr_update_every`` steps, each at the value of its first step with the
+    warm-up counted to the block's end (so that no block trains at 0)."""
+    warmup, every = train.warmup_steps, train.lr_update_every
+    decay_end = train.lr_decay_steps or train.steps
+    floor = train.min_lr / train.lr
+
+    def factor(step: int) -> float:
+        start = step - step % every
+        if start < warmup:
+            return min(1.0, (start + every) / warmup)
+        if train.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (start - warmup) / max(1, decay_end - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def set_compile_cache() -> Path:
@@ -140,6 +158,12 @@ class Trainer:
         self.acc = acc = _accelerator(config.train)
         self.accum = config.train.grad_accum_steps
         self.micro_batch = _micro_batch_size(config.train, acc.num_processes)
+        # Everything the data decides is checked before the run folder is made.
+        self.data = build_training_data(config)
+        _check_fits_dataset(self.data, self.micro_batch, acc.num_processes, config)
+        grid_labels(self.data.num_classes, config.logging.sample_classes, config.logging.samples_per_class)
+        with torch.device("meta"):
+            build_model(config, self.data)  # every model setting checked, no memory allocated
         self.checkpoint = open_run_folder(config, resume, allow_config_change, acc)
         self._build()
         restored = None
@@ -164,22 +188,19 @@ class Trainer:
             self.step, self.position = restored.step, restored.position
         self.objective = config.objective
         self.writer = CheckpointWriter(acc, self.run_dir, config.checkpoint.keep_last)
-        self.grids = (GridWriter(acc, self.run_dir, self.data.sampling_info, config.logging.to_dict(), config.seed)
+        self.grids = (GridWriter(acc, self.run_dir, self.data.sampling_info, config.logging, config.seed)
                       if acc.is_main_process else None)
         self.grid_path = None
-        self.fid = (FidMonitor(acc, self.run_dir, self.data.sampling_info, config.logging.to_dict(), config.seed,
+        self.fid = (FidMonitor(acc, self.run_dir, self.data.sampling_info, asdict(config.logging), config.seed,
                                self.data.dataset) if config.logging.fid_every else None)
         self.window_alignment = torch.zeros((), device=acc.device)  # REPA's mean -cos since the last report
 
     def _build(self) -> None:
-        """The data (checked against the batch and the grid's classes), the model, its EMA, the optimizer and
-        the learning-rate schedule; the same initial weights on every process."""
+        """The model, its EMA, the optimizer and the learning-rate schedule; the same initial weights on every
+        process."""
         config, acc = self.config, self.acc
         tc = config.train
         torch.manual_seed(config.seed)
-        self.data = build_training_data(config)
-        _check_fits_dataset(self.data, self.micro_batch, acc.num_processes, config)
-        grid_labels(self.data.num_classes, config.logging.sample_classes, config.logging.samples_per_class)
         self.model = build_model(config, self.data)
         if tc.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
@@ -190,7 +211,7 @@ class Trainer:
         # fused: one kernel per parameter instead of ~8 small ops each (the for-loop default on CPU).
         self.optimizer = torch.optim.AdamW(trained, lr=tc.lr, betas=tc.betas,
                                            weight_decay=tc.weight_decay, fused=acc.device.type in ("cpu", "cuda"))
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(tc.warmup_steps))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(tc))
 
     def _seed_streams(self) -> None:
         """This process's noise generator (timesteps and noise) and global RNG (label dropout)."""
@@ -335,4 +356,4 @@ def train(config: dict | RunConfig, resume: str | None = None, allow_config_chan
     before the model is built. Raises ``NonFiniteLossError`` naming the step and the last good checkpoint
     (``ShardError`` naming the shard rows when the data holds the NaN).
     """
-    return Trainer(validate_config(config), resume, allow_config_change).run()
+    return Trainer(parse_config(config), resume, allow_config_change).run()
