@@ -390,3 +390,30 @@ def test_presets_grid_classes_follow_the_models_class_count(monkeypatch, tmp_pat
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".cache" / "dit_gspn" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert set_compile_cache() == tmp_path / "mine"
+
+
+def test_learning_rate_schedules_against_their_formulas():
+    """Constant after warm-up (DiT's with warm-up), diffusers' cosine after warm-up, and a per-epoch cosine as the
+    GSPN authors' recipe meant it (warm-up epochs at (e + 1) / W, then a cosine over the epochs to min_lr)."""
+    import math
+
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from dit_gspn.training.config import TrainConfig
+    from dit_gspn.training.trainer import lr_factor
+
+    constant = lr_factor(TrainConfig(steps=100, warmup_steps=10))
+    assert [constant(s) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    diffusers_cosine = get_cosine_schedule_with_warmup(optimizer, 10, 100).lr_lambdas[0]
+    ours = lr_factor(TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine"))
+    for step in range(10, 100):
+        assert ours(step) == pytest.approx(diffusers_cosine(step), abs=1e-12), step
+    epoch, warmup_epochs, epochs, lr, min_lr = 7, 5, 40, 1e-4, 1e-6
+    per_epoch = lr_factor(TrainConfig(steps=epochs * epoch, lr=lr, min_lr=min_lr, warmup_steps=warmup_epochs * epoch,
+                                      lr_schedule="cosine", lr_update_every=epoch))
+    for step in range(epochs * epoch):
+        e = step // epoch
+        expected = (lr * (e + 1) / warmup_epochs if e < warmup_epochs else
+                    min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (e - warmup_epochs) / (epochs - warmup_epochs))))
+        assert lr * per_epoch(step) == pytest.approx(expected, rel=1e-12), step
