@@ -63,3 +63,5 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 register_family("GSPN", DiT, SIZES, mixer="gspn")
 register_family("DiT", DiT, SIZES, mixer="attention")
+
+from . import gspn_paper  # noqa: E402,F401 (a family in its own module: GSPN-paper-S/2 ... GSPN-paper-XL/4)

@@ -1,5 +1,6 @@
 """Load a model to sample, with how its samples become images, from any of three forms: a training checkpoint
-(``dit_gspn.checkpoint``), a ``save_pretrained`` folder, or DiT's / SiT's ``.pt`` (``state_dict_file``).
+(``dit_gspn.checkpoint``), a ``save_pretrained`` folder, or DiT's / SiT's / the GSPN authors' ``.pt``
+(``state_dict_file``).
 """
 from __future__ import annotations
 
@@ -120,10 +121,10 @@ def load_model(ckpt: str | Path, weights: str = "ema", model_name: str | None = 
 
     - a training checkpoint directory (``sampling.json``, ``ema/``, ``model/``): ``weights`` picks the folder;
     - a ``save_pretrained`` folder (``config.json``): latent or pixel space inferred from its in_channels;
-    - ``model_name`` (a zoo name such as ``DiT-XL/2``, or ``SiT-XL/2`` for a SiT model) with DiT's or SiT's
-      ``.pt`` file: a released state dict (``DiT-XL-2-256x256.pt``) or their train.py checkpoint, whose
-      ``weights`` (``ema`` by default) are taken; the sizes come from the state dict's shapes
-      (``num_heads`` where the width is not the zoo's), see ``state_dict_file``.
+    - ``model_name`` (a zoo name such as ``DiT-XL/2``, ``SiT-XL/2`` for a SiT model, ``GSPN-paper-XL/2`` for the
+      GSPN authors' network) with that project's ``.pt`` file: a released state dict (``DiT-XL-2-256x256.pt``)
+      or their train.py checkpoint, whose ``weights`` (``ema`` by default) are taken; the sizes come from the
+      state dict's shapes (``num_heads`` where a DiT's width is not the zoo's), see ``state_dict_file``.
     ``num_classes``, if given, must be the checkpoint's class count (a CheckpointError otherwise).
     ``vae`` overrides the checkpoint's VAE (a hub name or a local folder). Nothing is unpickled beyond
     tensors and plain values.
