@@ -50,7 +50,7 @@ def test_values_are_typed_once_and_the_objective_is_resolved():
     ("data.kind=imagenet", "data.kind must be one of latents, shapes, got 'imagenet'"),
     ("model.depth=deep", "model.depth must be an integer, got 'deep'"),
     ("model.dpth=4", "unknown key 'model.dpth' (did you mean depth"),
-    ("model.mixer=mamba", "model.mixer must be one of gspn, attention, got 'mamba'"),
+    ("model.mixer=mamba", "model.mixer must be one of gspn, attention, gspn-paper, got 'mamba'"),
     ("model.mixer_kwargs.chunk=two", "model.mixer_kwargs.chunk must be an integer or null, got 'two'"),
     ("model.mixer_kwargs.chunks=2", "unknown key 'model.mixer_kwargs.chunks' (did you mean chunk?)"),
     ("model.name=GSPN-XL/3", "model.name 'GSPN-XL/3' is not a zoo model (did you mean"),
