@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
 
     config = parse_config(load_config(args.config, args.overrides)).to_dict()
     gspn_name = config["model"]["name"]
-    models = args.models or [gspn_name, gspn_name.replace("GSPN-", "DiT-")]
+    # attention takes none of GSPN's mixer options
+    models = args.models or [gspn_name, gspn_name.replace("GSPN-", "DiT-") + ",model.mixer_kwargs=null"]
     sample_steps = args.sample_steps or int(config["logging"]["sample_steps"])
     seeds = args.seeds or [int(config["seed"])]
     results, real_accuracy = [], {}

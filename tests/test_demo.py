@@ -69,7 +69,7 @@ def test_demo_quality_benchmark_smoke(tmp_path, fresh_accelerate_state):
                          "--sample-steps", "2", "--runs", str(tmp_path / "runs"), "--out", str(out),
                          *[o for o in TOY if not o.startswith("logging.")], "train.steps=1"])
     assert json.loads(out.read_text()) == report
-    assert [r["model"] for r in report["results"]] == ["GSPN-S/4", "DiT-S/4"]
+    assert [r["model"] for r in report["results"]] == ["GSPN-S/4", "DiT-S/4,model.mixer_kwargs=null"]
     for r in report["results"]:
         assert 0 <= r["accuracy"] <= 1 and r["num_samples"] == 10 and len(r["per_class_accuracy"]) == 10
         assert 0 <= r["shape_accuracy"] <= 1 and len(r["per_class_shape_accuracy"]) == 10

@@ -63,7 +63,8 @@ def build_model(config: RunConfig, data: TrainingData):
     try:
         return create_model(config.model.name, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model {config.model.name} with {kwargs}: {exc}") from exc
+        raise ConfigError(f"model {config.model.name}: {exc} (for the data's {data.input_size} maps of "
+                          f"{data.in_channels} channels and {data.num_classes} classes)") from exc
 
 
 def build_alignment(config: RunConfig, model: torch.nn.Module, data: TrainingData,
