@@ -18,13 +18,4 @@ TORCH_LIBRARY(gspn, m) {
   m.def(
       "gspn_scan_bwd(Tensor grad_y, Tensor x, Tensor lam, Tensor gl, Tensor gc, Tensor gr, Tensor u, int chunk)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // y = gspn_scan(x, lam, gl, gc, gr, u, chunk) with lam = w_lam @ p and u = w_u @ p per pixel, viewed
-  // (B, 4, C, H, W); p is (B, K, H, W), w_lam and w_u (4 C, K) (dit_gspn/ops/proxy_scan.py).
-  m.def(
-      "gspn_proxy_scan_fwd(Tensor x, Tensor p, Tensor w_lam, Tensor w_u, Tensor gl, Tensor gc, Tensor gr, "
-      "int chunk) -> Tensor");
-  // Gradients (dx, dp, dw_lam, dw_u, dgl, dgc, dgr) from grad_y and the forward's inputs.
-  m.def(
-      "gspn_proxy_scan_bwd(Tensor grad_y, Tensor x, Tensor p, Tensor w_lam, Tensor w_u, Tensor gl, Tensor gc, "
-      "Tensor gr, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

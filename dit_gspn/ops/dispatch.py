@@ -47,9 +47,6 @@ OPS: dict[str, OpSpec] = {
     "line_scan": OpSpec(("reference", "cpu", "cuda"), "reference", "line_scan_fwd", (-1,)),
     "gspn_scan": OpSpec(("reference", "composed", "cpu", "cuda"), "composed", "gspn_scan_fwd", (-2, -1),
                         (torch.float32, torch.bfloat16, torch.float16)),
-    # "cpu" is its fused kernel; every other implementation composes proxy_maps with that gspn_scan impl.
-    "gspn_proxy_scan": OpSpec(("reference", "composed", "cpu", "cuda"), "composed", "gspn_proxy_scan_fwd",
-                              (-2, -1), (torch.float32, torch.bfloat16, torch.float16)),
 }
 #: Every implementation some op offers (what :func:`scan_impl` and ``$DIT_GSPN_SCAN_IMPL`` accept).
 ALL_IMPLS = tuple(dict.fromkeys(impl for spec in OPS.values() for impl in spec.impls))
