@@ -423,7 +423,7 @@ at::ScalarType compute_dtype(const at::Tensor& x) { return x.scalar_type() == at
 at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
                              const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in,
                              int64_t chunk) {
-  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in);
   if (channels_last_kernel_applies(x_in, sh))
     return gspn_scan_fwd_channels_last(x_in, lam_in, gl_in, gc_in, gr_in, u_in, sh, chunk);
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
@@ -441,7 +441,7 @@ at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gspn_scan_bwd_cpu(
     const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
     const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in, int64_t chunk) {
-  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in);
   check_grad_output(gy_in, x_in);
   if (channels_last_kernel_applies(x_in, sh))
     return gspn_scan_bwd_channels_last(gy_in, x_in, lam_in, gl_in, gc_in, gr_in, u_in, sh, chunk);
