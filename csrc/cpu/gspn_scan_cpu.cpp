@@ -1,5 +1,5 @@
-// Fused four-direction GSPN propagation on the CPU: the CPU kernels of gspn::gspn_scan_fwd /
-// gspn::gspn_scan_bwd (schemas in csrc/cpu/registration.cpp).
+// Fused four-direction GSPN propagation on the CPU: the kernels of gspn::gspn_scan_fwd /
+// gspn::gspn_scan_bwd (schemas in dit_gspn/ops/gspn_scan.py).
 //
 // Contract: dit_gspn/ops/reference.py::gspn_scan_reference (raw gate logits in, normalisation
 // inside, the four directions read from the original layout, u gating and the direction sum

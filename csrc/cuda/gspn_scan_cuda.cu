@@ -1,4 +1,4 @@
-// Host side of gspn::gspn_scan_fwd / gspn_scan_bwd on CUDA (schemas in csrc/cpu/registration.cpp):
+// Host side of gspn::gspn_scan_fwd / gspn_scan_bwd on CUDA (schemas in dit_gspn/ops/gspn_scan.py):
 // checks, buffers and the launch of the kernels in gspn_scan_fwd.cuh / gspn_scan_bwd.cuh, whose layout
 // of the work and memory choices gspn_scan_kernel.cuh explains. Contract:
 // dit_gspn/ops/reference.py::gspn_scan_reference.

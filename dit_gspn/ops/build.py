@@ -1,14 +1,15 @@
 """Ahead-of-time build of the compiled scan kernels: ``python -m dit_gspn.ops.build [--cuda]``.
 
 Compiles the CPU variant (or, with ``--cuda``, the CUDA variant, which holds the CPU kernels
-too) into the cache that :mod:`dit_gspn.ops.extension` loads from, and prints where it built
-and how long it took (or that the cache already held a build of the same sources and flags).
+too) into the cache that :mod:`dit_gspn.ops.extension` loads from, prints where it built and how
+long it took (or that the cache already held a build of the same sources and flags).
 A later ``import dit_gspn`` then loads the kernels without compiling.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from . import extension
 
@@ -22,15 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variant = "cuda" if args.cuda else "cpu"
     print(f"building the {variant} gspn kernels from {extension.CSRC} ...", flush=True)
+    start = time.perf_counter()
     try:
-        path, seconds = extension.timed_build(variant, verbose=args.verbose)
+        build = extension.build(variant, verbose=args.verbose)
     except Exception as exc:  # noqa: BLE001 -- report any build failure as one readable message
-        print(f"build failed:\n{exc}", file=sys.stderr)
+        print(f"error: the {variant} kernels did not build: {exc}", file=sys.stderr)
         return 1
-    if extension.loaded_build().compiled:
-        print(f"built {variant} kernels in {seconds:.1f} s: {path}")
+    seconds = time.perf_counter() - start
+    if build.compiled:
+        print(f"built {variant} kernels in {seconds:.1f} s: {build.library}")
     else:
-        print(f"{variant} kernels already built from the same sources and flags, loaded in {seconds:.1f} s: {path}")
+        print(f"{variant} kernels already built from the same sources and flags, loaded in {seconds:.1f} s: "
+              f"{build.library}")
     return 0
 
 
