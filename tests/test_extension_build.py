@@ -53,12 +53,15 @@ def test_cuda_variant_compiles_and_loads():
 def test_ahead_of_time_build_reports_path_and_time():
     result = run_python("from dit_gspn.ops.build import main; raise SystemExit(main([]))")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    built = result.stdout.strip().splitlines()[-1]
+    built, checked = result.stdout.strip().splitlines()[-2:]
     # A cold cache compiles; a warm one (same sources and flags) only loads.
     match = re.fullmatch(r"(built cpu kernels in|cpu kernels already built from the same sources and flags, "
                          r"loaded in) \d+\.\d s: (.+\.so)", built)
     assert match, built
     assert Path(match.group(2)).is_file()
+    # Then each op's self-check on this CPU, recorded beside the build.
+    assert re.fullmatch(r"self-check on .+ \(cpu\): line_scan agrees, gspn_scan agrees \((.+)\)", checked), checked
+    assert checked.endswith(f"({Path(match.group(2)).parent / 'self_check.json'})")
     assert result.stderr == ""
 
 

@@ -2,16 +2,20 @@
 
 Compiles the CPU variant (or, with ``--cuda``, the CUDA variant, which holds the CPU kernels
 too) into the cache that :mod:`dit_gspn.ops.extension` loads from, prints where it built and how
-long it took (or that the cache already held a build of the same sources and flags).
-A later ``import dit_gspn`` then loads the kernels without compiling.
+long it took (or that the cache already held a build of the same sources and flags), then runs each
+op's self-check on this machine's devices (:mod:`dit_gspn.ops.selfcheck`) and prints the verdicts.
+A later ``import dit_gspn`` then loads the kernels without compiling or checking.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import warnings
 
-from . import extension
+import torch
+
+from . import dispatch, extension, selfcheck
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{variant} kernels already built from the same sources and flags, loaded in {seconds:.1f} s: "
               f"{build.library}")
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] * (variant == "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the verdicts are printed below
+        for device in devices:
+            verdicts = {op: selfcheck.trusted(op, device) for op in dispatch.OPS}
+            said = ", ".join(f"{op} {'agrees' if ok else 'DISAGREES'}" for op, ok in verdicts.items())
+            print(f"self-check on {selfcheck.describe(torch.device(device))}: {said} ({selfcheck.verdict_file()})")
     return 0
 
 

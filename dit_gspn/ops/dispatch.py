@@ -6,10 +6,11 @@ CUDA kernel computes and the dims that are lane axes of its scans. :func:`resolv
 answers the implementation to run, for every op alike:
 
 - ``impl=None`` takes the implementation forced by :func:`scan_impl` / ``$DIT_GSPN_SCAN_IMPL`` when the op
-  offers it; else the compiled kernel of the tensors' device where it built (:mod:`.extension`) and can run
-  these tensors (CUDA: lines of at most :data:`CUDA_MAX_LANES`, the dtypes it computes); else the op's
-  fallback. A kernel that did not build is named once in a warning by the loader.
-- An explicit (or forced) ``impl`` runs as asked; an unknown name, tensors on another
+  offers it; else the compiled kernel of the tensors' device where it built (:mod:`.extension`), can run
+  these tensors (CUDA: lines of at most :data:`CUDA_MAX_LANES`, the dtypes it computes) and is trusted on
+  this device (:mod:`.selfcheck`: it agreed with the reference there); else the op's fallback. A kernel that
+  did not build or that disagreed is named once in a warning by the module that found out.
+- An explicit (or forced) ``impl`` runs as asked, the self-check aside; an unknown name, tensors on another
   device, a kernel that did not build, or tensors the CUDA kernel cannot run are errors naming the way out.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import extension
+from . import extension, selfcheck
 
 #: The longest line (lanes along a scanned row) any CUDA kernel scans: line_scan's kMaxW (512 threads x 4
 #: columns) and the shared memory gspn_scan stages one lane vector per tensor in. The kernels refuse longer
@@ -135,6 +136,6 @@ def kernels_loaded(device_type: str) -> bool:
 
 @torch.compiler.assume_constant_result
 def kernel_usable(op: str, device: str) -> bool:
-    """Whether ``impl=None`` may run ``op``'s compiled kernel on ``device`` ("cpu", "cuda:0"): it is loaded.
-    A constant to torch.compile, decided once, outside the traced graph."""
-    return extension.load(torch.device(device).type)
+    """Whether ``impl=None`` may run ``op``'s compiled kernel on ``device`` ("cpu", "cuda:0"): it is loaded and
+    passed its self-check there. A constant to torch.compile, decided once, outside the traced graph."""
+    return extension.load(torch.device(device).type) and selfcheck.trusted(op, device)

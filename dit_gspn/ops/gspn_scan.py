@@ -12,8 +12,9 @@ layout, each gated by its ``u`` and summed. Implementations (``impl``):
   ``csrc/cuda/gspn_scan_cuda.cu``), torch custom ops ``gspn::gspn_scan_fwd`` / ``gspn_scan_bwd``
   whose schemas, autograd and fake tensors this module defines, so ``torch.compile(fullgraph=True)``
   traces them;
-- ``None``: the fused kernel of the tensors' device, or ``"composed"`` where it cannot run (it did
-  not build: a warning says so once; on CUDA, float64 or lines longer than ``dispatch.CUDA_MAX_LANES``).
+- ``None``: the fused kernel of the tensors' device, or ``"composed"`` where it cannot run or is not
+  trusted (it did not build, or disagreed with the reference in its self-check on this device: a warning
+  says so once; on CUDA, float64 or lines longer than ``dispatch.CUDA_MAX_LANES``).
   :mod:`dit_gspn.ops.dispatch` decides, as for line_scan.
 
 To force one implementation everywhere ``impl=None`` is used (the model's mixer, for the fused

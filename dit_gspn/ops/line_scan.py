@@ -30,8 +30,9 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
             ``lam * x``); None scans the whole height.
         impl: "reference" (pure PyTorch), "cpu" or "cuda" (the compiled kernels; must match
             the tensors' device). None picks the compiled kernel of the tensors' device when it
-            builds and can run (rows of at most dispatch.CUDA_MAX_LANES on CUDA), else the
-            reference (after one warning naming a build failure); dit_gspn.ops.dispatch decides.
+            builds, can run (rows of at most dispatch.CUDA_MAX_LANES on CUDA) and passed its
+            self-check on this device, else the reference (a build failure or a failed check is
+            named once in a warning); dit_gspn.ops.dispatch decides.
 
     Returns:
         h, contiguous, of the inputs' shape and dtype. Differentiable in all five inputs;
