@@ -1,6 +1,9 @@
 // Input checks and sizes of the fused GSPN scan ops, shared by the CPU and CUDA entry points
-// (host code only). Python validates first with friendlier messages; these keep direct
-// torch.ops.gspn calls safe.
+// (host code only). The public entry (dit_gspn/ops/gspn_scan.py) checks every argument and gives the
+// user's messages; here only what keeps a direct torch.ops.gspn call from reading or writing out of
+// bounds: the shapes and channel groups the index arithmetic assumes, one dtype (the kernels read every
+// tensor as x's scalar type) and one device. A wrong chunk only changes where scans restart, and a
+// non-floating dtype is refused by the kernels' type dispatch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,10 +13,8 @@
 namespace gspn {
 
 inline ScanShape check_inputs(const at::Tensor& x, const at::Tensor& lam, const at::Tensor& gl, const at::Tensor& gc,
-                       const at::Tensor& gr, const at::Tensor& u, int64_t chunk) {
+                              const at::Tensor& gr, const at::Tensor& u) {
   TORCH_CHECK(x.dim() == 4, "gspn_scan: x must be (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(chunk >= 0, "gspn_scan: chunk must be >= 1 (or 0 for a global scan), got ", chunk);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gspn_scan: x must be floating point, got ", x.scalar_type());
   ScanShape shape{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, 0, 0, 0};
   const char* names[] = {"lam", "gl", "gc", "gr", "u"};
   const at::Tensor* gates[] = {&lam, &gl, &gc, &gr, &u};

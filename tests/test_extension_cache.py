@@ -36,7 +36,7 @@ def test_the_key_follows_the_sources_content_and_flags_not_the_checkouts_path(tm
     monkeypatch.setattr(extension, "CFLAGS", [*extension.CFLAGS, "-DGSPN_EXTRA"])
     assert key_of(first, monkeypatch) != key  # other flags: another build
     snapshot = extension.source_snapshot("cpu")
-    assert {"cpu/registration.cpp", header.name} <= set(snapshot)
+    assert {"cpu/line_scan_cpu.cpp", header.name} <= set(snapshot)
     assert not any(name.endswith(".cu") for name in snapshot)  # a CUDA source does not rebuild the CPU variant
 
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from dit_gspn.models import GSPNMixer
-from dit_gspn.ops import proxy_maps
 
 # Direction d: the step from a pixel's predecessor to the pixel, and the lane axis (neighbours).
 STEPS = [(1, 0), (-1, 0), (0, 1), (0, -1)]  # top-down, bottom-up, left-right, right-left
@@ -161,12 +160,11 @@ def test_shared_gates_shrink_the_gate_projection():
     assert per_channel.gate_proj.out_features == 3 * 4 * 32
     assert shared.gate_proj.out_features == 3 * 4 * 4
     o = shared.scan_operands(torch.randn(1, 12, 32), (3, 4))
-    lam, u = proxy_maps(o.p, o.w_lam, o.w_u)
-    assert o.gl.shape == (1, 4, 4, 3, 4) and lam.shape == u.shape == (1, 4, 32, 3, 4)
+    assert o.gl.shape == (1, 4, 4, 3, 4) and o.lam.shape == o.u.shape == (1, 4, 32, 3, 4)
 
 
 def test_grouped_lam_u_are_maps_of_the_gate_groups():
     mixer = GSPNMixer(dim=32, gate_groups=4, group_lam_u=True)
     assert mixer.lam_proj.out_features == mixer.u_proj.out_features == 4 * 4 and mixer.merge.shape == (4, 4)
     o = mixer.scan_operands(torch.randn(2, 12, 32), (3, 4))
-    assert o.p is None and all(t.shape == (2, 4, 4, 3, 4) for t in (o.gl, o.gc, o.gr, o.lam, o.u))
+    assert all(t.shape == (2, 4, 4, 3, 4) for t in (o.gl, o.gc, o.gr, o.lam, o.u))

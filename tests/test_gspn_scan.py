@@ -1,7 +1,10 @@
 """The fused four-direction scan ``gspn_scan`` equals the composition of ``normalize_gates`` and
 ``line_scan`` (``gspn_scan_reference``), forward and backward, through the C++ kernel on CPU and
 the CUDA kernel on a GPU (``cuda``-marked tests)."""
-import importlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -296,7 +299,8 @@ def test_impl_none_on_cuda_falls_back_where_the_kernel_cannot_run(monkeypatch, d
     # Decided from the device type, dtype and shape alone, so a CPU machine checks it with a stand-in tensor.
     from types import SimpleNamespace
 
-    monkeypatch.setattr(dispatch, "kernels_ready", lambda device_type, op: True)
+    monkeypatch.setattr(dispatch, "kernels_loaded", lambda device_type: True)
+    monkeypatch.setattr(dispatch, "kernel_usable", lambda op, device: True)
     x = SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 2, 8, lanes))
     assert dispatch.resolve_impl("gspn_scan", (x,), None) == expected
     if dtype == torch.float64:
@@ -312,7 +316,7 @@ def test_line_scan_resolves_by_the_same_rules(monkeypatch, W, expected):
     # line_scan's lanes are its rows (dim -1) only, and its CUDA kernel computes every floating dtype.
     from types import SimpleNamespace
 
-    monkeypatch.setattr(dispatch, "kernels_ready", lambda device_type, op: True)
+    monkeypatch.setattr(dispatch, "kernel_usable", lambda op, device: True)
     x = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64, shape=(1, 4096, W))
     assert dispatch.resolve_impl("line_scan", (x,), None) == expected
     with dispatch.scan_impl("composed"):  # an implementation line_scan does not offer: its automatic choice
@@ -321,13 +325,24 @@ def test_line_scan_resolves_by_the_same_rules(monkeypatch, W, expected):
         assert dispatch.resolve_impl("line_scan", (x,), None) == "reference"
 
 
-def test_the_python_side_of_each_op_is_registered_once():
-    gspn_scan(*make_inputs(1, 2, 3, 4), impl="cpu")
-    assert {"line_scan", "gspn_scan"} <= dispatch._registered
-    module = importlib.import_module("dit_gspn.ops.gspn_scan")
-    # torch refuses a second fake registration of an op; the guard makes it a no-op.
-    dispatch.register_op("gspn_scan", module._fake_forward, module._fake_backward, module._backward,
-                         module._setup_context)
+def test_the_ops_are_defined_with_fake_tensors_before_any_kernel_is_built():
+    """Importing the package defines every op's schema, fake tensors and autograd; no build runs, so
+    torch.compile and fake-tensor tracing see the same ops whether or not the kernels built."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from dit_gspn.ops import extension
+        with FakeTensorMode():
+            x = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+            gates = [torch.empty(2, 4, 3, 4, 5) for _ in range(5)]
+            y = torch.ops.gspn.gspn_scan_fwd(x, *gates, 0)
+            h = torch.ops.gspn.line_scan_fwd(*(torch.empty(3, 4, 5) for _ in range(5)), 0)
+        assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last), y.stride()
+        assert h.shape == (3, 4, 5)
+        assert extension.loaded_build() is None
+        print("OK")
+    """)], capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
 def test_the_op_itself_checks_shapes():

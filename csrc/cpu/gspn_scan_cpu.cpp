@@ -1,5 +1,5 @@
-// Fused four-direction GSPN propagation on the CPU: the schemas of gspn::gspn_scan_fwd /
-// gspn::gspn_scan_bwd and their CPU kernels.
+// Fused four-direction GSPN propagation on the CPU: the kernels of gspn::gspn_scan_fwd /
+// gspn::gspn_scan_bwd (schemas in dit_gspn/ops/gspn_scan.py).
 //
 // Contract: dit_gspn/ops/reference.py::gspn_scan_reference (raw gate logits in, normalisation
 // inside, the four directions read from the original layout, u gating and the direction sum
@@ -244,259 +244,93 @@ std::array<int64_t, 3> gate_planes(const ScanShape& sh, int64_t b, int d, int64_
   return {gate_plane(b, d, c, sh.C, sh.g_gl), gate_plane(b, d, c, sh.C, sh.g_gc), gate_plane(b, d, c, sh.C, sh.g_gr)};
 }
 
-// Where a kernel's lam and u frames come from, and where their gradients go. Each thread builds its own
-// source from the shared arguments (Args). The kernels walk a thread's planes in chunks of at most
-// chunk_channels(HW) consecutive channels of one batch: prepare(b, c0, n) before a chunk, then per channel and
-// direction lam_frame / u_frame (scan order, read-only) and, in the backward only, dlam_frame / du_frame
-// (scan order, written by the kernel) followed by accumulate, finish_chunk after a chunk's channels and
-// finish_task after each task.
-// Channels per chunk: 16 to 128, about 256K values per (direction, chunk) frame block, so that a chunk's
-// GEMMs are large enough to run well and its frames stay in the cache where the maps are small.
-inline int64_t chunk_channels(int64_t HW) { return std::clamp<int64_t>(262144 / std::max<int64_t>(HW, 1), 16, 128); }
-
-// lam and u read from their (B, 4, G, H, W) tensors (gspn_scan), gathered into scan order per plane.
-template <typename scalar_t, typename acc_t>
-struct TensorLamU {
-  struct Args {
-    const scalar_t *lam, *u;
-    // Backward only: d_lam, d_u in the compute type where grouped (summed over a group's channels),
-    // else in their own dtype.
-    std::array<void*, 2> grads;
-    std::array<bool, 2> grouped;
-  };
-  const Args& a;
-  const ScanShape& sh;
-  int64_t HW;
-  Frames<acc_t> f;  // lam, u, dlam, du
-  TensorLamU(const Args& args, const ScanShape& shape)
-      : a(args), sh(shape), HW(shape.H * shape.W), f(shape.H * shape.W, 4) {}
-
-  void prepare(int64_t, int64_t, int64_t) {}
-  const acc_t* lam_frame(int64_t b, int d, int64_t c, const ScanGeometry& geo) {
-    gather_frame(a.lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW, geo, f.frame(0));
-    return f.frame(0);
-  }
-  const acc_t* u_frame(int64_t b, int d, int64_t c, const ScanGeometry& geo) {
-    gather_frame(a.u + gate_plane(b, d, c, sh.C, sh.g_u) * HW, geo, f.frame(1));
-    return f.frame(1);
-  }
-  acc_t* dlam_frame(int, int64_t) { return f.frame(2); }
-  acc_t* du_frame(int, int64_t) { return f.frame(3); }
-
-  void accumulate(int64_t b, int d, int64_t c, const ScanGeometry& geo) {
-    const int64_t planes[2] = {gate_plane(b, d, c, sh.C, sh.g_lam) * HW, gate_plane(b, d, c, sh.C, sh.g_u) * HW};
-    for (int k = 0; k < 2; ++k) {
-      if (a.grouped[k]) {
-        scatter_frame<true>(f.frame(2 + k), geo, static_cast<acc_t*>(a.grads[k]) + planes[k]);
-      } else {
-        scatter_frame<false>(f.frame(2 + k), geo, static_cast<scalar_t*>(a.grads[k]) + planes[k]);
-      }
-    }
-  }
-  void finish_chunk(int64_t, int64_t, int64_t) {}
-  void finish_task(int64_t, int64_t) {}
-};
-
-// The type of the proxy GEMMs: bfloat16 for bfloat16 inputs (as the composition runs them under autocast:
-// float32 accumulation, bfloat16 results, twice the float32 rate where the CPU has bfloat16 dot products),
-// else the compute type.
-template <typename scalar_t, typename acc_t>
-using gemm_type_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, acc_t>;
-
-// lam and u generated from the proxy, lam[b, d, c] = sum_k w_lam[d C + c, k] p[b, k] (u likewise), never
-// materialised beyond one chunk of channels (gspn_proxy_scan). Each thread keeps its batch's proxy in the
-// four directions' scan orders, P (4, K, HW); a chunk's lam and u frames (4, n, HW) each come from one
-// batched GEMM over the directions, W[:, c0:c0+n] (4, n, K) @ P. The backward collects the chunk's dlam and
-// du frames the same way and turns them into the weights' gradients (dL @ P^T, into the (B, 4, C, K) partial
-// sums) and the proxy's (W^T @ dL, summed over the task's chunks into dP and, at the task's end, into its
-// slot of the (B, slots, K, H, W) partial sums). The GEMMs run on the calling thread (inside the kernel's
-// parallel region ATen does not start more threads).
-template <typename scalar_t, typename acc_t>
-struct ProxyLamU {
-  using gemm_t = gemm_type_t<scalar_t, acc_t>;
-  struct Args {
-    const scalar_t* p;      // (B, K, H, W)
-    at::Tensor w_lam, w_u;  // (4, C, K) in gemm_t
-    int64_t K;
-    // Backward only.
-    acc_t* dp_partial = nullptr;  // (B, slots, K, H, W)
-    int64_t slots = 1;
-    at::Tensor dw_lam_partial, dw_u_partial;  // (B, 4, C, K) in acc_t
-  };
-  const Args& a;
-  const ScanShape& sh;
-  int64_t HW;
-  int64_t chunk;                    // channels per chunk (chunk_channels)
-  at::Tensor P, dP;                 // (4, K, HW) in gemm_t; dP in acc_t
-  at::Tensor lam, u, dlam, du;      // (4, chunk, HW) in acc_t: the current chunk's frames
-  at::Tensor lam_g, u_g;            // the GEMMs' outputs, where gemm_t is not acc_t
-  int64_t loaded = -1;              // the batch whose proxy P holds
-  int64_t c0 = 0;                   // the current chunk's first channel
-
-  ProxyLamU(const Args& args, const ScanShape& shape)
-      : a(args), sh(shape), HW(shape.H * shape.W), chunk(chunk_channels(shape.H * shape.W)) {
-    const auto gemm_opts = args.w_lam.options();
-    const auto acc_opts = gemm_opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
-    P = at::empty({kDirections, a.K, HW}, gemm_opts);
-    lam = at::empty({kDirections, chunk, HW}, acc_opts);
-    u = at::empty_like(lam);
-    if constexpr (!std::is_same_v<gemm_t, acc_t>) {
-      lam_g = at::empty({kDirections, chunk, HW}, gemm_opts);
-      u_g = at::empty_like(lam_g);
-    }
-    if (a.dp_partial != nullptr) {
-      dP = at::zeros({kDirections, a.K, HW}, acc_opts);
-      dlam = at::empty_like(lam);
-      du = at::empty_like(lam);
-    }
-  }
-
-  void load(int64_t b) {
-    if (loaded == b) return;
-    gemm_t* dst = P.data_ptr<gemm_t>();
-    for (int d = 0; d < kDirections; ++d) {
-      const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
-      for (int64_t k = 0; k < a.K; ++k) gather_frame(a.p + (b * a.K + k) * HW, geo, dst + (d * a.K + k) * HW);
-    }
-    loaded = b;
-  }
-
-  // out[:, :n] = W[:, c0:c0+n] @ P, through the gemm_t buffer where that is another type.
-  void project(at::Tensor& out, at::Tensor& out_g, const at::Tensor& w, int64_t n) {
-    at::Tensor dst = out.narrow(1, 0, n);
-    if constexpr (std::is_same_v<gemm_t, acc_t>) {
-      at::bmm_out(dst, w.narrow(1, c0, n), P);
-    } else {
-      at::Tensor tmp = out_g.narrow(1, 0, n);
-      at::bmm_out(tmp, w.narrow(1, c0, n), P);
-      dst.copy_(tmp);
-    }
-  }
-
-  void prepare(int64_t b, int64_t first, int64_t n) {
-    load(b);
-    c0 = first;
-    project(lam, lam_g, a.w_lam, n);
-    project(u, u_g, a.w_u, n);
-  }
-  acc_t* frame(at::Tensor& t, int d, int64_t c) { return t.data_ptr<acc_t>() + (d * chunk + c - c0) * HW; }
-  const acc_t* lam_frame(int64_t, int d, int64_t c, const ScanGeometry&) { return frame(lam, d, c); }
-  const acc_t* u_frame(int64_t, int d, int64_t c, const ScanGeometry&) { return frame(u, d, c); }
-  acc_t* dlam_frame(int d, int64_t c) { return frame(dlam, d, c); }
-  acc_t* du_frame(int d, int64_t c) { return frame(du, d, c); }
-  void accumulate(int64_t, int, int64_t, const ScanGeometry&) {}
-
-  void finish_chunk(int64_t b, int64_t first, int64_t n) {
-    const at::Tensor Pt = P.transpose(1, 2);
-    const at::Tensor* weights[2] = {&a.w_lam, &a.w_u};
-    const at::Tensor* partials[2] = {&a.dw_lam_partial, &a.dw_u_partial};
-    const at::Tensor grads[2] = {dlam.narrow(1, 0, n), du.narrow(1, 0, n)};
-    for (int k = 0; k < 2; ++k) {
-      const at::Tensor g = grads[k].to(P.scalar_type());
-      (*partials[k])[b].narrow(1, first, n).add_(at::bmm(g, Pt));
-      dP.add_(at::bmm(weights[k]->narrow(1, first, n).transpose(1, 2), g));
-    }
-  }
-
-  // Adds the task's proxy gradient into its slot (in the plane layout) and clears it for the next task.
-  void finish_task(int64_t b, int64_t slot) {
-    acc_t* dst = a.dp_partial + (b * a.slots + slot) * a.K * HW;
-    const acc_t* src = dP.data_ptr<acc_t>();
-    for (int d = 0; d < kDirections; ++d) {
-      const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
-      for (int64_t k = 0; k < a.K; ++k) scatter_frame<true>(src + (d * a.K + k) * HW, geo, dst + k * HW);
-    }
-    dP.zero_();
-  }
-};
-
-template <typename scalar_t, typename Source>
-void forward_kernel(const scalar_t* x, const typename Source::Args& source_args, const scalar_t* gl,
-                    const scalar_t* gc, const scalar_t* gr, scalar_t* y, const ScanShape& sh, int64_t chunk) {
+template <typename scalar_t>
+void forward_kernel(const scalar_t* x, const scalar_t* lam, const scalar_t* gl, const scalar_t* gc,
+                    const scalar_t* gr, const scalar_t* u, scalar_t* y, const ScanShape& sh, int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t HW = sh.H * sh.W;
   const int64_t max_lanes = std::max(sh.H, sh.W);
   at::parallel_for(0, sh.B * sh.C, plane_grain(4 * HW), [&](int64_t begin, int64_t end) {
-    Source source(source_args, sh);
+    enum { LAM, U, kFrames };
+    Frames<acc_t> f(HW, kFrames);
     GateCache<acc_t, false> gates(HW);
     PlaneLayouts<acc_t> x_plane(sh.H, sh.W);
     PlaneAccumulator<acc_t> y_plane(sh.H, sh.W);
     std::vector<acc_t> padded(2 * (max_lanes + 2), acc_t(0));  // two zero-padded state rows
-    for (int64_t first = begin; first < end;) {
-      const int64_t b = first / sh.C, c0 = first % sh.C;
-      const int64_t n = std::min({end - first, sh.C - c0, chunk_channels(HW)});
-      source.prepare(b, c0, n);
-      for (int64_t c = c0; c < c0 + n; ++c) {
-        const int64_t p = b * sh.C + c;
-        x_plane.load(x + p * HW);
-        y_plane.zero();
-        for (int d = 0; d < kDirections; ++d) {
-          const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
-          const int64_t L = geo.lanes;
-          const acc_t* w = gates.get(d, gate_planes(sh, b, d, c), geo, HW, gl, gc, gr);
-          const acc_t* lam_f = source.lam_frame(b, d, c, geo);
-          const acc_t* u_f = source.u_frame(b, d, c, geo);
-          const RowView<const acc_t> xs = x_plane.view(d);
-          const RowView<acc_t> ys = y_plane.view(d);
-          acc_t* h_prev = padded.data() + 1;
-          acc_t* h = h_prev + max_lanes + 2;
-          std::fill(padded.begin(), padded.end(), acc_t(0));  // a shorter L reads its pad at h[L]
-          for (int64_t s = 0; s < geo.steps; ++s) {
-            const int64_t r = s * L;
-            step_states(L, restarts_at(s, chunk), lam_f + r, xs.row(s), w + r, w + HW + r, w + 2 * HW + r, h_prev, h);
-            const acc_t* __restrict__ u_r = u_f + r;
-            acc_t* __restrict__ y_r = ys.row(s);
-            for (int64_t l = 0; l < L; ++l) y_r[l] += u_r[l] * h[l];
-            std::swap(h_prev, h);
-          }
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = p / sh.C, c = p % sh.C;
+      x_plane.load(x + p * HW);
+      y_plane.zero();
+      for (int d = 0; d < kDirections; ++d) {
+        const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
+        const int64_t L = geo.lanes;
+        const acc_t* w = gates.get(d, gate_planes(sh, b, d, c), geo, HW, gl, gc, gr);
+        gather_frame(lam + gate_plane(b, d, c, sh.C, sh.g_lam) * HW, geo, f.frame(LAM));
+        gather_frame(u + gate_plane(b, d, c, sh.C, sh.g_u) * HW, geo, f.frame(U));
+        const RowView<const acc_t> xs = x_plane.view(d);
+        const RowView<acc_t> ys = y_plane.view(d);
+        acc_t* h_prev = padded.data() + 1;
+        acc_t* h = h_prev + max_lanes + 2;
+        std::fill(padded.begin(), padded.end(), acc_t(0));  // a shorter L reads its pad at h[L]
+        for (int64_t s = 0; s < geo.steps; ++s) {
+          const int64_t r = s * L;
+          step_states(L, restarts_at(s, chunk), f.frame(LAM) + r, xs.row(s), w + r, w + HW + r, w + 2 * HW + r,
+                      h_prev, h);
+          const acc_t* __restrict__ u_r = f.frame(U) + r;
+          acc_t* __restrict__ y_r = ys.row(s);
+          for (int64_t l = 0; l < L; ++l) y_r[l] += u_r[l] * h[l];
+          std::swap(h_prev, h);
         }
-        y_plane.write(y + p * HW);
       }
-      first += n;
+      y_plane.write(y + p * HW);
     }
   });
 }
 
-// How the backward splits each batch's channels into tasks: `slots` tasks per batch of `span` channels
-// each (the last one may be shorter), spans a multiple of `block`.
-struct ChannelTasks {
-  int64_t span, slots;
-};
-
-// Tasks of whole channel groups: every channel group of every grouped gate tensor that a task's
-// channels touch belongs to that task alone (a block spans lcm_k(C / G_k) channels), so grouped
-// sums accumulate without atomics and in a fixed order (deterministic). With max_slots, blocks are
-// merged into at most that many tasks per batch.
-ChannelTasks channel_tasks(const ScanShape& sh, const std::array<int64_t, 5>& groups, int64_t max_slots) {
+// The channels of one backward task: every channel group of every grouped gate tensor that a task's
+// channels touch belongs to that task alone (a block spans lcm_k(C / G_k) channels), so grouped sums
+// accumulate without atomics and in a fixed order (deterministic).
+int64_t channel_block(const ScanShape& sh) {
   int64_t block = 1;
-  for (int64_t g : groups) block = std::lcm(block, sh.C / g);
-  const int64_t blocks = sh.C / block;
-  const int64_t slots = std::max<int64_t>(1, std::min(blocks, max_slots));
-  const int64_t span = (blocks + slots - 1) / slots * block;
-  return {span, (sh.C + span - 1) / span};
+  for (int64_t g : {sh.g_lam, sh.g_gl, sh.g_gc, sh.g_gr, sh.g_u}) block = std::lcm(block, sh.C / g);
+  return block;
 }
 
-// Gradients of one (batch, channel-span) task (channel_tasks). A gate tensor with one group per
-// channel (G = C) is written once per plane, in its own dtype; grouped ones accumulate in the compute
-// type (`grouped` below). lam's and u's gradients go to the source.
+// Scatters a scan-order gradient frame into its (B, 4, G, H, W) gradient plane: added in the compute type
+// where the tensor is grouped (summed over a group's channels), else written once in its own dtype.
+template <typename scalar_t, typename acc_t>
+void scatter_gradient(const acc_t* frame, const ScanGeometry& geo, void* grad, bool grouped, int64_t offset) {
+  if (grouped) {
+    scatter_frame<true>(frame, geo, static_cast<acc_t*>(grad) + offset);
+  } else {
+    scatter_frame<false>(frame, geo, static_cast<scalar_t*>(grad) + offset);
+  }
+}
+
+// Gradients of one (batch, channel-block) task (channel_block). `d_gates` / `grouped` are lam, gl, gc,
+// gr, u's gradients and whether each is grouped (GateGrads).
 //
 // Per direction: recompute the hidden states h (see the memory note at the top), then sweep the
 // steps backwards with the adjoint g_s = u_s gy_s + A_{s+1}^T g_{s+1} (A_{s+1} absent where step
 // s+1 restarts). With w_k the normalised weights, the logit gradients are
 //     dg_k = w_k (1 - sigmoid(g_k)) (dw_k - sum_m w_m dw_m),   dw_k = g h_{s-1}[neighbour k].
-template <typename scalar_t, typename Source>
-void backward_kernel(const scalar_t* gy, const scalar_t* x, const typename Source::Args& source_args,
-                     const scalar_t* gl, const scalar_t* gc, const scalar_t* gr, scalar_t* d_x,
-                     const std::array<void*, 3>& d_gates, const std::array<bool, 3>& grouped, const ScanShape& sh,
-                     const ChannelTasks& tasks, int64_t chunk) {
+template <typename scalar_t>
+void backward_kernel(const scalar_t* gy, const scalar_t* x, const scalar_t* lam, const scalar_t* gl,
+                     const scalar_t* gc, const scalar_t* gr, const scalar_t* u, scalar_t* d_x,
+                     const std::vector<void*>& d_gates, const std::vector<bool>& grouped, const ScanShape& sh,
+                     int64_t chunk) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t HW = sh.H * sh.W;
   const int64_t max_lanes = std::max(sh.H, sh.W);
   const int64_t padded_lanes = max_lanes + 2;
-  at::parallel_for(0, sh.B * tasks.slots, plane_grain(4 * tasks.span * HW), [&](int64_t begin, int64_t end) {
-    Source source(source_args, sh);
+  const int64_t block = channel_block(sh), blocks = sh.C / block;
+  const std::array<void*, 3> logit_grads = {d_gates[1], d_gates[2], d_gates[3]};
+  const std::array<bool, 3> logits_grouped = {grouped[1], grouped[2], grouped[3]};
+  at::parallel_for(0, sh.B * blocks, plane_grain(4 * block * HW), [&](int64_t begin, int64_t end) {
+    enum { LAM, U, DLAM, DU, kFrames };
+    Frames<acc_t> f(HW, kFrames);
     GateCache<acc_t, true> gates(HW);
-    GateGradAccumulator<scalar_t, acc_t> gate_grads(sh.H, sh.W, d_gates, grouped);
+    GateGradAccumulator<scalar_t, acc_t> gate_grads(sh.H, sh.W, logit_grads, logits_grouped);
     PlaneLayouts<acc_t> x_plane(sh.H, sh.W), gy_plane(sh.H, sh.W);
     PlaneAccumulator<acc_t> dx_plane(sh.H, sh.W);
     // All hidden states of one direction, each row zero-padded on both sides.
@@ -506,68 +340,61 @@ void backward_kernel(const scalar_t* gy, const scalar_t* x, const typename Sourc
     std::vector<acc_t> g_row(max_lanes);
     acc_t* __restrict__ g = g_row.data();  // a plain pointer: the lane loops reload a vector's on every store
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks.slots, slot = task % tasks.slots;
-      const int64_t task_end = std::min(sh.C, (slot + 1) * tasks.span);
-      for (int64_t c0 = slot * tasks.span; c0 < task_end; c0 += chunk_channels(HW)) {
-        const int64_t n = std::min(task_end - c0, chunk_channels(HW));
-        source.prepare(b, c0, n);
-        for (int64_t c = c0; c < c0 + n; ++c) {
-          const int64_t p = b * sh.C + c;
-          x_plane.load(x + p * HW);
-          gy_plane.load(gy + p * HW);
-          dx_plane.zero();
-          for (int d = 0; d < kDirections; ++d) {
-            const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
-            const int64_t L = geo.lanes, S = geo.steps;
-            const std::array<int64_t, 3> gate_p = gate_planes(sh, b, d, c);
-            const acc_t* w = gates.get(d, gate_p, geo, HW, gl, gc, gr);
-            const acc_t* wq = w + 3 * HW;
-            acc_t* dg = gate_grads.get(d, gate_p);
-            const acc_t* lam_f = source.lam_frame(b, d, c, geo);
-            const acc_t* u_f = source.u_frame(b, d, c, geo);
-            acc_t* dlam_f = source.dlam_frame(d, c);
-            acc_t* du_f = source.du_frame(d, c);
-            const RowView<const acc_t> xs = x_plane.view(d), gys = gy_plane.view(d);
-            const RowView<acc_t> dxs = dx_plane.view(d);
-            // h_row(s) for s in [-1, S): row -1 is all zeros (never read across a restart).
-            auto h_row = [&](int64_t s) { return h_rows.data() + (s + 1) * padded_lanes + 1; };
-            for (int64_t s = 0; s < S; ++s) {
-              const int64_t r = s * L;
-              acc_t* h = h_row(s);
-              step_states(L, restarts_at(s, chunk), lam_f + r, xs.row(s), w + r, w + HW + r, w + 2 * HW + r,
-                          h_row(s - 1), h);
-              h[L] = acc_t(0);
-            }
-            acc_t* next_l = next_rows.data() + 1;
-            acc_t* next_c = next_l + padded_lanes;
-            acc_t* next_r = next_c + padded_lanes;
-            next_l[L] = next_c[L] = next_r[L] = acc_t(0);  // pads (an earlier direction may have had more lanes)
-            for (int64_t s = S - 1; s >= 0; --s) {
-              const int64_t r = s * L;
-              const bool next_applies = s + 1 < S && !restarts_at(s + 1, chunk);
-              const bool restart = restarts_at(s, chunk);
-              const acc_t* __restrict__ u_r = u_f + r;
-              const acc_t* __restrict__ gy_r = gys.row(s);
-              const acc_t* __restrict__ x_r = xs.row(s);
-              const acc_t* __restrict__ lam_r = lam_f + r;
-              const acc_t* __restrict__ h = h_row(s);
-              if (next_applies) {
-                for (int64_t l = 0; l < L; ++l) g[l] = u_r[l] * gy_r[l] + next_c[l] + next_l[l + 1] + next_r[l - 1];
-              } else {
-                for (int64_t l = 0; l < L; ++l) g[l] = u_r[l] * gy_r[l];
-              }
-              adjoint_step_outputs(L, g, lam_r, x_r, gy_r, h, dxs.row(s), dlam_f + r, du_f + r);
-              if (restart) continue;  // no gates act here; the step before receives nothing through A_s
-              gate_step_gradients(L, g, h_row(s - 1), w + r, w + HW + r, w + 2 * HW + r, wq + r, wq + HW + r,
-                                  wq + 2 * HW + r, dg + r, dg + HW + r, dg + 2 * HW + r, next_l, next_c, next_r);
-            }
-            source.accumulate(b, d, c, geo);
+      const int64_t b = task / blocks, c0 = (task % blocks) * block;
+      for (int64_t c = c0; c < c0 + block; ++c) {
+        const int64_t p = b * sh.C + c;
+        x_plane.load(x + p * HW);
+        gy_plane.load(gy + p * HW);
+        dx_plane.zero();
+        for (int d = 0; d < kDirections; ++d) {
+          const ScanGeometry geo = scan_geometry(d, sh.H, sh.W);
+          const int64_t L = geo.lanes, S = geo.steps;
+          const std::array<int64_t, 3> gate_p = gate_planes(sh, b, d, c);
+          const int64_t o_lam = gate_plane(b, d, c, sh.C, sh.g_lam) * HW, o_u = gate_plane(b, d, c, sh.C, sh.g_u) * HW;
+          const acc_t* w = gates.get(d, gate_p, geo, HW, gl, gc, gr);
+          const acc_t* wq = w + 3 * HW;
+          acc_t* dg = gate_grads.get(d, gate_p);
+          gather_frame(lam + o_lam, geo, f.frame(LAM));
+          gather_frame(u + o_u, geo, f.frame(U));
+          const RowView<const acc_t> xs = x_plane.view(d), gys = gy_plane.view(d);
+          const RowView<acc_t> dxs = dx_plane.view(d);
+          // h_row(s) for s in [-1, S): row -1 is all zeros (never read across a restart).
+          auto h_row = [&](int64_t s) { return h_rows.data() + (s + 1) * padded_lanes + 1; };
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t r = s * L;
+            acc_t* h = h_row(s);
+            step_states(L, restarts_at(s, chunk), f.frame(LAM) + r, xs.row(s), w + r, w + HW + r, w + 2 * HW + r,
+                        h_row(s - 1), h);
+            h[L] = acc_t(0);
           }
-          dx_plane.write(d_x + p * HW);
+          acc_t* next_l = next_rows.data() + 1;
+          acc_t* next_c = next_l + padded_lanes;
+          acc_t* next_r = next_c + padded_lanes;
+          next_l[L] = next_c[L] = next_r[L] = acc_t(0);  // pads (an earlier direction may have had more lanes)
+          for (int64_t s = S - 1; s >= 0; --s) {
+            const int64_t r = s * L;
+            const bool next_applies = s + 1 < S && !restarts_at(s + 1, chunk);
+            const bool restart = restarts_at(s, chunk);
+            const acc_t* __restrict__ u_r = f.frame(U) + r;
+            const acc_t* __restrict__ gy_r = gys.row(s);
+            const acc_t* __restrict__ x_r = xs.row(s);
+            const acc_t* __restrict__ lam_r = f.frame(LAM) + r;
+            const acc_t* __restrict__ h = h_row(s);
+            if (next_applies) {
+              for (int64_t l = 0; l < L; ++l) g[l] = u_r[l] * gy_r[l] + next_c[l] + next_l[l + 1] + next_r[l - 1];
+            } else {
+              for (int64_t l = 0; l < L; ++l) g[l] = u_r[l] * gy_r[l];
+            }
+            adjoint_step_outputs(L, g, lam_r, x_r, gy_r, h, dxs.row(s), f.frame(DLAM) + r, f.frame(DU) + r);
+            if (restart) continue;  // no gates act here; the step before receives nothing through A_s
+            gate_step_gradients(L, g, h_row(s - 1), w + r, w + HW + r, w + 2 * HW + r, wq + r, wq + HW + r,
+                                wq + 2 * HW + r, dg + r, dg + HW + r, dg + 2 * HW + r, next_l, next_c, next_r);
+          }
+          scatter_gradient<scalar_t>(f.frame(DLAM), geo, d_gates[0], grouped[0], o_lam);
+          scatter_gradient<scalar_t>(f.frame(DU), geo, d_gates[4], grouped[4], o_u);
         }
-        source.finish_chunk(b, c0, n);
+        dx_plane.write(d_x + p * HW);
       }
-      source.finish_task(b, slot);
       gate_grads.flush_all();  // the task's groups are its own: nothing later adds to them
     }
   });
@@ -596,7 +423,7 @@ at::ScalarType compute_dtype(const at::Tensor& x) { return x.scalar_type() == at
 at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
                              const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in,
                              int64_t chunk) {
-  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in);
   if (channels_last_kernel_applies(x_in, sh))
     return gspn_scan_fwd_channels_last(x_in, lam_in, gl_in, gc_in, gr_in, u_in, sh, chunk);
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
@@ -604,10 +431,9 @@ at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, c
   auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y.contiguous(scan_memory_format(x_in));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_fwd_cpu", [&] {
-    using Source = TensorLamU<scalar_t, acc_type_t<scalar_t>>;
-    const typename Source::Args args{lam.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), {}, {}};
-    forward_kernel<scalar_t, Source>(x.data_ptr<scalar_t>(), args, gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
-                                     gr.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, chunk);
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
+                             gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                             y.data_ptr<scalar_t>(), sh, chunk);
   });
   return y.contiguous(scan_memory_format(x_in));
 }
@@ -615,7 +441,7 @@ at::Tensor gspn_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& lam_in, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gspn_scan_bwd_cpu(
     const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
     const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in, int64_t chunk) {
-  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in);
   check_grad_output(gy_in, x_in);
   if (channels_last_kernel_applies(x_in, sh))
     return gspn_scan_bwd_channels_last(gy_in, x_in, lam_in, gl_in, gc_in, gr_in, u_in, sh, chunk);
@@ -624,127 +450,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const GateGrads grads({&lam, &gl, &gc, &gr, &u}, sh.C, compute_dtype(x));
   auto d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() > 0) {
-    const ChannelTasks tasks = channel_tasks(sh, {sh.g_lam, sh.g_gl, sh.g_gc, sh.g_gr, sh.g_u}, sh.C);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_bwd_cpu", [&] {
-      using Source = TensorLamU<scalar_t, acc_type_t<scalar_t>>;
-      const typename Source::Args args{lam.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-                                       {grads.ptrs[0], grads.ptrs[4]}, {grads.grouped[0], grads.grouped[4]}};
-      backward_kernel<scalar_t, Source>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), args, gl.data_ptr<scalar_t>(),
-                                        gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
-                                        {grads.ptrs[1], grads.ptrs[2], grads.ptrs[3]},
-                                        {grads.grouped[1], grads.grouped[2], grads.grouped[3]}, sh, tasks, chunk);
+      backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
+                                gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(),
+                                u.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), grads.ptrs, grads.grouped, sh, chunk);
     });
   }
   const auto dt = x.scalar_type();
   return {d_x.contiguous(scan_memory_format(x_in)), grads.result(0, dt), grads.result(1, dt), grads.result(2, dt), grads.result(3, dt), grads.result(4, dt)};
-}
-
-// ---------------------------------------------------------------------------------------------
-// gspn_proxy_scan: the same propagation with lam and u generated from the proxy inside the kernel.
-
-// Checks p (B, K, H, W), w_lam / w_u (4 C, K) and the gate logits (B, 4, G, H, W) against x, and returns the
-// scan's sizes (lam and u count as per-channel) and K.
-std::pair<ScanShape, int64_t> check_proxy_inputs(const at::Tensor& x, const at::Tensor& p, const at::Tensor& w_lam,
-                                                 const at::Tensor& w_u, const at::Tensor& gl, const at::Tensor& gc,
-                                                 const at::Tensor& gr, int64_t chunk) {
-  TORCH_CHECK(x.dim() == 4, "gspn_proxy_scan: x must be (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(chunk >= 0, "gspn_proxy_scan: chunk must be >= 1 (or 0 for a global scan), got ", chunk);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gspn_proxy_scan: x must be floating point, got ", x.scalar_type());
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(p.dim() == 4 && p.size(0) == B && p.size(2) == H && p.size(3) == W && p.size(1) >= 1,
-              "gspn_proxy_scan: p must be (B, K, H, W) = (", B, ", K, ", H, ", ", W, "), got ", p.sizes());
-  TORCH_CHECK(p.scalar_type() == x.scalar_type(), "gspn_proxy_scan: p has dtype ", p.scalar_type(), " but x has ",
-              x.scalar_type());
-  const int64_t K = p.size(1);
-  for (const auto& [name, w] : {std::pair<const char*, const at::Tensor*>{"w_lam", &w_lam}, {"w_u", &w_u}}) {
-    TORCH_CHECK(w->dim() == 2 && w->size(0) == kDirections * C && w->size(1) == K, "gspn_proxy_scan: ", name,
-                " must be (4 C, K) = (", kDirections * C, ", ", K, "), got ", w->sizes());
-    TORCH_CHECK(at::isFloatingType(w->scalar_type()), "gspn_proxy_scan: ", name, " must be floating point");
-  }
-  ScanShape sh{B, C, H, W, C, 0, 0, 0, C};
-  const char* names[] = {"gl", "gc", "gr"};
-  const at::Tensor* gates[] = {&gl, &gc, &gr};
-  int64_t* groups[] = {&sh.g_gl, &sh.g_gc, &sh.g_gr};
-  for (int k = 0; k < 3; ++k) {
-    const at::Tensor& t = *gates[k];
-    TORCH_CHECK(t.dim() == 5 && t.size(0) == B && t.size(1) == kDirections && t.size(3) == H && t.size(4) == W,
-                "gspn_proxy_scan: ", names[k], " must be (B, 4, G, H, W) = (", B, ", 4, G, ", H, ", ", W, "), got ",
-                t.sizes());
-    TORCH_CHECK(t.size(2) >= 1 && C % t.size(2) == 0, "gspn_proxy_scan: ", names[k], "'s group count G=", t.size(2),
-                " must divide C=", C);
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gspn_proxy_scan: ", names[k], " has dtype ", t.scalar_type(),
-                " but x has ", x.scalar_type());
-    *groups[k] = t.size(2);
-  }
-  for (const at::Tensor* t : {&p, &w_lam, &w_u, &gl, &gc, &gr})
-    TORCH_CHECK(t->device() == x.device(), "gspn_proxy_scan: every input must be on x's device ", x.device());
-  return {sh, K};
-}
-
-// A (4 C, K) proxy weight as the kernel reads it: (4, C, K), contiguous, in the type of its GEMMs
-// (gemm_type_t), and detached (the GEMMs run on the parallel region's threads, where no autograd guard reaches).
-at::ScalarType gemm_dtype(const at::Tensor& x) { return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : compute_dtype(x); }
-at::Tensor proxy_weight(const at::Tensor& w, const ScanShape& sh, int64_t K, const at::Tensor& x) {
-  return w.detach().to(gemm_dtype(x)).contiguous().view({kDirections, sh.C, K});
-}
-
-at::Tensor gspn_proxy_scan_fwd_cpu(const at::Tensor& x_in, const at::Tensor& p_in, const at::Tensor& w_lam_in,
-                                   const at::Tensor& w_u_in, const at::Tensor& gl_in, const at::Tensor& gc_in,
-                                   const at::Tensor& gr_in, int64_t chunk) {
-  const auto [sh, K] = check_proxy_inputs(x_in, p_in, w_lam_in, w_u_in, gl_in, gc_in, gr_in, chunk);
-  auto x = x_in.contiguous(), p = p_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
-       gr = gr_in.contiguous();
-  auto w_lam = proxy_weight(w_lam_in, sh, K, x_in), w_u = proxy_weight(w_u_in, sh, K, x_in);
-  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_proxy_scan_fwd_cpu", [&] {
-    using Source = ProxyLamU<scalar_t, acc_type_t<scalar_t>>;
-    typename Source::Args args{p.data_ptr<scalar_t>(), w_lam, w_u, K};
-    forward_kernel<scalar_t, Source>(x.data_ptr<scalar_t>(), args, gl.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
-                                     gr.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sh, chunk);
-  });
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gspn_proxy_scan_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& p_in,
-                        const at::Tensor& w_lam_in, const at::Tensor& w_u_in, const at::Tensor& gl_in,
-                        const at::Tensor& gc_in, const at::Tensor& gr_in, int64_t chunk) {
-  const auto [sh, K] = check_proxy_inputs(x_in, p_in, w_lam_in, w_u_in, gl_in, gc_in, gr_in, chunk);
-  check_grad_output(gy_in, x_in);
-  const auto acc = compute_dtype(x_in);
-  auto gy = gy_in.contiguous(), x = x_in.contiguous(), p = p_in.contiguous(), gl = gl_in.contiguous(),
-       gc = gc_in.contiguous(), gr = gr_in.contiguous();
-  auto w_lam = proxy_weight(w_lam_in, sh, K, x_in), w_u = proxy_weight(w_u_in, sh, K, x_in);
-  const GateGrads grads({&gl, &gc, &gr}, sh.C, acc);
-  auto d_x = at::empty_like(x, at::MemoryFormat::Contiguous);
-  // Enough tasks per batch to keep every thread busy; each has its own slot of proxy-gradient partial sums.
-  const int64_t threads = at::get_num_threads();
-  const ChannelTasks tasks =
-      channel_tasks(sh, {sh.C, sh.g_gl, sh.g_gc, sh.g_gr, sh.C}, (2 * threads + sh.B - 1) / std::max<int64_t>(sh.B, 1));
-  auto dp_partial = at::zeros({sh.B, tasks.slots, K, sh.H, sh.W}, x.options().dtype(acc));
-  auto dw_lam_partial = at::zeros({sh.B, kDirections, sh.C, K}, x.options().dtype(acc));
-  auto dw_u_partial = at::zeros_like(dw_lam_partial);
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_proxy_scan_bwd_cpu", [&] {
-      using acc_t = acc_type_t<scalar_t>;
-      using Source = ProxyLamU<scalar_t, acc_t>;
-      typename Source::Args args{p.data_ptr<scalar_t>(), w_lam, w_u, K, dp_partial.data_ptr<acc_t>(), tasks.slots,
-                                 dw_lam_partial, dw_u_partial};
-      backward_kernel<scalar_t, Source>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), args, gl.data_ptr<scalar_t>(),
-                                        gc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
-                                        {grads.ptrs[0], grads.ptrs[1], grads.ptrs[2]},
-                                        {grads.grouped[0], grads.grouped[1], grads.grouped[2]}, sh, tasks, chunk);
-    });
-  }
-  const auto dt = x.scalar_type();
-  return {d_x,
-          dp_partial.sum(1).to(dt),
-          dw_lam_partial.sum(0).view_as(w_lam_in).to(w_lam_in.scalar_type()),
-          dw_u_partial.sum(0).view_as(w_u_in).to(w_u_in.scalar_type()),
-          grads.result(0, dt),
-          grads.result(1, dt),
-          grads.result(2, dt)};
 }
 
 }  // namespace
@@ -752,8 +465,6 @@ gspn_proxy_scan_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, const a
 TORCH_LIBRARY_IMPL(gspn, CPU, m) {
   m.impl("gspn_scan_fwd", &gspn_scan_fwd_cpu);
   m.impl("gspn_scan_bwd", &gspn_scan_bwd_cpu);
-  m.impl("gspn_proxy_scan_fwd", &gspn_proxy_scan_fwd_cpu);
-  m.impl("gspn_proxy_scan_bwd", &gspn_proxy_scan_bwd_cpu);
 }
 
 }  // namespace gspn

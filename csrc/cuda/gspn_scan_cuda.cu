@@ -1,4 +1,4 @@
-// Host side of gspn::gspn_scan_fwd / gspn_scan_bwd on CUDA (schemas in csrc/cpu/registration.cpp):
+// Host side of gspn::gspn_scan_fwd / gspn_scan_bwd on CUDA (schemas in dit_gspn/ops/gspn_scan.py):
 // checks, buffers and the launch of the kernels in gspn_scan_fwd.cuh / gspn_scan_bwd.cuh, whose layout
 // of the work and memory choices gspn_scan_kernel.cuh explains. Contract:
 // dit_gspn/ops/reference.py::gspn_scan_reference.
@@ -108,7 +108,7 @@ void check_plane_count(const ScanShape& sh) {
 at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
                               const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in,
                               int64_t chunk) {
-  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(), gc = gc_in.contiguous(),
        gr = gr_in.contiguous(), u = u_in.contiguous();
@@ -143,7 +143,7 @@ at::Tensor gspn_scan_fwd_cuda(const at::Tensor& x_in, const at::Tensor& lam_in, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gspn_scan_bwd_cuda(
     const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& lam_in, const at::Tensor& gl_in,
     const at::Tensor& gc_in, const at::Tensor& gr_in, const at::Tensor& u_in, int64_t chunk) {
-  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in, chunk);
+  const ScanShape sh = check_inputs(x_in, lam_in, gl_in, gc_in, gr_in, u_in);
   check_grad_output(gy_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto gy = gy_in.contiguous(), x = x_in.contiguous(), lam = lam_in.contiguous(), gl = gl_in.contiguous(),

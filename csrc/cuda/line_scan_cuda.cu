@@ -82,8 +82,6 @@ at::Tensor line_scan_fwd_cuda(const at::Tensor& x, const at::Tensor& lam, const 
                               const at::Tensor& wc, const at::Tensor& wr, int64_t chunk) {
   const PlaneShape s = check_same_maps<5>("gspn::line_scan_fwd", {&x, &lam, &wl, &wc, &wr},
                                           {"x", "lam", "wl", "wc", "wr"});
-  check_chunk("gspn::line_scan_fwd", chunk);
-  TORCH_CHECK(x.is_cuda(), "gspn::line_scan_fwd (CUDA kernel): tensors are on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), lc = lam.contiguous(), ac = wl.contiguous(),
                    bc = wc.contiguous(), dc = wr.contiguous();
@@ -100,8 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> line_scan
     const at::Tensor& wl, const at::Tensor& wc, const at::Tensor& wr, int64_t chunk) {
   const PlaneShape s = check_same_maps<7>("gspn::line_scan_bwd", {&grad_h, &h, &x, &lam, &wl, &wc, &wr},
                                           {"grad_h", "h", "x", "lam", "wl", "wc", "wr"});
-  check_chunk("gspn::line_scan_bwd", chunk);
-  TORCH_CHECK(x.is_cuda(), "gspn::line_scan_bwd (CUDA kernel): tensors are on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor gc = grad_h.contiguous(), hc = h.contiguous(), xc = x.contiguous(),
                    lc = lam.contiguous(), ac = wl.contiguous(), bc = wc.contiguous(),

@@ -12,10 +12,9 @@ Tokens (B, N, C) on an (h, w) grid go through:
    recurrence over x, the result is mapped back to the original pixel positions, multiplied
    by u_d, and the four are summed (all inside the op, so no flipped or transposed copy of
    x is made here, and every direction's output lands on the pixel its gates were computed
-   for); then + D * x. With ``group_lam_u`` the five per-pixel maps are (B, 4, G, h, w) each, made
-   by one GEMM, and go to ``dit_gspn.ops.gspn_scan``; per channel, lam and u would be two
-   (B, 4C, h, w) maps, so they are handed to ``dit_gspn.ops.gspn_proxy_scan`` as their (4C x r + 1)
-   affine maps of p instead, and its CPU kernel generates them inside the scan where that pays;
+   for); then + D * x. The five per-pixel maps come from one GEMM of p and go to
+   ``dit_gspn.ops.gspn_scan``: gl, gc, gr are (B, 4, G, h, w); lam and u are too with ``group_lam_u``,
+   else (B, 4, C, h, w);
 4. LayerNorm over channels, times SiLU(z) when ``output_gate``, and ``out_proj``.
 
 The learnable linear merge of the four directions is a per-direction weight ``merge`` (4, G)
@@ -39,17 +38,6 @@ from .token_grid import check_grid
 NUM_DIRECTIONS = 4
 
 
-def _with_ones_column(p: torch.Tensor) -> torch.Tensor:
-    """(B, N, r) -> (B, N, r + 1): p with a column of ones appended, for :func:`_affine_weight`."""
-    return torch.cat([p, p.new_ones(*p.shape[:-1], 1)], dim=-1)
-
-
-def _affine_weight(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(out, r) weight and (out,) bias -> (out, r + 1): the bias as one more column, for a proxy with a
-    column of ones."""
-    return torch.cat([weight, bias[:, None]], dim=1)
-
-
 def _channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, N, K) tokens -> (B, K, h, w), contiguous."""
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
@@ -58,22 +46,17 @@ def _channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class ScanOperands(NamedTuple):
     """The scan's inputs, all in the original pixel frame.
 
-    x: (B, C, h, w) channels-last view of x_tokens, the same map as (B, N, C) tokens; gl, gc, gr: (B, 4, G, h, w) raw
-    gate logits (the op normalises them); lam, u: (B, 4, G, h, w) maps when lam and u are grouped, else None and given by ``p`` (B, r + 1, h, w), the
-    proxy with a row of ones, and ``w_lam``, ``w_u`` (4 C, r + 1), their affine maps of p (u's with the
-    merge folded in, as for :func:`dit_gspn.ops.proxy_maps`); skip: (B, N, C) tokens or None; z: (B, N, C)
-    output gate or None.
+    x: (B, C, h, w) channels-last view of x_tokens, the same map as (B, N, C) tokens; gl, gc, gr: (B, 4, G, h, w)
+    raw gate logits (the op normalises them); lam, u: (B, 4, S, h, w) with S = G when lam and u are grouped,
+    else C (u with the merge folded in); skip: (B, N, C) tokens or None; z: (B, N, C) output gate or None.
     """
     x: torch.Tensor
     x_tokens: torch.Tensor
     gl: torch.Tensor
     gc: torch.Tensor
     gr: torch.Tensor
-    lam: torch.Tensor | None
-    u: torch.Tensor | None
-    p: torch.Tensor | None
-    w_lam: torch.Tensor | None
-    w_u: torch.Tensor | None
+    lam: torch.Tensor
+    u: torch.Tensor
     skip: torch.Tensor | None
     z: torch.Tensor | None
 
@@ -197,27 +180,21 @@ class GSPNMixer(TokenMixer):
         skip = self.skip_proj(p) if self.skip_proj is not None else None
         x_map = x.view(B, h, w, C).permute(0, 3, 1, 2)  # channels-last: the scan takes tokens as they lie
         D, G = NUM_DIRECTIONS, self.gate_groups
+        S = self.merge.shape[1]  # lam's and u's channels: G with group_lam_u, else C
         merge = self.merge.reshape(-1)
-        if self.group_lam_u:
-            # gl, gc, gr, lam and u: (4, G) rows each, all five from one GEMM.
-            weight = torch.cat([self.gate_proj.weight, self.lam_proj.weight, self.u_proj.weight * merge[:, None]])
-            bias = torch.cat([self.gate_proj.bias, self.lam_proj.bias, self.u_proj.bias * merge])
-            maps = _channel_first(F.linear(p, weight, bias), h, w)
-            gl, gc, gr, lam, u = maps.view(B, 5, D, G, h, w).unbind(1)
-            return ScanOperands(x_map, x, gl, gc, gr, lam, u, None, None, None, skip, z)
-        gl, gc, gr = _channel_first(self.gate_proj(p), h, w).view(B, 3, D, G, h, w).unbind(1)
-        w_lam = _affine_weight(self.lam_proj.weight, self.lam_proj.bias)
-        w_u = _affine_weight(self.u_proj.weight * merge[:, None], self.u_proj.bias * merge)
-        p_map = _channel_first(_with_ones_column(p), h, w)
-        return ScanOperands(x_map, x, gl, gc, gr, None, None, p_map, w_lam, w_u, skip, z)
+        # gl, gc, gr: (4, G) rows each; lam, u: (4, S) rows each; all five from one GEMM.
+        weight = torch.cat([self.gate_proj.weight, self.lam_proj.weight, self.u_proj.weight * merge[:, None]])
+        bias = torch.cat([self.gate_proj.bias, self.lam_proj.bias, self.u_proj.bias * merge])
+        maps = _channel_first(F.linear(p, weight, bias), h, w)
+        gl, gc, gr, lam, u = maps.split([D * G] * 3 + [D * S] * 2, dim=1)
+        gl, gc, gr = (t.view(B, D, G, h, w) for t in (gl, gc, gr))
+        lam, u = (t.view(B, D, S, h, w) for t in (lam, u))
+        return ScanOperands(x_map, x, gl, gc, gr, lam, u, skip, z)
 
     def propagate(self, operands: ScanOperands) -> torch.Tensor:
         """sum_d u_d * scan_d(x) (+ skip * x): the four merged propagations, as (B, N, C) tokens."""
         o = operands
-        if o.lam is not None:
-            y = ops.gspn_scan(o.x, o.lam, o.gl, o.gc, o.gr, o.u, chunk=self.chunk)
-        else:
-            y = ops.gspn_proxy_scan(o.x, o.p, o.w_lam, o.w_u, o.gl, o.gc, o.gr, chunk=self.chunk)
+        y = ops.gspn_scan(o.x, o.lam, o.gl, o.gc, o.gr, o.u, chunk=self.chunk)
         y = y.permute(0, 2, 3, 1).flatten(1, 2)  # a view of a channels-last y
         if o.skip is not None:
             return torch.addcmul(y, o.skip, o.x_tokens)

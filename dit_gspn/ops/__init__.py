@@ -1,5 +1,4 @@
-"""The GSPN scan op: ``line_scan``, ``normalize_gates``, the fused four-direction ``gspn_scan``, and
-``gspn_proxy_scan`` (the same with lam and u generated from the mixer's proxy inside the kernel).
+"""The GSPN scan op: ``line_scan``, ``normalize_gates`` and the fused four-direction ``gspn_scan``.
 
 One dispatch in front of three implementations: the pure PyTorch reference (the oracle), a
 compiled CPU kernel and a compiled CUDA kernel (``csrc/``), registered as torch custom ops.
@@ -7,6 +6,5 @@ compiled CPU kernel and a compiled CUDA kernel (``csrc/``), registered as torch 
 from .reference import DIRECTIONS, normalize_gates
 from .line_scan import line_scan
 from .gspn_scan import gspn_scan, gspn_scan_impl
-from .proxy_scan import gspn_proxy_scan, proxy_maps
 
-__all__ = ["DIRECTIONS", "line_scan", "normalize_gates", "gspn_scan", "gspn_scan_impl", "gspn_proxy_scan", "proxy_maps"]
+__all__ = ["DIRECTIONS", "line_scan", "normalize_gates", "gspn_scan", "gspn_scan_impl"]

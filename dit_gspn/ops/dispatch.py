@@ -1,17 +1,17 @@
-"""Which implementation runs a scan op: one resolution for every op of ``torch.ops.gspn``.
+"""Which implementation runs a scan op: the one place that decides, for every op of ``torch.ops.gspn``.
 
 Each op (``line_scan``, ``gspn_scan``; a new one adds an :class:`OpSpec` to :data:`OPS`) names its
-implementations, the fallback that ``impl=None`` takes when the compiled kernel cannot run, the dtypes
-its CUDA kernel computes and the dims that are lane axes of its scans. Then, for every op alike:
+implementations, the fallback that ``impl=None`` takes where its compiled kernel cannot run, the dtypes its
+CUDA kernel computes and the dims that are lane axes of its scans. :func:`resolve_impl` ``(op, tensors, impl)``
+answers the implementation to run, for every op alike:
 
-- :func:`resolve_impl` ``(op, tensors, impl)`` answers the implementation to run: an explicit ``impl``
-  is checked (unknown names, a device mismatch, a kernel that did not build, lines longer than
-  :data:`CUDA_MAX_LANES` or a dtype the CUDA kernel does not compute are errors naming the way out);
-  ``None`` takes the implementation forced by :func:`scan_impl` / ``$DIT_GSPN_SCAN_IMPL`` when the op
-  offers it, else the compiled kernel of the tensors' device where it can run, else the op's fallback
-  (with one warning when the build failed: :mod:`dit_gspn.ops.extension`).
-- :func:`register_op` registers the Python side of a compiled op (fake tensors, autograd) once its
-  library is loaded, exactly once per process.
+- ``impl=None`` takes the implementation forced by :func:`scan_impl` / ``$DIT_GSPN_SCAN_IMPL`` when the op
+  offers it; else the compiled kernel of the tensors' device where it built (:mod:`.extension`), can run
+  these tensors (CUDA: lines of at most :data:`CUDA_MAX_LANES`, the dtypes it computes) and is trusted on
+  this device (:mod:`.selfcheck`: it agreed with the reference there); else the op's fallback. A kernel that
+  did not build or that disagreed is named once in a warning by the module that found out.
+- An explicit (or forced) ``impl`` runs as asked, the self-check aside; an unknown name, tensors on another
+  device, a kernel that did not build, or tensors the CUDA kernel cannot run are errors naming the way out.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import extension
+from . import extension, selfcheck
 
 #: The longest line (lanes along a scanned row) any CUDA kernel scans: line_scan's kMaxW (512 threads x 4
-#: columns) and the shared memory gspn_scan stages one lane vector per tensor in. Longer lines take the
-#: op's fallback under ``impl=None`` and are an error under ``impl="cuda"``.
+#: columns) and the shared memory gspn_scan stages one lane vector per tensor in. The kernels refuse longer
+#: lines themselves (they would overrun shared memory); this gives ``impl=None`` its fallback instead.
 CUDA_MAX_LANES = 2048
 #: Environment variable read once at import: the implementation used where ``impl=None``.
 IMPL_ENV = "DIT_GSPN_SCAN_IMPL"
@@ -38,18 +38,14 @@ class OpSpec:
 
     impls: tuple[str, ...]  # every name ``impl=`` accepts
     fallback: str  # what ``impl=None`` runs where the compiled kernel cannot
-    compiled_op: str  # the torch.ops.gspn op whose presence means the compiled kernels are loaded
     lane_dims: tuple[int, ...]  # dims of the first tensor that are lane axes of some scan
     cuda_dtypes: tuple[torch.dtype, ...] | None = None  # None: every floating dtype
 
 
 OPS: dict[str, OpSpec] = {
-    "line_scan": OpSpec(("reference", "cpu", "cuda"), "reference", "line_scan_fwd", (-1,)),
-    "gspn_scan": OpSpec(("reference", "composed", "cpu", "cuda"), "composed", "gspn_scan_fwd", (-2, -1),
+    "line_scan": OpSpec(("reference", "cpu", "cuda"), "reference", (-1,)),
+    "gspn_scan": OpSpec(("reference", "composed", "cpu", "cuda"), "composed", (-2, -1),
                         (torch.float32, torch.bfloat16, torch.float16)),
-    # "cpu" is its fused kernel; every other implementation composes proxy_maps with that gspn_scan impl.
-    "gspn_proxy_scan": OpSpec(("reference", "composed", "cpu", "cuda"), "composed", "gspn_proxy_scan_fwd",
-                              (-2, -1), (torch.float32, torch.bfloat16, torch.float16)),
 }
 #: Every implementation some op offers (what :func:`scan_impl` and ``$DIT_GSPN_SCAN_IMPL`` accept).
 ALL_IMPLS = tuple(dict.fromkeys(impl for spec in OPS.values() for impl in spec.impls))
@@ -99,12 +95,18 @@ def resolve_impl(op: str, tensors, impl: str | None) -> str:
     if impl is None and _forced_impl in spec.impls:
         impl = _forced_impl
     if impl is None:
-        device = x.device.type
-        if device in COMPILED and kernels_ready(device, spec.compiled_op) and _cuda_problem(op, spec, x) is None:
-            return device
+        device = x.device
+        if device.type in COMPILED and _cuda_problem(op, spec, x) is None and kernel_usable(op, str(device)):
+            return device.type
         return spec.fallback
     if impl in COMPILED:
-        extension.require_kernels(op, impl, x.device, lambda: kernels_ready(impl, spec.compiled_op), spec.fallback)
+        if x.device.type != impl:
+            raise ValueError(f"{op}: impl={impl!r} needs {impl} tensors, got tensors on {x.device}")
+        if not kernels_loaded(impl):
+            raise RuntimeError(
+                f"{op}: impl={impl!r} was asked for but the compiled {impl} kernels did not build or load (see the "
+                f"warning above, or run `python -m dit_gspn.ops.build{' --cuda' if impl == 'cuda' else ''}`); use "
+                f"impl=None or {spec.fallback!r}")
         problem = _cuda_problem(op, spec, x)
         if problem is not None:
             raise problem
@@ -126,25 +128,14 @@ def _cuda_problem(op: str, spec: OpSpec, x) -> Exception | None:
 
 
 @torch.compiler.assume_constant_result
-def kernels_ready(device_type: str, compiled_op: str) -> bool:
-    """Whether the compiled kernels for ``device_type`` are loaded (built on first use) and define ``compiled_op``.
-    A constant to torch.compile: it builds and loads once, outside the traced graph."""
-    return extension.load(device_type) and hasattr(torch.ops.gspn, compiled_op)
+def kernels_loaded(device_type: str) -> bool:
+    """Whether the compiled kernels for ``device_type`` are loaded (built on first use). A constant to
+    torch.compile: it builds and loads once, outside the traced graph."""
+    return extension.load(device_type)
 
 
-_registered: set[str] = set()
-
-
-def register_op(name: str, fake_fwd, fake_bwd, backward, setup_context) -> None:
-    """Register ``gspn::{name}_fwd`` / ``gspn::{name}_bwd``'s fake tensors and the forward's autograd once the
-    compiled library is loaded (now, if it is), exactly once per process and only if the library defines them."""
-
-    def register() -> None:
-        if name in _registered or not hasattr(torch.ops.gspn, f"{name}_fwd"):
-            return
-        torch.library.register_fake(f"gspn::{name}_fwd", fake_fwd)
-        torch.library.register_fake(f"gspn::{name}_bwd", fake_bwd)
-        torch.library.register_autograd(f"gspn::{name}_fwd", backward, setup_context=setup_context)
-        _registered.add(name)
-
-    extension.on_load(register)
+@torch.compiler.assume_constant_result
+def kernel_usable(op: str, device: str) -> bool:
+    """Whether ``impl=None`` may run ``op``'s compiled kernel on ``device`` ("cpu", "cuda:0"): it is loaded and
+    passed its self-check there. A constant to torch.compile, decided once, outside the traced graph."""
+    return extension.load(torch.device(device).type) and selfcheck.trusted(op, device)

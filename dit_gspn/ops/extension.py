@@ -1,30 +1,32 @@
-"""Builds and loads the compiled ``torch.ops.gspn`` kernels: one extension per process, cached on disk.
+"""Builds and loads the compiled ``torch.ops.gspn`` kernels: at most one build per process, from a shared cache.
 
-Two variants, built with ``torch.utils.cpp_extension.load`` (ninja) from the sources in ``csrc/``
-(the checkout's, or the copy an installed wheel carries: :mod:`dit_gspn.resources`):
+``torch.utils.cpp_extension.load`` (ninja) compiles and loads; this module adds only what it lacks:
 
-- ``cpu``: sorted ``csrc/cpu/*.cpp``;
-- ``cuda``: the same plus sorted ``csrc/cuda/*.cu``, compiled with ``-DGSPN_WITH_CUDA``. It holds
-  the CPU kernels too, so a process with a GPU loads only this one.
+- **A cache shared by checkouts.** A build's folder under :func:`cache_dir` is named by a key hashing
+  everything the build reads: the sources' content (the variant's ``.cpp`` / ``.cu`` files and every header
+  under ``csrc/``) and the flags, compiler and versions. The sources are copied into the folder and compiled
+  from there, so the ninja file names no checkout (ninja would rebuild whenever the paths changed):
+  checkouts with the same sources share one build; changed sources get a folder of their own.
+- **Only finished builds load.** A build runs under a file lock per folder and is finished once its
+  ``build.json`` (the key and the library's sha256) is written; a process that finds one loads the
+  library without running the compiler, so a concurrent first run waits and loads what the other built.
+- **A failed build is one warning**, naming the compiler's first error and the log it wrote, after which
+  :func:`load` answers False for the process and the dispatch runs the PyTorch implementations.
+- The sources are the checkout's ``csrc/`` or the copy an installed wheel carries (:mod:`dit_gspn.resources`).
 
-Both define the one ``TORCH_LIBRARY(gspn)`` (``csrc/cpu/registration.cpp``), so at most one of
-them can live in a process. The cache is ``$DIT_GSPN_CACHE`` (default ``~/.cache/dit_gspn/extensions``),
-one folder per build, named by the variant and a key that hashes everything the build reads: the
-sources' content (the variant's ``.cpp`` / ``.cu`` files and every header under ``csrc/``), the flags,
-the compiler and the torch / Python / CUDA versions. A build compiles a snapshot of the sources copied
-into its folder, so its ninja file names no checkout: checkouts with the same sources share one build,
-and changed sources get a folder of their own instead of overwriting a library other processes load.
-Builds run under a file lock per folder; a build is finished once its ``build.json`` (the key and the
-library's sha256) is written, and only a finished build whose library matches that record is loaded,
-so a concurrent first run waits and loads what the other one built. A failed build warns once, naming
-the compiler's last lines, and :func:`load` answers False from then on: the dispatch falls back to the
-next implementation.
+Two variants: ``cpu`` (sorted ``csrc/cpu/*.cpp``) and ``cuda`` (the same plus sorted ``csrc/cuda/*.cu``,
+compiled with ``-DGSPN_WITH_CUDA``). Both register kernels for the same ops, so a process holds one: with a
+GPU the ``cuda`` one, which holds the CPU kernels too. The ops' schemas, fake tensors and autograd are
+registered in Python (``line_scan.py``, ``gspn_scan.py``) when the package is imported, before any build.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -47,6 +49,8 @@ DEFAULT_CUDA_ARCH = "9.0"
 HEADER_SUFFIXES = (".h", ".cuh")
 #: A finished build's record (key, library, sha256), written last.
 BUILD_RECORD = "build.json"
+#: The compiler's output of a failed build, in its folder.
+BUILD_LOG = "build.log"
 
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
@@ -54,18 +58,37 @@ CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
 @dataclass(frozen=True)
-class LoadedBuild:
-    """The build living in this process: its variant, library, key, and whether this process compiled it."""
+class Build:
+    """A build loaded in this process: its variant, library, key, and whether this process compiled it."""
 
     variant: str
     library: Path
     key: str
     compiled: bool
 
+    @property
+    def folder(self) -> Path:
+        return self.library.parent
 
-_loaded: LoadedBuild | None = None  # the build living in this process, if any
-_failed: dict[str, str] = {}  # variant -> why its build failed (warned once)
-_hooks: list = []  # callables run once the library is loaded (Python-side registrations)
+
+_loaded: Build | None = None  # the one build this process holds (both variants register the same ops)
+
+
+def cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the "No CUDA runtime is found, using CUDA_HOME=..." warning
+    it logs at import on any machine without a GPU: a CPU build needs no CUDA, and a CUDA build names its
+    toolkit through :func:`build_flags`. Its other messages pass."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def not_the_cuda_home_guess(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+    logger.addFilter(not_the_cuda_home_guess)
+    try:
+        import torch.utils.cpp_extension as module
+    finally:
+        logger.removeFilter(not_the_cuda_home_guess)
+    return module
 
 
 def cache_dir() -> Path:
@@ -92,30 +115,23 @@ def source_snapshot(variant: str) -> dict[str, bytes]:
 def cuda_home() -> str | None:
     """The CUDA toolkit as torch finds it: ``$CUDA_HOME`` (or ``$CUDA_PATH``), else the ``nvcc`` on PATH, else
     /usr/local/cuda; None when there is none."""
-    import torch.utils.cpp_extension as cpp_extension
-
-    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
-
-
-def configure_cuda_toolkit() -> None:
-    """Prepare torch's extension builder for a CUDA build: keep its CUDA home in step with ``$CUDA_HOME`` (torch
-    reads it once, at import), and set ``TORCH_CUDA_ARCH_LIST`` to 9.0 when unset and no GPU is visible to
-    detect one (torch then fails with an IndexError)."""
-    import torch.utils.cpp_extension as cpp_extension
-
-    if "CUDA_HOME" in os.environ:
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension().CUDA_HOME
 
 
 def build_flags(variant: str) -> dict:
-    """Everything besides the sources that decides what the build of ``variant`` produces (part of its key)."""
+    """Everything besides the sources that decides what the build of ``variant`` produces (part of its key).
+
+    For ``cuda`` it also prepares torch's builder: its CUDA home follows ``$CUDA_HOME`` (torch reads it once,
+    at import), and ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0 when no GPU is visible (torch would fail with an
+    IndexError looking for one)."""
     defines = ["-DGSPN_WITH_CUDA"] if variant == "cuda" else []
     flags = {"variant": variant, "torch": torch.__version__, "python": sys.version.split()[0],
              "cxx": os.environ.get("CXX", "c++"), "ldflags": LDFLAGS}
     if variant == "cuda":
-        configure_cuda_toolkit()
+        if "CUDA_HOME" in os.environ:
+            cpp_extension().CUDA_HOME = os.environ["CUDA_HOME"]
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
         for folder in _missing_cuda_library_headers():
             defines += ["-isystem", str(folder)]
         flags.update(cuda_home=cuda_home(), torch_cuda=torch.version.cuda,
@@ -133,11 +149,6 @@ def build_key(snapshot: dict[str, bytes], flags: dict) -> str:
     return digest.hexdigest()
 
 
-def build_folder(variant: str, key: str) -> Path:
-    """The cache folder of the build of ``variant`` with ``key``."""
-    return cache_dir() / f"dit_gspn_{variant}-{key[:16]}"
-
-
 def finished_library(folder: Path, key: str) -> Path | None:
     """The library of the finished build in ``folder`` when its record names ``key`` and the library's sha256
     matches the record; None for a missing, unfinished, foreign or damaged build."""
@@ -151,27 +162,25 @@ def finished_library(folder: Path, key: str) -> Path | None:
     return library
 
 
-def build(variant: str, verbose: bool = False) -> Path:
+def build(variant: str, verbose: bool = False) -> Build:
     """Load ``variant`` into this process, from the cache when a finished build of the same sources and flags is
-    there, else compiling it first (under the build folder's lock); return its library's path.
+    there, else compiling it first (under the build folder's lock).
 
-    Raises RuntimeError (with the compiler's output) when the build fails, and when another
-    variant is already loaded in this process.
+    Raises RuntimeError when the build fails (one line: the compiler's first error and the log holding its
+    whole output), and when another variant is already loaded in this process.
     """
     global _loaded
     if variant not in ("cpu", "cuda"):
         raise ValueError(f"variant must be 'cpu' or 'cuda', got {variant!r}")
     if _loaded is not None:
         if _loaded.variant == variant:
-            return _loaded.library
-        raise RuntimeError(
-            f"the {_loaded.variant!r} gspn extension is already loaded in this process; "
-            f"the {variant!r} one defines the same ops: build it in a fresh process"
-        )
+            return _loaded
+        raise RuntimeError(f"the {_loaded.variant!r} gspn kernels are already loaded in this process; the "
+                           f"{variant!r} ones register the same ops: build them in a fresh process")
     snapshot = source_snapshot(variant)
     flags = build_flags(variant)
     key = build_key(snapshot, flags)
-    folder = build_folder(variant, key)
+    folder = cache_dir() / f"dit_gspn_{variant}-{key[:16]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         library = finished_library(folder, key)
@@ -180,16 +189,12 @@ def build(variant: str, verbose: bool = False) -> Path:
             library = _compile(variant, folder, snapshot, flags, key, verbose)  # loads it too
         else:
             torch.ops.load_library(str(library))
-    _loaded = LoadedBuild(variant, library, key, compiled)
-    for hook in _hooks:
-        hook()
-    return library
+    _loaded = Build(variant, library, key, compiled)
+    return _loaded
 
 
 def _compile(variant: str, folder: Path, snapshot: dict[str, bytes], flags: dict, key: str, verbose: bool) -> Path:
     """Compile ``snapshot`` in a clean ``folder``, load the library, then write the record that finishes the build."""
-    import torch.utils.cpp_extension as cpp_extension
-
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished or damaged build: start clean
     src = folder / "src"
@@ -198,18 +203,19 @@ def _compile(variant: str, folder: Path, snapshot: dict[str, bytes], flags: dict
         (src / name).write_bytes(content)
     name = f"dit_gspn_{variant}"
     compiled = {p.relative_to(CSRC).as_posix() for p in sources(variant)}
-    path = cpp_extension.load(
-        name=name,
-        sources=[str(src / n) for n in sorted(snapshot) if n in compiled],
-        extra_cflags=flags["cflags"],
-        extra_cuda_cflags=flags.get("cuda_cflags"),
-        extra_ldflags=flags["ldflags"],
-        extra_include_paths=[str(src)],
-        build_directory=str(folder),
-        with_cuda=variant == "cuda",
-        is_python_module=False,
-        verbose=verbose,
-    )
+    try:
+        path = cpp_extension().load(
+            name=name, sources=[str(src / n) for n in sorted(snapshot) if n in compiled],
+            extra_cflags=flags["cflags"], extra_cuda_cflags=flags.get("cuda_cflags"), extra_ldflags=flags["ldflags"],
+            extra_include_paths=[str(src)], build_directory=str(folder), with_cuda=variant == "cuda",
+            is_python_module=False, verbose=verbose,
+        )
+    except Exception as exc:
+        log = folder / BUILD_LOG
+        log.write_text(f"{exc}\n")
+        # The diagnostic names the build's copy of a source: name the user's file instead.
+        first = _first_error(str(exc)).replace(f"{src}/", f"{CSRC}/")
+        raise RuntimeError(f"{first} (the whole output: {log})") from exc
     library = Path(path) if path else folder / f"{name}.so"
     record = {"key": key, "library": library.name, "sha256": sha256_file(library), "flags": flags,
               "sources": sorted(snapshot), "built_from": str(CSRC), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -231,80 +237,35 @@ def _missing_cuda_library_headers() -> list[Path]:
     return sorted(p for p in site.glob("*/include") if (p / "cusparse.h").exists())
 
 
-def _variant_for(device_type: str) -> str:
-    # A process with a GPU loads the CUDA variant for both devices: it holds the CPU kernels too.
-    if device_type == "cuda" or (device_type == "cpu" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
 def load(device_type: str) -> bool:
-    """True when the ``torch.ops.gspn`` kernels for ``device_type`` ("cpu" or "cuda") are loaded.
-
-    Builds the matching variant on first use. On a failed build it warns once, naming the
-    cause (the compiler's last lines), and returns False from then on. Other device types, and
-    a variant that cannot join the one already loaded, answer False without a warning.
-    """
+    """True when the ``torch.ops.gspn`` kernels for ``device_type`` ("cpu" or "cuda") are loaded; other device
+    types answer False. Builds the variant on first use (a process with a GPU loads the ``cuda`` one for both
+    devices); a failed build warns once and answers False from then on."""
     if device_type not in ("cpu", "cuda"):
         return False
-    variant = _variant_for(device_type)
-    if _loaded is not None:
-        # The CUDA variant serves CPU tensors too; the CPU variant cannot serve CUDA tensors.
-        return _loaded.variant in (variant, "cuda")
-    if variant in _failed:
-        return False
+    if _loaded is not None and _loaded.variant == "cuda":
+        return True  # the CUDA variant holds the CPU kernels too
+    return _load_once("cuda" if device_type == "cuda" or torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def _load_once(variant: str) -> bool:
     try:
         build(variant)
     except Exception as exc:  # noqa: BLE001 -- any build failure means: fall back, say why once
-        _failed[variant] = _last_lines(str(exc))
-        warnings.warn(
-            f"dit_gspn: could not build the {variant} scan kernels from {CSRC}; falling back to the "
-            f"next implementation (the PyTorch reference). Cause:\n{_failed[variant]}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"dit_gspn: the {variant} scan kernels did not build: {_first_error(str(exc))}; using the "
+                      f"PyTorch implementations instead", RuntimeWarning, stacklevel=3)
         return False
     return True
 
 
-def require_kernels(op: str, impl: str, device: torch.device, ready, fallback: str) -> None:
-    """Raise an error a user can act on when ``impl`` ("cpu" / "cuda") was asked for explicitly but cannot run:
-    the tensors are on another device, or the compiled kernels did not build or load (``ready()``, called
-    only once the device matches, so a mismatch never starts a build)."""
-    if device.type != impl:
-        raise ValueError(f"{op}: impl={impl!r} needs {impl} tensors, got tensors on {device}")
-    if not ready():
-        raise RuntimeError(
-            f"{op}: impl={impl!r} was asked for but the compiled {impl} kernels did not build or load (see the "
-            f"warning above, or run `python -m dit_gspn.ops.build{' --cuda' if impl == 'cuda' else ''}`); use "
-            f"impl=None or {fallback!r}"
-        )
+def _first_error(output: str) -> str:
+    """The compiler's first diagnostic in ``output`` (``file:line:col: error: ...``, nvcc's ``file(line): error:``),
+    else its last line."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()] or ["no output"]
+    return next((line for line in lines if re.search(r"(:|\)) (fatal )?error( [A-Z]?\d+)?:", line)), lines[-1])
 
 
-def loaded_variant() -> str | None:
-    """The variant loaded in this process ("cpu", "cuda"), or None."""
-    return _loaded.variant if _loaded is not None else None
-
-
-def loaded_build() -> LoadedBuild | None:
-    """The build loaded in this process (and whether this process compiled it), or None."""
+def loaded_build() -> Build | None:
+    """The build loaded in this process, or None."""
     return _loaded
-
-
-def on_load(hook) -> None:
-    """Run ``hook()`` once the library is loaded (now, if it already is): Python-side op registrations."""
-    _hooks.append(hook)
-    if _loaded is not None:
-        hook()
-
-
-def _last_lines(text: str, n: int = 20) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return "\n".join(lines[-n:])
-
-
-def timed_build(variant: str, verbose: bool = False) -> tuple[Path, float]:
-    """Build ``variant`` and return (library path, seconds it took)."""
-    start = time.perf_counter()
-    path = build(variant, verbose=verbose)
-    return path, time.perf_counter() - start

@@ -10,10 +10,12 @@ layout, each gated by its ``u`` and summed. Implementations (``impl``):
   (the unfused baseline: materialised flips/transposes, normalised gates, four scans);
 - ``"cpu"`` / ``"cuda"``: the fused compiled kernels (``csrc/cpu/gspn_scan_cpu.cpp``,
   ``csrc/cuda/gspn_scan_cuda.cu``), torch custom ops ``gspn::gspn_scan_fwd`` / ``gspn_scan_bwd``
-  with autograd and fake-tensor registrations, so ``torch.compile(fullgraph=True)`` traces them;
-- ``None``: the fused kernel of the tensors' device, or ``"composed"`` where it cannot run (it did
-  not build: the extension loader then warns once, naming the cause; on CUDA, float64 or lines
-  longer than ``dispatch.CUDA_MAX_LANES``). :mod:`dit_gspn.ops.dispatch` decides, as for line_scan.
+  whose schemas, autograd and fake tensors this module defines, so ``torch.compile(fullgraph=True)``
+  traces them;
+- ``None``: the fused kernel of the tensors' device, or ``"composed"`` where it cannot run or is not
+  trusted (it did not build, or disagreed with the reference in its self-check on this device: a warning
+  says so once; on CUDA, float64 or lines longer than ``dispatch.CUDA_MAX_LANES``).
+  :mod:`dit_gspn.ops.dispatch` decides, as for line_scan.
 
 To force one implementation everywhere ``impl=None`` is used (the model's mixer, for the fused
 against composed benchmark) without touching the model, use the context manager
@@ -84,7 +86,14 @@ def describe(t) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Python side of the custom ops, registered once the compiled library is loaded.
+# The custom ops: schemas, fake tensors and autograd, defined at import (the kernels attach when loaded).
+
+# Every gate tensor (B, 4, G, H, W); gl, gc, gr raw logits; chunk = 0 scans the whole map. The backward returns
+# (dx, dlam, dgl, dgc, dgr, du) from grad_y and the forward's inputs (it recomputes the states).
+torch.library.define("gspn::gspn_scan_fwd",
+                     "(Tensor x, Tensor lam, Tensor gl, Tensor gc, Tensor gr, Tensor u, int chunk) -> Tensor")
+torch.library.define("gspn::gspn_scan_bwd", "(Tensor grad_y, Tensor x, Tensor lam, Tensor gl, Tensor gc, Tensor gr, "
+                     "Tensor u, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -94,10 +103,12 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+@torch.library.register_fake("gspn::gspn_scan_fwd")
 def _fake_forward(x, lam, gl, gc, gr, u, chunk):
     return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
+@torch.library.register_fake("gspn::gspn_scan_bwd")
 def _fake_backward(grad_y, x, lam, gl, gc, gr, u, chunk):
     d_x = torch.empty_like(x, memory_format=output_memory_format(x))
     return (d_x, *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (lam, gl, gc, gr, u)))
@@ -116,4 +127,4 @@ def _backward(ctx, grad_y):
     return (*grads, None)
 
 
-dispatch.register_op("gspn_scan", _fake_forward, _fake_backward, _backward, _setup_context)
+torch.library.register_autograd("gspn::gspn_scan_fwd", _backward, setup_context=_setup_context)

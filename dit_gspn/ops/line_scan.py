@@ -1,8 +1,9 @@
 """``line_scan``: the GSPN row scan, dispatched to the compiled CPU/CUDA kernel or the PyTorch reference.
 
-The compiled kernels are the torch custom ops ``gspn::line_scan_fwd`` and ``gspn::line_scan_bwd``
-(``csrc/``); this module gives them autograd (all five inputs) and fake-tensor shapes, so
-``torch.compile(fullgraph=True)`` traces through :func:`line_scan`.
+The compiled kernels are the torch custom ops ``gspn::line_scan_fwd`` and ``gspn::line_scan_bwd``. This
+module defines them (schemas, fake tensors, autograd for all five inputs) when it is imported; the kernels
+in ``csrc/`` attach to them when the library is loaded. So ``torch.compile(fullgraph=True)`` traces through
+:func:`line_scan`.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def line_scan(x, lam, wl, wc, wr, chunk: int | None = None, impl: str | None = N
             ``lam * x``); None scans the whole height.
         impl: "reference" (pure PyTorch), "cpu" or "cuda" (the compiled kernels; must match
             the tensors' device). None picks the compiled kernel of the tensors' device when it
-            builds and loads and can run (rows of at most dispatch.CUDA_MAX_LANES on CUDA), else the
-            reference (after one warning naming a build failure); dit_gspn.ops.dispatch decides.
+            builds, can run (rows of at most dispatch.CUDA_MAX_LANES on CUDA) and passed its
+            self-check on this device, else the reference (a build failure or a failed check is
+            named once in a warning); dit_gspn.ops.dispatch decides.
 
     Returns:
         h, contiguous, of the inputs' shape and dtype. Differentiable in all five inputs;
@@ -64,13 +66,20 @@ def _check_args(tensors, chunk) -> None:
             raise TypeError(f"line_scan: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
 
 
-# --- autograd and fake tensors of the compiled ops, registered once the library is loaded -------
+# --- the custom ops: schemas, fake tensors and autograd, defined at import ------------------------
+
+# chunk = 0 runs the whole height. The backward returns (dx, dlam, dwl, dwc, dwr) from grad_h and the forward's h.
+torch.library.define("gspn::line_scan_fwd", "(Tensor x, Tensor lam, Tensor wl, Tensor wc, Tensor wr, int chunk) -> Tensor")
+torch.library.define("gspn::line_scan_bwd", "(Tensor grad_h, Tensor h, Tensor x, Tensor lam, Tensor wl, Tensor wc, "
+                     "Tensor wr, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
+@torch.library.register_fake("gspn::line_scan_fwd")
 def _fake_fwd(x, lam, wl, wc, wr, chunk):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("gspn::line_scan_bwd")
 def _fake_bwd(grad_h, h, x, lam, wl, wc, wr, chunk):
     return tuple(x.new_empty(x.shape) for _ in range(5))
 
@@ -87,4 +96,4 @@ def _backward(ctx, grad_h):
     return (*grads, None)
 
 
-dispatch.register_op("line_scan", _fake_fwd, _fake_bwd, _backward, _setup_context)
+torch.library.register_autograd("gspn::line_scan_fwd", _backward, setup_context=_setup_context)
