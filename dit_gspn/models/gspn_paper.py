@@ -18,7 +18,7 @@ Two switches say which of the authors' networks is built:
   four copies [x, x^T, flip(x), flip(x^T)] left to right, multiplies each by u_d (and adds D_d * copy) at the
   *array* position, and sums the four without mapping them back, so only the left-right scan lands on its
   own pixels. It needs a square token grid. ``"aligned"``: each direction's output on the pixels its gates
-  were computed for (the fused :func:`dit_gspn.ops.gspn_proxy_scan`), any grid: the default for new training.
+  were computed for (the fused :func:`dit_gspn.ops.gspn_scan`), any grid: the default for new training.
 - ``chunk`` and ``global_layers``: the scans restart every ``chunk`` steps except in the last
   ``global_layers`` blocks. Their code meant chunk 2 with the last 2 out-blocks global (the default here);
   as released, every block scans with chunk 2 (``global_layers=0``: the block passes its argument, not its
@@ -150,9 +150,9 @@ class GSPNPaperMixer(TokenMixer):
         gates = _channel_first(self.gate_proj(p), h, w).view(B, 3, NUM_DIRECTIONS, C, h, w)
         gl, gc, gr = gates.unbind(1)
         if self.directions == "aligned":
-            p_map = _channel_first(p, h, w)
-            y = ops.gspn_proxy_scan(_tokens_to_map(x, h, w), p_map, self.lam_proj.weight,
-                                    self._merged(self.u_proj), gl, gc, gr, chunk=self.chunk)
+            maps = F.linear(p, torch.cat([self.lam_proj.weight, self._merged(self.u_proj)]))
+            lam, u = _channel_first(maps, h, w).view(B, 2, NUM_DIRECTIONS, C, h, w).unbind(1)
+            y = ops.gspn_scan(_tokens_to_map(x, h, w), lam, gl, gc, gr, u, chunk=self.chunk)
             skip = F.linear(p, self._merged(self.skip_proj).view(NUM_DIRECTIONS, C, -1).sum(0))
             return torch.addcmul(_map_to_tokens(y), skip, x)
         if h != w:
