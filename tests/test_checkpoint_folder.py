@@ -180,3 +180,22 @@ def test_a_real_full_disk_is_named_whichever_writer_hits_it(tmp_path):
             assert _files(first) == kept
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_resume_path_that_is_not_a_complete_checkpoint_says_what_it_is(tmp_path):
+    from dit_gspn.checkpoint import CheckpointError, check_checkpoint_folder
+    from dit_gspn.cli import MissingFileError
+
+    _, write = _writer_and_write(tmp_path / "run")
+    done = write(2)
+    unfinished = tmp_path / "run" / "checkpoints" / "0000004"
+    unfinished.mkdir()
+    assert check_checkpoint_folder(done) == done
+    listed = r".*complete ones under .*: \['0000002'\]"
+    for path, error, pattern in ((tmp_path / "none", MissingFileError, "does not exist" + listed),
+                                 (done / "trainer_state.json", CheckpointError, "is a file" + listed),
+                                 (tmp_path / "run", CheckpointError, f"is a run folder, not a checkpoint: .*the newest "
+                                                                     f"complete one is {done}"),
+                                 (unfinished, CheckpointError, "is not a complete training checkpoint" + listed)):
+        with pytest.raises(error, match=f"{path} {pattern}"):
+            check_checkpoint_folder(path, tmp_path / "run")
