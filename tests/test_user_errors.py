@@ -651,7 +651,7 @@ def read_only_folder(tmp_path):
     if mounted.returncode:
         pytest.skip(f"root writes into a 0o555 folder and a read-only tmpfs cannot be mounted: {mounted.stderr}")
     yield folder
-    subprocess.run(["umount", str(folder)], check=False)
+    subprocess.run(["umount", "--lazy", str(folder)], check=False)
 
 
 @pytest.fixture
