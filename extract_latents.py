@@ -7,10 +7,14 @@ Re-running the same command skips the shards already written.
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from dit_gspn.cli import ArgumentParser, run_main
+from dit_gspn.cli import MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, run_main
 from dit_gspn.data.extract import DEFAULT_VAE, LATENT_SCALE, extract_latents
+
+#: The most data-loader workers: four per CPU of this machine (more only compete for the same cores).
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 
 
 def main(argv=None) -> int:
@@ -28,9 +32,13 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling from the VAE posterior")
     args = parser.parse_args(argv)
-    for flag, least in (("image_size", 1), ("shard_size", 1), ("batch_size", 1), ("num_workers", 0)):
-        if getattr(args, flag) < least:
-            parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    for flag, least, most in (("image_size", 1, MAX_IMAGE_SIDE), ("shard_size", 1, None), ("batch_size", 1, None),
+                              ("num_workers", 0, MAX_WORKERS), ("seed", 0, MAX_SEED)):
+        value = getattr(args, flag)
+        if value < least or (most is not None and value > most):
+            shown = "2**63 - 1" if most == MAX_SEED else most
+            parser.error(f"--{flag.replace('_', '-')} must be >= {least}" + (f" and <= {shown}" if most else "")
+                         + f", got {value}")
     if not args.latent_scale > 0:
         parser.error(f"--latent-scale must be > 0, got {args.latent_scale}")
     index = extract_latents(args.data, args.out, vae=args.vae, image_size=args.image_size, flip=args.flip,

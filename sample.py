@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import WEIGHT_FOLDERS
-from dit_gspn.cli import ArgumentParser, OutputExistsError, UserError, check_output_path, run_main
+from dit_gspn.cli import (MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, OutputExistsError, UserError, check_output_path,
+                          run_main)
 from dit_gspn.diffusion import SAMPLERS, check_sampling, default_sampler
 from dit_gspn.diffusion.samplers import SamplerSettingError
 from dit_gspn.diffusion.flow import check_shift
@@ -25,6 +26,12 @@ from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_
 from dit_gspn.sampling.model_loader import checkpoint_sha256, load_model, read_checkpoint_info
 from dit_gspn.sampling.sampler import check_guidance_interval, model_size, sample
 from dit_gspn.vae import decode, load_vae, vae_scale_factor
+
+#: The most samples one grid image holds (a grid is for looking at; --num-samples writes an .npz of any size).
+MAX_GRID_SAMPLES = 10_000
+#: The most samples a batch .npz holds: 200 times ADM's 50,000 (a typo such as 10**12 is refused at once).
+MAX_BATCH_SAMPLES = 10_000_000
+
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
@@ -76,14 +83,21 @@ def check_args(p, args) -> None:
     """The arguments' ranges and combinations, before anything is loaded."""
     if args.image_size is not None and (len(args.image_size) not in (1, 2) or min(args.image_size) < 1):
         p.error(f"--image-size takes H or H W (positive pixels), got {' '.join(map(str, args.image_size))}")
+    if args.image_size is not None and max(args.image_size) > MAX_IMAGE_SIDE:
+        p.error(f"--image-size {' '.join(map(str, args.image_size))}: at most {MAX_IMAGE_SIDE} pixels a side")
     for flag in ("num_steps", "num_heads", "batch_size", "decode_batch_size", "per_class", "num_samples", "guided_channels"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.per_class > MAX_GRID_SAMPLES:
+        p.error(f"--per-class {args.per_class}: a grid holds at most {MAX_GRID_SAMPLES} samples; draw more with "
+                f"--num-samples (an .npz)")
+    if args.num_samples is not None and args.num_samples > MAX_BATCH_SAMPLES:
+        p.error(f"--num-samples {args.num_samples}: at most {MAX_BATCH_SAMPLES} samples in one .npz")
     for option, check, value in (("--guidance-interval", check_guidance_interval, args.guidance_interval),
                                  ("--flow-shift", check_shift, args.flow_shift)):
         try:
@@ -97,6 +111,9 @@ def check_args(p, args) -> None:
         p.error("--classes is for a grid; batch mode (--num-samples) draws classes by --class-mode")
     if args.out is not None:
         suffix = Path(args.out).suffix.lower()
+        if not batch and Path(args.out).is_dir():
+            raise OutputExistsError(f"--out {args.out} is a folder; name the grid image file, e.g. "
+                                    f"{Path(args.out) / 'grid.png'}")
         if batch and suffix != ".npz":
             p.error(f"--out {args.out}: batch mode (--num-samples) writes an .npz")
         if not batch and suffix not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -128,9 +145,12 @@ def check_classes(classes: list[int] | None, num_classes: int) -> None:
 
 
 def grid_classes(args, num_classes: int) -> list[int]:
-    if args.classes is not None:
-        return args.classes
-    return default_grid_classes(num_classes)
+    """The grid's classes (``--classes``, or the model's defaults), at most ``MAX_GRID_SAMPLES`` samples in all."""
+    classes = args.classes if args.classes is not None else default_grid_classes(num_classes)
+    if len(classes) * args.per_class > MAX_GRID_SAMPLES:
+        raise UserError(f"--per-class {args.per_class} x {len(classes)} classes = {len(classes) * args.per_class} "
+                        f"samples: a grid holds at most {MAX_GRID_SAMPLES}; draw more with --num-samples (an .npz)")
+    return classes
 
 
 def main(argv=None) -> int:
@@ -151,9 +171,9 @@ def main(argv=None) -> int:
         check_classes(args.classes, info.num_classes)
     if args.num_samples is not None:
         check_batch_output(args.out or "samples/samples.npz")
-    elif args.out is not None and Path(args.out).is_dir():
-        raise OutputExistsError(f"--out {args.out} is a folder; name the grid image file, e.g. {args.out}/grid.png")
-    check_output_path(args.out or "samples/grid.png")
+    else:
+        grid_classes(args, info.num_classes)  # its size, before the model loads
+        check_output_path(args.out or "samples/grid.png")
 
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae, args.num_heads)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from dit_gspn.cli import ArgumentParser, MissingFileError, run_main
+from dit_gspn.cli import ArgumentParser, MissingFileError, check_input_file, run_main
 
 
 def parse_args(argv=None):
@@ -39,8 +39,13 @@ def parse_args(argv=None):
 
 
 def base_config_path(args) -> Path:
-    """The YAML the run's config starts from: a resumed checkpoint's own config.yaml, else ``--config``."""
+    """The YAML the run's config starts from: a resumed checkpoint's own config.yaml, else ``--config``; a path
+    of the wrong kind (missing, a file for a folder or the reverse, a run folder for a checkpoint) is named."""
     if args.resume not in (None, "latest"):
+        from dit_gspn.checkpoint import check_checkpoint_folder
+
+        if args.config is None:  # with --config, the run's checkpoints are listed once its run_dir is known
+            check_checkpoint_folder(args.resume)
         saved = Path(args.resume) / "config.yaml"
         if saved.is_file():
             if args.config is not None:
@@ -50,7 +55,7 @@ def base_config_path(args) -> Path:
     if args.config is None:
         raise MissingFileError(f"--resume {args.resume}: {Path(args.resume) / 'config.yaml'} does not exist; a "
                                f"training checkpoint holds it (or pass --config with the run's config)")
-    return Path(args.config)
+    return check_input_file(args.config, "--config")
 
 
 def main(argv=None) -> int:

@@ -16,12 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
 DEBUG_ENV = "DIT_GSPN_DEBUG"
 #: The exit code of a user's mistake (argparse's own code for bad arguments).
 USER_ERROR = 2
+#: The largest image side (pixels) a command takes: beyond any model here, so that a typo such as 10**12 is
+#: refused before anything of that size is allocated.
+MAX_IMAGE_SIDE = 16384
+#: The largest seed: seeds are recorded as 64-bit signed integers (torch's and NumPy's seed type).
+MAX_SEED = 2**63 - 1
 
 
 class UserError(Exception):
@@ -54,11 +60,64 @@ def file_in_the_way(path) -> Path | None:
     return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
 
 
-def check_output_path(path, flag: str = "--out") -> None:
-    """Refuse an output path under a file, before any work: ``OutputExistsError`` naming the file."""
+def unwritable_reason(folder) -> str | None:
+    """Why no file can be created in the existing ``folder`` (None if one can): a file is made and removed, which
+    also finds a read-only file system and permissions that ``os.access`` would miss for root."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def _check_location(path: Path, flag: str) -> None:
+    """``path`` can be created: no file in the way and its nearest existing folder writable."""
     blocker = file_in_the_way(path)
     if blocker is not None:
         raise OutputExistsError(f"{flag} {path}: {blocker} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    why = unwritable_reason(existing)
+    if why is not None:
+        raise UserError(f"{flag} {path}: {existing} cannot be written ({why}); choose another location")
+
+
+def check_output_path(path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file that cannot be written: an existing folder at ``path``, a file
+    among its parents, or a nearest existing folder that cannot be written (read-only, no permission). Missing
+    folders are fine (the writer makes them); nothing is created here."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{flag} {path} is a folder, not a file; name a file in it")
+    _check_location(path.parent if path.exists() else path, flag)
+
+
+def check_output_folder(path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: a file at ``path`` or among its
+    parents, or a nearest existing folder that cannot be written. Nothing is created here."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{flag} {path} is a file, not a folder")
+    _check_location(path, flag)
+
+
+def check_input_file(path, what: str) -> Path:
+    """``path`` as a Path if it is an existing file; else a one-line error saying that it is missing or a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} does not exist")
+    return path
+
+
+def check_input_folder(path, what: str) -> Path:
+    """``path`` as a Path if it is an existing folder; else a one-line error saying that it is missing or a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    if not path.is_dir():
+        raise MissingFileError(f"{what} {path} does not exist")
+    return path
 
 
 def debug_requested(argv=None) -> bool:

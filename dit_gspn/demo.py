@@ -9,6 +9,7 @@ No network, no GPU, no VAE: it trains in pixel space on the seeded shapes datase
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,10 +19,30 @@ from pathlib import Path
 # libgomp's default 169 / over 2,400; this 173 / 850; OMP_WAIT_POLICY=PASSIVE 269 / 360.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from dit_gspn.cli import ArgumentParser, run_main  # noqa: E402 (after the OpenMP setting)
+# noqa: E402 below: imported after the OpenMP setting.
+from dit_gspn.cli import ArgumentParser, OutputExistsError, check_input_file, run_main  # noqa: E402
 from dit_gspn.resources import CONFIGS  # noqa: E402
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"
+
+
+def train_longer_command(checkpoint: Path, steps: int) -> str:
+    """The command that continues the demo run from ``checkpoint`` to ``steps`` (its own config.yaml holds the
+    demo's overrides; without the demo's time limit, it trains to that step)."""
+    return (f"python train.py --resume {shlex.quote(str(checkpoint))} train.steps={steps} "
+            f"train.time_limit_minutes=null")
+
+
+def check_new_run_folder(out: Path) -> None:
+    """Refuse an ``--out`` that already holds a demo run, saying how to continue it (the demo has no --resume)."""
+    from dit_gspn.checkpoint import latest_checkpoint, read_trainer_state
+
+    newest = latest_checkpoint(out)
+    if newest is not None:
+        step = read_trainer_state(newest).get("step", 0)
+        raise OutputExistsError(f"--out {out} already holds a demo run (newest checkpoint {newest}): continue it "
+                                f"with `{train_longer_command(newest, 2 * max(step, 1))}`, or choose another "
+                                f"--out (by default each demo run gets a new folder)")
 
 
 def main(argv=None) -> int:
@@ -34,10 +55,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     from dit_gspn.training import load_config, train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(check_input_file(args.config, "--config"), args.overrides)
     limit_minutes = config["train"].get("time_limit_minutes")
     limit = f" or {float(limit_minutes):g} minutes, whichever comes first," if limit_minutes else ""
     config["run_dir"] = args.out or str(Path(config["run_dir"]) / time.strftime("%Y%m%d-%H%M%S"))
+    check_new_run_folder(Path(config["run_dir"]))
     print(f"GSPN-DiT demo: training {config['model']['name']} (hidden {config['model'].get('hidden_size')}, "
           f"depth {config['model'].get('depth')}) for {config['train']['steps']} steps"
           f"{limit} on the built-in shapes dataset ({config['train']['objective']} objective, pixel space, "
@@ -49,9 +71,9 @@ def main(argv=None) -> int:
           f"  checkpoint:    {result.checkpoint}\n"
           f"  sample grid:   {result.grid}\n"
           f"  tensorboard:   tensorboard --logdir {run / 'tensorboard'}\n"
-          f"  sample more:   python sample.py --ckpt {result.checkpoint} --out {run / 'more.png'}\n"
-          f"  train longer:  python train.py --config {args.config} run_dir={run} train.steps="
-          f"{2 * result.step} --resume")
+          f"  sample more:   python sample.py --ckpt {shlex.quote(str(result.checkpoint))} --out "
+          f"{shlex.quote(str(run / 'more.png'))}\n"
+          f"  train longer:  {train_longer_command(result.checkpoint, 2 * result.step)}")
     return 0
 
 

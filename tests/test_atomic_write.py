@@ -53,3 +53,22 @@ def test_a_write_that_ends_replaces_the_file_and_leaves_only_it(tmp_path):
 def test_the_temporary_is_a_hidden_sibling(tmp_path):
     tmp = temporary_sibling(tmp_path / "a.json")
     assert tmp.parent == tmp_path and tmp.name.startswith(".a.json.tmp")
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("Error while serializing: I/O error: No space left on device "
+                                                  "(os error 28)")])
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_old_file_stays(tmp_path, failure):
+    from dit_gspn.atomic_write import DiskFullError
+    from dit_gspn.cli import UserError
+
+    path = tmp_path / "index.json"
+    path.write_text("old content")
+    with pytest.raises(DiskFullError, match=rf"no space left on {tmp_path} while writing index.json") as info:
+        with atomic_write(path) as tmp:
+            tmp.write_text("half of the new con")
+            raise failure
+    assert isinstance(info.value, UserError) and isinstance(info.value, OSError)  # one line; still an OSError
+    assert info.value.__cause__ is failure
+    assert path.read_text() == "old content"
+    assert _folder_names(tmp_path) == {"index.json"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 
 import numpy as np
@@ -99,3 +100,102 @@ def test_a_rewritten_step_replaces_the_old_one_and_only_the_last_k_are_kept(tmp_
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["0000004", "0000006"]
     assert read_trainer_state(tmp_path / "run" / "checkpoints" / "0000006")["loss"] == -1.0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0000004", "0000006"]
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _writer_and_write(root):
+    model, ema, _, optimizer, scheduler = _tiny_run(0)
+    writer = CheckpointWriter(OneProcess(), root, keep_last=3)
+
+    def write(step):
+        return writer.write(step, model=model, ema=ema, optimizer=optimizer, lr_scheduler=scheduler,
+                            sampling_info=SamplingInfo(None, 1.0, (4, 4), 3), config={},
+                            trainer_state={"loss": 0.5}, noise_generator=torch.Generator())
+    return writer, write
+
+
+def test_a_full_disk_removes_the_partial_checkpoint_and_keeps_the_finished_ones(tmp_path, monkeypatch):
+    import errno
+
+    from dit_gspn.checkpoint import CheckpointDiskFullError
+    from dit_gspn.checkpoint import folder as checkpoint_folder
+
+    _, write = _writer_and_write(tmp_path / "run")
+    first = write(2)
+    kept = _files(first)
+    real_save = checkpoint_folder.torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)  # a partial file is there when the error comes
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint_folder.torch, "save", disk_full)
+    with pytest.raises(CheckpointDiskFullError, match=rf"no space left on {tmp_path / 'run' / 'checkpoints'} while "
+                                                      rf"writing checkpoint 4: .*newest: {first}"):
+        write(4)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0000002"]
+    assert _files(first) == kept
+
+    def a_bug(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(checkpoint_folder.torch, "save", a_bug)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # not a disk-full message: the fault keeps its error
+        write(4)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0000002"]
+
+
+def test_a_real_full_disk_is_named_whichever_writer_hits_it(tmp_path):
+    """On a small tmpfs (root only; skipped elsewhere): safetensors and torch.save each run out of space."""
+    import shutil
+    import subprocess
+
+    from dit_gspn.checkpoint import CheckpointDiskFullError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        _, write = _writer_and_write(disk / "run")
+        first = write(2)
+        kept = _files(first)
+        sizes = {name: len(data) for name, data in kept.items()}
+        # Room for everything of a checkpoint up to the optimizer state (4 KiB pages each), not for that: the
+        # failure comes from torch.save, which says only "unexpected pos"; then room for less: from safetensors.
+        before_optimizer = sum(-(-size // 4096) * 4096 for name, size in sizes.items() if not name.startswith(
+            ("optimizer", "lr_scheduler", "trainer_state")))
+        for room, writer_error in ((before_optimizer + 4096, "RuntimeError"), (2048, "SafetensorError")):
+            filler = disk / "filler"
+            filler.unlink(missing_ok=True)
+            filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - room))
+            with pytest.raises(CheckpointDiskFullError, match=r"no space left on .*writing checkpoint 4") as info:
+                write(4)
+            assert type(info.value.__cause__).__name__ == writer_error
+            assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["0000002"]
+            assert _files(first) == kept
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # a failed writer may hold a file open
+
+
+def test_a_resume_path_that_is_not_a_complete_checkpoint_says_what_it_is(tmp_path):
+    from dit_gspn.checkpoint import CheckpointError, check_checkpoint_folder
+    from dit_gspn.cli import MissingFileError
+
+    _, write = _writer_and_write(tmp_path / "run")
+    done = write(2)
+    unfinished = tmp_path / "run" / "checkpoints" / "0000004"
+    unfinished.mkdir()
+    assert check_checkpoint_folder(done) == done
+    listed = r".*complete ones under .*: \['0000002'\]"
+    for path, error, pattern in ((tmp_path / "none", MissingFileError, "does not exist" + listed),
+                                 (done / "trainer_state.json", CheckpointError, "is a file" + listed),
+                                 (tmp_path / "run", CheckpointError, f"is a run folder, not a checkpoint: .*the newest "
+                                                                     f"complete one is {done}"),
+                                 (unfinished, CheckpointError, "is not a complete training checkpoint" + listed)):
+        with pytest.raises(error, match=f"{path} {pattern}"):
+            check_checkpoint_folder(path, tmp_path / "run")

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dit_gspn"
 
 #: Bottom to top; a module may import its own layer and those before it.
 LAYERS = [
-    {"cli", "hashing", "sizes", "seeding", "atomic_write", "resources", "host_memory", "registry"},
+    {"cli", "hashing", "sizes", "seeding", "atomic_write", "folder_lock", "resources", "host_memory", "registry"},
     {"ops"},
     {"models"},
     {"diffusion", "vae"},

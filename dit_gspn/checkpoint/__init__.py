@@ -8,14 +8,16 @@
 
 DiT's and SiT's own ``.pt`` files are another format, read only to sample: ``dit_gspn.sampling.state_dict_file``.
 """
-from .folder import (CONFIG_FILE, WEIGHT_FOLDERS, CheckpointWriter, find_rng_state, is_training_checkpoint,
-                     latest_checkpoint, list_checkpoints, load_lr_scheduler_state, load_optimizer_state,
-                     read_trainer_state, recover_leftovers, resolve_resume)
+from .folder import (CONFIG_FILE, RESUME_KEYS, WEIGHT_FOLDERS, CheckpointDiskFullError, CheckpointWriter,
+                     check_checkpoint_folder, find_rng_state, is_training_checkpoint, latest_checkpoint,
+                     list_checkpoints, load_lr_scheduler_state, load_optimizer_state, read_trainer_state,
+                     recover_leftovers, resolve_resume, rng_file)
 from .rng_state import set_rng_state
 from .safe_load import CheckpointError, load_plain_values, load_weights, state_dict_mismatch
 from .sampling_info import SAMPLING_FILE, SamplingInfo
 
-__all__ = ["CONFIG_FILE", "CheckpointError", "CheckpointWriter", "SAMPLING_FILE", "SamplingInfo", "WEIGHT_FOLDERS",
-           "find_rng_state", "is_training_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "load_lr_scheduler_state", "load_optimizer_state", "load_plain_values", "load_weights",
-           "read_trainer_state", "recover_leftovers", "resolve_resume", "set_rng_state", "state_dict_mismatch"]
+__all__ = ["CONFIG_FILE", "CheckpointDiskFullError", "CheckpointError", "CheckpointWriter", "RESUME_KEYS",
+           "SAMPLING_FILE", "SamplingInfo", "WEIGHT_FOLDERS", "check_checkpoint_folder", "find_rng_state",
+           "is_training_checkpoint", "latest_checkpoint", "list_checkpoints", "load_lr_scheduler_state",
+           "load_optimizer_state", "load_plain_values", "load_weights", "read_trainer_state", "recover_leftovers",
+           "resolve_resume", "rng_file", "set_rng_state", "state_dict_mismatch"]

@@ -19,7 +19,11 @@ mid-write leaves the previous checkpoint as the latest. Rewriting a step that ex
 an older one) moves the old folder to ``.old-<step>`` first; pruning removes ``trainer_state.json`` before
 the rest. ``recover_leftovers`` (run before a run reads its checkpoints) puts back an ``.old-<step>`` whose
 replacement never arrived and removes every other leftover, so a kill at any point costs at most the
-checkpoint being written.
+checkpoint being written. A write that fails (a full disk: ``CheckpointDiskFullError``) removes its
+``.tmp-<step>/`` and leaves every finished checkpoint as it was.
+
+The readers check what they read: a state file that is truncated or holds a key of the wrong type is a
+``CheckpointError`` naming the file and the key, not a traceback from deep inside the resume.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
+
+from dit_gspn.atomic_write import DiskFullError, is_disk_full
+from dit_gspn.cli import MissingFileError
 
 from .rng_state import load_rng_state, numpy_array_globals, rng_state, save_rng_state
 from .safe_load import CheckpointError, load_plain_values
@@ -67,19 +74,37 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def check_checkpoint_folder(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
+    """``path`` if it is a complete training checkpoint; otherwise one line saying what it is instead (missing,
+    a file, a run folder, an unfinished checkpoint) and, given ``run_dir``, which checkpoints that run has."""
+    path = Path(path)
+    known = ""
+    if run_dir is not None:
+        known = (f"; complete ones under {checkpoint_root(run_dir)}: "
+                 f"{[p.name for p in list_checkpoints(run_dir)] or 'none'}")
+    if not path.exists():
+        raise MissingFileError(f"--resume {path} does not exist{known}")
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path} is a file; pass a checkpoint folder "
+                              f"(<run_dir>/checkpoints/<step>){known}")
+    if not (path / STATE_FILE).is_file() and checkpoint_root(path).is_dir():
+        newest = latest_checkpoint(path)
+        raise CheckpointError(f"--resume {path} is a run folder, not a checkpoint: pass one of its checkpoints "
+                              f"(the newest complete one is {newest or 'none'}), or --resume alone with the run's "
+                              f"--config to continue its newest")
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE}){known}")
+    return path
+
+
 def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
     """``None``: start fresh. ``"latest"``: the newest complete checkpoint of ``run_dir`` (fresh if none).
-    Otherwise a checkpoint directory, which must be complete."""
+    Otherwise a checkpoint directory, which must be complete (``check_checkpoint_folder``)."""
     if resume is None:
         return None
     if resume == "latest":
         return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE}); "
-                              f"complete ones under {checkpoint_root(run_dir)}: "
-                              f"{[p.name for p in list_checkpoints(run_dir)] or 'none'}")
-    return path
+    return check_checkpoint_folder(resume, run_dir)
 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:
@@ -101,20 +126,79 @@ def load_optimizer_state(checkpoint: Path) -> dict:
     return load_plain_values(checkpoint / OPTIMIZER_FILE)
 
 
+def _read_json_mapping(path: Path, what: str) -> dict:
+    """The JSON object in ``path``, or a CheckpointError naming the file (missing, truncated, not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is missing, truncated or not JSON ({err}); it holds {what}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not the JSON object of {what}")
+    return data
+
+
+def _is_count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_numbers(value) -> bool:
+    return isinstance(value, list) and all(_is_number(v) for v in value)
+
+
+#: What each key of trainer_state.json must hold, and how to say it.
+TRAINER_STATE_KEYS = {
+    "step": (_is_count, "an integer >= 0"),
+    "epoch": (_is_count, "an integer >= 0"),
+    "batch_in_epoch": (_is_count, "an integer >= 0"),
+    "num_processes": (lambda v: _is_count(v, 1), "an integer >= 1"),
+    "global_micro_batch": (lambda v: _is_count(v, 1), "an integer >= 1"),
+    "grad_accum_steps": (lambda v: _is_count(v, 1), "an integer >= 1"),
+    "loss": (lambda v: v is None or _is_number(v), "a number or null"),
+    "seeding": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+#: The keys a resume needs (a checkpoint's own trainer_state.json always has them).
+RESUME_KEYS = ("step", "epoch", "batch_in_epoch", "num_processes", "global_micro_batch")
+
+
+def _check_keys(data: dict, path: Path, kinds: dict, required=()) -> dict:
+    for key in required:
+        if key not in data:
+            raise CheckpointError(f"{path} lacks the key {key!r} ({kinds[key][1]}); the checkpoint is damaged: "
+                                  f"resume from another one")
+    for key, (fits, want) in kinds.items():
+        if key in data and not fits(data[key]):
+            raise CheckpointError(f"{path}: {key} must be {want}, got {data[key]!r}; the checkpoint is damaged: "
+                                  f"resume from another one")
+    return data
+
+
 def load_lr_scheduler_state(checkpoint: Path) -> dict:
-    """The learning-rate schedule's state: ``lr_scheduler.json``, or the ``.pt`` of a checkpoint from before."""
+    """The learning-rate schedule's state: ``lr_scheduler.json``, or the ``.pt`` of a checkpoint from before;
+    a CheckpointError naming the file and the key when it is damaged."""
     path = checkpoint / LR_SCHEDULER_FILE
     if not path.is_file() and path.with_suffix(".pt").is_file():
-        return load_plain_values(path.with_suffix(".pt"))
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is missing or not JSON ({err}); it holds the learning-rate schedule "
-                              f"of the checkpoint") from err
+        path = path.with_suffix(".pt")
+        state = load_plain_values(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a learning-rate schedule's state")
+    else:
+        state = _read_json_mapping(path, "the learning-rate schedule of the checkpoint")
+    return _check_keys(state, path, {"last_epoch": (lambda v: _is_count(v, -1), "an integer >= -1"),
+                                     "base_lrs": (_is_numbers, "a list of numbers")},
+                       required=("last_epoch", "base_lrs"))
 
 
-def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+def read_trainer_state(checkpoint: Path, required=()) -> dict:
+    """``trainer_state.json`` (step, data position, batch sizes, last loss), each key it holds of the right type
+    and every key in ``required`` present (``RESUME_KEYS`` for a resume); a CheckpointError naming the file and
+    the key otherwise."""
+    path = checkpoint / STATE_FILE
+    state = _read_json_mapping(path, "the checkpoint's step and data position")
+    return _check_keys(state, path, TRAINER_STATE_KEYS, required)
 
 
 def recover_leftovers(run_dir: str | os.PathLike) -> list[str]:
@@ -163,6 +247,10 @@ def write_config(folder: Path, config: dict) -> Path:
     return path
 
 
+class CheckpointDiskFullError(CheckpointError, DiskFullError):
+    """The disk filled up while a checkpoint was written: the partial one is removed, the finished ones kept."""
+
+
 class CheckpointWriter:
     """Writes checkpoints for one run; every process calls ``write`` (it holds the barriers).
 
@@ -172,7 +260,7 @@ class CheckpointWriter:
 
     def __init__(self, accelerator, run_dir: str | os.PathLike, keep_last: int):
         if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")  # validate_config said so
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")  # the config's validate said so
         self.accelerator = accelerator
         self.root = checkpoint_root(run_dir)
         self.keep_last = keep_last
@@ -191,26 +279,35 @@ class CheckpointWriter:
         acc = self.accelerator
         final = self.root / f"{step:07d}"
         tmp = self.root / f".tmp-{step:07d}"
+        failure = None
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a run killed while writing
-            (tmp / "rng").mkdir(parents=True)
-        acc.wait_for_everyone()
-        save_rng_state(rng_state(noise_generator), rng_file(tmp, acc.process_index))
-        if acc.is_main_process:
-            acc.unwrap_model(model).save_pretrained(tmp / "model")
-            ema.save_pretrained(tmp / "ema")
-            for name, module in (extra_weights or {}).items():
-                (tmp / name).mkdir()
-                state = {k: v.contiguous() for k, v in acc.unwrap_model(module).state_dict().items()}
-                save_file(state, str(tmp / name / "model.safetensors"))
-            sampling_info.write(tmp / SAMPLING_FILE)
-            write_config(tmp, config)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            (tmp / LR_SCHEDULER_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=1))
-            # Written last: its presence marks the checkpoint complete.
-            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-        acc.wait_for_everyone()
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a run killed while writing
+                (tmp / "rng").mkdir(parents=True)
+            except Exception as err:  # noqa: BLE001 (every process must learn of it first: see below)
+                failure = err
+        if self._anyone_failed(failure):
+            self._abandon(step, tmp, failure)
+        try:
+            save_rng_state(rng_state(noise_generator), rng_file(tmp, acc.process_index))
+            if acc.is_main_process:
+                acc.unwrap_model(model).save_pretrained(tmp / "model")
+                ema.save_pretrained(tmp / "ema")
+                for name, module in (extra_weights or {}).items():
+                    (tmp / name).mkdir()
+                    state = {k: v.contiguous() for k, v in acc.unwrap_model(module).state_dict().items()}
+                    save_file(state, str(tmp / name / "model.safetensors"))
+                sampling_info.write(tmp / SAMPLING_FILE)
+                write_config(tmp, config)
+                torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+                (tmp / LR_SCHEDULER_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=1))
+                # Written last: its presence marks the checkpoint complete.
+                (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+        except Exception as err:  # noqa: BLE001
+            failure = err
+        if self._anyone_failed(failure):  # also the barrier between the writes and the rename
+            self._abandon(step, tmp, failure)
         if acc.is_main_process:
             if final.exists():  # the same step written again after a resume: the new one replaces it
                 old = self.root / f".old-{step:07d}"
@@ -225,3 +322,27 @@ class CheckpointWriter:
                 remove_checkpoint(stale)
         acc.wait_for_everyone()
         return final
+
+    def _anyone_failed(self, failure: BaseException | None) -> bool:
+        """Whether the write failed on any process; every process calls it (a barrier)."""
+        acc = self.accelerator
+        if getattr(acc, "num_processes", 1) == 1:
+            return failure is not None
+        failed = acc.reduce(torch.tensor(float(failure is not None), device=acc.device), "sum")
+        return bool(failed.item() > 0)
+
+    def _abandon(self, step: int, tmp: Path, failure: BaseException | None):
+        """Remove the partial ``tmp`` (main process) and raise: a CheckpointDiskFullError for a full disk, the
+        error itself otherwise (a fault that keeps its traceback)."""
+        full = failure is not None and is_disk_full(failure, self.root)  # before the partial files go
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None and not full:
+            raise failure
+        if failure is None:
+            raise CheckpointError(f"another process could not write its part of checkpoint {step} under "
+                                  f"{self.root} (its own error says why); the partial {tmp.name} was removed")
+        raise CheckpointDiskFullError(
+            f"no space left on {self.root} while writing checkpoint {step}: the partial {tmp.name} was removed and "
+            f"the finished checkpoints are kept (newest: {self.latest() or 'none'}); free space there, then "
+            f"continue with --resume") from failure

@@ -46,16 +46,41 @@ def save_rng_state(state: dict, path: Path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+#: What to do about an RNG file that cannot be read, said after what is wrong with it.
+_DAMAGED = ("the checkpoint's random streams cannot be put back from it: resume from an older checkpoint, or "
+            "delete the file to continue with re-seeded streams (not an exact continuation)")
+
+
+def _check_rng_tensors(tensors: dict, path: Path) -> None:
+    """Each generator state in ``tensors`` has the dtype and length this torch's generators take."""
+    reference = torch.get_rng_state()
+    expected = {"torch": reference, "noise": torch.Generator().get_state()}
+    for key, like in expected.items():
+        got = tensors.get(key)
+        if got is None:
+            raise CheckpointError(f"{path} has no tensor {key!r}; {_DAMAGED}")
+        if got.dtype != like.dtype or got.shape != like.shape:
+            raise CheckpointError(f"{path}: {key!r} is {got.dtype} of shape {tuple(got.shape)}, a generator state "
+                                  f"is {like.dtype} of shape {tuple(like.shape)}; {_DAMAGED}")
+    keys = tensors.get("numpy_keys")
+    if keys is None or keys.shape != (624,):
+        raise CheckpointError(f"{path}: 'numpy_keys' must hold NumPy's 624 state words; {_DAMAGED}")
+
+
 def load_rng_state(path: Path) -> dict:
-    """The dict ``save_rng_state`` wrote to ``path``."""
+    """The dict ``save_rng_state`` wrote to ``path``; a CheckpointError naming the file and what is wrong with
+    it when it is damaged or holds other tensors."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         version, mt, gauss = json.loads(meta["python"])
         kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+        if len(mt) != 625 or not all(isinstance(v, int) for v in mt):
+            raise ValueError("Python's state must be 625 integers")
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not an RNG state file written by train.py ({err})") from err
+        raise CheckpointError(f"{path} is not an RNG state file written by train.py ({err}); {_DAMAGED}") from err
+    _check_rng_tensors(tensors, path)
     state = {"python": (version, tuple(mt), gauss),
              "numpy": (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
              "torch": tensors["torch"], "noise": tensors["noise"]}

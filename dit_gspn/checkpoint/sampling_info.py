@@ -38,24 +38,42 @@ class SamplingInfo:
 
     @classmethod
     def read(cls, path: str | Path) -> "SamplingInfo":
+        """The SamplingInfo in ``path``; a CheckpointError naming the file and the key when it is missing,
+        truncated, or holds a key of the wrong type."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} holds a {type(raw).__name__}, not the JSON object of a checkpoint's "
+                                  f"sampling settings")
         missing = [k for k in ("vae", "latent_scale", "image_size", "num_classes") if k not in raw]
         if missing:
             raise CheckpointError(f"{path} lacks the key(s) {missing}; expected vae, latent_scale, image_size, "
                                   f"num_classes and class_names")
+
+        def wrong(key: str, want: str):
+            return CheckpointError(f"{path}: {key} must be {want}, got {raw[key]!r}")
+
+        if raw["vae"] is not None and not isinstance(raw["vae"], str):
+            raise wrong("vae", "null (pixel space) or an AutoencoderKL name or folder")
+        scale = raw["latent_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise wrong("latent_scale", "a number > 0")
+        count = raw["num_classes"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise wrong("num_classes", "an integer >= 1")
         size = size_pair(raw["image_size"], f"{path}: image_size", CheckpointError)
         names = raw.get("class_names")
-        if names is not None and len(names) != int(raw["num_classes"]):
-            raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is "
-                                  f"{raw['num_classes']}")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise wrong("class_names", "null or a list of strings")
+        if names is not None and len(names) != count:
+            raise CheckpointError(f"{path}: class_names has {len(names)} entries but num_classes is {count}")
         objective = raw.get("objective", DiffusionObjective.name)
         if objective not in OBJECTIVES:
             raise CheckpointError(f"{path}: objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-        return cls(raw["vae"], float(raw["latent_scale"]), size, int(raw["num_classes"]), names, objective)
+        return cls(raw["vae"], float(scale), size, count, names, objective)
 
     def write(self, path: str | Path) -> None:
         data = asdict(self)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.cli import UserError, check_input_folder
 
 from .transforms import center_crop_arr
 
@@ -67,9 +67,7 @@ class ClassFolderImages(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise MissingFileError(f"image folder {self.root} does not exist")
+        self.root = check_input_folder(root, "image folder")
         self.class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.class_names:
             raise ImageFolderError(f"{self.root} holds no class folders: expected {self.root}/<class>/<image files>")

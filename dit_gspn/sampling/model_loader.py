@@ -51,6 +51,9 @@ def _checkpoint_kind(ckpt: Path, weights: str, model_name: str | None) -> str:
             sit_names = [SIT_PREFIX + n[len("DiT-"):] for n in MODELS if n.startswith("DiT-")]
             raise CheckpointError(f"--model {model_name!r} is not a zoo model; known: "
                                   f"{', '.join([*MODELS, *sit_names])}")
+        if ckpt.is_dir():
+            raise CheckpointError(f"--model {model_name} reads a state-dict .pt file, but {ckpt} is a folder: leave "
+                                  f"out --model to sample a training checkpoint or a save_pretrained folder")
         if not ckpt.is_file():
             raise MissingFileError(f"state-dict file {ckpt} does not exist (e.g. DiT's DiT-XL-2-256x256.pt)")
         return "state_dict"

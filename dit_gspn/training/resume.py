@@ -1,21 +1,24 @@
 """Where a run starts: its folder checked and cleaned, the checkpoint to continue, and what that checkpoint restores.
 
-``open_run_folder`` runs before anything is built: every folder the run writes to is writable, a killed
-run's leftovers are undone, and a resumed checkpoint's config is compared with this one.
+``open_run_folder`` runs before anything is built: every folder the run writes to is writable, the run folder
+is locked for this launch (a second command on it is refused, naming the first), a killed run's leftovers are
+undone, and a resumed checkpoint's config and step are compared with this one's.
 ``read_checkpoint`` loads the weights into the model and its EMA (before ``accelerate.prepare``) and reads
 the rest (position, optimizer, learning-rate schedule, this process's RNG), which ``Restored.apply`` puts
 back once the optimizer is prepared and the streams are seeded.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dit_gspn.checkpoint import (CheckpointError, find_rng_state, latest_checkpoint, load_lr_scheduler_state,
-                                 load_optimizer_state, load_weights, read_trainer_state, recover_leftovers,
-                                 resolve_resume, set_rng_state, state_dict_mismatch)
+from dit_gspn.checkpoint import (RESUME_KEYS, CheckpointError, find_rng_state, latest_checkpoint,
+                                 load_lr_scheduler_state, load_optimizer_state, load_weights, read_trainer_state,
+                                 recover_leftovers, resolve_resume, rng_file, set_rng_state, state_dict_mismatch)
+from dit_gspn.folder_lock import decide_on_main_process, lock_folder
 
 from .config import ConfigError, RunConfig, config_changes, read_saved_config
 from .run_folder import check_writable
@@ -49,21 +52,38 @@ def check_resume_config(checkpoint: Path, config: RunConfig, allow_change: bool,
               f"continuation", flush=True)
 
 
+def check_resume_step(checkpoint: Path, config: RunConfig) -> None:
+    """Refuse to resume a checkpoint that is past ``train.steps`` (the run would end without a step)."""
+    step = read_trainer_state(checkpoint, required=RESUME_KEYS)["step"]
+    if step > config.train.steps:
+        raise ConfigError(f"train.steps={config.train.steps} is below the step of {checkpoint} (step {step}): "
+                          f"raise train.steps to train on from it, or resume an earlier checkpoint")
+
+
 def open_run_folder(config: RunConfig, resume: str | None, allow_config_change: bool, acc) -> Path | None:
-    """Check that every folder the run writes to is writable, undo what a killed run left in its checkpoints,
-    and return the checkpoint to resume (None: a fresh start), its config compared with ``config``."""
+    """Check that every folder the run writes to is writable, lock the run folder for this launch, undo what a
+    killed run left in its checkpoints, and return the checkpoint to resume (None: a fresh start), its config
+    and step compared with ``config``'s."""
     run_dir = Path(config.run_dir)
     check_writable(run_folders(run_dir, config.logging.tensorboard))  # on every process: none waits for a failed one
-    if acc.is_main_process:
+
+    def lock_and_recover():
+        lock_folder(run_dir, "a training run")  # before recovering: a running writer's .tmp- is not a leftover
         for note in recover_leftovers(run_dir):
             print(f"{run_dir / 'checkpoints'}: {note} (left by a run that was stopped while writing)", flush=True)
+
+    decide_on_main_process(acc, lock_and_recover)
     acc.wait_for_everyone()
     checkpoint = resolve_resume(resume, run_dir)
     if resume is None and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
                           f"another run_dir")
+    if resume == "latest" and checkpoint is None and acc.is_main_process:
+        print(f"note: --resume found no complete checkpoint in {run_dir / 'checkpoints'}: starting a fresh run "
+              f"there (check run_dir if you meant to continue another run)", file=sys.stderr, flush=True)
     if checkpoint is not None:
         check_resume_config(checkpoint, config, allow_config_change, acc.is_main_process)
+        check_resume_step(checkpoint, config)
     return checkpoint
 
 
@@ -87,19 +107,28 @@ class Restored:
     num_processes: int          # of the run that wrote it
     optimizer_state: dict
     scheduler_state: dict
-    rng: dict | None            # this process's RNG states; None when the number of processes changed
+    rng: dict | None            # this process's RNG states; None when the number of processes changed, or when
+                                # its file is missing
     seeding: str | None         # how the writing run seeded its streams (``SEEDING``; None: before it existed)
 
     def apply(self, optimizer, lr_scheduler, noise_generator: torch.Generator, acc) -> None:
         """Put the optimizer, schedule and RNG states back (after ``accelerate.prepare`` and the seeding)."""
         try:
             optimizer.load_state_dict(self.optimizer_state)
-        except (ValueError, KeyError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{self.checkpoint / 'optimizer.pt'} does not fit this model's optimizer: "
                                   f"{err}") from err
-        lr_scheduler.load_state_dict(self.scheduler_state)
+        try:
+            lr_scheduler.load_state_dict(self.scheduler_state)
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"the learning-rate schedule in {self.checkpoint} does not fit this run's: "
+                                  f"{err}") from err
         if self.rng is not None:
             set_rng_state(self.rng, noise_generator)
+        elif self.num_processes == acc.num_processes:
+            print(f"note: {rng_file(self.checkpoint, acc.process_index)} is missing: this process's random "
+                  f"streams are re-seeded, so the run is not an exact continuation of {self.checkpoint}",
+                  file=sys.stderr, flush=True)
         elif acc.is_main_process:
             print(f"resuming {self.checkpoint} with {acc.num_processes} processes instead of {self.num_processes}: "
                   f"the data order continues exactly, the noise streams are re-seeded")
@@ -112,7 +141,7 @@ def read_checkpoint(checkpoint: Path, model: torch.nn.Module, ema: torch.nn.Modu
                     acc) -> Restored:
     """Load ``checkpoint``'s weights into ``model`` and ``ema`` and read the rest of its state; a ConfigError
     when this launch's samples per micro-batch (over all processes) differ from the checkpoint's."""
-    state = read_trainer_state(checkpoint)
+    state = read_trainer_state(checkpoint, required=RESUME_KEYS)
     load_model_weights(model, checkpoint / "model", "model")
     load_model_weights(ema, checkpoint / "ema", "EMA")
     if state["global_micro_batch"] != global_micro_batch:

@@ -23,6 +23,7 @@ import torch
 from dit_gspn.checkpoint import CheckpointWriter
 from dit_gspn.cli import UserError
 from dit_gspn.data import ShardError
+from dit_gspn.folder_lock import release_folder
 from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.seeding import Stream, index_generator, index_seed
 
@@ -357,4 +358,8 @@ def train(config: dict | RunConfig, resume: str | None = None, allow_config_chan
     before the model is built. Raises ``NonFiniteLossError`` naming the step and the last good checkpoint
     (``ShardError`` naming the shard rows when the data holds the NaN).
     """
-    return Trainer(parse_config(config), resume, allow_config_change).run()
+    config = parse_config(config)
+    try:
+        return Trainer(config, resume, allow_config_change).run()
+    finally:
+        release_folder(config.run_dir)  # taken by open_run_folder; held while the run lasts
