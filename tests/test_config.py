@@ -133,3 +133,13 @@ def test_a_config_yaml_of_the_previous_format_reads_as_the_same_run(tmp_path):
 def test_every_preset_parses(preset):
     config = parse_config(load_config(preset))
     assert config.logging.sampler in config.objective.samplers()
+
+
+def test_a_damaged_config_yaml_is_named_as_such(tmp_path):
+    """A checkpoint's config.yaml is written whole; one cut short is damage, not a config change."""
+    config = parse_config(load_config(REPO / "configs" / "demo.yaml"))
+    write_config(tmp_path, config.to_dict())
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text[: text.index("model:")])
+    with pytest.raises(ConfigError, match=r"config.yaml lacks the section\(s\) model, .*damaged or truncated"):
+        read_saved_config(tmp_path)

@@ -633,6 +633,11 @@ def read_saved_config(checkpoint: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} is missing; it records the config the checkpoint was trained with")
     saved = upgrade_config(read_yaml(path))
+    missing = [name for name in ("model", "data", "train") if name not in saved]
+    if missing:  # every version wrote these sections whole: one missing is damage, not a change
+        raise ConfigError(f"{path} lacks the section(s) {', '.join(missing)} (damaged or truncated?); it records "
+                          f"the config the checkpoint was trained with: restore it, or resume with --config and "
+                          f"--allow-config-change")
     data = saved.get("data")
     if isinstance(data, dict) and data.get("kind") in DATASETS:
         accepted = set(dataset_options(data["kind"])) | {"kind", "num_workers"}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import CheckpointWriter
+from dit_gspn.checkpoint.folder import checkpoint_root
 from dit_gspn.cli import UserError
 from dit_gspn.data import ShardError
 from dit_gspn.folder_lock import release_folder
@@ -239,7 +240,8 @@ class Trainer:
                 log.step_done(step_loss)
                 if deadline is not None and self.step < total and self._out_of_time(deadline):
                     log.write(f"train.time_limit_minutes={config.train.time_limit_minutes:g} reached: stopping at "
-                              f"step {self.step} of {total}; run again with --resume to continue")
+                              f"step {self.step} of {total}; continue with python train.py --resume "
+                              f"{checkpoint_root(self.run_dir) / f'{self.step:07d}'} train.time_limit_minutes=null")
                     total = self.step
                 if self.step % config.logging.every == 0 or self.step == total:
                     if self.repa is not None:
