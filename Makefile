@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RESULTS ?= benchmarks/results
 # torch.compile's kernels are cached inside the project so repeated runs are fast.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
-# Idle OpenMP threads spin ~10k times, then sleep (dit_gspn/demo.py says why).
+# Idle OpenMP threads spin ~10k times, then sleep (dit_gspn/commands/demo.py says why).
 export GOMP_SPINCOUNT ?= 10000
 # The package finds CUDA as torch does: CUDA_HOME, else the nvcc on PATH. On this project's machines that
 # nvcc is a wrapper in /usr/local/bin (torch would guess /usr/local, which lacks libcudart): name the toolkit.
@@ -31,7 +31,7 @@ test: venv  ## the whole CPU test suite (what CI runs)
 	$(PY) -m pytest -q
 
 demo: venv  ## train a small GSPN-DiT on the built-in dataset, sample a labelled grid, print where it all went
-	$(PY) -m dit_gspn.demo
+	$(VENV)/bin/dit-gspn-demo
 
 build-ext: venv  ## compile the scan kernels ahead of time (CPU; add the CUDA build with `make build-ext CUDA=1`)
 	$(PY) -m dit_gspn.ops.build $(if $(CUDA),--cuda,)

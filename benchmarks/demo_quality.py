@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/demo.py says why)
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/commands/demo.py says why)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

@@ -6,10 +6,11 @@ and what would be right. ``run_main`` prints it as one line and exits with ``USE
 exception is a bug of ours and keeps its traceback. ``--debug`` or ``DIT_GSPN_DEBUG=1`` shows the
 traceback of a user error too.
 
-    from dit_gspn.cli import ArgumentParser, run_main
+    from dit_gspn.cli import ArgumentParser, command
     def main(argv=None) -> int: ...
+    run = command(main)        # the console script (pyproject.toml) and ``python -m``'s entry point
     if __name__ == "__main__":
-        sys.exit(run_main(main))
+        sys.exit(run())
 """
 from __future__ import annotations
 
@@ -142,3 +143,25 @@ def run_main(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def command(main):
+    """The entry point of a command whose ``main(argv=None)`` returns its exit code: ``run_main`` (a user's mistake
+    as one line), and in a launch of several processes (``WORLD_SIZE`` > 1) an exit at once after the process
+    group is destroyed, since gloo workers can abort at interpreter exit even after ``destroy_process_group``.
+    Every entry point is one: the console scripts, ``python -m``, and the checkout's ``train.py`` and friends."""
+
+    def run(argv=None) -> int:
+        code = run_main(main, argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+    run.__doc__ = f"Run ``{main.__module__}.main`` as a command (``dit_gspn.cli.command``)."
+    return run

@@ -1,14 +1,15 @@
-"""The repository's command-line scripts (``train.py``, ``sample.py``, ...) as modules, for tests that call
-their ``main`` in-process (what the command does after its imports)."""
-import importlib.util
+"""The repository's command-line scripts (``train.py``, ``sample.py``, ``extract_latents.py``) as the command
+modules they run, for tests that call their ``main`` in-process or patch what it uses."""
+import importlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: Each script of the checkout -> the command module it runs (``dit_gspn/commands/``).
+COMMANDS = {"train": "dit_gspn.commands.train", "sample": "dit_gspn.commands.sample",
+            "extract_latents": "dit_gspn.commands.extract"}
 
 
 def load_script(name: str):
-    """The entry point ``<name>.py`` of the repository as a module (its ``main`` is what the command runs)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module that ``<name>.py`` of the repository runs (its ``main`` is what the command does)."""
+    assert f"from {COMMANDS[name]} import" in (REPO / f"{name}.py").read_text()
+    return importlib.import_module(COMMANDS[name])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dit_gspn import demo
+from dit_gspn.commands import demo
 from dit_gspn.training import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -92,13 +92,13 @@ def test_the_installed_cpu_kernel_builds_from_its_own_sources_and_runs(installed
 @pytest.mark.slow  # the demo at toy size (2 steps) in a fresh process: about 20 s
 def test_the_installed_demo_trains_from_its_shipped_config(installed, tmp_path):
     config = installed.site / "dit_gspn" / "configs" / "demo.yaml"
-    result = installed("-m", "dit_gspn.demo", "--config", str(config), "--out", str(tmp_path / "run"), *TOY)
+    result = installed("-m", "dit_gspn.commands.demo", "--config", str(config), "--out", str(tmp_path / "run"), *TOY)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert (tmp_path / "run" / "checkpoints" / "0000002" / "ema" / "config.json").is_file()
 
 
 def test_the_installed_demo_finds_its_default_config(installed):
-    result = installed(code="from pathlib import Path; from dit_gspn import demo; print(Path(demo.DEMO_CONFIG).is_file())")
+    result = installed(code="from pathlib import Path; from dit_gspn.commands import demo; print(Path(demo.DEMO_CONFIG).is_file())")
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip() == "True"
 

@@ -18,7 +18,7 @@ LAYERS = [
     {"checkpoint", "data"},
     {"sampling"},
     {"training"},
-    {"demo"},
+    {"commands"},
 ]
 
 

@@ -1137,7 +1137,7 @@ def test_sweep_a_second_extraction_into_the_same_out_is_refused_naming_the_first
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """(run folder, what the demo printed) of a toy demo run."""
-    from dit_gspn import demo
+    from dit_gspn.commands import demo
     import contextlib
     import io
 
@@ -1164,7 +1164,7 @@ def test_sweep_the_demos_train_longer_command_works_as_printed(demo_run, capsys)
 
 
 def test_sweep_demo_mistakes_name_what_the_demo_takes(demo_run, tmp_path, capsys, folder_holder):
-    from dit_gspn import demo
+    from dit_gspn.commands import demo
 
     run, _ = demo_run
     before = snapshot(run)

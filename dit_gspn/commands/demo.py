@@ -3,8 +3,8 @@
 No network, no GPU, no VAE: it trains in pixel space on the seeded shapes dataset
 (``dit_gspn.data.shapes``) with ``configs/demo.yaml``, then prints where everything went.
 
-    python -m dit_gspn.demo                       # about 4.5 minutes on 2 CPU cores
-    python -m dit_gspn.demo train.steps=1000      # any train.py override
+    dit-gspn-demo                       # about 4.5 minutes on 2 CPU cores
+    dit-gspn-demo train.steps=1000      # any train.py override
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # noqa: E402 below: imported after the OpenMP setting.
-from dit_gspn.cli import ArgumentParser, OutputExistsError, check_input_file, run_main  # noqa: E402
+from dit_gspn.cli import ArgumentParser, OutputExistsError, check_input_file, command  # noqa: E402
 from dit_gspn.resources import CONFIGS  # noqa: E402
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -77,5 +77,7 @@ def main(argv=None) -> int:
     return 0
 
 
+run = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run())
