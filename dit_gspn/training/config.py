@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -29,7 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dit_gspn.cli import UserError
 from dit_gspn.diffusion import OBJECTIVES, Objective, check_sampling
 from dit_gspn.diffusion.samplers import SamplerSettingError
-from dit_gspn.registry import Option, UnknownNameError, keyword_options
+from dit_gspn.registry import Option, keyword_options
 from dit_gspn.sampling.sampler import check_guidance_interval
 
 
@@ -375,17 +375,13 @@ def check_options(function, options: dict, where: str, owner: str, *, schema: di
 
 
 def _omegaconf_type(hint):
-    """``hint`` as OmegaConf can check it: a union with None as Optional, other unions and unknown types as Any."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    """``hint`` as OmegaConf can check it: a union with None as Optional, other unions and containers as Any."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         inner = _omegaconf_type(rest[0]) if len(rest) == 1 else Any
         return Optional[inner] if type(None) in args else inner
-    if hint in (int, float, bool, str):
-        return hint
-    if origin in (list, List, tuple, Tuple, dict, Dict):
-        return Any
-    return Any
+    return hint if hint in (int, float, bool, str) else Any
 
 
 def _describe(hint) -> str:
@@ -394,10 +390,7 @@ def _describe(hint) -> str:
     if type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return f"{_describe(rest[0]) if len(rest) == 1 else 'a value'} or null"
-    origin = typing.get_origin(hint)
-    if origin in (tuple, Tuple):
-        return f"{len(args)} numbers, e.g. [0.9, 0.999]" if args and args[0] is float else f"a list of {len(args)}"
-    if origin in (list, List):
+    if typing.get_origin(hint) in (list, List):
         return "a list of integers" if args and args[0] is int else "a list of numbers"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, f"a {hint}")
 
