@@ -205,46 +205,22 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(ModelMixin, ConfigMixin):
-    """Diffusion model with a transformer backbone whose token mixer is GSPN, self-attention or any registered one.
+class DiffusionBackbone(ModelMixin, ConfigMixin):
+    """What the trainer and the samplers ask of a model, as DiT has it; every zoo family subclasses it.
 
-    The first ten arguments are facebookresearch/DiT's; ``input_size`` (the training size of the
-    latent or pixel map) may also be an (H, W) pair. ``mixer`` names the token mixer (``dit_gspn.models.MIXERS``)
-    and ``mixer_kwargs`` its own options (e.g. GSPN's ``chunk``, ``gate_groups``: ``GSPNMixer.for_block``).
-    ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
-    which needs none and then runs at any resolution); it is recomputed for an input whose grid
-    differs from the training grid ``input_size / patch_size``. ``drop_path`` is the stochastic-depth rate of
-    the last block, rising linearly from 0 over the blocks (0: none, DiT's). ``num_classes`` is also the null
-    class id used by label dropout and classifier-free guidance.
+    ``forward(x, t, y)`` and ``forward_with_cfg``; the attributes ``input_size``, ``patch_size``, ``in_channels``,
+    ``out_channels``, ``num_classes``, ``learn_sigma`` and ``pos_embed`` (None without one); the embedders of
+    patches, timesteps and labels (``init_embedders``, their initialisation ``init_embedder_weights``); the input
+    checks, ``unpatchify`` and classifier-free guidance. A family's ``@register_to_config`` constructor calls
+    ``init_embedders`` first, then builds its blocks and final layer.
     """
 
     _supports_gradient_checkpointing = True
 
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        # A config.json written before the mixers had a registry holds GSPN's options as gspn_* arguments.
-        return super().extract_init_dict(upgrade_model_config(config_dict), **kwargs)
-
-    @register_to_config
-    def __init__(
-        self,
-        input_size: int | tuple[int, int] = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        mixer: str = "gspn",
-        mixer_kwargs: dict | None = None,
-        use_pos_embed: bool | None = None,
-        drop_path: float = 0.0,
-    ):
-        super().__init__()
-        MIXERS[mixer]  # an unknown name is an error naming the registered mixers
+    def init_embedders(self, input_size, patch_size: int, in_channels: int, hidden_size: int,
+                       class_dropout_prob: float, num_classes: int, learn_sigma: bool) -> None:
+        """The model's sizes as attributes (``grid_size``: the training grid of tokens) and its three embedders;
+        a ValueError for a training size that the patches do not divide."""
         height, width = size_pair(input_size, "input_size")
         if height % patch_size or width % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -255,70 +231,29 @@ class DiT(ModelMixin, ConfigMixin):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
-        self.mixer = mixer
+        self.grid_size = (height // patch_size, width // patch_size)
         self.gradient_checkpointing = False
-
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.grid_size = (height // patch_size, width // patch_size)
-        if use_pos_embed is None:
-            use_pos_embed = mixer == "attention"
-        if use_pos_embed:
-            # A buffer, not a parameter: it is fixed, but stays in the state dict under DiT's key.
-            self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
-        else:
-            self.pos_embed = None
 
-        drop_rates = [float(drop_path) * i / max(depth - 1, 1) for i in range(depth)]  # 0 .. drop_path
-        self.blocks = nn.ModuleList(
-            DiTBlock(BlockContext(hidden_size, num_heads, i, depth), mlp_ratio, mixer, mixer_kwargs, drop_rates[i])
-            for i in range(depth)
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+    @staticmethod
+    def xavier_linears(module: nn.Module) -> None:
+        """DiT's basic initialisation of one module (``model.apply``): Xavier-uniform Linear weights, zero biases."""
+        if isinstance(module, nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
 
-    def initialize_weights(self) -> None:
-        """DiT's initialisation: Xavier-uniform linears, then zero the adaLN modulations and the final layer.
-
-        Zeroing every block's modulation (hence its gates) and the final projection makes each
-        block the identity and the model output zero at initialisation (adaLN-Zero).
-        """
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        if self.pos_embed is not None:
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid_size).unsqueeze(0))
-
-        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+    def init_embedder_weights(self) -> None:
+        """DiT's initialisation of the embedders: the patch projection as a Linear (not a Conv2d), the label
+        table and the timestep MLP normal with std 0.02."""
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
-
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        for block in self.blocks:
-            block.mixer.reset_parameters()
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
-
-    def positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
-        """(1, h * w, C) sin-cos embedding for ``grid``: the stored one at the training grid."""
-        if tuple(grid) == self.grid_size:
-            return self.pos_embed.to(dtype)
-        return sincos_pos_embed_2d(self.pos_embed.shape[-1], *grid).to(device=device, dtype=dtype).unsqueeze(0)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h * w, p * p * C_out) tokens -> (B, C_out, h * p, w * p) images."""
@@ -330,35 +265,17 @@ class DiT(ModelMixin, ConfigMixin):
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"DiT: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         H, W = x.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"DiT: input size H x W = {H} x {W} is not divisible by the patch size {self.patch_size}")
+            raise ValueError(f"{type(self).__name__}: input size H x W = {H} x {W} is not divisible by the patch size "
+                             f"{self.patch_size}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(f"DiT: expected t and y of shape ({x.shape[0]},) for x of shape {tuple(x.shape)}, "
-                             f"got t {tuple(t.shape)} and y {tuple(y.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected t and y of shape ({x.shape[0]},) for x of shape "
+                             f"{tuple(x.shape)}, got t {tuple(t.shape)} and y {tuple(y.shape)}")
         return t
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) with H, W divisible by the patch size; t: (B,) or scalar timesteps; y: (B,) labels.
-
-        Returns (B, 2C, H, W) when ``learn_sigma`` (epsilon, then the variance interpolation), else (B, C, H, W).
-        """
-        t = self._check_inputs(x, t, y)
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        x = self.x_embedder(x)
-        if self.pos_embed is not None:
-            x = x + self.positional_embedding(grid, x.dtype, x.device)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, grid)
-            else:
-                x = block(x, c, grid)
-        x = self.final_layer(x, c)
-        return self.unpatchify(x, grid)
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = None) -> torch.Tensor:
         """Classifier-free guidance: the batch is the conditional half, then the unconditional half.
@@ -386,3 +303,108 @@ class DiT(ModelMixin, ConfigMixin):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+class DiT(DiffusionBackbone):
+    """Diffusion model with a transformer backbone whose token mixer is GSPN, self-attention or any registered one.
+
+    The first ten arguments are facebookresearch/DiT's; ``input_size`` (the training size of the
+    latent or pixel map) may also be an (H, W) pair. ``mixer`` names the token mixer (``dit_gspn.models.MIXERS``)
+    and ``mixer_kwargs`` its own options (e.g. GSPN's ``chunk``, ``gate_groups``: ``GSPNMixer.for_block``).
+    ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
+    which needs none and then runs at any resolution); it is recomputed for an input whose grid
+    differs from the training grid ``input_size / patch_size``. ``drop_path`` is the stochastic-depth rate of
+    the last block, rising linearly from 0 over the blocks (0: none, DiT's). ``num_classes`` is also the null
+    class id used by label dropout and classifier-free guidance.
+    """
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # A config.json written before the mixers had a registry holds GSPN's options as gspn_* arguments.
+        return super().extract_init_dict(upgrade_model_config(config_dict), **kwargs)
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        mixer: str = "gspn",
+        mixer_kwargs: dict | None = None,
+        use_pos_embed: bool | None = None,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        MIXERS[mixer]  # an unknown name is an error naming the registered mixers
+        self.mixer = mixer
+        self.init_embedders(input_size, patch_size, in_channels, hidden_size, class_dropout_prob, num_classes,
+                            learn_sigma)
+        if use_pos_embed is None:
+            use_pos_embed = mixer == "attention"
+        if use_pos_embed:
+            # A buffer, not a parameter: it is fixed, but stays in the state dict under DiT's key.
+            self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
+        else:
+            self.pos_embed = None
+
+        drop_rates = [float(drop_path) * i / max(depth - 1, 1) for i in range(depth)]  # 0 .. drop_path
+        self.blocks = nn.ModuleList(
+            DiTBlock(BlockContext(hidden_size, num_heads, i, depth), mlp_ratio, mixer, mixer_kwargs, drop_rates[i])
+            for i in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier-uniform linears, then zero the adaLN modulations and the final layer.
+
+        Zeroing every block's modulation (hence its gates) and the final projection makes each
+        block the identity and the model output zero at initialisation (adaLN-Zero).
+        """
+
+        self.apply(self.xavier_linears)
+        if self.pos_embed is not None:
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid_size).unsqueeze(0))
+        self.init_embedder_weights()
+
+        for block in self.blocks:
+            block.mixer.reset_parameters()
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        """(1, h * w, C) sin-cos embedding for ``grid``: the stored one at the training grid."""
+        if tuple(grid) == self.grid_size:
+            return self.pos_embed.to(dtype)
+        return sincos_pos_embed_2d(self.pos_embed.shape[-1], *grid).to(device=device, dtype=dtype).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) with H, W divisible by the patch size; t: (B,) or scalar timesteps; y: (B,) labels.
+
+        Returns (B, 2C, H, W) when ``learn_sigma`` (epsilon, then the variance interpolation), else (B, C, H, W).
+        """
+        t = self._check_inputs(x, t, y)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.x_embedder(x)
+        if self.pos_embed is not None:
+            x = x + self.positional_embedding(grid, x.dtype, x.device)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, grid)
+            else:
+                x = block(x, c, grid)
+        x = self.final_layer(x, c)
+        return self.unpatchify(x, grid)

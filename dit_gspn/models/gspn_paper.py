@@ -35,14 +35,12 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 from dit_gspn import ops
 from dit_gspn.ops.reference import to_scan_frame
-from dit_gspn.sizes import size_pair
 
-from .dit import DiT, DropPath, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder
+from .dit import DiffusionBackbone, DropPath, FinalLayer
 from .mixer import BlockContext, TokenMixer, register_mixer
 from .token_grid import check_grid
 from .zoo import register_family
@@ -216,7 +214,7 @@ class GSPNPaperBlock(nn.Module):
         return self.token_mixer(self.norm(residual), grid), residual
 
 
-class GSPNPaper(ModelMixin, ConfigMixin):
+class GSPNPaper(DiffusionBackbone):
     """The GSPN authors' class-conditional diffusion network (U-ViT-like, no MLP, conditioning added once).
 
     ``depth`` is theirs: ``depth // 2`` in-blocks and as many out-blocks around one mid block, so
@@ -226,8 +224,6 @@ class GSPNPaper(ModelMixin, ConfigMixin):
     ``drop_path * (k - 1) / (depth - 1)`` (k >= 1) and the last block's output at ``drop_path`` (0: none).
     The other arguments are DiT's. There is no positional embedding (``pos_embed`` is None).
     """
-
-    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -247,24 +243,12 @@ class GSPNPaper(ModelMixin, ConfigMixin):
         drop_path: float = 0.0,
     ):
         super().__init__()
-        height, width = size_pair(input_size, "input_size")
-        if height % patch_size or width % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if depth < 2 or depth % 2:
             raise ValueError(f"depth must be an even number >= 2 (depth / 2 in-blocks and out-blocks around a mid "
                              f"block), got {depth}")
-        self.input_size = input_size if isinstance(input_size, int) else (height, width)
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
+        self.init_embedders(input_size, patch_size, in_channels, hidden_size, class_dropout_prob, num_classes,
+                            learn_sigma)
         self.pos_embed = None
-        self.gradient_checkpointing = False
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
 
         blocks = depth + 1
         rates = [0.0] + [float(drop_path) * i / (depth - 1) for i in range(depth)]  # the rate for block k's input
@@ -287,19 +271,8 @@ class GSPNPaper(ModelMixin, ConfigMixin):
         mixer's own (:meth:`GSPNPaperMixer.reset_parameters`), and the adaLN final layer zeroed, so that the
         model outputs zero at initialisation."""
 
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self.apply(self.xavier_linears)
+        self.init_embedder_weights()
         for block in self.blocks:
             block.token_mixer.reset_parameters()
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
@@ -310,11 +283,6 @@ class GSPNPaper(ModelMixin, ConfigMixin):
     def blocks(self) -> list[GSPNPaperBlock]:
         """Every block in the order the tokens pass them: in-blocks, mid block, out-blocks."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
-
-    # The sampler-facing contract is DiT's, and so is its code: input checks, unpatchify, guidance.
-    _check_inputs = DiT._check_inputs
-    unpatchify = DiT.unpatchify
-    forward_with_cfg = DiT.forward_with_cfg
 
     def _run(self, block: GSPNPaperBlock, h, residual, grid, skip=None):
         if torch.is_grad_enabled() and self.gradient_checkpointing:
