@@ -58,29 +58,29 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
         return data[IMAGES], (data[LABELS] if LABELS in data.files else None)
 
 
-def _npy_header(member, path) -> tuple[int, ...]:
-    """The shape in ``arr_0.npy``'s header, after checking it is uint8 (N, H, W, 3) in C order."""
+def _npy_header(member, path, key: str = IMAGES) -> tuple[int, ...]:
+    """The shape in ``<key>.npy``'s header, after checking it is uint8 (N, H, W, 3) in C order."""
     try:
         version = np.lib.format.read_magic(member)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(member)
     except (ValueError, EOFError, OSError) as err:
-        raise ImageNpzError(f"{path}: arr_0 has no readable .npy header ({err})") from err
+        raise ImageNpzError(f"{path}: {key} has no readable .npy header ({err})") from err
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-        raise ImageNpzError(f"{path}: arr_0 must be uint8 (N, H, W, 3) in C order (ADM's layout); "
+        raise ImageNpzError(f"{path}: {key} must be uint8 (N, H, W, 3) in C order (ADM's layout); "
                             f"got {dtype} {shape}{' (Fortran order)' if fortran else ''}")
     return tuple(shape)
 
 
-def read_header(path: str | os.PathLike) -> tuple[int, int, int, int]:
-    """``arr_0``'s shape (N, H, W, 3), read from its header alone."""
+def read_header(path: str | os.PathLike, key: str = IMAGES) -> tuple[int, int, int, int]:
+    """The shape (N, H, W, 3) of the images stored as ``key`` (ADM's ``arr_0``), read from its header alone."""
     try:
         with zipfile.ZipFile(path) as archive:
-            if f"{IMAGES}.npy" not in archive.namelist():
-                raise ImageNpzError(f"{path} has no {IMAGES} (ADM's layout keeps the images there); "
+            if f"{key}.npy" not in archive.namelist():
+                raise ImageNpzError(f"{path} has no {key} (ADM's layout keeps the images in {IMAGES}); "
                                     f"keys: {[n.removesuffix('.npy') for n in archive.namelist()]}")
-            with archive.open(f"{IMAGES}.npy") as member:
-                return _npy_header(member, path)
+            with archive.open(f"{key}.npy") as member:
+                return _npy_header(member, path, key)
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise ImageNpzError(f"{path} is not a readable .npz ({type(err).__name__}: {err}); truncated?") from err
 

@@ -3,12 +3,11 @@
 The step ADM's reference batches come from, for the user's own images: every image file under FOLDER
 (recursively, so ImageNet-style class folders too, any sizes), ADM's center crop at ``--image-size``, then
 Inception-v3 features -> FID and sFID statistics (``mu``, ``sigma``, ``mu_s``, ``sigma_s``, with the Inception
-weights' hash) that ``python -m evaluation SAMPLES ref_stats.npz`` takes as the reference; optionally the crops as
-an ADM-style
-``.npz`` (``arr_0``, uint8 N x S x S x 3). A file that does not decode is skipped, never fatal: each is listed in
-``<out>.skipped.txt`` and counted in the summary. Work is saved every ``--chunk-size`` images in
-``<out>.parts/`` (feature sums, crops if asked): run the same command again after a kill and the finished
-chunks are kept.
+weights' hash) that ``python -m evaluation SAMPLES ref_stats.npz`` takes as the reference; optionally the crops
+as an ADM-style ``.npz`` (``arr_0``, uint8 N x S x S x 3). A file that does not decode is skipped, never fatal:
+each is listed in ``<out>.skipped.txt`` and counted in the summary. Work is saved every ``--chunk-size`` images
+in ``<out>.parts/`` (the features' moments, crops if asked): run the same command again after a kill and the
+finished chunks are kept.
 
 The statistics (mean, unbiased covariance: ``np.cov``'s) are accumulated in float64 as ``Moments`` per chunk and
 merged, so an ImageNet-sized folder never holds its features in memory; the crops are streamed into the

@@ -3,7 +3,7 @@ run on (torch-fidelity's Inception-v3 port, a user's extractor file, the demo's 
 statistics files they read and write. The evaluation commands (``python -m evaluation``) and the FID monitor of
 training are built on this package. torch-fidelity is imported where it is used, so the package (and the shapes
 classifier in it) imports on a machine without it."""
-from .evaluate import METRICS, Settings, evaluate, load_extractor, measure, wanted_metrics
+from .scoring import METRICS, Settings, evaluate, load_extractor, measure, wanted_metrics
 from .extractor_file import ExtractorFile
 from .frechet import frechet_distance
 from .inception import LOGITS, POOL, POOL_LAYERS, SPATIAL, InceptionFeatures

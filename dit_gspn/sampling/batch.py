@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dit_gspn.atomic_write import savez_atomically
 from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.cli import OutputExistsError, UserError, check_output_file
-from dit_gspn.image_npz import ImageNpzWriter, read_npz, to_uint8, write_npz  # noqa: F401 (read_npz, write_npz: re-exported)
+from dit_gspn.image_npz import ImageNpzWriter, read_header, read_npz, to_uint8  # noqa: F401 (read_npz: re-exported)
 from dit_gspn.seeding import index_seed
 from dit_gspn.vae import decode
 from dit_gspn.work_folder import MANIFEST, FolderLock, check_manifest, full_disk_is_a_user_error
@@ -103,15 +103,17 @@ def shard_path(shard_dir: Path, shard: int) -> Path:
 
 
 def _shard_done(path: Path, expected: np.ndarray) -> bool:
-    """Whether ``path`` is a finished shard of these indices; a damaged one (truncated, empty, not an npz:
-    no run of ours writes those, writes are atomic) is said so, removed, and drawn again."""
+    """Whether ``path`` is a finished shard of these indices (its images' header read, not the images); a damaged
+    one (truncated, empty, not an npz: no run of ours writes those, writes are atomic) is said so, removed, and
+    drawn again."""
     if not path.is_file():
         return False
     try:
         with np.load(path) as data:
-            if np.array_equal(data["indices"], expected) and len(data["images"]) == len(expected):
-                return True
-            why = "it holds other sample indices"
+            indices = data["indices"]
+        if np.array_equal(indices, expected) and read_header(path, "images")[0] == len(expected):
+            return True
+        why = "it holds other sample indices"
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         why = f"it cannot be read ({type(err).__name__}: {err})"
     print(f"warning: shard {path} is drawn again: {why}", file=sys.stderr, flush=True)
@@ -190,8 +192,7 @@ def assemble(plan: BatchPlan, shard_dir: Path, out: str | Path) -> Path:
             if not np.array_equal(data["labels"], labels[plan.shard_indices(k)]):
                 raise BatchError(f"shard {path} holds other class labels than this run's plan; delete it and run "
                                  f"the same command again")
-    with np.load(paths[0]) as data:
-        height, width = data["images"].shape[1:3]
+    height, width = read_header(paths[0], "images")[1:3]
     with ImageNpzWriter(out, plan.num_samples, height, width, partial=shard_dir / f"{out.name}.partial") as writer:
         for path in paths:
             with np.load(path) as data:

@@ -289,9 +289,9 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
             raise EvalInputError(f"the FID statistics of {a.source.path} and {b.source.path} have different feature "
                                  f"widths ({a.pool['mu'].shape[0]} and {b.pool['mu'].shape[0]}): they come from "
                                  f"different extractors")
-        results["fid"] = frechet_distance(a.pool, b.pool)
+        results["fid"] = frechet_distance(a.pool, b.pool, settings.device)
     if "sfid" in chosen:
-        results["sfid"] = frechet_distance(a.spatial, b.spatial)
+        results["sfid"] = frechet_distance(a.spatial, b.spatial, settings.device)
     if "isc" in chosen:
         results["inception_score"], results["inception_score_std"] = a.measured.score.result()
         used["isc_splits"] = len(a.measured.score.scores)
@@ -309,6 +309,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         write_statistics(save_stats, a.pool, a.spatial, feature_extractor=net.name, weights_sha256=net.sha256,
                          count=first.count or 0, source_sha256=first.sha256)
 
+    layer = settings.feature_layer if isinstance(net, InceptionFeatures) else POOL
     inputs = []
     for side in sides:
         entry = side.source.describe()
@@ -320,7 +321,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         "warnings": warnings,
         "inputs": inputs,
         "settings": dict(asdict(settings), **used, metrics=chosen, feature_extractor=net.name,
-                         prc_features=f"{net.name} {settings.feature_layer if isinstance(net, InceptionFeatures) else POOL}", weights=net.description, weights_sha256=net.sha256,
+                         prc_features=f"{net.name} {layer}", weights=net.description, weights_sha256=net.sha256,
                          torch_fidelity=torch_fidelity.__version__, save_stats=str(save_stats) if save_stats else None),
         "seconds": round(time.perf_counter() - start, 2),
     }
