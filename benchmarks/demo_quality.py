@@ -19,7 +19,7 @@ With ``--seeds`` every model is trained and scored once per seed, and ``summary`
 mean and standard deviation over the seeds.
 
 REPA with the silhouette classifier's conv features as the encoder (``--repa-encoder`` trains one per seed, on
-another seed than the scoring classifiers, and saves it as TorchScript; a model's overrides name it as
+another seed than the scoring classifiers, and saves it as a torch.export program (.pt2); a model's overrides name it as
 ``{repa_encoder}``):
 
     python -m benchmarks.demo_quality --seeds 0 1 2 --repa-encoder --models GSPN-S/4 \
@@ -42,8 +42,8 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/comman
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from dit_gspn.data.shapes_classifier import (save_torchscript, silhouette, silhouette_features,  # noqa: E402
-                                             train_classifier)
+from dit_gspn.metrics.shapes_classifier import silhouette, silhouette_features, train_classifier  # noqa: E402
+from dit_gspn.module_file import save_exported  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
                         help="score these training checkpoints instead of training (e.g. one run's snapshots)")
     parser.add_argument("--repa-encoder", action="store_true",
                         help="train a silhouette classifier per seed (seed 20000 + seed) and save its conv features "
-                             "as TorchScript; model overrides name the file as {repa_encoder}")
+                             "as a torch.export program (.pt2); model overrides name the file as {repa_encoder}")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo_quality.json"))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to both models")
     args = parser.parse_args(argv)
@@ -194,8 +194,8 @@ def main(argv=None) -> dict:
             classifier, encoder_accuracy = train_classifier(size, args.classifier_per_class, args.classifier_epochs,
                                                             seed=20_000 + seed, view=silhouette)
             real_accuracy[seed]["repa_encoder"] = encoder_accuracy
-            encoder_file = str(save_torchscript(silhouette_features(classifier), torch.zeros(2, 3, size, size),
-                                                runs / f"repa_encoder_s{seed}.pt"))
+            encoder_file = str(save_exported(silhouette_features(classifier), torch.zeros(2, 3, size, size),
+                                             runs / f"repa_encoder_s{seed}.pt2"))
         for name in [m.replace("{repa_encoder}", encoder_file) for m in models]:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = runs / f"{name.split(',')[0].replace('/', '_')}-s{seed}-{stamp}"

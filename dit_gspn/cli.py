@@ -121,6 +121,35 @@ def check_input_folder(path, what: str) -> Path:
     return path
 
 
+def _check_writable_folder(folder: Path, flag: str, shown) -> None:
+    """Refuse ``shown`` if ``folder`` (existing or to be made) cannot hold it: a file at or above ``folder``, or
+    a nearest existing folder that cannot be written."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputExistsError(f"{flag} {shown}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{flag} {shown}: {existing} is not writable (read-only, or not yours); choose a "
+                                f"writable location")
+
+
+def check_output_file(path, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder of that name, a file among
+    its parents, a read-only location. Missing parent folders are fine (they are made when it is written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{flag} {path} is a folder; name a file (in it, or elsewhere)")
+    _check_writable_folder(path.absolute().parent, flag, path)
+
+
+def check_output_folder(path, flag: str) -> None:
+    """Refuse, before any work, an output folder that could not be made or written: a file of that name, a
+    file among its parents, a read-only location."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{flag} {path} is a file, not a folder")
+    _check_writable_folder(path.absolute(), flag, path)
+
+
 def debug_requested(argv=None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")

@@ -2,15 +2,16 @@
 
 The step ADM's reference batches come from, for the user's own images: every image file under FOLDER
 (recursively, so ImageNet-style class folders too, any sizes), ADM's center crop at ``--image-size``, then
-Inception-v3 pool features -> FID statistics (``mu``, ``sigma``, with the Inception weights' hash) that
-``python -m evaluation SAMPLES ref_stats.npz`` takes as the reference; optionally the crops as an ADM-style
-``.npz`` (``arr_0``, uint8 N x S x S x 3). A file that does not decode is skipped, never fatal: each is listed in
-``<out>.skipped.txt`` and counted in the summary. Work is saved every ``--chunk-size`` images in
-``<out>.parts/`` (feature sums, crops if asked): run the same command again after a kill and the finished
-chunks are kept.
+Inception-v3 features -> FID and sFID statistics (``mu``, ``sigma``, ``mu_s``, ``sigma_s``, with the Inception
+weights' hash) that ``python -m evaluation SAMPLES ref_stats.npz`` takes as the reference; optionally the crops
+as an ADM-style ``.npz`` (``arr_0``, uint8 N x S x S x 3). A file that does not decode is skipped, never fatal:
+each is listed in ``<out>.skipped.txt`` and counted in the summary. Work is saved every ``--chunk-size`` images
+in ``<out>.parts/`` (the features' moments, crops if asked): run the same command again after a kill and the
+finished chunks are kept.
 
-The statistics are torch-fidelity's (mean, unbiased covariance) accumulated in float64 as sums over chunks,
-so an ImageNet-sized folder never holds its features in memory.
+The statistics (mean, unbiased covariance: ``np.cov``'s) are accumulated in float64 as ``Moments`` per chunk and
+merged, so an ImageNet-sized folder never holds its features in memory; the crops are streamed into the
+``.npz`` one chunk at a time.
 """
 from __future__ import annotations
 
@@ -26,12 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_gspn.atomic_write import savez_atomically
-from dit_gspn.cli import ArgumentParser, MissingFileError, OutputExistsError, check_output_path, run_main
+from dit_gspn.cli import ArgumentParser, MissingFileError, OutputExistsError, check_output_file, command
 from dit_gspn.data.image_folder import UNREADABLE_IMAGE_ERRORS, adm_crop_file
-from dit_gspn.sampling.batch import check_manifest
+from dit_gspn.image_npz import ImageNpzWriter
+from dit_gspn.metrics import POOL, POOL_LAYERS, SPATIAL, EvalInput, EvalInputError, InceptionFeatures, Moments
+from dit_gspn.metrics.inception import ADM_POOL_LAYER, SPATIAL_DIM
+from dit_gspn.metrics.statistics import write_statistics
+from dit_gspn.work_folder import check_manifest
 
-from .fidelity import FEATURE_LAYERS, POOL, InceptionFeatures, write_stats
-from .inputs import EvalInput, EvalInputError
+CHUNK_KEYS = {"pool_count", "pool_mean", "pool_scatter", "spatial_count", "spatial_mean", "spatial_scatter",
+              "skipped"}
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -59,7 +64,7 @@ def _chunk_path(parts: Path, k: int) -> Path:
 def _chunk_done(path: Path) -> bool:
     try:
         with np.load(path) as data:
-            return {"count", "sum", "outer", "skipped"} <= set(data.files)
+            return CHUNK_KEYS <= set(data.files)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         path.unlink(missing_ok=True)  # a damaged chunk (never written by us: writes are atomic) is redone
         return False
@@ -67,10 +72,9 @@ def _chunk_done(path: Path) -> bool:
 
 def process_chunk(files: list[Path], path: Path, extractor: InceptionFeatures, image_size: int,
                   batch_size: int, keep_images: bool, bar) -> None:
-    """Crop, featurise and sum one chunk of files into ``path``; unreadable files go to its ``skipped``."""
-    (layer,) = extractor.layers
-    dim = int(layer)
-    total, outer = np.zeros(dim), np.zeros((dim, dim))
+    """Crop, featurise and summarise one chunk of files into ``path`` (the moments of its pool and spatial
+    features, its crops if kept); unreadable files go to its ``skipped``."""
+    pool, spatial = None, None
     crops, skipped = [], []
     for start in range(0, len(files), batch_size):
         batch = []
@@ -83,55 +87,46 @@ def process_chunk(files: list[Path], path: Path, extractor: InceptionFeatures, i
         if not batch:
             continue
         images = np.stack(batch)
-        features = extractor.batch_features(torch.from_numpy(images).permute(0, 3, 1, 2))[layer].double().numpy()
-        total += features.sum(0)
-        outer += features.T @ features
+        found = extractor(torch.from_numpy(images).permute(0, 3, 1, 2), wanted=(POOL, SPATIAL))
+        pool, spatial = pool or Moments(found[POOL].shape[1]), spatial or Moments(found[SPATIAL].shape[1])
+        pool.add(found[POOL])
+        spatial.add(found[SPATIAL])
         if keep_images:
             crops.append(images)
-    named = dict(count=np.int64(len(files) - len(skipped)), sum=total, outer=outer, skipped=np.asarray(json.dumps(skipped)))
+    pool = pool or Moments(int(extractor.pool_layer))
+    spatial = spatial or Moments(SPATIAL_DIM)
+    named = dict(**pool.to_arrays("pool_"), **spatial.to_arrays("spatial_"), skipped=np.asarray(json.dumps(skipped)))
     if keep_images:
         named["images"] = np.concatenate(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
     savez_atomically(path, **named)
 
 
-def statistics_from_sums(count: int, total: np.ndarray, outer: np.ndarray) -> dict[str, np.ndarray]:
-    """mu and the unbiased covariance (torch-fidelity's, numpy's ``cov``) from the sums of x and x x^T."""
-    mu = total / count
-    sigma = (outer - count * np.outer(mu, mu)) / (count - 1)
-    return {"mu": mu, "sigma": sigma}
-
-
 def write_images_npz(path: Path, chunk_paths: list[Path], count: int, image_size: int) -> None:
     """The crops of every chunk as one ADM-layout ``.npz`` (``arr_0``), streamed: one chunk in memory at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    header = {"descr": "|u1", "fortran_order": False, "shape": (count, image_size, image_size, 3)}
-    with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, \
-            archive.open("arr_0.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, header)
+    with ImageNpzWriter(path, count, image_size, image_size) as writer:
         for chunk in chunk_paths:
             with np.load(chunk) as data:
-                f.write(np.ascontiguousarray(data["images"]).tobytes())
-    tmp.replace(path)
+                if len(data["images"]):
+                    writer.append(data["images"])
 
 
 def build_reference(folder: str | Path, out: str | Path, image_size: int, *, weights=None,
                     images_npz: str | Path | None = None, chunk_size: int = 10_000, batch_size: int = 50,
-                    device: str = "cpu", feature_layer: str = POOL, progress: bool = True) -> dict:
-    """Write ``out`` (FID statistics) and optionally ``images_npz`` from ``folder``; returns a summary dict
-    (count, skipped files with reasons, reused chunks). Resumes from ``<out>.parts/``."""
+                    device: str = "cpu", feature_layer: str = ADM_POOL_LAYER, progress: bool = True) -> dict:
+    """Write ``out`` (FID and sFID statistics) and optionally ``images_npz`` from ``folder``; returns a summary
+    dict (count, skipped files with reasons, reused chunks). Resumes from ``<out>.parts/``."""
     folder, out = Path(folder), Path(out)
-    for target in (out, images_npz):
+    for target, flag in ((out, "--out"), (images_npz, "--images-npz")):
         if target is not None and Path(target).exists():
-            raise OutputExistsError(f"{target} already exists: delete it or choose another path")
+            raise OutputExistsError(f"{flag} {target} already exists: delete it or choose another path")
         if target is not None:
-            check_output_path(target)
+            check_output_file(target, flag)
     files = image_files(folder)
-    extractor = InceptionFeatures(weights, device, (feature_layer,))
+    extractor = InceptionFeatures(weights, device, feature_layer)
     parts = out.with_name(out.name + ".parts")
     listing = listing_sha256(folder, files)
     settings = dict(folder=str(folder.resolve()), image_size=image_size, chunk_size=chunk_size, files=len(files),
-                    listing_sha256=listing, weights_sha256=extractor.weights_sha256, images=images_npz is not None,
+                    listing_sha256=listing, weights_sha256=extractor.sha256, images=images_npz is not None,
                     feature_layer=feature_layer)
     check_manifest(parts, settings, write=True)
     chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
@@ -143,25 +138,25 @@ def build_reference(folder: str | Path, out: str | Path, image_size: int, *, wei
             if not done[k]:
                 process_chunk(chunk, _chunk_path(parts, k), extractor, image_size, batch_size,
                               images_npz is not None, bar)
-    count, total, outer, skipped = 0, 0.0, 0.0, []
+    pool, spatial, skipped = Moments(int(feature_layer)), Moments(SPATIAL_DIM), []
     for k in range(len(chunks)):
         with np.load(_chunk_path(parts, k)) as data:
-            count += int(data["count"])
-            total = total + data["sum"]
-            outer = outer + data["outer"]
+            pool.merge(Moments.from_arrays(data, "pool_"))
+            spatial.merge(Moments.from_arrays(data, "spatial_"))
             skipped += json.loads(str(data["skipped"]))
-    if count < 2:
-        raise EvalInputError(f"{folder}: only {count} of {len(files)} image files could be read; FID statistics "
-                             f"need at least 2 images")
-    write_stats(out, statistics_from_sums(count, total, outer), weights_sha256=extractor.weights_sha256,
-                count=count, source_sha256=listing)
+    if pool.count < 2:
+        raise EvalInputError(f"{folder}: only {pool.count} of {len(files)} image files could be read; FID "
+                             f"statistics need at least 2 images")
+    write_statistics(out, pool.statistics(), spatial.statistics(), feature_extractor=extractor.name,
+                     weights_sha256=extractor.sha256, count=pool.count, source_sha256=listing)
     if images_npz is not None:
-        write_images_npz(Path(images_npz), [_chunk_path(parts, k) for k in range(len(chunks))], count, image_size)
+        write_images_npz(Path(images_npz), [_chunk_path(parts, k) for k in range(len(chunks))], pool.count,
+                         image_size)
     skipped_list = out.with_name(out.name + ".skipped.txt")
     if skipped:
         skipped_list.write_text("\n".join(skipped) + "\n")
     shutil.rmtree(parts)
-    return {"count": count, "files": len(files), "skipped": skipped, "skipped_list": str(skipped_list),
+    return {"count": pool.count, "files": len(files), "skipped": skipped, "skipped_list": str(skipped_list),
             "reused_chunks": reused, "chunks": len(chunks)}
 
 
@@ -174,8 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None, help="Inception-v3 state dict (as python -m evaluation --weights)")
     p.add_argument("--chunk-size", type=int, default=10_000, help="images per resumable chunk")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--feature-layer", choices=FEATURE_LAYERS, default=POOL,
-                   help="Inception features (2048 = the standard pool layer; the evaluator's --feature-layer)")
+    p.add_argument("--feature-layer", choices=POOL_LAYERS, default=ADM_POOL_LAYER,
+                   help="Inception features for FID (2048 = ADM's pool_3; the evaluator's --feature-layer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -204,5 +199,7 @@ def main(argv=None) -> int:
     return 0
 
 
+run = command(main)
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run())

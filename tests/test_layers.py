@@ -1,78 +1,105 @@
-"""No layer of dit_gspn imports one above it (imports inside functions count too)."""
+"""No part of the project imports one above it (imports inside functions count too): the layers of dit_gspn bottom to
+top, then the evaluation jobs and the entry scripts (train.py, sample.py, extract_latents.py) on top of the whole
+package, then benchmarks/, which may import anything and which nothing imports."""
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dit_gspn"
+ROOT = Path(__file__).resolve().parents[1]
 
-#: Bottom to top; a module may import its own layer and those before it.
+#: dit_gspn's layers, bottom to top; a module may import its own layer and those before it.
 LAYERS = [
-    {"cli", "hashing", "sizes", "seeding", "atomic_write", "folder_lock", "resources", "host_memory", "registry"},
+    {"cli", "hashing", "sizes", "seeding", "atomic_write", "folder_lock", "resources", "host_memory", "registry",
+     "image_npz", "work_folder", "module_file"},
     {"ops"},
     {"models"},
     {"diffusion", "vae"},
     {"checkpoint", "data"},
+    {"metrics"},
     {"sampling"},
     {"training"},
     {"commands"},
 ]
+ENTRY_SCRIPTS = ("train", "sample", "extract_latents")
+#: Above every layer of dit_gspn: the evaluation jobs' command line and the entry scripts, then the benchmarks.
+TOP, BENCHMARKS = len(LAYERS), len(LAYERS) + 1
 
 
-def _layer_of(part: str) -> int:
-    return next(i for i, layer in enumerate(LAYERS) if part in layer)
+def _unit(module: str) -> str | None:
+    """The part of the project a dotted module name belongs to (``dit_gspn.<top>``, ``evaluation``, ``benchmarks``
+    or an entry script), or None for anything else (the bare package ``dit_gspn`` included)."""
+    parts = module.split(".")
+    if parts[0] == "dit_gspn":
+        return f"dit_gspn.{parts[1]}" if len(parts) > 1 else None
+    return parts[0] if parts[0] in ("evaluation", "benchmarks", *ENTRY_SCRIPTS) else None
 
 
-def _dit_gspn_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, first part below dit_gspn) of every import of a dit_gspn module in ``path``."""
-    tree = ast.parse(path.read_text())
-    depth = len(path.relative_to(PACKAGE).parts) - 1  # how many folders below dit_gspn the file is
+def _rank(unit: str) -> int:
+    if unit.startswith("dit_gspn."):
+        part = unit.split(".", 1)[1]
+        return next(i for i, layer in enumerate(LAYERS) if part in layer)
+    return BENCHMARKS if unit == "benchmarks" else TOP
+
+
+def _own_unit(path: Path, root: Path = ROOT) -> str | None:
+    parts = path.relative_to(root).with_suffix("").parts
+    return None if parts == ("dit_gspn", "__init__") else _unit(".".join(parts))
+
+
+def _project_imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, unit) of every import of a project module in ``path``, relative imports resolved."""
+    package = list(path.relative_to(root).parts[:-1])
     found = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against the file's own package
-                base = list(path.relative_to(PACKAGE).parts[:-1])[:depth - node.level + 1]
-                module = ".".join(["dit_gspn", *base, *([node.module] if node.module else [])])
-                names = [module] if node.module or base else [f"dit_gspn.{a.name}" for a in node.names]
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                names = ([".".join([*base, node.module])] if node.module else
+                         [".".join([*base, a.name]) for a in node.names])
             else:
                 names = [node.module or ""]
         else:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "dit_gspn" and len(parts) > 1:
-                found.append((node.lineno, parts[1]))
+        found += [(node.lineno, unit) for unit in map(_unit, names) if unit is not None]
     return found
 
 
-def _modules():
-    return sorted(p for p in PACKAGE.rglob("*.py") if "csrc" not in p.parts)
+def _files() -> list[Path]:
+    files = [p for p in (ROOT / "dit_gspn").rglob("*.py") if "csrc" not in p.parts]
+    files += [*(ROOT / "evaluation").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    return sorted(files) + [ROOT / f"{name}.py" for name in ENTRY_SCRIPTS]
 
 
-def test_every_module_is_in_a_layer():
-    tops = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in _modules()} - {"__init__"}
+def test_every_module_of_dit_gspn_is_in_a_layer():
+    tops = {p.relative_to(ROOT / "dit_gspn").parts[0].removesuffix(".py") for p in (ROOT / "dit_gspn").rglob("*.py")
+            if "csrc" not in p.parts} - {"__init__"}
     assert tops <= set().union(*LAYERS)
 
 
-@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_no_module_imports_a_layer_above_its_own(path):
-    own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
-    if own == "__init__":
+@pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_imports_a_part_above_its_own(path):
+    own = _own_unit(path)
+    if own is None:
         return
-    above = [f"line {line}: dit_gspn.{part}" for line, part in _dit_gspn_imports(path)
-             if _layer_of(part) > _layer_of(own)]
-    assert not above, f"{path.relative_to(PACKAGE)} (layer {own}) imports from above: {above}"
+    above = [f"line {line}: {unit}" for line, unit in _project_imports(path) if _rank(unit) > _rank(own)]
+    assert not above, f"{path.relative_to(ROOT)} ({own}) imports from above: {above}"
 
 
-def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+def test_the_check_sees_an_upward_import(tmp_path):
     fake = tmp_path / "dit_gspn"
     (fake / "data").mkdir(parents=True)
     (fake / "data" / "x.py").write_text("def f():\n    from dit_gspn.sampling import sample\n"
-                                        "from ..training import config\n")
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    assert sorted(_dit_gspn_imports(fake / "data" / "x.py")) == [(2, "sampling"), (3, "training")]
+                                        "from ..training import config\nimport evaluation.reference\n")
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "y.py").write_text("from benchmarks import timing\nfrom .reference import main\n")
+    data = _project_imports(fake / "data" / "x.py", tmp_path)
+    assert sorted(data) == [(2, "dit_gspn.sampling"), (3, "dit_gspn.training"), (4, "evaluation")]
+    assert all(_rank(unit) > _rank(_own_unit(fake / "data" / "x.py", tmp_path)) for _, unit in data)
+    top = _project_imports(tmp_path / "evaluation" / "y.py", tmp_path)
+    assert sorted(top) == [(1, "benchmarks"), (2, "evaluation")]
+    assert _rank("benchmarks") > _rank(_own_unit(tmp_path / "evaluation" / "y.py", tmp_path)) == _rank("evaluation")

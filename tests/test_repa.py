@@ -2,6 +2,7 @@
 to the chosen one, never the encoder or what comes after), encoder loading, and training runs with it: off or at
 coefficient 0 the weights are bitwise those of a run without it, and a resumed run is bitwise an uninterrupted one."""
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from dit_gspn.training.repa import PROJECTOR_DIR, RepresentationAlignment, align
 from test_training import fresh_accelerate_state, tiny_config  # noqa: F401 (a fixture)
 
 from dit_gspn.cli import MissingFileError
+from dit_gspn.module_file import save_exported
 
 
 def tiny_encoder() -> nn.Module:
@@ -26,10 +28,9 @@ def tiny_encoder() -> nn.Module:
 
 @pytest.fixture
 def encoder_file(tmp_path):
+    """``tiny_encoder`` as a torch.export program (.pt2)."""
     torch.manual_seed(11)
-    path = tmp_path / "encoder.pt"
-    torch.jit.save(torch.jit.trace(tiny_encoder().eval(), torch.zeros(1, 3, 16, 16)), str(path))
-    return path
+    return save_exported(tiny_encoder(), torch.zeros(2, 3, 16, 16), tmp_path / "encoder.pt2")
 
 
 def test_loss_is_the_mean_negative_cosine_similarity_written_out():
@@ -105,12 +106,24 @@ def test_gradient_reaches_the_projector_and_the_blocks_up_to_the_chosen_one_only
 def test_encoder_specs_and_their_errors(encoder_file, tmp_path, monkeypatch):
     encoder = load_encoder(str(encoder_file))
     assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, 6, 8, 8)
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    # the same network as a TorchScript file still loads, to the same features, without torch's deprecation warning
+    torch.manual_seed(11)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(tiny_encoder().eval(), torch.zeros(1, 3, 16, 16)), str(tmp_path / "enc.pt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scripted = load_encoder(str(tmp_path / "enc.pt"))
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(scripted(images), encoder(images))
     with pytest.raises(EncoderError, match="needs timm"):
         load_encoder("timm:vit_base_patch14_dinov2")
     with pytest.raises(EncoderError, match="neither a file"):
         load_encoder(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_text("not torchscript")
-    with pytest.raises(EncoderError, match="not a TorchScript file"):
+    with pytest.raises(EncoderError, match="neither a torch.export program .* nor a TorchScript file"):
         load_encoder(str(tmp_path / "junk.pt"))
 
     def offline(*args, **kwargs):

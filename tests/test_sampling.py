@@ -24,8 +24,10 @@ from dit_gspn.cli import UserError
 from dit_gspn.models import create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.sampling import sample, save_labelled_grid
-from dit_gspn.sampling.batch import (BatchPlan, check_manifest, class_labels, index_seed, read_npz,
-                                     run_batch, write_npz)
+from dit_gspn.image_npz import read_npz, write_npz
+from dit_gspn.sampling.batch import (MANIFEST_DEFAULTS, BatchPlan, assemble, class_labels, index_seed, run_batch,
+                                     shard_path)
+from dit_gspn.work_folder import MANIFEST, check_manifest
 from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.sampling.model_loader import load_model
 from dit_gspn.vae import DEFAULT_VAE, decode, load_vae, vae_scale_factor
@@ -682,6 +684,88 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(batch_ckpt):
     np.testing.assert_array_equal(labels, ref_labels)
 
 
+def test_the_streamed_npz_is_bitwise_the_file_np_savez_writes_from_whole_arrays(tmp_path):
+    """assemble() writes one shard at a time; the oracle concatenates every shard in memory and calls np.savez."""
+    plan = BatchPlan(num_samples=11, num_classes=3, shard_size=4, seed=2)  # shards of 4, 4 and 3
+    shard_dir = tmp_path / "out.npz.shards"
+    shard_dir.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (11, 6, 10, 3), dtype=np.uint8)
+    for k in range(plan.num_shards):
+        idx = plan.shard_indices(k)
+        np.savez(shard_path(shard_dir, k), images=images[idx], labels=plan.labels()[idx], indices=idx)
+    streamed = assemble(plan, shard_dir, tmp_path / "out.npz")
+    np.savez(tmp_path / "in_memory.npz", images, plan.labels())
+    assert streamed.read_bytes() == (tmp_path / "in_memory.npz").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_memory.npz", "out.npz", "out.npz.shards"]
+    assert sorted(p.name for p in shard_dir.iterdir()) == [f"shard_{k:06d}.npz" for k in range(3)]  # no partial
+
+
+#: Code run before sample.py by ``sample_py_patched``: kill the process after the second shard went into the final
+#: .npz, or after the .npz before its provenance file, or hold it (and the --out's lock) after its first shard.
+KILL_DURING_ASSEMBLY = ("import dit_gspn.image_npz as m\n"
+                        "append = m.ImageNpzWriter.append\n"
+                        "def killing(self, *a):\n"
+                        "    append(self, *a)\n"
+                        f"    if self.written > 2 * {SHARD}: os.kill(os.getpid(), signal.SIGKILL)\n"
+                        "m.ImageNpzWriter.append = killing\n")
+KILL_BEFORE_PROVENANCE = ("import dit_gspn.sampling.batch as m\n"
+                          "m.write_provenance = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n")
+HOLD_AFTER_FIRST_SHARD = ("import time, dit_gspn.sampling.batch as m\n"
+                          "save = m.savez_atomically\n"
+                          "def holding(*a, **k):\n"
+                          "    save(*a, **k)\n"
+                          "    time.sleep(600)\n"
+                          "m.savez_atomically = holding\n")
+
+
+def sample_py_patched(patch: str, *args, popen: bool = False):
+    """sample.py in a subprocess that runs ``patch`` first (one of the constants above): its CompletedProcess,
+    or with ``popen`` the running Popen."""
+    code = (f"import os, runpy, signal, sys\n{patch}sys.argv = ['sample.py', *sys.argv[1:]]\n"
+            f"runpy.run_path({str(REPO / 'sample.py')!r}, run_name='__main__')\n")
+    command = [sys.executable, "-c", code, *map(str, args)]
+    if popen:
+        return subprocess.Popen(command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".partial" in p.name or ".tmp" in p.name)
+
+
+def test_a_kill_during_assembly_then_the_same_command_gives_the_same_file_and_no_partial_one(batch_ckpt, tmp_path):
+    args = ["--ckpt", batch_ckpt / "ckpt", *BATCH_ARGS, "--out", tmp_path / "samples.npz"]
+    killed = sample_py_patched(KILL_DURING_ASSEMBLY, *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "samples.npz").exists() and _leftovers(tmp_path) == ["samples.npz.partial"]
+    done = _sample_py(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "samples.npz").read_bytes() == (batch_ckpt / "ref.npz").read_bytes()
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "samples.npz.shards").exists()
+    assert json.loads((tmp_path / "samples.provenance.json").read_text())["count"] == NUM
+
+
+def test_a_kill_before_the_provenance_file_or_a_deleted_output_is_finished_by_the_same_command(batch_ckpt, tmp_path):
+    out, provenance = tmp_path / "samples.npz", tmp_path / "samples.provenance.json"
+    args = ["--ckpt", batch_ckpt / "ckpt", *BATCH_ARGS, "--out", out]
+    killed = sample_py_patched(KILL_BEFORE_PROVENANCE, *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert out.is_file() and not provenance.exists() and (tmp_path / "samples.npz.shards").is_dir()
+    done = _sample_py(*args)  # the .npz without its provenance beside its shards: this job, unfinished
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == (batch_ckpt / "ref.npz").read_bytes() and provenance.is_file()
+    assert f"skipped {NUM // SHARD} finished" in done.stdout  # nothing was drawn again
+
+    out.unlink()  # the user deletes the samples; the provenance file stays behind
+    again = _sample_py(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "describes no samples.npz any more; it will be replaced" in again.stderr
+    assert out.read_bytes() == (batch_ckpt / "ref.npz").read_bytes()
+    refused = _sample_py(*args)  # finished: the same command now refuses to overwrite it
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
 def test_resume_with_other_settings_is_refused(batch_ckpt):
     shard_dir = batch_ckpt / "other.npz.shards"
     check_manifest(shard_dir, {"cfg_scale": 2.0}, write=True)
@@ -692,9 +776,10 @@ def test_resume_with_other_settings_is_refused(batch_ckpt):
 def test_a_manifest_from_before_the_guidance_interval_and_shift_resumes_with_them_off(batch_ckpt):
     shard_dir = batch_ckpt / "older.npz.shards"
     check_manifest(shard_dir, {"cfg_scale": 2.0}, write=True)  # written without the two newer keys
-    check_manifest(shard_dir, {"cfg_scale": 2.0, "guidance_interval": None, "flow_shift": 1.0}, write=True)
+    newer = {"cfg_scale": 2.0, "guidance_interval": None, "flow_shift": 1.0}
+    check_manifest(shard_dir, newer, write=True, defaults=MANIFEST_DEFAULTS)
     with pytest.raises(ValueError, match=r"flow_shift: 1.0 then, 3.0 now"):
-        check_manifest(shard_dir, {"cfg_scale": 2.0, "guidance_interval": None, "flow_shift": 3.0}, write=True)
+        check_manifest(shard_dir, {**newer, "flow_shift": 3.0}, write=True, defaults=MANIFEST_DEFAULTS)
 
 
 def test_grid_mode_writes_labelled_png_at_a_non_square_size(batch_ckpt, tmp_path, capsys):
@@ -709,8 +794,6 @@ def test_grid_mode_writes_labelled_png_at_a_non_square_size(batch_ckpt, tmp_path
 
 
 def test_cli_records_the_guidance_interval_and_shift_and_refuses_bad_ones(batch_ckpt, tmp_path):
-    from dit_gspn.sampling.batch import MANIFEST
-
     sample_main = _import_sample_py()
     out = tmp_path / "interval.npz"
     assert sample_main(["--ckpt", str(batch_ckpt / "ckpt"), "--num-steps", "3", "--num-samples", "2",

@@ -1,6 +1,7 @@
 """FID while training: the logged FID and IS equal `python -m evaluation` on the same samples with the same extractor
 (and FID from the features by scipy), a run with the monitor on trains bitwise the weights of one with it off and
-resumes exactly, and the demo's Inception-free extractor is built into the run folder and labelled as such."""
+resumes exactly, and the demo's Inception-free extractor is built into the run folder as a torch.export program,
+labelled as such, without torch's TorchScript deprecation warning."""
 import json
 from pathlib import Path
 
@@ -12,11 +13,11 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from dit_gspn.data import ShapesDataset
-from dit_gspn.sampling.batch import write_npz
-from dit_gspn.sampling.labelled_grid import to_uint8
+from dit_gspn.image_npz import to_uint8, write_npz
+from dit_gspn.metrics import evaluate
+from dit_gspn.module_file import load_module, save_exported
 from dit_gspn.training import ConfigError, train
 from dit_gspn.training import fid_monitor
-from evaluation import evaluate
 from evaluation.__main__ import main as evaluation_main
 from test_training import fresh_accelerate_state, tiny_config  # noqa: F401 (a fixture)
 
@@ -37,9 +38,8 @@ class _TinyExtractor(nn.Module):
 @pytest.fixture
 def extractor_and_reference(tmp_path):
     torch.manual_seed(21)
-    extractor = tmp_path / "tiny_extractor.pt"
-    torch.jit.save(torch.jit.trace(_TinyExtractor().eval(), torch.zeros(1, 3, 16, 16, dtype=torch.uint8)),
-                   str(extractor))
+    extractor = save_exported(_TinyExtractor(), torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+                              tmp_path / "tiny_extractor.pt2")
     real = ShapesDataset(num_per_class=6, image_size=16, seed=77)
     images = write_npz(tmp_path / "real.npz", to_uint8(torch.stack([real[i][0] for i in range(len(real))])))
     reference = tmp_path / "real_stats.npz"
@@ -70,7 +70,7 @@ def test_logged_fid_equals_python_m_evaluation_on_the_same_samples(tmp_path, ext
     run = train(_fid_config(tmp_path / "run", extractor, reference))
     log = _log(run.run_dir)
     assert [e["step"] for e in log] == [2, 4]
-    assert log[-1]["feature_extractor"] == "torchscript tiny_extractor.pt" and log[-1]["num_samples"] == 12
+    assert log[-1]["feature_extractor"] == "torch.export tiny_extractor.pt2" and log[-1]["num_samples"] == 12
     samples = run.run_dir / "fid" / "samples.npz"
     with np.load(samples) as data:
         images, labels = data["arr_0"], data["arr_1"]
@@ -80,10 +80,10 @@ def test_logged_fid_equals_python_m_evaluation_on_the_same_samples(tmp_path, ext
     assert evaluation_main([str(samples), str(reference), "--extractor", str(extractor), "--metrics", "fid", "isc",
                             "--cache-dir", "", "--quiet"]) == 0
     cli = json.loads(capsys.readouterr().out)["metrics"]
-    assert log[-1]["fid"] == cli["frechet_inception_distance"]
-    assert log[-1]["is"] == cli["inception_score_mean"]
+    assert log[-1]["fid"] == cli["fid"]
+    assert log[-1]["is"] == cli["inception_score"]
     # and both equal FID written out with scipy on the extractor's own features
-    features = torch.jit.load(str(extractor))(torch.from_numpy(images).permute(0, 3, 1, 2))[0].detach().double().numpy()
+    features = load_module(extractor)(torch.from_numpy(images).permute(0, 3, 1, 2))[0].detach().double().numpy()
     with np.load(reference) as ref:
         assert log[-1]["fid"] == pytest.approx(_scipy_fid(features, ref["mu"], ref["sigma"]), rel=1e-5, abs=1e-8)
 
@@ -112,7 +112,7 @@ def test_the_monitor_changes_no_weight_and_resumes_exactly(tmp_path, extractor_a
     assert without_timings(_log(on.run_dir)) == without_timings(_log(resumed.run_dir))  # the same samples
 
 
-def test_the_shapes_extractor_and_reference_are_built_into_the_run_and_labelled(tmp_path, monkeypatch,
+def test_the_shapes_extractor_and_reference_are_built_into_the_run_and_labelled(tmp_path, monkeypatch, recwarn,
                                                                                 fresh_accelerate_state):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -122,11 +122,12 @@ def test_the_shapes_extractor_and_reference_are_built_into_the_run_and_labelled(
     config["logging"].update(fid_every=2, fid_samples=10, fid_extractor="shapes-classifier", tensorboard=True)
     run = train(config)
     folder = run.run_dir / "fid"
-    assert (folder / "silhouette_classifier.pt").is_file() and (folder / "reference_stats.npz").is_file()
+    assert (folder / "silhouette_classifier.pt2").is_file() and (folder / "reference_stats.npz").is_file()
     with np.load(folder / "reference_stats.npz") as ref:
         assert ref["mu"].shape == (64,) and int(ref["count"]) == 120  # 6 per class, 10 classes, and their flips
     entry = _log(run.run_dir)[0]
-    assert entry["feature_extractor"] == "torchscript silhouette_classifier.pt" and entry["is"] is not None
+    assert entry["feature_extractor"] == "torch.export silhouette_classifier.pt2" and entry["is"] is not None
+    assert not [str(w.message) for w in recwarn if "torch.jit" in str(w.message)]  # no TorchScript anywhere
     events = EventAccumulator(str(run.run_dir / "tensorboard")).Reload()
     assert {"eval/fid_silhouette_classifier", "eval/is_silhouette_classifier"} <= set(events.Tags()["scalars"])
 

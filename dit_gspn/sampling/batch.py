@@ -3,14 +3,18 @@
 Sample ``i`` is drawn from its own generator seeded by (seed, i), and shard ``k`` always holds the indices
 ``[k * shard_size, (k + 1) * shard_size)`` sampled as one batch, so the result is the same for any number of
 processes and after any number of kills and resumes. Shards are written atomically (``dit_gspn.atomic_write``)
-to ``<out>.shards/``; a resumed run keeps and skips the finished ones. The final ``.npz``
-holds ``arr_0`` (uint8, N x H x W x 3, as ADM's evaluator reads it) and ``arr_1`` (int64 class labels, as
-ADM's own sampler writes them).
+to ``<out>.shards/``; a resumed run keeps and skips the finished ones. The final ``.npz`` holds ``arr_0``
+(uint8, N x H x W x 3, as ADM's evaluator reads it) and ``arr_1`` (int64 class labels, as ADM's own sampler
+writes them); it is streamed from the shards one at a time (``ImageNpzWriter``), so no process ever holds more
+than a shard of images, and it is byte for byte the same file whatever the history of kills and resumes.
+
+While a job runs, its main process holds ``<out>.shards/``'s lock: a second job on the same ``--out`` is
+refused with the first one's process id, and a killed job's lock dies with it. A job killed after its ``.npz``
+but before its provenance file is finished by the same command; so is one whose output was deleted.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import sys
 import time
@@ -22,24 +26,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit_gspn.atomic_write import savez_atomically, write_text_atomically
+from dit_gspn.atomic_write import savez_atomically
 from dit_gspn.checkpoint import SamplingInfo
-from dit_gspn.cli import OutputExistsError, UserError, check_output_path
+from dit_gspn.cli import OutputExistsError, UserError, check_output_file
+from dit_gspn.image_npz import ImageNpzWriter, read_header, read_npz, to_uint8  # noqa: F401 (read_npz: re-exported)
 from dit_gspn.seeding import index_seed
 from dit_gspn.vae import decode
+from dit_gspn.work_folder import MANIFEST, FolderLock, check_manifest, full_disk_is_a_user_error
 
-from .labelled_grid import to_uint8
 from .provenance import provenance_path, write_provenance
 from .sampler import sample
 
 CLASS_MODES = ("uniform", "balanced")
-MANIFEST = "run.json"
 #: Settings added after the manifest's first version, with the value that means what their absence meant.
 MANIFEST_DEFAULTS = {"guidance_interval": None, "flow_shift": 1.0}
 
 
 class BatchError(UserError, ValueError):
-    """A batch-sampling job that cannot continue as asked (shards drawn with other settings, ...)."""
+    """A batch-sampling job that cannot continue as asked (a missing shard, shards of another plan, ...)."""
 
 
 def index_generators(seed: int, indices) -> list[torch.Generator]:
@@ -56,29 +60,6 @@ def class_labels(num_samples: int, num_classes: int, mode: str = "uniform", seed
     if mode == "balanced":
         return rng.permutation(np.arange(num_samples, dtype=np.int64) % num_classes)
     raise ValueError(f"unknown class mode {mode!r}; choose one of {CLASS_MODES}")
-
-
-def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """Atomically write ADM's sample layout: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels (if any)."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    savez_atomically(path, *arrays)
-    return path
-
-
-def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images uint8 (N, H, W, 3), labels or None) from an ADM-layout ``.npz``."""
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no arr_0 (keys: {data.files}); ADM's layout keeps the images in arr_0")
-        images = data["arr_0"]
-        labels = data["arr_1"] if "arr_1" in data.files else None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    return images, labels
 
 
 @dataclass(frozen=True)
@@ -122,15 +103,17 @@ def shard_path(shard_dir: Path, shard: int) -> Path:
 
 
 def _shard_done(path: Path, expected: np.ndarray) -> bool:
-    """Whether ``path`` is a finished shard of these indices; a damaged one (truncated, empty, not an npz:
-    no run of ours writes those, writes are atomic) is said so, removed, and drawn again."""
+    """Whether ``path`` is a finished shard of these indices (its images' header read, not the images); a damaged
+    one (truncated, empty, not an npz: no run of ours writes those, writes are atomic) is said so, removed, and
+    drawn again."""
     if not path.is_file():
         return False
     try:
         with np.load(path) as data:
-            if np.array_equal(data["indices"], expected) and len(data["images"]) == len(expected):
-                return True
-            why = "it holds other sample indices"
+            indices = data["indices"]
+        if np.array_equal(indices, expected) and read_header(path, "images")[0] == len(expected):
+            return True
+        why = "it holds other sample indices"
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         why = f"it cannot be read ({type(err).__name__}: {err})"
     print(f"warning: shard {path} is drawn again: {why}", file=sys.stderr, flush=True)
@@ -139,30 +122,23 @@ def _shard_done(path: Path, expected: np.ndarray) -> bool:
 
 
 def check_batch_output(out: str | Path) -> None:
-    """Refuse an ``out`` (or its provenance file) that exists, as it would be overwritten, before any sampling."""
+    """Refuse, before any sampling, an ``out`` that the job would overwrite or cannot write.
+
+    ``out`` with its provenance file is a finished job's; ``out`` without one and without this job's shard folder
+    is not this job's file: both are refused. ``out`` without its provenance file beside its shard folder is a job
+    killed after writing it, which the same command finishes (``check_manifest`` refuses other settings); a
+    provenance file without ``out`` describes nothing any more and is replaced.
+    """
     out = Path(out)
-    for path in (out, provenance_path(out)):
-        if path.exists():
-            raise OutputExistsError(f"{path} already exists: delete it or choose another --out")
-    check_output_path(out)
-
-
-def check_manifest(shard_dir: Path, settings: dict, write: bool) -> None:
-    """Refuse to mix shards drawn with other settings; ``write`` (main process) records them on first use."""
-    path = shard_dir / MANIFEST
-    if path.is_file():
-        try:
-            old = {**MANIFEST_DEFAULTS, **json.loads(path.read_text())}
-        except json.JSONDecodeError as err:
-            raise BatchError(f"{path} is not valid JSON ({err}); delete {shard_dir} to start the batch over") from err
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-            raise BatchError(f"{shard_dir} holds shards drawn with other settings ({detail}); delete that "
-                             f"folder or choose another --out")
-    elif write:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    check_output_file(out, "--out")
+    if not out.exists():
+        return
+    if provenance_path(out).exists():
+        raise OutputExistsError(f"{out} already exists (with {provenance_path(out).name}): delete it or choose "
+                                f"another --out")
+    if not (shard_dir_for(out) / MANIFEST).is_file():
+        raise OutputExistsError(f"{out} already exists and is not an unfinished batch of this command (there is no "
+                                f"{shard_dir_for(out)}): delete it or choose another --out")
 
 
 def _images_done(plan: BatchPlan, shard_dir: Path) -> int:
@@ -184,39 +160,52 @@ def sample_shards(model, plan: BatchPlan, shard_dir: Path, *, info: SamplingInfo
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     todo = [k for k in plan.shards_of(rank, world_size)
             if not _shard_done(shard_path(shard_dir, k), plan.shard_indices(k))]
-    bar = tqdm(total=plan.num_samples, initial=_images_done(plan, shard_dir), unit="img", desc="sampling",
-               disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    for k in todo:
-        indices = plan.shard_indices(k)
-        with autocast:
-            out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
-                plan.seed, indices), size=size, **sample_kwargs)
-            images = to_uint8(decode(out, info, vae, decode_batch_size))
-        savez_atomically(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
-                      rank=np.int64(rank))
-        bar.update(_images_done(plan, shard_dir) - bar.n)
-    bar.close()
+    with tqdm(total=plan.num_samples, initial=_images_done(plan, shard_dir), unit="img", desc="sampling",
+              disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:  # closed (a newline) on errors too
+        for k in todo:
+            indices = plan.shard_indices(k)
+            with autocast:
+                out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
+                    plan.seed, indices), size=size, **sample_kwargs)
+                images = to_uint8(decode(out, info, vae, decode_batch_size))
+            with full_disk_is_a_user_error(shard_path(shard_dir, k), f"the finished shards are kept in "
+                                           f"{shard_dir}; free space and run the same command again"):
+                savez_atomically(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
+                                 rank=np.int64(rank))
+            bar.update(_images_done(plan, shard_dir) - bar.n)
     return todo
 
 
 def assemble(plan: BatchPlan, shard_dir: Path, out: str | Path) -> Path:
-    """Join the shards into ``out`` (ADM layout), after checking every index 0..N-1 is there exactly once."""
-    images, labels, indices = [], [], []
-    for k in range(plan.num_shards):
-        path = shard_path(shard_dir, k)
+    """Join the shards into ``out`` (ADM's layout), after checking that they hold every index 0..N-1 once with
+    this plan's labels. The file is streamed one shard at a time through ``<shard_dir>/<out name>.partial``
+    (which a killed assembly may have left: it is replaced) and renamed to ``out`` when complete."""
+    out, labels = Path(out), plan.labels()
+    paths = [shard_path(shard_dir, k) for k in range(plan.num_shards)]
+    for k, path in enumerate(paths):
         if not path.is_file():
-            raise FileNotFoundError(f"shard {path} is missing: run the same command again to draw it")
-        with np.load(path) as data:
-            images.append(data["images"])
-            labels.append(data["labels"])
-            indices.append(data["indices"])
-    indices = np.concatenate(indices)
-    if not np.array_equal(indices, np.arange(plan.num_samples)):
-        raise ValueError(f"shards in {shard_dir} do not hold the indices 0..{plan.num_samples - 1} once each")
-    labels = np.concatenate(labels)
-    if not np.array_equal(labels, plan.labels()):
-        raise ValueError(f"shards in {shard_dir} hold other class labels than this run's plan")
-    return write_npz(out, np.concatenate(images), labels)
+            raise BatchError(f"shard {path} is missing: run the same command again to draw it")
+        with np.load(path) as data:  # reads these two small arrays only
+            if not np.array_equal(data["indices"], plan.shard_indices(k)):
+                raise BatchError(f"shard {path} holds other sample indices than shard {k} of this plan; delete it "
+                                 f"and run the same command again")
+            if not np.array_equal(data["labels"], labels[plan.shard_indices(k)]):
+                raise BatchError(f"shard {path} holds other class labels than this run's plan; delete it and run "
+                                 f"the same command again")
+    height, width = read_header(paths[0], "images")[1:3]
+    with ImageNpzWriter(out, plan.num_samples, height, width, partial=shard_dir / f"{out.name}.partial") as writer:
+        for path in paths:
+            with np.load(path) as data:
+                writer.append(data["images"], data["labels"])
+    return out
+
+
+def _remove_killed_writers_files(out: Path) -> None:
+    """Remove what a killed writer of ``out`` left beside it (``atomic_write``'s ``.<name>.tmp<pid>``), which only
+    the holder of ``out``'s lock may do: no other process of this job can be writing them."""
+    for stale in out.parent.glob(f".{out.name}.tmp*"):
+        print(f"note: removing {stale}, left by a killed run", file=sys.stderr, flush=True)
+        stale.unlink(missing_ok=True)
 
 
 def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, settings: dict, vae=None,
@@ -225,26 +214,37 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
     """The whole batch job for one process: check/record settings, draw shards, and (main process) assemble
     them into ``out`` with its provenance file (``settings``, the plan, versions; see ``provenance``).
 
-    ``barrier`` waits for all processes (e.g. ``PartialState().wait_for_everyone``). Returns the ``.npz`` path
-    on the main process, None elsewhere.
+    ``barrier`` waits for all processes (e.g. ``PartialState().wait_for_everyone``). The main process holds the
+    shard folder's lock throughout (another job on the same ``out`` is refused). Returns the ``.npz`` path on the
+    main process, None elsewhere.
     """
+    out = Path(out)
     shard_dir = shard_dir_for(out)
     check_batch_output(out)
     settings = dict(settings, **asdict(plan))
-    check_manifest(shard_dir, settings, write=rank == 0)
-    barrier()
-    start = time.perf_counter()
-    drawn = sample_shards(model, plan, shard_dir, info=info, vae=vae, rank=rank, world_size=world_size,
-                          progress=rank == 0, **kwargs)
-    elapsed = time.perf_counter() - start
-    barrier()
-    if rank != 0:
-        return None
-    path = assemble(plan, shard_dir, out)
-    write_provenance(path, settings, plan.num_samples)
-    skipped = len(plan.shards_of(0, world_size)) - len(drawn)
-    print(f"wrote {path} ({plan.num_samples} samples; this process drew {len(drawn)} shards in {elapsed:.1f} s"
-          f"{f', skipped {skipped} finished ones' if skipped else ''})", flush=True)
-    if not keep_shards:
-        shutil.rmtree(shard_dir)
+    with FolderLock(shard_dir, f"--out {out}") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            check_batch_output(out)  # again: a job that held the lock until now may have finished this out
+            _remove_killed_writers_files(out)
+            if not out.exists() and provenance_path(out).exists():
+                print(f"note: {provenance_path(out)} describes no {out.name} any more; it will be replaced",
+                      file=sys.stderr, flush=True)
+        check_manifest(shard_dir, settings, write=rank == 0, defaults=MANIFEST_DEFAULTS)
+        barrier()
+        start = time.perf_counter()
+        drawn = sample_shards(model, plan, shard_dir, info=info, vae=vae, rank=rank, world_size=world_size,
+                              progress=rank == 0, **kwargs)
+        elapsed = time.perf_counter() - start
+        barrier()
+        if rank != 0:
+            return None
+        with full_disk_is_a_user_error(out, f"{out} was not written; the shards are kept in {shard_dir}; free "
+                                            f"space and run the same command again"):
+            path = assemble(plan, shard_dir, out)
+            write_provenance(path, settings, plan.num_samples)
+        skipped = len(plan.shards_of(0, world_size)) - len(drawn)
+        print(f"wrote {path} ({plan.num_samples} samples; this process drew {len(drawn)} shards in {elapsed:.1f} s"
+              f"{f', skipped {skipped} finished ones' if skipped else ''})", flush=True)
+        if not keep_shards:
+            shutil.rmtree(shard_dir)
     return path

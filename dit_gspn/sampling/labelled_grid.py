@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dit_gspn.atomic_write import atomic_write
+from dit_gspn.image_npz import to_uint8
 
 #: Tiles narrower than this are enlarged (nearest neighbour, integer factor) so a label fits under them.
 MIN_TILE_WIDTH = 96
@@ -27,15 +28,6 @@ def default_grid_classes(num_classes: int) -> list[int]:
     if num_classes == 1000:
         return list(IMAGENET_GRID_CLASSES)
     return np.linspace(0, num_classes - 1, min(num_classes, 10)).round().astype(int).tolist()
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8, rounded to the nearest level as DiT's sample_ddp.py
-    rounds (ADM's image_sample.py truncates instead)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    pixels = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _caption(label, class_names: Sequence[str] | None) -> str:

@@ -3,8 +3,9 @@
 Every encoder is wrapped as an ``nn.Module`` that maps images in [-1, 1], (B, 3, H, W), to a feature map
 (B, D, h', w'), is in eval mode and has no trainable parameters. What a spec may be:
 
-- a TorchScript file (``torch.jit.save``) whose module maps images in [-1, 1] to (B, D, h', w') or to square
-  patch tokens (B, h' * w', D) (the demo's silhouette classifier is saved this way);
+- a network file, a ``torch.export`` program (``.pt2``, ``dit_gspn.module_file.save_exported``) or a
+  TorchScript file, whose network maps images in [-1, 1] to (B, D, h', w') or to square patch tokens
+  (B, h' * w', D) (the demo's silhouette classifier's conv features are saved as a ``.pt2``);
 - a torch.hub folder (one with a ``hubconf.py``, e.g. a clone of facebookresearch/dinov2) and an entry point,
   ``FOLDER:dinov2_vitb14``;
 - a DINOv2 entry point by name (``dinov2_vitb14``, REPA's encoder; ``dinov2_vits14``, ...), taken from
@@ -23,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.module_file import ModuleFileError, load_module
 
 DINOV2_REPO = "facebookresearch/dinov2"
 #: ImageNet's channel statistics, which DINOv2 expects its inputs normalised with.
@@ -94,24 +96,24 @@ def _hub_load(repo: str, entry: str, source: str) -> nn.Module:
             f"could not load the encoder {entry!r} from torch.hub {repo!r} ({type(err).__name__}: {err}). "
             f"Offline, fetch it where there is network (python -c \"import torch; torch.hub.load('{repo}', "
             f"'{entry}')\") and copy {torch.hub.get_dir()} here (or clone {repo} and pass repa.encoder="
-            f"FOLDER:{entry}), or pass a TorchScript file") from err
+            f"FOLDER:{entry}), or pass a network file (.pt2 or TorchScript)") from err
 
 
 def load_encoder(spec: str) -> nn.Module:
     """The frozen encoder ``spec`` names (see the module docstring), on the CPU, in eval mode."""
     if not isinstance(spec, str) or not spec:
-        raise EncoderError(f"repa.encoder must name an encoder (a TorchScript file, FOLDER:entry or a DINOv2 "
-                           f"name such as dinov2_vitb14), got {spec!r}")
+        raise EncoderError(f"repa.encoder must name an encoder (a .pt2 or TorchScript file, FOLDER:entry or a "
+                           f"DINOv2 name such as dinov2_vitb14), got {spec!r}")
     for prefix, package in (("timm:", "timm"), ("hf:", "transformers")):
         if spec.startswith(prefix):
             raise EncoderError(f"repa.encoder={spec!r} needs {package}, which this environment does not have; "
-                               f"use a DINOv2 torch.hub name (dinov2_vitb14) or a TorchScript file")
+                               f"use a DINOv2 torch.hub name (dinov2_vitb14) or a .pt2 / TorchScript file")
     path = Path(spec)
     if path.is_file():
         try:
-            net = torch.jit.load(str(path), map_location="cpu")
-        except (RuntimeError, ValueError) as err:
-            raise EncoderError(f"repa.encoder {path} is not a TorchScript file (torch.jit.save): {err}") from err
+            net = load_module(path, "cpu", what="repa.encoder")
+        except ModuleFileError as err:
+            raise EncoderError(str(err)) from err
         return freeze(FeatureMap(net, str(path)))
     folder, _, entry = spec.rpartition(":")
     if folder and Path(folder).is_dir():

@@ -1,21 +1,23 @@
 """FID (and IS) while training: every ``logging.fid_every`` steps the EMA draws ``logging.fid_samples`` images
-and ``python -m evaluation``'s own code scores them against a reference statistics file.
+and the metric core that ``python -m evaluation`` runs (``dit_gspn.metrics.evaluate``) scores them against a
+reference statistics file.
 
 The images are the same at every evaluation but for the weights: sample i has class ``class_labels(N, K,
 "balanced", seed)[i]`` and its own noise generator (``index_generators``), so the result does not depend on
 how many processes drew it. Each process draws its share (indices rank, rank + P, ...); they are gathered
 (accelerate's ``gather``) and the main process writes them to ``<run_dir>/fid/samples.npz`` (ADM's layout,
-replaced at each evaluation), scores that file with ``evaluation.evaluate`` and appends the metrics to
+replaced at each evaluation), scores that file with ``dit_gspn.metrics.evaluate`` and appends the metrics to
 ``<run_dir>/fid/metrics.jsonl`` and TensorBoard (``eval/fid_<extractor>``, ``eval/is_<extractor>``). So
 ``python -m evaluation <run_dir>/fid/samples.npz REFERENCE [--extractor FILE]`` gives the logged numbers.
 Every RNG the sampling could touch is saved before and restored after, so a run with the monitor on trains
 the same weights as one with it off, and resumes exactly.
 
-``logging.fid_extractor``: null for Inception (``logging.fid_weights``, else evaluation's search order), a
-TorchScript extractor file (see ``evaluation.ScriptedFeatures``), or ``shapes-classifier`` on the built-in
-dataset: a silhouette classifier trained on fresh shapes and its pooled conv features and logits
-(``dit_gspn.data.shapes_classifier``), with the reference statistics of the training images themselves, both
-made once into ``<run_dir>/fid/``. That FID is not an Inception FID.
+``logging.fid_extractor``: null for Inception (``logging.fid_weights``, else the metrics' search order), an
+extractor file, ``torch.export`` (.pt2) or TorchScript (see ``dit_gspn.metrics.ExtractorFile``), or
+``shapes-classifier`` on the built-in dataset: a silhouette classifier trained on fresh shapes and its pooled conv
+features and logits (``dit_gspn.metrics.shapes_classifier``), saved as a ``torch.export`` program, with the
+reference statistics of the training images themselves, both made once into ``<run_dir>/fid/``. That FID is not
+an Inception FID.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_gspn.sampling import sample
-from dit_gspn.sampling.batch import class_labels, index_generators, write_npz
 from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.checkpoint.rng_state import rng_state, set_rng_state
-from dit_gspn.sampling.labelled_grid import to_uint8
+from dit_gspn.image_npz import to_uint8, write_npz
+from dit_gspn.sampling import sample
+from dit_gspn.sampling.batch import class_labels, index_generators
 from dit_gspn.vae import decode, load_vae
 
 from .config import ConfigError
@@ -55,20 +57,22 @@ def untouched_rng():
 
 def shapes_reference(folder: Path, dataset, image_size: int) -> tuple[Path, Path]:
     """(extractor file, reference statistics file) for FID on the built-in shapes in ``folder``, made if missing:
-    the silhouette classifier as a ``FeatureExtractor`` TorchScript file, and the FID statistics of every image
-    of ``dataset`` under it, computed by ``evaluation.evaluate``."""
-    from dit_gspn.data.shapes_classifier import FeatureExtractor, save_torchscript, silhouette, train_classifier
-    from evaluation import Settings, evaluate
+    the silhouette classifier as a ``FeatureExtractor`` ``torch.export`` program, and the FID statistics of every
+    image of ``dataset`` under it, computed by ``dit_gspn.metrics.evaluate``."""
+    from dit_gspn.metrics import Settings, evaluate
+    from dit_gspn.metrics.shapes_classifier import FeatureExtractor, silhouette, train_classifier
+    from dit_gspn.module_file import save_exported
 
-    extractor, reference = folder / "silhouette_classifier.pt", folder / "reference_stats.npz"
+    extractor, reference = folder / "silhouette_classifier.pt2", folder / "reference_stats.npz"
     if extractor.is_file() and reference.is_file():
         return extractor, reference
     folder.mkdir(parents=True, exist_ok=True)
+    reference.unlink(missing_ok=True)  # statistics under an extractor that is gone are made again with the new one
     with untouched_rng():
         classifier, _ = train_classifier(image_size, SHAPES_CLASSIFIER_PER_CLASS, SHAPES_CLASSIFIER_EPOCHS,
                                          SHAPES_CLASSIFIER_SEED, view=silhouette)
-        save_torchscript(FeatureExtractor(classifier), torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8),
-                         extractor)
+        save_exported(FeatureExtractor(classifier), torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8),
+                      extractor)
     images = write_npz(folder / "reference_images.npz",
                        to_uint8(torch.stack([dataset[i][0] for i in range(len(dataset))])))
     evaluate(images, metrics=[], extractor=extractor, save_stats=reference, settings=Settings(device="cpu"))
@@ -77,9 +81,11 @@ def shapes_reference(folder: Path, dataset, image_size: int) -> tuple[Path, Path
 
 
 def _has_logits(extractor: Path, image_size: tuple[int, int]) -> bool:
-    """Whether a TorchScript extractor returns (features, logits), so that IS can be computed."""
-    out = torch.jit.load(str(extractor), map_location="cpu")(torch.zeros(1, 3, *image_size, dtype=torch.uint8))
-    return isinstance(out, (tuple, list))
+    """Whether an extractor file returns (features, logits), so that IS can be computed."""
+    from dit_gspn.metrics import ExtractorFile
+
+    example = torch.zeros(1, 3, *image_size, dtype=torch.uint8)
+    return "logits" in ExtractorFile(extractor).outputs(example)
 
 
 class FidMonitor:
@@ -102,7 +108,7 @@ class FidMonitor:
             if self.acc.is_main_process:
                 shapes_reference(self.folder, dataset, info.image_size[0])
             self.acc.wait_for_everyone()
-            self.extractor = self.folder / "silhouette_classifier.pt"
+            self.extractor = self.folder / "silhouette_classifier.pt2"
             self.reference = self.reference or self.folder / "reference_stats.npz"
         if self.reference is None or not Path(self.reference).is_file():
             raise ConfigError(f"logging.fid_reference={self.reference!r} must be a statistics .npz of the data "
@@ -144,7 +150,7 @@ class FidMonitor:
     def evaluate(self, ema: torch.nn.Module, step: int, tensorboard=None) -> dict | None:
         """Draw and gather the samples and, on the main process, score them, log them and return the entry
         appended to ``metrics.jsonl`` (None on the other processes)."""
-        from evaluation import Settings, evaluate
+        from dit_gspn.metrics import Settings, evaluate  # torch-fidelity: imported only where FID is measured
 
         start = time.perf_counter()
         with untouched_rng():
@@ -161,8 +167,8 @@ class FidMonitor:
                               extractor=self.extractor, settings=Settings(device=str(self.acc.device)),
                               cache_dir=None)
             values = report["metrics"]
-            entry = {"step": step, "fid": values["frechet_inception_distance"],
-                     "is": values.get("inception_score_mean"), "feature_extractor": report["settings"]["feature_extractor"],
+            entry = {"step": step, "fid": values["fid"], "is": values.get("inception_score"),
+                     "feature_extractor": report["settings"]["feature_extractor"],
                      "reference": str(self.reference), "num_samples": self.count,
                      "sample_seconds": round(sample_seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
             with open(self.folder / "metrics.jsonl", "a") as log:

@@ -4,18 +4,17 @@
 ``view=silhouette`` it sees only each image's grey silhouette, so it names a class by its shape, never its
 colour: ``benchmarks/demo_quality.py`` scores samples with it, REPA's demo aligns with its conv features
 (``silhouette_features``), and the demo's FID while training uses its pooled features and logits
-(``FeatureExtractor``, saved as TorchScript for ``python -m evaluation --extractor``). FIDs from these features
-are not Inception FIDs and are not comparable with published ones.
+(``FeatureExtractor``, saved as a ``torch.export`` program for ``python -m evaluation --extractor`` by
+``dit_gspn.module_file.save_exported``). It is an evaluation model, so it lives with the metrics. FIDs from these
+features are not Inception FIDs and are not comparable with published ones.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .shapes import ShapesDataset
+from dit_gspn.data.shapes import ShapesDataset
 
 
 def shape_classifier(num_classes: int = 10) -> nn.Sequential:
@@ -94,19 +93,3 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.trunk(self.view(images.float() / 127.5 - 1))
         return features, self.head(features)
-
-
-def save_torchscript(module: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """``module`` traced on ``example`` and saved as a TorchScript file (what ``repa.encoder`` and
-    ``python -m evaluation --extractor`` load)."""
-    import warnings
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of torch.export
-        traced = torch.jit.trace(module.eval(), example)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.jit.save(traced, str(tmp))
-    tmp.replace(path)
-    return path

@@ -5,16 +5,22 @@ import os
 from pathlib import Path
 
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from dit_gspn.cli import MissingFileError
 
 ENV_WEIGHTS = "DIT_GSPN_INCEPTION_WEIGHTS"
 
 
+def inception_url() -> str:
+    """torch-fidelity's URL of its converted Inception-v3 weights (torch-fidelity is imported only when needed)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
 def default_weights_path() -> Path:
     """Where torch-fidelity's download lands (and is picked up from): ``$TORCH_HOME/hub/checkpoints/``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / inception_url().rsplit("/", 1)[-1]
 
 
 def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
@@ -35,11 +41,11 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
         return cached
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
+        torch.hub.download_url_to_file(inception_url(), str(cached), progress=False)
     except Exception as err:  # no network, proxy, HTTP error: all end the same way for the user
         raise MissingFileError(
             f"no Inception-v3 weights: none given with --weights or ${ENV_WEIGHTS}, and torch-fidelity's "
-            f"download from {URL_INCEPTION_V3} failed ({type(err).__name__}: {err}). Download that file where "
+            f"download from {inception_url()} failed ({type(err).__name__}: {err}). Download that file where "
             f"there is network and pass it with --weights PATH or ${ENV_WEIGHTS}=PATH (or put it at {cached})."
         ) from err
     return cached
