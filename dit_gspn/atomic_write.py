@@ -91,3 +91,15 @@ def savez_atomically(path: str | os.PathLike, *arrays, **named) -> Path:
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, *arrays, **named)
     return Path(path)
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | os.PathLike, advice: str = "") -> Iterator[None]:
+    """Inside the block, a write that fails for want of space (``is_disk_full``) raises ``DiskFullError("no space
+    left on <path>: ...")`` with ``advice``; other errors pass unchanged. (``atomic_write`` does this itself.)"""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, UserError) or not is_disk_full(err):
+            raise
+        raise DiskFullError(f"no space left on {path}{'; ' + advice if advice else ''}") from err

@@ -82,7 +82,7 @@ def _check_location(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: {existing} cannot be written ({why}); choose another location")
 
 
-def check_output_path(path, flag: str = "--out") -> None:
+def check_output_file(path, flag: str = "--out") -> None:
     """Refuse, before any work, an output file that cannot be written: an existing folder at ``path``, a file
     among its parents, or a nearest existing folder that cannot be written (read-only, no permission). Missing
     folders are fine (the writer makes them); nothing is created here."""
@@ -121,35 +121,6 @@ def check_input_folder(path, what: str) -> Path:
     return path
 
 
-def _check_writable_folder(folder: Path, flag: str, shown) -> None:
-    """Refuse ``shown`` if ``folder`` (existing or to be made) cannot hold it: a file at or above ``folder``, or
-    a nearest existing folder that cannot be written."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputExistsError(f"{flag} {shown}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"{flag} {shown}: {existing} is not writable (read-only, or not yours); choose a "
-                                f"writable location")
-
-
-def check_output_file(path, flag: str) -> None:
-    """Refuse, before any work, an output file that could not be written: a folder of that name, a file among
-    its parents, a read-only location. Missing parent folders are fine (they are made when it is written)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputExistsError(f"{flag} {path} is a folder; name a file (in it, or elsewhere)")
-    _check_writable_folder(path.absolute().parent, flag, path)
-
-
-def check_output_folder(path, flag: str) -> None:
-    """Refuse, before any work, an output folder that could not be made or written: a file of that name, a
-    file among its parents, a read-only location."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{flag} {path} is a file, not a folder")
-    _check_writable_folder(path.absolute(), flag, path)
-
-
 def debug_requested(argv=None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
@@ -167,7 +138,9 @@ def run_main(main, argv=None) -> int:
     except UserError as err:
         if debug_requested(argv):
             traceback.print_exc()
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        # One write of the whole line: the processes of a launch refusing at once do not interleave their lines.
+        sys.stderr.write(f"error: {one_line(err)}\n")
+        sys.stderr.flush()
         return USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

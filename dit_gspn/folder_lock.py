@@ -2,6 +2,7 @@
 
     lock_folder(run_dir, "a training run")   # this process holds <run_dir>/.lock ...
     release_folder(run_dir)                  # ... until it lets go (train and extract_latents do) or exits
+    with holding(shard_dir, "sampling"): ... # the same, for one block
     decide_on_main_process(state, check)     # the main process checks; every process raises its refusal
 
 The lock is ``flock`` on ``<folder>/.lock``, a file that also says which process holds it, so a second command
@@ -12,10 +13,12 @@ command: only the main process takes the lock, inside ``decide_on_main_process``
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 from dit_gspn.cli import UserError
 
@@ -52,6 +55,21 @@ def lock_folder(folder: str | os.PathLike, what: str = "a command") -> Path:
     handle.flush()
     _held[key] = handle
     return path
+
+
+@contextlib.contextmanager
+def holding(folder: str | os.PathLike, what: str = "a command") -> Iterator[Path]:
+    """``folder``'s lock (the folder made if missing) for the duration of the block, as ``lock_folder``; let go
+    at its end unless this process held it already."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = str(folder.resolve()) not in _held
+    path = lock_folder(folder, what)
+    try:
+        yield path
+    finally:
+        if taken:
+            release_folder(folder)
 
 
 def release_folder(folder: str | os.PathLike) -> None:

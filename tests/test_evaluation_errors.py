@@ -114,7 +114,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(files, capsy
     with _read_only(root / "locked") as locked:
         for flag, value in (("--report", locked / "r.json"), ("--cache-dir", locked / "cache"),
                             ("--save-stats", locked / "sub" / "s.npz")):
-            assert_one_line_error(_evaluate(capsys, *args, flag, value), f"{flag} {value}", "is not writable")
+            assert_one_line_error(_evaluate(capsys, *args, flag, value), f"{flag} {value}", "cannot be written")
         assert list(locked.iterdir()) == []
 
 
@@ -143,9 +143,9 @@ def test_a_full_disk_during_a_shard_names_the_path_removes_the_partial_file_and_
 
     monkeypatch.setattr(np, "savez", filling_up)
     proc = _sample(batch_ckpt, out, capsys)
-    assert_one_line_error(proc, f"no space left on {shards / 'shard_000002.npz'}", f"kept in {shards}",
-                          "run the same command again")
-    assert sorted(p.name for p in shards.iterdir()) == ["lock", "run.json", "shard_000000.npz", "shard_000001.npz"]
+    assert_one_line_error(proc, f"no space left on {shards} while writing shard_000002.npz",
+                          "the files written before it are kept", "run the command again")
+    assert sorted(p.name for p in shards.iterdir()) == [".lock", "run.json", "shard_000000.npz", "shard_000001.npz"]
     assert not out.exists()
     monkeypatch.setattr(np, "savez", savez)
     done = _sample(batch_ckpt, out, capsys)
@@ -182,7 +182,7 @@ def test_a_second_job_on_the_same_out_is_refused_and_a_killed_jobs_lock_blocks_n
         assert first.poll() is None, "the first job ended before it could hold the lock"
         before = _snapshot(tmp_path)
         second = _sample(batch_ckpt, out, capsys)
-        assert_one_line_error(second, f"--out {out} is in use by process {first.pid}")
+        assert_one_line_error(second, f"is in use by process {first.pid}", f"--out {out}")
         assert _snapshot(tmp_path) == before
     finally:
         first.send_signal(signal.SIGKILL)

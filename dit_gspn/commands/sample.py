@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import WEIGHT_FOLDERS
-from dit_gspn.cli import (MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, OutputExistsError, UserError, check_output_path,
+from dit_gspn.cli import (MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, OutputExistsError, UserError, check_output_file,
                           command)
 from dit_gspn.diffusion import SAMPLERS, check_sampling, default_sampler
 from dit_gspn.diffusion.samplers import SamplerSettingError
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         check_batch_output(args.out or "samples/samples.npz")
     else:
         grid_classes(args, info.num_classes)  # its size, before the model loads
-        check_output_path(args.out or "samples/grid.png")
+        check_output_file(args.out or "samples/grid.png")
 
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     model, info = load_model(args.ckpt, args.weights, args.model, _pixel_size(args), args.vae, args.num_heads)

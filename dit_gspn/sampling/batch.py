@@ -32,7 +32,9 @@ from dit_gspn.cli import OutputExistsError, UserError, check_output_file
 from dit_gspn.image_npz import ImageNpzWriter, read_header, read_npz, to_uint8  # noqa: F401 (read_npz: re-exported)
 from dit_gspn.seeding import index_seed
 from dit_gspn.vae import decode
-from dit_gspn.work_folder import MANIFEST, FolderLock, check_manifest, full_disk_is_a_user_error
+from dit_gspn.atomic_write import reporting_full_disk
+from dit_gspn.folder_lock import holding
+from dit_gspn.work_folder import MANIFEST, check_manifest
 
 from .provenance import provenance_path, write_provenance
 from .sampler import sample
@@ -168,7 +170,7 @@ def sample_shards(model, plan: BatchPlan, shard_dir: Path, *, info: SamplingInfo
                 out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
                     plan.seed, indices), size=size, **sample_kwargs)
                 images = to_uint8(decode(out, info, vae, decode_batch_size))
-            with full_disk_is_a_user_error(shard_path(shard_dir, k), f"the finished shards are kept in "
+            with reporting_full_disk(shard_path(shard_dir, k), f"the finished shards are kept in "
                                            f"{shard_dir}; free space and run the same command again"):
                 savez_atomically(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
                                  rank=np.int64(rank))
@@ -222,7 +224,7 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
     shard_dir = shard_dir_for(out)
     check_batch_output(out)
     settings = dict(settings, **asdict(plan))
-    with FolderLock(shard_dir, f"--out {out}") if rank == 0 else contextlib.nullcontext():
+    with holding(shard_dir, f"sampling into --out {out}") if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             check_batch_output(out)  # again: a job that held the lock until now may have finished this out
             _remove_killed_writers_files(out)
@@ -238,7 +240,7 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
         barrier()
         if rank != 0:
             return None
-        with full_disk_is_a_user_error(out, f"{out} was not written; the shards are kept in {shard_dir}; free "
+        with reporting_full_disk(out, f"{out} was not written; the shards are kept in {shard_dir}; free "
                                             f"space and run the same command again"):
             path = assemble(plan, shard_dir, out)
             write_provenance(path, settings, plan.num_samples)
