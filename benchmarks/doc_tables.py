@@ -59,7 +59,7 @@ WHAT = {
     "logging.sample_classes": "class ids in the grids; null: DiT's for 1000 classes, else up to 10 spread",
     "logging.sampler": "sampler of grids and FID samples; null: the objective's default",
     "logging.sample_steps": "its steps; null: the sampler's default",
-    "logging.fid_extractor": "FID features: null Inception, a TorchScript extractor file, or `shapes-classifier`",
+    "logging.fid_extractor": "FID features: null Inception, a feature-extractor file (.pt2 or TorchScript), or `dataset` (the dataset kind's own)",
     "logging.fid_reference": "statistics `.npz` of the data (`python -m evaluation IMAGES --save-stats REF.npz`)",
     "logging.fid_weights": "Inception weights file (else `$DIT_GSPN_INCEPTION_WEIGHTS`)",
     "repa.encoder": "a TorchScript file, a torch.hub `FOLDER:entry`, or a DINOv2 name (`dinov2_vitb14`)",

@@ -22,6 +22,8 @@ import traceback
 from pathlib import Path
 
 DEBUG_ENV = "DIT_GSPN_DEBUG"
+#: Modules every command imports first (comma-separated), so that what they register is known to it.
+PLUGINS_ENV = "DIT_GSPN_PLUGINS"
 #: The exit code of a user's mistake (argparse's own code for bad arguments).
 USER_ERROR = 2
 #: The largest image side (pixels) a command takes: beyond any model here, so that a typo such as 10**12 is
@@ -147,14 +149,35 @@ def run_main(main, argv=None) -> int:
         return 130
 
 
+def import_plugins() -> list[str]:
+    """Import the modules ``$DIT_GSPN_PLUGINS`` names (comma-separated: ``my_project.mixers,my_project.data``), so
+    that the mixers, samplers, dataset kinds, objectives and model families they register are known to the
+    command; returns their names. A module that cannot be imported is a ``UserError`` naming it."""
+    import importlib
+
+    names = [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UserError(f"{PLUGINS_ENV}: cannot import {name!r} ({err}); put its folder on PYTHONPATH or "
+                            f"install it") from err
+    return names
+
+
 def command(main):
-    """The entry point of a command whose ``main(argv=None)`` returns its exit code: ``run_main`` (a user's mistake
-    as one line), and in a launch of several processes (``WORLD_SIZE`` > 1) an exit at once after the process
-    group is destroyed, since gloo workers can abort at interpreter exit even after ``destroy_process_group``.
-    Every entry point is one: the console scripts, ``python -m``, and the checkout's ``train.py`` and friends."""
+    """The entry point of a command whose ``main(argv=None)`` returns its exit code: the plugins imported
+    (``import_plugins``), ``run_main`` (a user's mistake as one line), and in a launch of several processes
+    (``WORLD_SIZE`` > 1) an exit at once after the process group is destroyed, since gloo workers can abort at
+    interpreter exit even after ``destroy_process_group``. Every entry point is one: the console scripts,
+    ``python -m``, and the checkout's ``train.py`` and friends."""
+
+    def with_plugins(argv):
+        import_plugins()
+        return main(argv)
 
     def run(argv=None) -> int:
-        code = run_main(main, argv)
+        code = run_main(with_plugins, argv)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 

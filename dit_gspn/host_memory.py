@@ -4,8 +4,9 @@ glibc's malloc hands freed memory back to the kernel (it trims the heap above a 
 slowly, and it unmaps large blocks): every CPU step then allocates its activations on fresh pages, and the
 kernel zeroes each one on its first touch. On this project's 2-core machines a GSPN-S/2 or DiT-S/2 training
 step at 256 px took about 65,000 page faults (250 MiB of zeroed pages) and none after
-:func:`retain_freed_host_memory` (README, "Performance"). It is what a caching allocator (PyTorch's CUDA one,
-or jemalloc / tcmalloc preloaded as the Intel and PyTorch CPU guides advise) does for the same reason. The
+:func:`retain_freed_host_memory` (counted with getrusage, 2026-12-03). It is what a caching allocator
+(PyTorch's CUDA one, or jemalloc / tcmalloc preloaded as the Intel and PyTorch CPU guides advise) does for the
+same reason. The
 memory kept is what the largest step needed; the resident size stays at that peak.
 """
 from __future__ import annotations

@@ -117,6 +117,7 @@ def test_a_config_yaml_of_the_previous_format_reads_as_the_same_run(tmp_path):
     train = old["train"]
     del train["objective_kwargs"]
     train.update(flow_timesteps="logit_normal", flow_shift=1.0, snr_gamma=None)
+    old["logging"]["fid_extractor"] = "shapes-classifier"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     today = parse_config(load_config(REPO / "configs" / "demo.yaml"))
     saved = read_saved_config(tmp_path)

@@ -122,3 +122,26 @@ def test_a_run_trains_on_them_and_its_checkpoint_samples_with_them(registered, t
     assert sample_command.main(["--ckpt", str(result.checkpoint), "--sampler", "euler-steps", "--classes", "0", "2",
                                 "--out", str(tmp_path / "grid.png"), "--cpu"]) == 0
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_a_plugin_module_registers_for_every_command(tmp_path):
+    """$DIT_GSPN_PLUGINS: the modules every command imports first, so a registration made outside the project
+    reaches train.py, sample.py and the rest without a wrapper script."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "my_samplers.py").write_text(
+        "from dit_gspn.diffusion import SamplerSpec, register_sampler, make_schedule\n"
+        "register_sampler(SamplerSpec('my-euler', 'flow', lambda n, **kw: make_schedule('euler', n), 50))\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}", "DIT_GSPN_PLUGINS": "my_samplers"}
+    done = subprocess.run([sys.executable, str(repo / "sample.py"), "--help"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "my-euler" in done.stdout, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, str(repo / "sample.py"), "--help"], capture_output=True, text=True,
+                          env={**env, "DIT_GSPN_PLUGINS": "no_such_module"}, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: DIT_GSPN_PLUGINS: cannot import 'no_such_module' (No module named 'no_such_module'); put its folder "
+        "on PYTHONPATH or install it"]

@@ -107,3 +107,34 @@ def test_schedule_builds_only_the_objectives_samplers():
     assert len(flow.schedule("euler", 7, flow_shift=3.0).model_timesteps) == 7
     with pytest.raises(ValueError, match="sampler 'ddim' does not fit a model trained with the 'flow' objective"):
         flow.schedule("ddim", 10)
+
+
+def test_a_variant_objective_is_drawn_by_the_samplers_of_the_one_it_inherits_from():
+    """A new objective that trains another way towards a velocity (a subclass of flow matching) is one registration:
+    flow's samplers draw its models, and the config accepts them, with no sampler registered again."""
+    from dit_gspn.diffusion import register_objective
+    from dit_gspn.diffusion.objective import OBJECTIVES as registry
+    from dit_gspn.training.config import parse_config
+
+    @register_objective
+    class LateFlow(FlowObjective):
+        """Flow matching that draws only noise levels above ``low``."""
+
+        name = "late-flow"
+
+        def __init__(self, low: float = 0.5):
+            super().__init__()
+            self.low = low
+
+        def sample_timesteps(self, batch, generator=None):
+            return self.low + (1 - self.low) * torch.rand(batch, generator=generator)
+
+    try:
+        assert LateFlow.samplers() == get_objective("flow").samplers() and check_sampling("heun", "late-flow")[1] == 50
+        config = parse_config({"train": {"objective": "late-flow", "objective_kwargs": {"low": 0.25}}})
+        assert (config.logging.sampler, config.objective.low, config.model.options["learn_sigma"]) == ("euler", 0.25,
+                                                                                                        False)
+        with pytest.raises(SamplerSettingError, match="does not fit a model trained with the 'late-flow' objective"):
+            check_sampling("ddim", "late-flow")
+    finally:
+        registry.unregister("late-flow")

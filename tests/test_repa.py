@@ -61,18 +61,20 @@ def test_features_become_row_major_tokens_and_are_resized_bilinearly_to_the_grid
     torch.testing.assert_close(coarse, blocks.flatten(2).transpose(1, 2))
 
 
-def _random_model(depth=4):
+def _random_model(depth=4, name="GSPN-S/4"):
     torch.manual_seed(5)
-    model = create_model("GSPN-S/4", hidden_size=32, depth=depth, num_heads=2, input_size=16, in_channels=3,
-                         num_classes=4, learn_sigma=False)
+    heads = {} if name.startswith("GSPN-paper") else {"num_heads": 2}
+    model = create_model(name, hidden_size=32, depth=depth, input_size=16, in_channels=3, num_classes=4,
+                         learn_sigma=False, **heads)
     with torch.no_grad():  # away from adaLN-Zero's zeros, so that every parameter takes part
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
     return model.train()
 
 
-def test_gradient_reaches_the_projector_and_the_blocks_up_to_the_chosen_one_only(encoder_file):
-    model = _random_model()
+@pytest.mark.parametrize("name", ["GSPN-S/4", "GSPN-paper-S/4"])  # DiT blocks; the authors' pre-norm U-ViT blocks
+def test_gradient_reaches_the_projector_and_the_blocks_up_to_the_chosen_one_only(encoder_file, name):
+    model = _random_model(name=name)
     encoder = load_encoder(str(encoder_file))
     info = SamplingInfo(vae=None, latent_scale=1.0, image_size=(16, 16), num_classes=4)
     repa = RepresentationAlignment(model, encoder, block=2, coefficient=0.5, projector_dim=16, info=info)

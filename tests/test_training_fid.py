@@ -119,7 +119,7 @@ def test_the_shapes_extractor_and_reference_are_built_into_the_run_and_labelled(
     monkeypatch.setattr(fid_monitor, "SHAPES_CLASSIFIER_PER_CLASS", 8)
     monkeypatch.setattr(fid_monitor, "SHAPES_CLASSIFIER_EPOCHS", 1)
     config = tiny_config(tmp_path / "run", train={"objective": "flow", "steps": 2})
-    config["logging"].update(fid_every=2, fid_samples=10, fid_extractor="shapes-classifier", tensorboard=True)
+    config["logging"].update(fid_every=2, fid_samples=10, fid_extractor="dataset", tensorboard=True)
     run = train(config)
     folder = run.run_dir / "fid"
     assert (folder / "silhouette_classifier.pt2").is_file() and (folder / "reference_stats.npz").is_file()

@@ -44,7 +44,7 @@ def shift_noise_levels(s, shift: float = 1.0):
 
 #: Where Heun's grid ends before its last step to 0 (diffusers' default): that step is first order (diffusers
 #: evaluates no corrector at s = 0), so it is kept this small. Measured on data N(0, 0.25) with the exact
-#: velocity (README, Sampling): N equal steps instead make Heun 3.5-8.5x less accurate at N = 5..50.
+#: velocity (docs/sampling.md): N equal steps instead make Heun 3.5-8.5x less accurate at N = 5..50.
 HEUN_LAST_LEVEL = 1e-3
 
 

@@ -33,7 +33,9 @@ class Objective:
     Class attributes: ``name`` (the registry key), ``kind`` (its words for a model trained so), ``prediction``
     (what the model outputs), ``learn_sigma`` (whether the model also outputs a variance: 2C channels instead
     of C), ``default_sampler`` (the registered sampler a model trained this way is drawn with unless one is
-    named; ``samplers()`` lists all that fit) and ``timestep_dtype`` (the model's timestep: integers for
+    named; ``samplers()`` lists all that fit), ``draws_as`` (the objective whose samplers draw its models: a
+    variant that trains another way towards what that one's models predict shares its samplers; None: its own
+    name, and subclasses of the built-ins inherit theirs) and ``timestep_dtype`` (the model's timestep: integers for
     diffusion, fractions for flow matching). The constructor's keyword arguments are the objective's options
     (``train.objective_kwargs``).
     """
@@ -43,7 +45,13 @@ class Objective:
     prediction: ClassVar[str]
     learn_sigma: ClassVar[bool]
     default_sampler: ClassVar[str]
+    draws_as: ClassVar[str | None] = None
     timestep_dtype: ClassVar[torch.dtype]
+
+    @classmethod
+    def drawn_as(cls) -> str:
+        """The objective (name) whose registered samplers draw models trained with this one."""
+        return cls.draws_as or cls.name
 
     @classmethod
     def samplers(cls) -> tuple[str, ...]:
@@ -103,6 +111,7 @@ class DiffusionObjective(Objective):
     prediction = "epsilon"
     learn_sigma = True
     default_sampler = "ddpm"
+    draws_as = "ddpm"
     timestep_dtype = torch.long
 
     def __init__(self, snr_gamma: float | None = None):
@@ -129,6 +138,7 @@ class FlowObjective(Objective):
     prediction = "velocity"
     learn_sigma = False
     default_sampler = "euler"
+    draws_as = "flow"
     timestep_dtype = torch.float32
 
     def __init__(self, timestep_sampling: str = "uniform", shift: float = 1.0):
@@ -160,7 +170,8 @@ def get_objective(name: str, **settings) -> Objective:
 
 
 def objective_of_sampler(sampler: str) -> type[Objective]:
-    """The objective whose models ``sampler`` draws from; an ``UnknownNameError`` for an unknown sampler."""
+    """The objective whose models ``sampler`` draws from (the one it was registered for; variants that draw as it
+    share it); an ``UnknownNameError`` for an unknown sampler."""
     return OBJECTIVES[SAMPLERS[sampler].objective]
 
 

@@ -34,7 +34,7 @@ class SamplerSpec:
     step count, e.g. ADM's respacing counts; raises a ValueError)."""
 
     name: str
-    objective: str
+    objective: str  # the objective whose models it draws, and every objective drawn as that one (draws_as)
     build: Callable
     default_steps: int
     stochastic: bool = False
@@ -76,9 +76,17 @@ def register_sampler(spec: SamplerSpec) -> SamplerSpec:
     return SAMPLERS.register(spec.name, spec)
 
 
+def _drawn_as(objective: str) -> str:
+    """The objective whose samplers draw models trained with ``objective`` (``Objective.draws_as``)."""
+    from .objective import OBJECTIVES  # the objectives sit above the samplers
+
+    return OBJECTIVES[objective].drawn_as() if objective in OBJECTIVES else objective
+
+
 def samplers_of(objective: str) -> tuple[str, ...]:
     """The samplers that draw from models trained with the objective named ``objective``."""
-    return tuple(name for name, spec in SAMPLERS.items() if spec.objective == objective)
+    drawn_as = _drawn_as(objective)
+    return tuple(name for name, spec in SAMPLERS.items() if spec.objective == drawn_as)
 
 
 def check_sampling(sampler: str, objective: str, num_steps: int | None = None,
@@ -90,7 +98,7 @@ def check_sampling(sampler: str, objective: str, num_steps: int | None = None,
         spec = SAMPLERS[sampler]
     except UnknownNameError as err:
         raise SamplerSettingError("sampler", str(err)) from None
-    if spec.objective != objective:
+    if spec.objective != _drawn_as(objective):
         raise SamplerSettingError("sampler", f"sampler {sampler!r} does not fit a model trained with the "
                                              f"{objective!r} objective; use one of {', '.join(samplers_of(objective))}")
     return spec, spec.check(num_steps, flow_shift)

@@ -91,7 +91,7 @@ class GSPNMixer(TokenMixer):
         8 channel groups share each direction's gates, lam and u, and the proxy has C / 4 channels (the
         parameters the grouped maps no longer need go to a wider proxy, which keeps every GSPN model within 3%
         of its DiT's parameter count); on the demo's dataset grouped maps trained at least as well as
-        per-channel ones and markedly faster (docs/results.md). ``gate_groups=None, group_lam_u=False,
+        per-channel ones and faster (docs/results.md, "The demo's quality"). ``gate_groups=None, group_lam_u=False,
         proxy_ratio=16`` is the authors' per-channel mixer.
         """
         if global_layers is None:

@@ -68,6 +68,8 @@ class Section:
 # --- The schema: one dataclass a section --------------------------------------------------------------------
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+#: ``logging.fid_extractor``'s value for the dataset kind's own FID features (``TrainingData.fid_features``).
+DATASET_FEATURES = "dataset"
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -94,7 +96,7 @@ class TrainConfig(Section):
     # model then has learn_sigma=False); any registered objective. objective_kwargs: its own options (ddpm:
     # snr_gamma, Min-SNR weighting; flow: timestep_sampling uniform | logit_normal, shift: SD3's timestep shift).
     objective: str = "ddpm"
-    objective_kwargs: Dict[str, Any] = field(default_factory=dict)
+    objective_kwargs: Optional[Dict[str, Any]] = field(default_factory=dict)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
@@ -127,7 +129,7 @@ class TrainConfig(Section):
                               f"train.grad_accum_steps={self.grad_accum_steps}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        self.objective_kwargs = check_options(OBJECTIVES[self.objective], self.objective_kwargs,
+        self.objective_kwargs = check_options(OBJECTIVES[self.objective], self.objective_kwargs or {},
                                               "train.objective_kwargs", f"the {self.objective} objective",
                                               complete=True)
         try:
@@ -171,7 +173,8 @@ class LoggingConfig(Section):
     fid_samples: int = 1000  # images per evaluation (fixed seed and classes), all processes
     fid_batch_size: int = 64  # images per sampling batch on each process
     fid_reference: Optional[str] = None  # statistics .npz (python -m evaluation X --save-stats)
-    # None: Inception; a feature-extractor file; "shapes-classifier" (the built-in data's, not Inception)
+    # None: Inception; a feature-extractor file (.pt2 or TorchScript); "dataset": the dataset kind's own features
+    # (the built-in shapes': a silhouette classifier, not Inception)
     fid_extractor: Optional[str] = None
     fid_weights: Optional[str] = None  # Inception weights (else $DIT_GSPN_INCEPTION_WEIGHTS)
 
@@ -195,12 +198,12 @@ class LoggingConfig(Section):
     def _check_fid_files(self) -> None:
         """The FID monitor's extractor and reference exist (when it is on)."""
         extractor, reference = self.fid_extractor, self.fid_reference
-        if extractor is not None and extractor != "shapes-classifier" and not Path(extractor).is_file():
+        if extractor is not None and extractor != DATASET_FEATURES and not Path(extractor).is_file():
             raise ConfigError(f"logging.fid_extractor {extractor} is not a file (a feature extractor), nor "
-                              f"shapes-classifier; null is Inception")
+                              f"{DATASET_FEATURES} (the dataset's own features); null is Inception")
         if extractor is not None and self.fid_weights is not None:
             raise ConfigError("logging.fid_weights are Inception's: unset them with logging.fid_extractor set")
-        if reference is None and extractor != "shapes-classifier":
+        if reference is None and extractor != DATASET_FEATURES:
             raise ConfigError("logging.fid_every > 0 needs logging.fid_reference, the data's FID statistics "
                               "(python -m evaluation IMAGES --save-stats REF.npz, with the same extractor)")
         if reference is not None and not Path(reference).is_file():
@@ -351,16 +354,19 @@ class RunConfig:
 def check_options(function, options: dict, where: str, owner: str, *, schema: dict[str, Option] | None = None,
                   complete: bool = False) -> dict:
     """``options`` with each value typed as the keyword options of ``function`` (or ``schema``) declare, checked
-    by OmegaConf; an unknown key names the ones ``owner`` takes. ``complete``: fill in the defaults too (and
+    by OmegaConf; an unknown key names the ones ``owner`` takes, and one set to null is dropped (how a command
+    line unsets another kind's option that a base config holds). ``complete``: fill in the defaults too (and
     require the options without one)."""
     if not isinstance(options, dict):
         _fail(where, "a mapping of options", options)
     schema = keyword_options(function) if schema is None else schema
+    options = {key: value for key, value in options.items() if key in schema or value is not None}
     unknown = [key for key in options if key not in schema]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), schema, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}'{hint}; {owner} takes: {', '.join(schema) or 'none'}")
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}'{hint}; {owner} takes: {', '.join(schema) or 'none'} "
+                          f"(set it to null to drop it)")
     missing = [o.name for o in schema.values() if o.required and o.name not in options]
     if complete and missing:
         raise ConfigError(f"{where}.{missing[0]} must be set: {owner} has no default for it")
@@ -465,7 +471,8 @@ def upgrade_config(config: dict) -> dict:
     """``config`` (one source, possibly partial) with the keys of older versions moved where they are now:
     ``model.gspn_*`` into ``model.mixer_kwargs``; ``train.flow_timesteps``, ``flow_shift`` and ``snr_gamma``
     into ``train.objective_kwargs`` (dropped where they hold their old default, which every objective then
-    had in its config whether it read it or not)."""
+    had in its config whether it read it or not); ``logging.fid_extractor: shapes-classifier`` (the built-in
+    shapes' features) as ``dataset``."""
     from dit_gspn.models.dit import upgrade_model_config
 
     config = copy.deepcopy(config)
@@ -481,6 +488,9 @@ def upgrade_config(config: dict) -> dict:
                     moved[new] = value
         if moved:
             train["objective_kwargs"] = {**moved, **(train.get("objective_kwargs") or {})}
+    logging = config.get("logging")
+    if isinstance(logging, dict) and logging.get("fid_extractor") == "shapes-classifier":
+        logging["fid_extractor"] = DATASET_FEATURES
     return config
 
 

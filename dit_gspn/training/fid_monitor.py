@@ -13,11 +13,11 @@ Every RNG the sampling could touch is saved before and restored after, so a run 
 the same weights as one with it off, and resumes exactly.
 
 ``logging.fid_extractor``: null for Inception (``logging.fid_weights``, else the metrics' search order), an
-extractor file, ``torch.export`` (.pt2) or TorchScript (see ``dit_gspn.metrics.ExtractorFile``), or
-``shapes-classifier`` on the built-in dataset: a silhouette classifier trained on fresh shapes and its pooled conv
-features and logits (``dit_gspn.metrics.shapes_classifier``), saved as a ``torch.export`` program, with the
-reference statistics of the training images themselves, both made once into ``<run_dir>/fid/``. That FID is not
-an Inception FID.
+extractor file, ``torch.export`` (.pt2) or TorchScript (see ``dit_gspn.metrics.ExtractorFile``), or ``dataset``:
+the dataset kind's own features (``TrainingData.fid_features``), made once into ``<run_dir>/fid/`` with the
+reference statistics of the training images. The built-in shapes' are a silhouette classifier trained on fresh
+shapes, its pooled conv features and logits (``dit_gspn.metrics.shapes_classifier``, ``shapes_reference``). That
+FID is not an Inception FID.
 """
 from __future__ import annotations
 
@@ -29,16 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.checkpoint.rng_state import rng_state, set_rng_state
 from dit_gspn.image_npz import to_uint8, write_npz
 from dit_gspn.sampling import sample
 from dit_gspn.sampling.batch import class_labels, index_generators
 from dit_gspn.vae import decode, load_vae
 
-from .config import ConfigError
+from .config import DATASET_FEATURES, ConfigError, LoggingConfig
 
-SHAPES_EXTRACTOR = "shapes-classifier"
 #: The demo's silhouette classifier for FID: trained on this many shapes per class for this many epochs, on a
 #: seed of its own (which the training data never uses).
 SHAPES_CLASSIFIER_PER_CLASS, SHAPES_CLASSIFIER_EPOCHS, SHAPES_CLASSIFIER_SEED = 200, 2, 90_001
@@ -91,33 +89,35 @@ def _has_logits(extractor: Path, image_size: tuple[int, int]) -> bool:
 class FidMonitor:
     """Draws, gathers and scores the EMA's samples every ``logging.fid_every`` steps; every process calls it."""
 
-    def __init__(self, accelerator, run_dir: str | Path, info: SamplingInfo, logging: dict, seed: int,
-                 dataset=None):
+    def __init__(self, accelerator, run_dir: str | Path, data, logging: LoggingConfig, seed: int):
         self.acc = accelerator
         self.folder = Path(run_dir) / "fid"
-        self.info, self.logging, self.seed = info, logging, seed
-        self.every, self.count = int(logging["fid_every"]), int(logging["fid_samples"])
-        self.batch_size = int(logging["fid_batch_size"])
-        self.labels = class_labels(self.count, info.num_classes, "balanced", seed)
+        self.info, self.logging, self.seed = data.sampling_info, logging, seed
+        self.every, self.count, self.batch_size = logging.fid_every, logging.fid_samples, logging.fid_batch_size
+        self.labels = class_labels(self.count, self.info.num_classes, "balanced", seed)
         self.indices = np.arange(self.acc.process_index, self.count, self.acc.num_processes)
-        self.weights, self.extractor, self.reference = logging["fid_weights"], logging["fid_extractor"], \
-            logging["fid_reference"]
-        if self.extractor == SHAPES_EXTRACTOR:
-            if dataset is None or info.vae is not None:
-                raise ConfigError(f"logging.fid_extractor={SHAPES_EXTRACTOR} needs data.kind=shapes")
-            if self.acc.is_main_process:
-                shapes_reference(self.folder, dataset, info.image_size[0])
+        self.weights, self.extractor, self.reference = logging.fid_weights, logging.fid_extractor, \
+            logging.fid_reference
+        self.check(logging, data)
+        if self.extractor == DATASET_FEATURES:
+            if self.acc.is_main_process:  # only the main process scores
+                self.extractor, own_reference = data.fid_features(self.folder)
+                self.reference = self.reference or own_reference
             self.acc.wait_for_everyone()
-            self.extractor = self.folder / "silhouette_classifier.pt2"
-            self.reference = self.reference or self.folder / "reference_stats.npz"
-        if self.reference is None or not Path(self.reference).is_file():
-            raise ConfigError(f"logging.fid_reference={self.reference!r} must be a statistics .npz of the data "
-                              f"(python -m evaluation IMAGES --save-stats REF.npz, with the same extractor)")
         #: The TensorBoard tags' suffix: which features the FID is of (an extractor file's name, or Inception).
         self.label = "inception" if self.extractor is None else Path(self.extractor).stem
-        self.metrics = ["fid", "isc"] if self.extractor is None or _has_logits(self.extractor, info.image_size) \
-            else ["fid"]
+        #: What the main process scores: FID, and IS where the features come with logits.
+        self.metrics = (["fid", "isc"] if self.extractor is None or _has_logits(self.extractor, self.info.image_size)
+                        else ["fid"]) if self.acc.is_main_process else None
         self._vae = None
+
+    @staticmethod
+    def check(logging: LoggingConfig, data) -> None:
+        """What the FID monitor needs of the data, checked before a run starts: the dataset kind's own features
+        for ``logging.fid_extractor=dataset``."""
+        if logging.fid_extractor == DATASET_FEATURES and data.fid_features is None:
+            raise ConfigError(f"logging.fid_extractor={DATASET_FEATURES} takes the dataset's own features, and this "
+                              f"dataset kind has none: use Inception (null) or a feature-extractor file")
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -133,10 +133,9 @@ class FidMonitor:
             if not len(chunk):
                 continue
             out = sample(ema, torch.as_tensor(self.labels[chunk], device=self.acc.device),
-                         sampler=self.logging["sampler"], num_steps=int(self.logging["sample_steps"]),
-                         cfg_scale=float(self.logging["cfg_scale"]),
-                         guidance_interval=self.logging["guidance_interval"],
-                         flow_shift=float(self.logging["flow_shift"]), generator=index_generators(self.seed, chunk),
+                         sampler=self.logging.sampler, num_steps=self.logging.sample_steps,
+                         cfg_scale=self.logging.cfg_scale, guidance_interval=self.logging.guidance_interval,
+                         flow_shift=self.logging.flow_shift, generator=index_generators(self.seed, chunk),
                          clip_denoised=self.info.clip_denoised)
             images.append(torch.from_numpy(to_uint8(decode(out, self.info, self._vae))))
         h, w = self.info.image_size

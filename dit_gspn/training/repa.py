@@ -58,7 +58,9 @@ class BlockTokens:
         self.handle = block.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
-        self.tokens = output
+        # A pre-norm block (the GSPN authors') returns (its output, the residual stream): their sum is the stream
+        # the next block reads.
+        self.tokens = output[0] + output[1] if isinstance(output, tuple) else output
 
     def take(self) -> torch.Tensor:
         tokens, self.tokens = self.tokens, None
@@ -88,8 +90,7 @@ class RepresentationAlignment:
         self.patch_size = int(model.patch_size)
         size = info.image_size
         feature_dim = self._encode(torch.zeros(1, 3, *size, device=self.device)).shape[1]
-        self.projector = build_projector(model.blocks[block - 1].norm1.normalized_shape[0], int(projector_dim),
-                                         feature_dim)
+        self.projector = build_projector(model.x_embedder.proj.out_channels, int(projector_dim), feature_dim)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -165,6 +165,8 @@ class Trainer:
         self.data = build_training_data(config)
         _check_fits_dataset(self.data, self.micro_batch, acc.num_processes, config)
         grid_labels(self.data.num_classes, config.logging.sample_classes, config.logging.samples_per_class)
+        if config.logging.fid_every:
+            FidMonitor.check(config.logging, self.data)
         with torch.device("meta"):
             build_model(config, self.data)  # every model setting checked, no memory allocated
         self.checkpoint = open_run_folder(config, resume, allow_config_change, acc)
@@ -194,8 +196,8 @@ class Trainer:
         self.grids = (GridWriter(acc, self.run_dir, self.data.sampling_info, config.logging, config.seed)
                       if acc.is_main_process else None)
         self.grid_path = None
-        self.fid = (FidMonitor(acc, self.run_dir, self.data.sampling_info, asdict(config.logging), config.seed,
-                               self.data.dataset) if config.logging.fid_every else None)
+        self.fid = FidMonitor(acc, self.run_dir, self.data, config.logging, config.seed) if config.logging.fid_every \
+            else None
         self.window_alignment = torch.zeros((), device=acc.device)  # REPA's mean -cos since the last report
 
     def _build(self) -> None:
