@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 #: Free bytes below which a failed write is taken for a full disk (the partial file still takes the rest).
 NEARLY_FULL = 4 << 20

@@ -1,7 +1,8 @@
-"""How every command-line entry point reports a user's mistake: one line ``error: ...``, no traceback.
+"""How every command-line entry point runs: its plugins imported, a user's mistake as one line ``error: ...``
+with no traceback, the checks of the paths it is given.
 
-A mistake the user can fix (a wrong key, file, value or class) is raised as a ``UserError`` (or a
-subclass: ``ConfigError``, ``ShardError``, ``CheckpointError``, ...) whose message names what is wrong
+A mistake the user can fix (a wrong key, file, value or class) is raised as a ``dit_gspn.errors.UserError``
+(or a subclass: ``ConfigError``, ``ShardError``, ``CheckpointError``, ...) whose message names what is wrong
 and what would be right. ``run_main`` prints it as one line and exits with ``USER_ERROR``; any other
 exception is a bug of ours and keeps its traceback. ``--debug`` or ``DIT_GSPN_DEBUG=1`` shows the
 traceback of a user error too.
@@ -21,6 +22,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from dit_gspn.errors import MissingFileError, OutputExistsError, UserError
+
 DEBUG_ENV = "DIT_GSPN_DEBUG"
 #: Modules every command imports first (comma-separated), so that what they register is known to it.
 PLUGINS_ENV = "DIT_GSPN_PLUGINS"
@@ -31,18 +34,6 @@ USER_ERROR = 2
 MAX_IMAGE_SIDE = 16384
 #: The largest seed: seeds are recorded as 64-bit signed integers (torch's and NumPy's seed type).
 MAX_SEED = 2**63 - 1
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the message names what is wrong and what would be right, in one line."""
-
-
-class MissingFileError(UserError, FileNotFoundError):
-    """A file or folder the user named (or that a command needs) does not exist."""
-
-
-class OutputExistsError(UserError, FileExistsError):
-    """An output the command would write already exists, and overwriting it could lose work."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 LOCK_FILE = ".lock"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dit_gspn.atomic_write import savez_atomically
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 IMAGES, LABELS = "arr_0", "arr_1"
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from dit_gspn.atomic_write import atomic_write
-from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.errors import MissingFileError, UserError
 
 EXPORTED, TORCHSCRIPT = "torch.export program", "TorchScript file"
 

@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dit_gspn.cli import MissingFileError
+from dit_gspn.errors import MissingFileError
 
 #: The VAE DiT's own sample.py decodes with by default.
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"

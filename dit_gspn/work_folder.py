@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from dit_gspn.atomic_write import write_text_atomically
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 MANIFEST = "run.json"
 

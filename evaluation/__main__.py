@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from dit_gspn.atomic_write import write_text_atomically
-from dit_gspn.cli import ArgumentParser, UserError, check_output_file, check_output_folder, command
+from dit_gspn.cli import ArgumentParser, check_output_file, check_output_folder, command
+from dit_gspn.errors import UserError
 from dit_gspn.metrics import ENV_WEIGHTS, METRICS, POOL_LAYERS, Settings, evaluate
 from dit_gspn.sampling.provenance import read_provenance
 

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_gspn.atomic_write import savez_atomically
-from dit_gspn.cli import ArgumentParser, MissingFileError, OutputExistsError, check_output_file, command
+from dit_gspn.cli import ArgumentParser, check_output_file, command
+from dit_gspn.errors import MissingFileError, OutputExistsError
 from dit_gspn.data.image_folder import UNREADABLE_IMAGE_ERRORS, adm_crop_file
 from dit_gspn.image_npz import ImageNpzWriter
 from dit_gspn.metrics import POOL, POOL_LAYERS, SPATIAL, EvalInput, EvalInputError, InceptionFeatures, Moments

@@ -60,7 +60,7 @@ def test_the_temporary_is_a_hidden_sibling(tmp_path):
                                                   "(os error 28)")])
 def test_a_full_disk_is_one_line_naming_the_folder_and_the_old_file_stays(tmp_path, failure):
     from dit_gspn.atomic_write import DiskFullError
-    from dit_gspn.cli import UserError
+    from dit_gspn.errors import UserError
 
     path = tmp_path / "index.json"
     path.write_text("old content")

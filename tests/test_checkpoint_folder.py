@@ -184,7 +184,7 @@ def test_a_real_full_disk_is_named_whichever_writer_hits_it(tmp_path):
 
 def test_a_resume_path_that_is_not_a_complete_checkpoint_says_what_it_is(tmp_path):
     from dit_gspn.checkpoint import CheckpointError, check_checkpoint_folder
-    from dit_gspn.cli import MissingFileError
+    from dit_gspn.errors import MissingFileError
 
     _, write = _writer_and_write(tmp_path / "run")
     done = write(2)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.image_npz import write_npz
 from dit_gspn.metrics import (InceptionFeatures, InceptionScore, Moments, frechet_distance, manifold_radii,
                               precision_recall, wanted_metrics)

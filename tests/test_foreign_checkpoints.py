@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 import adm_oracle as adm
 
 from entry_points import load_script
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.diffusion import make_schedule
 from dit_gspn.models import create_model
 from dit_gspn.sampling import sample, to_uint8

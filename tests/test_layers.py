@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: dit_gspn's layers, bottom to top; a module may import its own layer and those before it.
 LAYERS = [
-    {"cli", "hashing", "sizes", "seeding", "atomic_write", "folder_lock", "resources", "host_memory", "registry",
-     "image_npz", "work_folder", "module_file"},
+    {"errors", "cli", "hashing", "sizes", "seeding", "atomic_write", "folder_lock", "resources", "host_memory",
+     "registry", "image_npz", "work_folder", "module_file"},
     {"ops"},
     {"models"},
     {"diffusion", "vae"},

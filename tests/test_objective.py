@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.diffusion import (DIT_SCHEDULE, OBJECTIVES, SAMPLERS, DiffusionObjective, FlowObjective,
                                 check_sampling, get_objective, objective_of_sampler)
 from dit_gspn.diffusion.samplers import SamplerSettingError

@@ -17,7 +17,7 @@ from dit_gspn.training.encoders import EncoderError, load_encoder
 from dit_gspn.training.repa import PROJECTOR_DIR, RepresentationAlignment, alignment_loss, features_on_grid
 from test_training import fresh_accelerate_state, tiny_config  # noqa: F401 (a fixture)
 
-from dit_gspn.cli import MissingFileError
+from dit_gspn.errors import MissingFileError
 from dit_gspn.module_file import save_exported
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 import adm_oracle as adm
 
 from entry_points import load_script
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.models import create_model
 from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.sampling import sample, save_labelled_grid

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.sizes import size_pair
 
 

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from entry_points import load_script
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.training import ConfigError, NonFiniteLossError, list_checkpoints, load_config, train
 from dit_gspn.training.data_order import EpochBatchSampler
 

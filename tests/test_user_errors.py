@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from entry_points import load_script
-from dit_gspn.cli import USER_ERROR, UserError, one_line, run_main
+from dit_gspn.cli import USER_ERROR, one_line, run_main
+from dit_gspn.errors import UserError
 from dit_gspn.training import ConfigError, list_checkpoints, load_config, train
 from dit_gspn.checkpoint import folder as checkpoint_module
 from dit_gspn.folder_lock import LOCK_FILE

@@ -37,7 +37,7 @@ import yaml
 from safetensors.torch import save_file
 
 from dit_gspn.atomic_write import DiskFullError, is_disk_full
-from dit_gspn.cli import MissingFileError
+from dit_gspn.errors import MissingFileError
 
 from .rng_state import load_rng_state, numpy_array_globals, rng_state, save_rng_state
 from .safe_load import CheckpointError, load_plain_values

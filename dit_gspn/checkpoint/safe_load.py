@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.errors import MissingFileError, UserError
 
 
 class CheckpointError(UserError, ValueError):

@@ -20,7 +20,8 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # noqa: E402 below: imported after the OpenMP setting.
-from dit_gspn.cli import ArgumentParser, OutputExistsError, check_input_file, command  # noqa: E402
+from dit_gspn.cli import ArgumentParser, check_input_file, command  # noqa: E402
+from dit_gspn.errors import OutputExistsError
 from dit_gspn.resources import CONFIGS  # noqa: E402
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"

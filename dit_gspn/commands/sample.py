@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import WEIGHT_FOLDERS
-from dit_gspn.cli import (MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, OutputExistsError, UserError, check_output_file,
-                          command)
+from dit_gspn.cli import MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, check_output_file, command
+from dit_gspn.errors import OutputExistsError, UserError
 from dit_gspn.diffusion import SAMPLERS, check_sampling, default_sampler
 from dit_gspn.diffusion.samplers import SamplerSettingError
 from dit_gspn.diffusion.flow import check_shift

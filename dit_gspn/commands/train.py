@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from dit_gspn.cli import ArgumentParser, MissingFileError, check_input_file, command
+from dit_gspn.cli import ArgumentParser, check_input_file, command
+from dit_gspn.errors import MissingFileError
 
 
 def parse_args(argv=None):

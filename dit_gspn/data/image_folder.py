@@ -14,7 +14,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from dit_gspn.cli import UserError, check_input_folder
+from dit_gspn.cli import check_input_folder
+from dit_gspn.errors import UserError
 
 from .transforms import center_crop_arr
 

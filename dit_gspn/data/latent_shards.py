@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from dit_gspn.atomic_write import atomic_write, write_text_atomically
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.hashing import sha256_file
 from dit_gspn.module_file import EXPORTED, load_module, module_kind
 

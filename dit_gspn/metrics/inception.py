@@ -26,7 +26,7 @@ import pickle
 import torch
 import torch.nn.functional as F
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.hashing import sha256_file
 
 from .weights import resolve_inception_weights

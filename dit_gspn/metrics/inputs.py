@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.errors import MissingFileError, UserError
 from dit_gspn.data.image_folder import to_rgb_array
 from dit_gspn.hashing import sha256_file, sha256_files
 from dit_gspn.image_npz import IMAGES, ImageNpzError, iter_batches, read_header

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dit_gspn.cli import OutputExistsError
+from dit_gspn.errors import OutputExistsError
 
 from .extractor_file import ExtractorFile
 from .frechet import frechet_distance

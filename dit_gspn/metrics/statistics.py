@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dit_gspn.atomic_write import savez_atomically
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 
 #: (mean key, covariance key) of FID's and of sFID's statistics.
 POOL_KEYS, SPATIAL_KEYS = ("mu", "sigma"), ("mu_s", "sigma_s")

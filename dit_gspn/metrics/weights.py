@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dit_gspn.cli import MissingFileError
+from dit_gspn.errors import MissingFileError
 
 ENV_WEIGHTS = "DIT_GSPN_INCEPTION_WEIGHTS"
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from dit_gspn.checkpoint import SAMPLING_FILE, WEIGHT_FOLDERS, CheckpointError, SamplingInfo, is_training_checkpoint
-from dit_gspn.cli import MissingFileError
+from dit_gspn.errors import MissingFileError
 from dit_gspn.diffusion import DiffusionObjective, FlowObjective
 from dit_gspn.hashing import sha256_path
 from dit_gspn.sizes import size_pair

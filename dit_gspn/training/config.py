@@ -26,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.diffusion import OBJECTIVES, Objective, check_sampling
 from dit_gspn.diffusion.samplers import SamplerSettingError
 from dit_gspn.registry import Option, keyword_options

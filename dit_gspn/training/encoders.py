@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit_gspn.cli import MissingFileError, UserError
+from dit_gspn.errors import MissingFileError, UserError
 from dit_gspn.module_file import ModuleFileError, load_module
 
 DINOV2_REPO = "facebookresearch/dinov2"

@@ -22,7 +22,7 @@ import torch
 
 from dit_gspn.checkpoint import CheckpointWriter
 from dit_gspn.checkpoint.folder import checkpoint_root
-from dit_gspn.cli import UserError
+from dit_gspn.errors import UserError
 from dit_gspn.data import ShardError
 from dit_gspn.folder_lock import release_folder
 from dit_gspn.host_memory import retain_freed_host_memory
