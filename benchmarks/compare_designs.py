@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/demo.py says why)
@@ -219,8 +220,11 @@ def summarize(results: list[dict]) -> dict:
             summary[setting][f"best_{key}"] = best
             for name in designs:
                 a, b = [r[key] for r in runs[name]], [r[key] for r in runs[best]]
-                p = float(ttest_ind(a, b, equal_var=False).pvalue) if name != best and min(len(a), len(b)) > 1 \
-                    else float("nan")
+                p = float("nan")
+                if name != best and min(len(a), len(b)) > 1:
+                    with warnings.catch_warnings():  # scipy's word on near-identical values (e.g. all at chance)
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        p = float(ttest_ind(a, b, equal_var=False).pvalue)
                 designs[name][f"{key}_p_vs_best"] = None if math.isnan(p) else round(p, 4)
     return summary
 
@@ -249,6 +253,8 @@ def markdown_table(report: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), metavar="NAME",
+                        help=f"which of DESIGNS to compare (default: all): {', '.join(repr(n) for n in DESIGNS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of the equal-steps comparison")
     parser.add_argument("--budget-seconds", type=float, default=None,
@@ -267,6 +273,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if any(o.startswith("model.") for o in args.overrides):
         parser.error("each design brings its own model section (DESIGNS): model.* overrides do not apply")
+    unknown = [name for name in args.designs if name not in DESIGNS]
+    if unknown:
+        parser.error(f"--designs {unknown[0]!r} is not one of {', '.join(repr(n) for n in DESIGNS)}")
+    designs = {name: DESIGNS[name] for name in args.designs}
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -276,14 +286,14 @@ def main(argv=None) -> dict:
 
     base = load_config(args.config, [*RUN_OVERRIDES, *args.overrides])
     base["model"] = {}  # each design brings its own model section
-    first = next(iter(DESIGNS))
-    logging = parse_config(design_config(base, DESIGNS[first], seed=0, steps=1, run_dir="unused")).logging
+    first = next(iter(designs))
+    logging = parse_config(design_config(base, designs[first], seed=0, steps=1, run_dir="unused")).logging
     sample_steps = args.sample_steps or logging.sample_steps
-    counts = parameter_counts(base, DESIGNS)
+    counts = parameter_counts(base, designs)
     print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()), flush=True)
-    step_seconds = time_training_steps(base, DESIGNS, args.timing_rounds, args.timing_warmup)
+    step_seconds = time_training_steps(base, designs, args.timing_rounds, args.timing_warmup)
     budget = args.budget_seconds if args.budget_seconds is not None else args.steps * step_seconds[first]
-    plans = {"equal_steps": {name: args.steps for name in DESIGNS},
+    plans = {"equal_steps": {name: args.steps for name in designs},
              "equal_time": equal_time_steps(step_seconds, budget)}
     print("step seconds: " + ", ".join(f"{n} {s:.3f}" for n, s in step_seconds.items())
           + f"; budget {budget:.1f} s -> steps {plans['equal_time']}", flush=True)
@@ -300,7 +310,7 @@ def main(argv=None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "config": str(args.config), "overrides": [*RUN_OVERRIDES, *args.overrides],
-        "designs": DESIGNS, "parameters": counts,
+        "designs": designs, "parameters": counts,
         "step_seconds": {name: round(s, 6) for name, s in step_seconds.items()},
         "timing": {"rounds": args.timing_rounds, "warmup": args.timing_warmup,
                    "how": "one process, the designs' training steps alternating, median"},
@@ -311,12 +321,12 @@ def main(argv=None) -> dict:
     runs = Path(args.runs or tempfile.mkdtemp(prefix="compare_designs_"))
     made = {}
     for seed in args.seeds:
-        seed_config = parse_config(design_config(base, DESIGNS[first], seed=seed, steps=1, run_dir="unused"))
+        seed_config = parse_config(design_config(base, designs[first], seed=seed, steps=1, run_dir="unused"))
         classifiers, real_accuracy = train_classifiers(seed_config.to_dict(), args, seed)
         report["classifier_real_accuracy"][str(seed)] = {key: round(value, 4) for key, value in real_accuracy.items()}
         fid_files = build_training_data(seed_config).fid_features(runs / f"fid_s{seed}")
         for setting, plan in plans.items():
-            for name, model in DESIGNS.items():
+            for name, model in designs.items():
                 key = (name, plan[name], seed)
                 if key not in made:
                     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")

@@ -210,3 +210,34 @@ def test_a_scored_run_is_read_back_not_trained_again(tmp_path, monkeypatch, smal
     assert train_and_score(config, {}, fid_files, dict(scoring)) == score
     with pytest.raises(AssertionError, match="trained again"):
         train_and_score(config, {}, fid_files, {**scoring, "samples_per_class": 2})
+
+
+def test_compare_designs_refuses_an_unknown_design_and_model_overrides(capsys):
+    from benchmarks.compare_designs import main
+
+    for argv, named in ((["--designs", "GSPN-DiT (ours)", "Mamba"], "'Mamba' is not one of 'GSPN-DiT (ours)'"),
+                        (["model.depth=3"], "model.* overrides do not apply")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_summary_means_spreads_and_welch_p_values():
+    """Mean and sample standard deviation over seeds, the best design per score, and Welch's p-value against it: with
+    one constant group of 3 the test has 2 degrees of freedom, whose two-sided p is 1 - |t| / sqrt(t^2 + 2)."""
+    from benchmarks.compare_designs import summarize
+
+    def run(design, seed, shape, fid):
+        return {"setting": "equal_steps", "design": design, "seed": seed, "shape_accuracy": shape, "accuracy": 1.0,
+                "fid": fid, "final_loss": 0.2, "steps": 10}
+
+    results = [run("x", s, 0.1, f) for s, f in enumerate((50.0, 60.0, 70.0))]
+    results += [run("y", s, a, f) for s, (a, f) in enumerate(((0.3, 40.0), (0.35, 50.0), (0.4, 60.0)))]
+    summary = summarize(results)["equal_steps"]
+    x, y = summary["designs"]["x"], summary["designs"]["y"]
+    assert (y["shape_accuracy_mean"], y["shape_accuracy_std"]) == (pytest.approx(0.35), pytest.approx(0.05))
+    assert (x["fid_mean"], x["fid_std"]) == (60.0, 10.0)
+    assert summary["best_shape_accuracy"] == "y" and summary["best_fid"] == "y"
+    t = 0.25 / (0.05 / math.sqrt(3))
+    assert x["shape_accuracy_p_vs_best"] == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-4)
+    assert y["shape_accuracy_p_vs_best"] is None
