@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -305,7 +306,7 @@ def main(argv=None) -> dict:
                 "on the built-in shapes, for equal optimizer steps and equal training time; shape_accuracy and "
                 "accuracy: silhouette and colour classifiers on class-conditional samples (chance 0.1); fid: the "
                 "demo's FID monitor's (silhouette-classifier features against the training images), not Inception",
-        "command": "python -m benchmarks.compare_designs " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.compare_designs " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
