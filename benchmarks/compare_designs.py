@@ -150,16 +150,14 @@ def fid_against_training_images(images: torch.Tensor, labels: torch.Tensor, fid_
                                 folder: Path) -> float:
     """The FID of ``images`` (in [-1, 1]) as the demo's FID monitor computes it: under the silhouette classifier's
     features ``fid_files[0]``, against the training images' statistics ``fid_files[1]``."""
-    from evaluation import Settings, evaluate
-
-    from dit_gspn.sampling.batch import write_npz
-    from dit_gspn.sampling.labelled_grid import to_uint8
+    from dit_gspn.image_npz import to_uint8, write_npz
+    from dit_gspn.metrics import Settings, evaluate
 
     extractor, reference = fid_files
     samples = write_npz(folder / "samples.npz", to_uint8(images), labels.numpy())
     report = evaluate(samples, reference, metrics=["fid"], extractor=extractor, settings=Settings(device="cpu"),
                       cache_dir=None)
-    return float(report["metrics"]["frechet_inception_distance"])
+    return float(report["metrics"]["fid"])
 
 
 def train_and_score(config: dict, classifiers: dict, fid_files: tuple[Path, Path], scoring: dict) -> dict:
