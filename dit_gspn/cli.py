@@ -39,7 +39,10 @@ MAX_SEED = 2**63 - 1
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a ``--debug`` flag, whose mistakes are ``UserError``s (one line, not usage + error)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, module: str | None = None, **kwargs):
+        # ``python -m <module>`` runs a .py file: name the command as typed (a console script names itself).
+        if module is not None and "prog" not in kwargs and sys.argv[0].endswith(".py"):
+            kwargs["prog"] = f"python -m {module}"
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true",

@@ -26,7 +26,7 @@ DEFAULT_CACHE = Path(".cache") / "evaluation"
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m evaluation", description=__doc__)
+    p = ArgumentParser(module="evaluation", description=__doc__)
     p.add_argument("samples", help="folder of images, ADM .npz, or statistics .npz")
     p.add_argument("reference", nargs="?", default=None, help="the same kinds; omit for IS only / --save-stats")
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None,

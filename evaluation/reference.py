@@ -162,7 +162,7 @@ def build_reference(folder: str | Path, out: str | Path, image_size: int, *, wei
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m evaluation.reference", description=__doc__)
+    p = ArgumentParser(module="evaluation.reference", description=__doc__)
     p.add_argument("folder", help="a folder of images, searched recursively (class folders included)")
     p.add_argument("--image-size", type=int, required=True, help="ADM's center crop to this square size (pixels)")
     p.add_argument("--out", required=True, help="the reference statistics .npz to write")

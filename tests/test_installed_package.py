@@ -1,7 +1,8 @@
 """The package as `pip install .` gives it, used from outside the checkout: a wheel built from the checkout,
-installed into a temporary folder, carries the kernel sources and the presets; the compiled CPU kernel
-builds from the installed sources and runs (no fallback), the demo trains from its shipped config, and the
-evaluator parses its arguments."""
+installed into a temporary folder, carries the kernel sources and the presets and installs the five commands;
+the compiled CPU kernel builds from the installed sources and runs (no fallback), each command runs from
+another folder, the demo trains from its shipped config and its checkpoint samples, and the evaluator parses
+its arguments."""
 import os
 import subprocess
 import sys
@@ -20,9 +21,17 @@ TOY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.num_p
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel of the checkout's files as a fresh clone holds them (a setuptools build/ folder left in the
+    checkout would add files deleted since)."""
+    out, tree = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("tree")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes((REPO / name).read_bytes())
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-w", str(out), str(REPO)], check=True, timeout=300)
+                    "--disable-pip-version-check", "-w", str(out), str(tree)], check=True, timeout=300)
     (path,) = out.glob("dit_gspn-*.whl")
     return path
 
@@ -38,9 +47,12 @@ def installed(wheel, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(site), "DIT_GSPN_CACHE": str(root / "kernels"),
            "CUDA_VISIBLE_DEVICES": ""}
 
-    def run(*args, code=None, timeout=600):
-        argv = [sys.executable, *(["-c", textwrap.dedent(code)] if code else []), *args]
-        return subprocess.run(argv, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=timeout)
+    def run(*args, code=None, timeout=600, script=None):
+        """python (``code``, or ``args`` such as ``-m module``) or the installed console ``script`` with ``args``."""
+        start = [str(site / "bin" / script)] if script else [sys.executable,
+                                                              *(["-c", textwrap.dedent(code)] if code else [])]
+        return subprocess.run([*start, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
     run.site = site
     run.elsewhere = elsewhere
@@ -89,12 +101,27 @@ def test_the_installed_cpu_kernel_builds_from_its_own_sources_and_runs(installed
     assert lines["evaluation"].startswith(str(installed.site))
 
 
+COMMANDS = ("dit-gspn-train", "dit-gspn-sample", "dit-gspn-extract", "dit-gspn-eval", "dit-gspn-demo")
+
+
+@pytest.mark.slow  # five processes that import torch: about 30 s on 2 cores
+def test_the_wheel_installs_the_five_commands_and_each_runs_from_another_folder(installed):
+    for name in COMMANDS:
+        helped = installed("--help", script=name)
+        assert helped.returncode == 0 and helped.stdout.startswith(f"usage: {name}"), (name, helped.stderr[-2000:])
+    wrong = installed("--config", "no-such.yaml", script="dit-gspn-train")
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
+        "error: --config no-such.yaml does not exist"], wrong.stderr[-2000:]
+
+
 @pytest.mark.slow  # the demo at toy size (2 steps) in a fresh process: about 20 s
 def test_the_installed_demo_trains_from_its_shipped_config(installed, tmp_path):
-    config = installed.site / "dit_gspn" / "configs" / "demo.yaml"
-    result = installed("-m", "dit_gspn.commands.demo", "--config", str(config), "--out", str(tmp_path / "run"), *TOY)
+    result = installed("--out", str(tmp_path / "run"), *TOY, script="dit-gspn-demo")  # its default config: shipped
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert (tmp_path / "run" / "checkpoints" / "0000002" / "ema" / "config.json").is_file()
+    sampled = installed("--ckpt", str(tmp_path / "run" / "checkpoints" / "0000002"), "--classes", "0", "1",
+                        "--num-steps", "2", "--out", str(tmp_path / "grid.png"), "--cpu", script="dit-gspn-sample")
+    assert sampled.returncode == 0 and (tmp_path / "grid.png").is_file(), sampled.stderr[-4000:]
 
 
 def test_the_installed_demo_finds_its_default_config(installed):
