@@ -1,5 +1,11 @@
-"""Shared test set-up: offline hubs, deterministic seeds, the `cuda` mark's skip, and modules that
-need a package the machine lacks (the GPU image has no diffusers or torch-fidelity) skipped, not errors."""
+"""Shared test set-up: offline hubs, deterministic seeds, the `cuda` mark's skip, modules that need a package the
+machine lacks (the GPU image has no diffusers or torch-fidelity) skipped, not errors, and the fixtures that test
+files in several folders use.
+
+The layout: unit tests mirror the source tree (the tests of ``dit_gspn/models/dit.py`` are
+``tests/dit_gspn/models/test_dit.py``, of ``evaluation/__main__.py`` ``tests/evaluation/test_main.py``);
+``tests/kernels/`` the compiled kernels, ``tests/integration/`` the commands run end to end, ``tests/tools/`` the
+benchmark scripts, ``tests/helpers/`` what several test files share."""
 import importlib.util
 import os
 
@@ -56,6 +62,15 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset after the test, for a test that runs training in this process."""
+    from helpers.training import reset_accelerate
+
+    yield
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
