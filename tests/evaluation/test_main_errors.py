@@ -1,23 +1,18 @@
-"""A user's mistake on the evaluation and batch-sampling side costs one line, never a file or a run: each case runs
-the command as a user would (its main, or a subprocess) and checks exit code 2, the one `error: ...` line naming
-the path, and that the files are untouched. Every refusal comes before the work: the evaluation cases pass
-Inception weights that do not exist, so a check made after the weights load would name the weights instead."""
+"""A user's mistake at `python -m evaluation` costs one line, never a file: each case runs the command's main as a
+user would and checks exit code 2, the one `error: ...` line naming the path, and that the files are untouched.
+Every refusal comes before the work: the cases pass Inception weights that do not exist, so a check made after
+the weights load would name the weights instead."""
 import contextlib
-import errno
 import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
-from dit_gspn import image_npz
 from dit_gspn.image_npz import write_npz
-from helpers.entry_points import load_script
 from evaluation.__main__ import main as evaluation_main
-from test_sampling import BATCH_ARGS, HOLD_AFTER_FIRST_SHARD, NUM, SHARD, batch_ckpt, sample_py_patched  # noqa: F401
-from test_user_errors import assert_one_line_error, run_here
+
+from helpers.commands import assert_one_line_error, run_here
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,77 +111,3 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(files, capsy
                             ("--save-stats", locked / "sub" / "s.npz")):
             assert_one_line_error(_evaluate(capsys, *args, flag, value), f"{flag} {value}", "cannot be written")
         assert list(locked.iterdir()) == []
-
-
-# --- batch sampling ----------------------------------------------------------------------------------------------
-
-def _no_space(path):
-    return OSError(errno.ENOSPC, "No space left on device", str(path))
-
-
-def _sample(batch_ckpt, out, capsys, *extra):
-    main = load_script("sample").main
-    return run_here(main, ["--ckpt", batch_ckpt / "ckpt", *BATCH_ARGS, "--out", out, *extra], capsys)
-
-
-def test_a_full_disk_during_a_shard_names_the_path_removes_the_partial_file_and_keeps_finished_shards(
-        batch_ckpt, tmp_path, capsys, monkeypatch):
-    out, shards = tmp_path / "samples.npz", tmp_path / "samples.npz.shards"
-    savez, written = np.savez, []
-
-    def filling_up(file, *args, **kwargs):
-        if len(written) == 2:  # the third shard: some bytes reach the file, then the disk is full
-            file.write(b"PK partial shard")
-            raise _no_space(file.name)
-        written.append(1)
-        savez(file, *args, **kwargs)
-
-    monkeypatch.setattr(np, "savez", filling_up)
-    proc = _sample(batch_ckpt, out, capsys)
-    assert_one_line_error(proc, f"no space left on {shards} while writing shard_000002.npz",
-                          "the files written before it are kept", "run the command again")
-    assert sorted(p.name for p in shards.iterdir()) == [".lock", "run.json", "shard_000000.npz", "shard_000001.npz"]
-    assert not out.exists()
-    monkeypatch.setattr(np, "savez", savez)
-    done = _sample(batch_ckpt, out, capsys)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "skipped 2 finished" in done.stdout and out.read_bytes() == (batch_ckpt / "ref.npz").read_bytes()
-
-
-def test_a_full_disk_during_the_final_npz_names_it_removes_it_and_keeps_every_shard(batch_ckpt, tmp_path, capsys,
-                                                                                    monkeypatch):
-    out, shards = tmp_path / "samples.npz", tmp_path / "samples.npz.shards"
-    append = image_npz.ImageNpzWriter.append
-
-    def filling_up(self, images, labels=None):
-        if self.written:
-            raise _no_space(self.partial)
-        append(self, images, labels)
-
-    monkeypatch.setattr(image_npz.ImageNpzWriter, "append", filling_up)
-    proc = _sample(batch_ckpt, out, capsys)
-    assert_one_line_error(proc, f"no space left on {out}", f"{out} was not written", f"kept in {shards}")
-    assert not out.exists() and not list(tmp_path.rglob("*.partial"))
-    assert len(list(shards.glob("shard_*.npz"))) == NUM // SHARD
-
-
-def test_a_second_job_on_the_same_out_is_refused_and_a_killed_jobs_lock_blocks_nothing(batch_ckpt, tmp_path,
-                                                                                       capsys):
-    out, shards = tmp_path / "samples.npz", tmp_path / "samples.npz.shards"
-    first = sample_py_patched(HOLD_AFTER_FIRST_SHARD, "--ckpt", batch_ckpt / "ckpt", *BATCH_ARGS, "--out", out,
-                              popen=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list(shards.glob("shard_*.npz")) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, "the first job ended before it could hold the lock"
-        before = _snapshot(tmp_path)
-        second = _sample(batch_ckpt, out, capsys)
-        assert_one_line_error(second, f"is in use by process {first.pid}", f"--out {out}")
-        assert _snapshot(tmp_path) == before
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    done = _sample(batch_ckpt, out, capsys)  # the killed job's lock is gone with it
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert out.read_bytes() == (batch_ckpt / "ref.npz").read_bytes()

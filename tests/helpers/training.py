@@ -34,3 +34,8 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+#: Overrides that make the demo command a toy run: one block, two training steps, one labelled sample a class.
+TOY_DEMO = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.num_per_class=4",
+            "train.global_batch_size=8", "train.steps=2", "logging.sample_steps=2", "logging.samples_per_class=1"]

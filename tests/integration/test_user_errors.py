@@ -13,17 +13,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers.entry_points import load_script
 from dit_gspn.cli import USER_ERROR, one_line, run_main
 from dit_gspn.errors import UserError
 from dit_gspn.training import ConfigError, list_checkpoints, load_config, train
 from dit_gspn.checkpoint import folder as checkpoint_module
 from dit_gspn.folder_lock import LOCK_FILE
 from dit_gspn.training.config import parse_config
-from helpers.commands import assert_one_line_error, run_here
-from helpers.training import reset_accelerate, tiny_config, write_config
-from helpers.repo import REPO
 
+from helpers.commands import assert_one_line_error, run_here
+from helpers.entry_points import load_script
+from helpers.folder_lock import hold_lock
+from helpers.images import image_folder
+from helpers.repo import REPO
+from helpers.training import reset_accelerate, tiny_config, write_config
 
 
 def _env(**extra) -> dict:
@@ -186,28 +188,6 @@ def test_a_kill_inside_a_checkpoint_rewrite_loses_nothing_and_is_cleaned_up(tmp_
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")) == []
 
 
-def test_recovery_handles_every_state_a_kill_can_leave(tmp_path):
-    root = tmp_path / "run" / "checkpoints"
-
-    def folder(name, complete=True, tag=""):
-        (root / name / "model").mkdir(parents=True)
-        (root / name / "model" / "tag").write_text(tag or name)
-        if complete:
-            (root / name / "trainer_state.json").write_text("{}")
-
-    folder("0000002", complete=False)  # pruning killed after its trainer_state.json went
-    folder("0000004")
-    folder(".old-0000004")  # the rewrite of step 4 was done; removing the old folder was not
-    folder(".old-0000006", tag="the old step 6")  # killed between the renames of step 6's rewrite
-    folder(".tmp-0000006")
-    folder(".tmp-0000008", complete=False)  # killed while writing step 8
-    notes = checkpoint_module.recover_leftovers(tmp_path / "run")
-    assert sorted(p.name for p in root.iterdir()) == ["0000004", "0000006"]
-    assert (root / "0000006" / "model" / "tag").read_text() == "the old step 6"
-    assert "restored 0000006 from .old-0000006" in notes and len(notes) == 5
-    assert checkpoint_module.recover_leftovers(tmp_path / "run") == []
-
-
 # --- Nothing runs code from a checkpoint; --resume compares configs ------------------------------------------
 
 class _Planted:
@@ -307,18 +287,9 @@ def tiny_vae(tmp_path_factory):
     return path
 
 
-def _image_folder(root: Path, classes: dict) -> Path:
-    rng = np.random.default_rng(5)
-    for name, count in classes.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
-
-
 def test_rerunning_an_extraction_over_a_changed_dataset_refuses_and_keeps_the_shards(tmp_path, tiny_vae, capsys):
     extract_main = load_script("extract_latents").main
-    images = _image_folder(tmp_path / "images", {"cat": 3, "dog": 3})
+    images = image_folder(tmp_path / "images", {"cat": 3, "dog": 3})
     out = tmp_path / "latents"
     command = ["extract_latents.py", "--data", images, "--out", out, "--vae", tiny_vae, "--image-size", "16",
                "--shard-size", "2", "--num-workers", "0", "--latent-dtype", "float32"]
@@ -327,7 +298,7 @@ def test_rerunning_an_extraction_over_a_changed_dataset_refuses_and_keeps_the_sh
     kept = {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE}  # the lock names its holder
     assert load_file(out / "shard-00000.safetensors")["labels"].tolist() == [0, 0]  # cats are 0
 
-    _image_folder(images, {"ant": 1})  # sorts before cat: every label would shift
+    image_folder(images, {"ant": 1})  # sorts before cat: every label would shift
     proc = run_cli(*command)
     assert_one_line_error(proc, str(images), "class folder(s) added: ant", "new --out")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE} == kept  # the index included
@@ -335,37 +306,6 @@ def test_rerunning_an_extraction_over_a_changed_dataset_refuses_and_keeps_the_sh
     shutil.rmtree(images / "ant")
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "dog" / "9.png")
     assert_one_line_error(run_here(extract_main, command[1:], capsys), "dog/ has 4 files, 3 then")
-
-
-# --- Damage 2: 16-bit PNGs ------------------------------------------------------------------------------------
-
-def test_16_bit_greyscale_pngs_are_scaled_not_clipped_in_extraction_and_evaluation(tmp_path):
-    from dit_gspn.data import ClassFolderImages
-    from evaluation import open_input
-
-    rng = np.random.default_rng(2)
-    grey16 = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
-    (tmp_path / "imgs" / "a").mkdir(parents=True)
-    Image.fromarray(grey16).save(tmp_path / "imgs" / "a" / "x.png")
-    assert Image.open(tmp_path / "imgs" / "a" / "x.png").mode.startswith("I")  # it is stored as 16 bits
-    expected = np.round(grey16 / 257.0).astype(np.uint8)  # 65535 -> 255, linearly
-
-    batch = next(open_input(tmp_path / "imgs").batches(4))
-    assert batch.shape == (1, 3, 16, 16)
-    for channel in range(3):
-        np.testing.assert_array_equal(batch[0, channel].numpy(), expected)
-    item = ClassFolderImages(tmp_path / "imgs", 16)[0]
-    np.testing.assert_allclose(item["image"][0].numpy(), expected / 127.5 - 1.0, atol=1e-6)
-    assert (item["image"] >= 1.0).float().mean() < 0.05  # not white
-
-
-def test_an_empty_class_folder_is_named_when_the_class_list_is_built(tmp_path):
-    from dit_gspn.data import ClassFolderImages
-
-    images = _image_folder(tmp_path / "images", {"cat": 1, "dog": 1})
-    (images / "bird").mkdir()
-    with pytest.raises(UserError, match=r"class folder .*bird holds no files"):
-        ClassFolderImages(images, 16)
 
 
 # --- Damage 5: batch sampling over damaged shards --------------------------------------------------------------
@@ -459,24 +399,6 @@ def test_weights_that_became_infinite_are_never_saved_as_the_last_good_checkpoin
 
 
 # --- The shared mechanism -------------------------------------------------------------------------------------
-
-def test_run_main_prints_user_errors_as_one_line_and_keeps_the_traceback_of_a_bug(capsys, monkeypatch):
-    monkeypatch.delenv("DIT_GSPN_DEBUG", raising=False)
-
-    def mistake(argv):
-        raise ConfigError("train.steps must be an integer >= 1, got -5\n(second line folded)")
-
-    assert run_main(mistake, []) == USER_ERROR
-    err = capsys.readouterr().err
-    assert err == "error: train.steps must be an integer >= 1, got -5 (second line folded)\n"
-    assert run_main(mistake, ["--debug"]) == USER_ERROR
-    assert "Traceback" in capsys.readouterr().err
-
-    def bug(argv):
-        raise KeyError("a bug of ours")
-
-    with pytest.raises(KeyError):
-        run_main(bug, [])
 
 
 def test_evaluator_names_a_corrupt_or_odd_sized_image_before_loading_weights(tmp_path, capsys):
@@ -637,14 +559,8 @@ def folder_holder():
         if leftover is not None:
             leftover.mkdir(parents=True)
             (leftover / "part").write_text("being written by the other process")
-        code = ("import sys, time\nfrom dit_gspn.folder_lock import lock_folder\nlock_folder(sys.argv[1])\n"
-                "print('locked', flush=True)\ntime.sleep(300)\n")
-        proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        line = proc.stdout.readline()
-        assert line.strip() == "locked", proc.stderr.read()
-        return proc
+        procs.append(hold_lock(folder))
+        return procs[-1]
 
     yield hold
     for proc in procs:
@@ -912,7 +828,7 @@ def test_sweep_a_damaged_sampling_json_is_one_line_naming_it(trained_run, tmp_pa
 def extracted(tmp_path_factory, tiny_vae):
     """(images, a finished extraction into latents/ (3 shards of 2), the command that made it)."""
     root = tmp_path_factory.mktemp("extracted")
-    images = _image_folder(root / "images", {"cat": 3, "dog": 3})
+    images = image_folder(root / "images", {"cat": 3, "dog": 3})
     out = root / "latents"
     command = ["--data", images, "--out", out, "--vae", tiny_vae, "--image-size", "16", "--shard-size", "2",
                "--num-workers", "0", "--latent-dtype", "float32"]

@@ -1,9 +1,10 @@
-"""dit_gspn.checkpoint: what the writer puts in a checkpoint folder is what its readers give back."""
-from __future__ import annotations
-
+"""dit_gspn.checkpoint.folder: what the writer puts in a checkpoint folder is what its readers give back, and every
+state a kill can leave is recovered."""
 import copy
 import os
 import random
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import yaml
 
 from dit_gspn.checkpoint import (CONFIG_FILE, SAMPLING_FILE, CheckpointWriter, SamplingInfo, find_rng_state,
                                  is_training_checkpoint, latest_checkpoint, list_checkpoints, load_lr_scheduler_state,
-                                 load_optimizer_state, load_weights, read_trainer_state)
+                                 load_optimizer_state, load_weights, read_trainer_state, folder as checkpoint_module)
 from dit_gspn.models import DiT
+from dit_gspn.training import list_checkpoints
 
 
 class OneProcess:
@@ -199,3 +201,25 @@ def test_a_resume_path_that_is_not_a_complete_checkpoint_says_what_it_is(tmp_pat
                                  (unfinished, CheckpointError, "is not a complete training checkpoint" + listed)):
         with pytest.raises(error, match=f"{path} {pattern}"):
             check_checkpoint_folder(path, tmp_path / "run")
+
+
+def test_recovery_handles_every_state_a_kill_can_leave(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+
+    def folder(name, complete=True, tag=""):
+        (root / name / "model").mkdir(parents=True)
+        (root / name / "model" / "tag").write_text(tag or name)
+        if complete:
+            (root / name / "trainer_state.json").write_text("{}")
+
+    folder("0000002", complete=False)  # pruning killed after its trainer_state.json went
+    folder("0000004")
+    folder(".old-0000004")  # the rewrite of step 4 was done; removing the old folder was not
+    folder(".old-0000006", tag="the old step 6")  # killed between the renames of step 6's rewrite
+    folder(".tmp-0000006")
+    folder(".tmp-0000008", complete=False)  # killed while writing step 8
+    notes = checkpoint_module.recover_leftovers(tmp_path / "run")
+    assert sorted(p.name for p in root.iterdir()) == ["0000004", "0000006"]
+    assert (root / "0000006" / "model" / "tag").read_text() == "the old step 6"
+    assert "restored 0000006 from .old-0000006" in notes and len(notes) == 5
+    assert checkpoint_module.recover_leftovers(tmp_path / "run") == []

@@ -1,56 +1,17 @@
-"""Data: ADM's crop, class folders with corrupt files, resumable latent extraction with a tiny VAE,
-the lazy latent-shard dataset and its errors, and the built-in shapes dataset."""
+"""dit_gspn.data.extract: resumable latent extraction with a tiny VAE into shards and an index, read back by the
+lazy latent-shard dataset, whose errors name the shard."""
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from dit_gspn.data import (SHAPE_CLASSES, ClassFolderImages, LatentShardDataset, ShapesDataset, ShardError,
-                           center_crop_arr, make_shapes)
+from dit_gspn.data import ClassFolderImages, LatentShardDataset, ShardError
 from dit_gspn.data.extract import extract_latents
 from dit_gspn.seeding import Stream, index_generator
 
+
 SIZE = 16
-
-
-def test_center_crop_arr_keeps_the_centre_and_size():
-    rng = np.random.default_rng(0)
-    arr = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
-    arr[14:26, 29:41] = (255, 0, 0)  # a red square at the centre
-    out = center_crop_arr(Image.fromarray(arr), SIZE)
-    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
-    assert (out[6:10, 6:10, 0] > 200).all() and (out[6:10, 6:10, 1:] < 60).all()
-    exact = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(center_crop_arr(Image.fromarray(exact), SIZE), exact)
-
-
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory):
-    """Two classes of random JPEG/PNG images, plus one corrupt .jpg and one text file."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir()
-        for i in range(5):
-            arr = rng.integers(0, 256, (20 + 3 * i, 24, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
-    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    (root / "dog" / "notes.txt").write_text("not an image")
-    return root
-
-
-def test_class_folder_labels_and_corrupt_files(image_root):
-    ds = ClassFolderImages(image_root, SIZE)
-    assert ds.class_names == ["cat", "dog"] and len(ds) == 12
-    items = [ds[i] for i in range(len(ds))]
-    bad = sorted(os.path.basename(it["path"]) for it in items if it["error"])
-    assert bad == ["broken.jpg", "notes.txt"]
-    good = [it for it in items if it["image"] is not None]
-    assert [it["label"] for it in good] == [0] * 5 + [1] * 5
-    assert good[0]["image"].shape == (3, SIZE, SIZE) and -1 <= good[0]["image"].min() < good[0]["image"].max() <= 1
 
 
 @pytest.fixture(scope="module")
@@ -115,34 +76,3 @@ def test_extraction_shards_index_resume_and_dataset(image_root, tiny_vae_path, t
     shard2.write_bytes(shard2.read_bytes()[:-7])
     with pytest.raises(ShardError, match="shard-00002.safetensors is truncated"):
         LatentShardDataset(out)
-
-
-def test_missing_index_names_the_file(tmp_path):
-    with pytest.raises(ShardError, match="index.json not found"):
-        LatentShardDataset(tmp_path)
-
-
-def test_shapes_are_seeded_balanced_and_recognisable_by_colour():
-    a_img, a_lab = make_shapes(4, seed=7)
-    b_img, b_lab = make_shapes(4, seed=7)
-    c_img, _ = make_shapes(4, seed=8)
-    np.testing.assert_array_equal(a_img, b_img)
-    assert not np.array_equal(a_img, c_img)
-    assert np.bincount(a_lab).tolist() == [4] * len(SHAPE_CLASSES)
-    # The shape's colour (the pixels farthest from the background median) names the class, except
-    # for the pairs of classes that share hue families, which the shape tells apart instead.
-    from dit_gspn.data.shapes import _COLOURS
-    for img, lab in zip(a_img.astype(float), a_lab):
-        flat = img.reshape(-1, 3)
-        dist = np.linalg.norm(flat - np.median(flat, axis=0), axis=1)
-        colour = flat[dist > 0.5 * dist.max()].mean(axis=0)
-        assert np.argmin(np.linalg.norm(_COLOURS - colour, axis=1)) == lab
-
-
-def test_shapes_dataset_flip_doubles_with_mirrored_copies():
-    ds = ShapesDataset(num_per_class=2, seed=1, flip=True)
-    assert len(ds) == 40 and ds.num_classes == 10
-    img, label = ds[3]
-    img_f, label_f = ds[23]
-    assert label == label_f == 3 and img.shape == (3, 32, 32) and -1 <= img.min() < img.max() <= 1
-    torch.testing.assert_close(img_f, img.flip(-1))

@@ -1,13 +1,15 @@
-"""``ddpm`` and ``ddim`` against ADM written out in float64 (``helpers.adm_sampling``): the respaced timestep lists for
-every count, and every step's mean, variance and x0 (with and without clipping, learned and fixed variance,
-the last step included) in float32 and float64."""
+"""dit_gspn.diffusion.schedule: ``ddpm`` and ``ddim`` against ADM written out in float64 (``helpers.adm_sampling``):
+the respaced timesteps with float64 tables, and every step's mean, variance and x0 (with and without clipping,
+learned and fixed variance, the last step included) in float32 and float64."""
 import numpy as np
 import pytest
 import torch
 from diffusers.schedulers import scheduling_ddpm
 
+from dit_gspn.diffusion import DDIM_COUNTS, make_schedule
+
 from helpers import adm_sampling as adm
-from dit_gspn.diffusion import DDIM_COUNTS, check_sampler, ddim_timesteps, ddpm_timesteps, make_schedule
+
 
 #: Per-step tolerances, relative to max(1, the magnitude of the terms a value is computed from): x0 =
 #: x / sqrt(alpha_bar) - sqrt(1 / alpha_bar - 1) eps reaches ~500 at t = 999, and where its two terms cancel
@@ -16,33 +18,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 #: Counts whose every step is checked: the smallest ones, DiT's 250, counts that do not divide 999 or 1000,
 #: and the ones where ADM's accumulated rounding leaves linspace's (21, 25).
 DDPM_COUNTS_STEPPED = (1, 2, 3, 7, 21, 25, 50, 250)
-
-
-def test_ddpm_respacing_is_adms_for_every_count():
-    for n in range(1, 1001):
-        kept = ddpm_timesteps(n)
-        assert kept == adm.space_timesteps(n), n
-    # ADM's float accumulation leaves linspace's rounding at 278 counts, e.g. 499 instead of 500 for N = 21.
-    differs = [n for n in range(1, 1001) if ddpm_timesteps(n) != np.linspace(0, 999, n).round().astype(int).tolist()]
-    assert len(differs) == 278 and 499 in ddpm_timesteps(21) and 500 not in ddpm_timesteps(21)
-    assert ddpm_timesteps(250)[:4] == [0, 4, 8, 12] and ddpm_timesteps(250)[-1] == 999
-    for bad in (0, 1001):
-        with pytest.raises(ValueError, match="DDPM takes 1 to 1000 steps"):
-            ddpm_timesteps(bad)
-
-
-def test_ddim_respacing_is_adms_ddimN_for_every_count():
-    assert DDIM_COUNTS == tuple(n for n in range(1, 1001) if adm.ddim_stride(n) is not None)
-    for n in range(1, 1001):
-        if n in DDIM_COUNTS:
-            assert ddim_timesteps(n) == adm.ddim_timesteps(n), n
-        else:
-            with pytest.raises(ValueError, match=f"exactly {n} steps"):
-                ddim_timesteps(n)
-    assert ddim_timesteps(3) == [0, 334, 668] and ddim_timesteps(50)[:3] == [0, 20, 40]
-    with pytest.raises(ValueError, match="nearest counts that can are 59 or 63"):
-        check_sampler("ddim", "ddpm", num_steps=60)
-    check_sampler("ddim", "ddpm", num_steps=59)
 
 
 def test_schedules_visit_the_respaced_timesteps_with_float64_tables():

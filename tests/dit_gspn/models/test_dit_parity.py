@@ -9,7 +9,6 @@ diffusers' model here, not in ours: its timestep frequencies divide by (half - 1
 (DiT: 1e-6).
 """
 import numpy as np
-import pytest
 import torch
 
 from dit_gspn.models import DiT, create_model, sincos_pos_embed_2d
@@ -63,24 +62,6 @@ def test_dit_xl2_has_the_official_checkpoint_layout_and_loads_it_strictly():
     assert sum(int(np.prod(s)) for s in shapes.values()) == 675_129_632
     checkpoint = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     model.load_state_dict(checkpoint, strict=True, assign=True)
-
-
-def dit_numpy_pos_embed(dim, h, w):
-    """DiT's numpy get_2d_sincos_pos_embed, with its square grid_size replaced by (h, w)."""
-    grid = np.stack(np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)), axis=0)
-
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
-
-
-@pytest.mark.parametrize("h, w", [(16, 16), (3, 5), (6, 2)])
-def test_sincos_pos_embed_equals_dits_numpy_formula(h, w):
-    expected = torch.from_numpy(dit_numpy_pos_embed(64, h, w)).float()
-    torch.testing.assert_close(sincos_pos_embed_2d(64, h, w), expected, rtol=0, atol=1e-6)
 
 
 def official_to_diffusers(sd, depth):

@@ -1,15 +1,13 @@
-"""The config: OmegaConf structured configs typed once, errors naming the key, config.yaml round trips, the
-registered kinds' options checked as the built-in keys are, and older configs upgraded."""
-from pathlib import Path
-
+"""dit_gspn.training.config: OmegaConf structured configs typed once, overrides, errors naming the key, the
+objective's settings checked, config.yaml round trips, the registered kinds' options checked as the built-in keys
+are, and older configs upgraded."""
 import pytest
 import yaml
 
 from dit_gspn.checkpoint.folder import write_config
-from dit_gspn.training.config import (DEFAULTS, ConfigError, config_changes, load_config, parse_config,
-                                      read_saved_config)
-from helpers.repo import REPO
+from dit_gspn.training.config import DEFAULTS, ConfigError, config_changes, load_config, parse_config, read_saved_config
 
+from helpers.repo import REPO
 
 
 def test_defaults_are_the_schema():
@@ -144,3 +142,42 @@ def test_a_damaged_config_yaml_is_named_as_such(tmp_path):
     (tmp_path / "config.yaml").write_text(text[: text.index("model:")])
     with pytest.raises(ConfigError, match=r"config.yaml lacks the section\(s\) model, .*damaged or truncated"):
         read_saved_config(tmp_path)
+
+
+def test_config_overrides_and_typos(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 5\n  weight_decay: 1e-2\nmodel:\n  name: DiT-S/2\n  depth: 3\n")
+    config = load_config(path, ["train.lr=3e-4", "model.hidden_size=64", "train.betas=[0.9, 0.95]"])
+    assert config["train"]["steps"] == 5 and config["train"]["lr"] == 3e-4 and config["train"]["betas"] == [0.9, 0.95]
+    assert config["model"] == {"name": "DiT-S/2", "depth": 3, "hidden_size": 64}
+    assert config["train"]["ema_decay"] == 0.9999  # DiT's default survives
+    assert config["train"]["weight_decay"] == 0.01  # YAML 1.1 would read 1e-2 as a string
+    with pytest.raises(ConfigError, match="train.stpes.*did you mean steps"):
+        load_config(path, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["train.steps"])
+
+
+def test_objective_settings_are_checked_before_training(tmp_path):
+    from dit_gspn.training.config import parse_config
+
+    def resolved(*overrides):
+        return parse_config(load_config(None, list(overrides))).to_dict()
+
+    ddpm, flow = resolved(), resolved("train.objective=flow")
+    assert (ddpm["model"]["learn_sigma"], ddpm["logging"]["sampler"]) == (True, "ddpm")
+    assert (flow["model"]["learn_sigma"], flow["logging"]["sampler"]) == (False, "euler")
+    with pytest.raises(ConfigError, match="train.objective must be one of"):
+        resolved("train.objective=edm")
+    with pytest.raises(ConfigError, match="unknown key 'train.objective_kwargs.snr_gamma'; the flow objective takes"):
+        resolved("train.objective=flow", "train.objective_kwargs.snr_gamma=5")
+    with pytest.raises(ConfigError, match="model.learn_sigma=True does not fit train.objective=flow"):
+        resolved("train.objective=flow", "model.learn_sigma=true")
+    with pytest.raises(ConfigError, match="logging.sampler: sampler 'ddpm' does not fit.*'flow'"):
+        resolved("train.objective=flow", "logging.sampler=ddpm")
+    with pytest.raises(ConfigError, match="logging.sampler: sampler 'heun' does not fit.*'ddpm'"):
+        resolved("logging.sampler=heun")
+    with pytest.raises(ConfigError, match="logging.sample_steps: DDIM cannot take exactly 60 steps.*59 or 63"):
+        resolved("logging.sampler=ddim", "logging.sample_steps=60")
+    with pytest.raises(ConfigError, match="train.objective_kwargs: timestep_sampling must be one of"):
+        resolved("train.objective=flow", "train.objective_kwargs.timestep_sampling=cosine")

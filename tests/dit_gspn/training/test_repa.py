@@ -1,36 +1,20 @@
-"""REPA: the loss against cosine similarity written out, where its gradient goes (the projector and the blocks up
-to the chosen one, never the encoder or what comes after), encoder loading, and training runs with it: off or at
+"""dit_gspn.training.repa: the loss against cosine similarity written out, where its gradient goes (the projector and
+the blocks up to the chosen one, never the encoder or what comes after), and training runs with it: off or at
 coefficient 0 the weights are bitwise those of a run without it, and a resumed run is bitwise an uninterrupted one."""
 import math
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from dit_gspn.models import create_model
 from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.training import ConfigError, list_checkpoints, train
-from dit_gspn.training.encoders import EncoderError, load_encoder
+from dit_gspn.training.encoders import load_encoder
 from dit_gspn.training.repa import PROJECTOR_DIR, RepresentationAlignment, alignment_loss, features_on_grid
+
 from helpers.training import tiny_config
-
-from dit_gspn.errors import MissingFileError
-from dit_gspn.module_file import save_exported
-
-
-def tiny_encoder() -> nn.Module:
-    """A frozen-to-be conv encoder: (B, 3, 16, 16) images -> (B, 6, 8, 8) features."""
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1))
-
-
-@pytest.fixture
-def encoder_file(tmp_path):
-    """``tiny_encoder`` as a torch.export program (.pt2)."""
-    torch.manual_seed(11)
-    return save_exported(tiny_encoder(), torch.zeros(2, 3, 16, 16), tmp_path / "encoder.pt2")
 
 
 def test_loss_is_the_mean_negative_cosine_similarity_written_out():
@@ -103,37 +87,6 @@ def test_gradient_reaches_the_projector_and_the_blocks_up_to_the_chosen_one_only
     assert not encoder.training
     with pytest.raises(RuntimeError, match="did not run"):
         repa.loss(repa.projector, targets)  # each forward's tokens are used once
-
-
-def test_encoder_specs_and_their_errors(encoder_file, tmp_path, monkeypatch):
-    encoder = load_encoder(str(encoder_file))
-    assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, 6, 8, 8)
-    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
-    # the same network as a TorchScript file still loads, to the same features, without torch's deprecation warning
-    torch.manual_seed(11)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(tiny_encoder().eval(), torch.zeros(1, 3, 16, 16)), str(tmp_path / "enc.pt"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        scripted = load_encoder(str(tmp_path / "enc.pt"))
-    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
-    images = torch.rand(3, 3, 16, 16) * 2 - 1
-    torch.testing.assert_close(scripted(images), encoder(images))
-    with pytest.raises(EncoderError, match="needs timm"):
-        load_encoder("timm:vit_base_patch14_dinov2")
-    with pytest.raises(EncoderError, match="neither a file"):
-        load_encoder(str(tmp_path / "missing.pt"))
-    (tmp_path / "junk.pt").write_text("not torchscript")
-    with pytest.raises(EncoderError, match="neither a torch.export program .* nor a TorchScript file"):
-        load_encoder(str(tmp_path / "junk.pt"))
-
-    def offline(*args, **kwargs):
-        raise OSError("<urlopen error [Errno 101] Network is unreachable>")
-
-    monkeypatch.setattr(torch.hub, "load", offline)
-    with pytest.raises(MissingFileError, match=r"dinov2_vitb14.*torch.hub.load\('facebookresearch/dinov2'"):
-        load_encoder("dinov2_vitb14")
 
 
 def _repa_config(run_dir, encoder_file, **repa):

@@ -1,52 +1,19 @@
-"""Training: config overrides, the data order, checkpoints that sample.py reads, a non-finite stop,
-a real SIGKILL-and-resume that must end bitwise equal to an uninterrupted run, and 2-process DDP."""
+"""dit_gspn.training.trainer, runs in this process: checkpoints that sample.py reads, flow matching, a non-finite
+stop, latent shards, gradient checkpointing and bf16, resumes, and the learning-rate schedules against their
+formulas. tests/integration/test_training.py kills and resumes real processes and runs two-process DDP."""
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
-from helpers.entry_points import load_script
 from dit_gspn.errors import UserError
 from dit_gspn.training import ConfigError, NonFiniteLossError, list_checkpoints, load_config, train
-from dit_gspn.training.data_order import EpochBatchSampler
+
+from helpers.entry_points import load_script
 from helpers.repo import REPO
-from helpers.training import tiny_config, write_config
-
-
-
-def test_config_overrides_and_typos(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("train:\n  steps: 5\n  weight_decay: 1e-2\nmodel:\n  name: DiT-S/2\n  depth: 3\n")
-    config = load_config(path, ["train.lr=3e-4", "model.hidden_size=64", "train.betas=[0.9, 0.95]"])
-    assert config["train"]["steps"] == 5 and config["train"]["lr"] == 3e-4 and config["train"]["betas"] == [0.9, 0.95]
-    assert config["model"] == {"name": "DiT-S/2", "depth": 3, "hidden_size": 64}
-    assert config["train"]["ema_decay"] == 0.9999  # DiT's default survives
-    assert config["train"]["weight_decay"] == 0.01  # YAML 1.1 would read 1e-2 as a string
-    with pytest.raises(ConfigError, match="train.stpes.*did you mean steps"):
-        load_config(path, ["train.stpes=3"])
-    with pytest.raises(ConfigError, match="section.key=value"):
-        load_config(path, ["train.steps"])
-
-
-def test_data_order_splits_ranks_and_resumes_mid_epoch():
-    full = [EpochBatchSampler(50, 4, 2, r, seed=1, epoch=3) for r in (0, 1)]
-    batches = [list(s) for s in full]
-    assert len(batches[0]) == 6  # 50 // 8
-    flat = [i for b0, b1 in zip(*batches) for i in b0 + b1]
-    assert len(set(flat)) == 48 and all(0 <= i < 50 for i in flat)
-    assert list(EpochBatchSampler(50, 4, 2, 1, seed=1, epoch=3, start=4)) == batches[1][4:]
-    assert list(EpochBatchSampler(50, 4, 2, 1, seed=1, epoch=4)) != batches[1]
-    # One process with the same global micro-batch reads the same samples in the same order.
-    single = list(EpochBatchSampler(50, 8, 1, 0, seed=1, epoch=3))
-    assert single == [b0 + b1 for b0, b1 in zip(*batches)]
+from helpers.training import tiny_config
 
 
 def test_checkpoints_are_read_by_sampling_and_pruned(tmp_path, fresh_accelerate_state):
@@ -69,31 +36,6 @@ def test_checkpoints_are_read_by_sampling_and_pruned(tmp_path, fresh_accelerate_
     assert (tmp_path / "run" / "samples" / "0000003.png").is_file() and result.grid.name == "0000006.png"
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(tiny_config(tmp_path / "run"))
-
-
-def test_objective_settings_are_checked_before_training(tmp_path):
-    from dit_gspn.training.config import parse_config
-
-    def resolved(*overrides):
-        return parse_config(load_config(None, list(overrides))).to_dict()
-
-    ddpm, flow = resolved(), resolved("train.objective=flow")
-    assert (ddpm["model"]["learn_sigma"], ddpm["logging"]["sampler"]) == (True, "ddpm")
-    assert (flow["model"]["learn_sigma"], flow["logging"]["sampler"]) == (False, "euler")
-    with pytest.raises(ConfigError, match="train.objective must be one of"):
-        resolved("train.objective=edm")
-    with pytest.raises(ConfigError, match="unknown key 'train.objective_kwargs.snr_gamma'; the flow objective takes"):
-        resolved("train.objective=flow", "train.objective_kwargs.snr_gamma=5")
-    with pytest.raises(ConfigError, match="model.learn_sigma=True does not fit train.objective=flow"):
-        resolved("train.objective=flow", "model.learn_sigma=true")
-    with pytest.raises(ConfigError, match="logging.sampler: sampler 'ddpm' does not fit.*'flow'"):
-        resolved("train.objective=flow", "logging.sampler=ddpm")
-    with pytest.raises(ConfigError, match="logging.sampler: sampler 'heun' does not fit.*'ddpm'"):
-        resolved("logging.sampler=heun")
-    with pytest.raises(ConfigError, match="logging.sample_steps: DDIM cannot take exactly 60 steps.*59 or 63"):
-        resolved("logging.sampler=ddim", "logging.sample_steps=60")
-    with pytest.raises(ConfigError, match="train.objective_kwargs: timestep_sampling must be one of"):
-        resolved("train.objective=flow", "train.objective_kwargs.timestep_sampling=cosine")
 
 
 def test_flow_matching_run_writes_a_checkpoint_that_samples_with_its_own_sampler(tmp_path, fresh_accelerate_state):
@@ -131,112 +73,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         train(tiny_config(run))
     assert [p.name for p in list_checkpoints(run)] == ["0000002"]
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
-
-
-def _train_cmd(config_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "--config", str(config_path), *extra]
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _final_tensors(ckpt: Path) -> dict:
-    out = {f"model.{k}": v for k, v in load_file(ckpt / "model" / "diffusion_pytorch_model.safetensors").items()}
-    out.update({f"ema.{k}": v for k, v in load_file(ckpt / "ema" / "diffusion_pytorch_model.safetensors").items()})
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    for idx, state in opt["state"].items():
-        for key, value in state.items():
-            out[f"opt.{idx}.{key}"] = value
-    return out
-
-
-def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    steps = 24
-    sections = dict(train={"steps": steps, "warmup_steps": 5},
-                    model={"name": "GSPN-S/2", "hidden_size": 48, "depth": 2, "num_heads": 2},
-                    checkpoint={"every": 4, "keep_last": 3})
-    straight = write_config(tmp_path / "a.yaml", tiny_config(tmp_path / "a", **sections))
-    killed = write_config(tmp_path / "b.yaml", tiny_config(tmp_path / "b", **sections))
-
-    proc = subprocess.Popen(_train_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (tmp_path / "b" / "checkpoints" / "0000004").exists():
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint after 120 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = [int(p.name) for p in list_checkpoints(tmp_path / "b")]
-    assert done and max(done) < steps, "the kill came too late to test a resume"
-
-    for cmd in (_train_cmd(straight), _train_cmd(killed, "--resume")):
-        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-    a = _final_tensors(tmp_path / "a" / "checkpoints" / f"{steps:07d}")
-    b = _final_tensors(tmp_path / "b" / "checkpoints" / f"{steps:07d}")
-    assert a.keys() == b.keys() and len(a) > 20
-    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not mismatched, f"resumed run differs in {mismatched[:5]}"
-
-
-WORKER = """
-import os, sys, torch
-from dit_gspn.training import load_config, train
-result = train(load_config(sys.argv[1]))
-torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
-sys.stdout.flush(); sys.stderr.flush()
-import torch.distributed as dist
-dist.destroy_process_group()
-os._exit(0)
-"""
-
-
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
-    config = tiny_config(tmp_path / "run", train={"steps": 3, "grad_accum_steps": 1}, checkpoint={"every": 100})
-    path = write_config(tmp_path / "c.yaml", config)
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(worker), str(path), str(tmp_path)]
-    proc = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0.keys() == rank1.keys()
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    state = (tmp_path / "run" / "checkpoints" / "0000003" / "trainer_state.json").read_text()
-    assert '"num_processes": 2' in state
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "0000003" / "rng").iterdir()) == \
-        ["rank0.safetensors", "rank1.safetensors"]
-    saved = load_file(tmp_path / "run" / "checkpoints" / "0000003" / "model" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(saved[k], rank0[k]) for k in saved)
-    # ... and the steps did train: the weights moved from the (seeded) initial ones.
-    from dit_gspn.training.config import parse_config
-    from dit_gspn.training.datasets import build_training_data
-    from dit_gspn.training.trainer import build_model
-    torch.manual_seed(config["seed"])
-    parsed = parse_config(load_config(path))
-    init = build_model(parsed, build_training_data(parsed)).state_dict()
-    assert not torch.equal(init["final_layer.linear.weight"], rank0["final_layer.linear.weight"])
-
-
-def test_ema_update_and_warmup_follow_dit_and_diffusers():
-    from dit_gspn.training.ema import ema_decay_at, make_ema, update_ema
-
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    ema = make_ema(model)
-    before = {k: v.clone() for k, v in ema.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p))
-    update_ema(ema, model, 0.9)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(ema.state_dict()[k], 0.9 * before[k] + 0.1 * v)
-    assert ema_decay_at(1, 0.9999, warmup=False) == 0.9999
-    assert ema_decay_at(1, 0.9999, warmup=True) == 2 / 11 and ema_decay_at(10**6, 0.9999, warmup=True) == 0.9999
 
 
 def test_training_on_latent_shards_decodes_grids_through_the_vae(tmp_path, fresh_accelerate_state):
