@@ -97,5 +97,5 @@ def test_the_cuda_tests_collect_without_diffusers_and_torch_fidelity():
                              "-p", "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     collected = result.stdout
-    assert "tests/test_gspn_scan.py::test_cuda_kernel_matches_reference" in collected
-    assert "tests/test_line_scan_cuda.py::test_cuda_kernel_matches_reference" in collected
+    assert "tests/kernels/test_gspn_scan_cuda.py::test_cuda_kernel_matches_reference" in collected
+    assert "tests/kernels/test_line_scan_cuda.py::test_cuda_kernel_matches_reference" in collected
