@@ -11,6 +11,8 @@ from helpers.repo import REPO
 
 
 def test_bench_model_smoke_writes_results_and_plot(tmp_path):
+    from benchmarks import bench_model
+
     out, png = tmp_path / "bench_model.json", tmp_path / "bench_model.png"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
@@ -29,12 +31,11 @@ def test_bench_model_smoke_writes_results_and_plot(tmp_path):
         assert row["train_oom"] is False and row["sample_oom"] is False
         assert row["train_step_ms"] > 0 and row["sample_step_ms"] > 0
         assert row["latent"] == row["resolution"] // 8 and row["tokens"] == (row["latent"] // 2) ** 2
-        assert "train_peak_mib" in row and "sample_peak_mib" in row
-    assert isinstance(report["goals"], dict)
+        assert row["train_peak_mib"] is None and row["sample_peak_mib"] is None  # torch tracks no CPU peak
+    assert report["goals"] == bench_model.goals(models)  # the goals are those the measured rows give
     assert len(report["mixer"]) == len(report["config"]["resolutions"])
     for row in report["mixer"]:
-        assert row["fused_ms"] > 0 and row["composed_ms"] > 0
-        assert row["speedup"] == pytest.approx(row["composed_ms"] / row["fused_ms"])
+        assert row["speedup"] == pytest.approx(row["composed_ms"] / row["fused_ms"], rel=1e-12)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
