@@ -9,7 +9,7 @@ import pytest
 
 from dit_gspn.folder_lock import LOCK_FILE, FolderInUseError, decide_on_main_process, lock_folder, release_folder
 
-from helpers.folder_lock import hold_lock, HOLD, child_env
+from helpers.folder_lock import HOLD, child_env, hold_lock
 
 
 @pytest.fixture

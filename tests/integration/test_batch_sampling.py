@@ -29,8 +29,6 @@ def _one_thread(one_torch_thread):
 
 
 NUM, SHARD, STEPS = 12, 2, 6
-
-
 BATCH_ARGS = ["--num-steps", str(STEPS), "--num-samples", str(NUM), "--batch-size", str(SHARD),
               "--class-mode", "balanced", "--seed", "7", "--sampler", "ddpm", "--cfg-scale", "2"]
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers.folder_lock import hold_lock, child_env
+from helpers.folder_lock import child_env, hold_lock
 from helpers.repo import REPO
 from helpers.training import tiny_config, write_config
 

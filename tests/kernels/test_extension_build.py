@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dit_gspn.ops import extension
-from helpers.repo import REPO
 
+from helpers.repo import REPO
 
 
 def run_python(code, env=None, timeout=600):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dit_gspn.ops import extension
-from helpers.repo import REPO
 
+from helpers.repo import REPO
 
 
 def checkout_copy(root: Path) -> Path:

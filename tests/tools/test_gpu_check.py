@@ -3,11 +3,12 @@ step, the deadline cuts the rest, it ends with one line per step and leaves only
 import json
 import os
 import sys
-from pathlib import Path
 
 from benchmarks import gpu_check
 from benchmarks.gpu_check import Step, run_steps
+
 from helpers.repo import REPO
+
 
 PY = sys.executable
 

@@ -13,9 +13,6 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
 
-from helpers import adm_sampling as adm
-
-from helpers.entry_points import load_script
 from dit_gspn.errors import UserError
 from dit_gspn.diffusion import make_schedule
 from dit_gspn.models import create_model
@@ -24,7 +21,10 @@ from dit_gspn.sampling.batch import BatchPlan, index_generators, read_npz
 from dit_gspn.checkpoint import CheckpointError
 from dit_gspn.sampling.model_loader import load_model
 from dit_gspn.vae import load_vae
-from helpers.repo import REPO
+
+from helpers import adm_sampling as adm
+from helpers.entry_points import load_script
+
 
 CLASSES, LATENT = 5, 8
 
