@@ -11,11 +11,11 @@ Two sections (``--sections``, default both):
   on a CPU) both models are built together and their timed steps alternate, so that a shared
   machine's changing load slows both alike; each time is then the median of ``--iters`` steps.
 - ``mixer``: the whole GSPN mixer (projections included), forward + backward, with the fused scan
-  against the same mixer on the unfused ops (``gspn_scan_impl("composed")``); the issue's target
-  is a 3x speed-up.
+  against the same mixer on the unfused ops (``gspn_scan_impl("composed")``); the target is a 3x
+  speed-up.
 
 Defaults by device: on a GPU, B/2 and XL/2 at 256 512 1024 2048 pixels (4-channel latents of
-32..256), batch 8 for both steps. On a CPU, the issue-15 comparison: S/2 and B/2, the training
+32..256), batch 8 for both steps. On a CPU, the CPU comparison: S/2 and B/2, the training
 step at 256 px with batch 4 and the sampling step at 1024 px with batch 1, interleaved (any of
 these can be set). JSON goes to ``--out`` (with the device named), a plot of step time and
 memory against resolution to ``--plot``. ``--smoke`` runs tiny models at tiny sizes in seconds
@@ -273,13 +273,13 @@ def bench_mixer(settings: dict, resolution: int, patch: int, args, device: torch
 #: (size, step, resolution, target DiT time / GSPN time or None where the ratio is only reported).
 GOALS = (
     ("XL/2", "train", 256, 1.0), ("XL/2", "train", 1024, 4.0),  # GPU
-    ("S/2", "train", 256, 1.0), ("S/2", "sample", 1024, 2.0),  # CPU, issue 15
+    ("S/2", "train", 256, 1.0), ("S/2", "sample", 1024, 2.0),  # CPU
     ("B/2", "train", 256, None), ("B/2", "sample", 1024, None),
 )
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issues' goals, evaluated where both models were measured: DiT's step time over GSPN's
+    """The speed goals (``GOALS``), evaluated where both models were measured: DiT's step time over GSPN's
     (and for training whether GSPN's peak memory is below DiT's, where it is tracked)."""
     def find(model, res):
         return next((r for r in rows if r["model"] == model and r["resolution"] == res), None)

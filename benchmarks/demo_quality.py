@@ -89,13 +89,22 @@ def evaluate_checkpoint(checkpoint: Path, config: dict, classifiers: dict, sampl
 
 def score_samples(ema: nn.Module, config: dict, classifiers: dict, samples_per_class: int, sample_steps: int,
                   seed: int) -> dict:
-    """Draw ``samples_per_class`` samples per class with the config's sampler and CFG; for each named
-    classifier, the fraction it assigns to the class they were drawn for, overall and per class."""
+    """Draw ``samples_per_class`` samples per class with the config's sampler and CFG (``draw_samples``); for each
+    named classifier, the fraction it assigns to the class they were drawn for, overall and per class."""
+    start = time.perf_counter()
+    images, labels = draw_samples(ema, config, samples_per_class, sample_steps, seed)
+    scores = {"sample_seconds": round(time.perf_counter() - start, 1), "num_samples": len(labels)}
+    return {**scores, **class_accuracies(images, labels, classifiers)}
+
+
+def draw_samples(ema: nn.Module, config: dict, samples_per_class: int, sample_steps: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], their labels): ``samples_per_class`` samples of each of the 10 classes from ``ema`` with
+    the config's sampler and CFG, in chunks of 100 seeded ``seed``, ``seed + 1``, ..."""
     from dit_gspn.sampling import sample
     from dit_gspn.vae import decode
 
     labels = torch.arange(10).repeat(samples_per_class)
-    start = time.perf_counter()
     with torch.no_grad():
         images = torch.cat([
             decode(sample(ema, chunk, sampler=config["logging"]["sampler"], num_steps=sample_steps,
@@ -104,8 +113,13 @@ def score_samples(ema: nn.Module, config: dict, classifiers: dict, samples_per_c
                           clip_denoised=_pixel_info(config).clip_denoised),
                    _pixel_info(config))
             for i, chunk in enumerate(labels.split(100))])
-        sample_seconds = time.perf_counter() - start
-        scores = {"sample_seconds": round(sample_seconds, 1), "num_samples": len(labels)}
+    return images, labels
+
+
+def class_accuracies(images: torch.Tensor, labels: torch.Tensor, classifiers: dict) -> dict:
+    """For each named classifier, the fraction of ``images`` it assigns to their ``labels``, overall and per class."""
+    scores = {}
+    with torch.no_grad():
         for key, classifier in classifiers.items():
             correct = (classifier(images).argmax(1) == labels).float()
             scores[key] = round(correct.mean().item(), 4)

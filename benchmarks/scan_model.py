@@ -47,7 +47,7 @@ TILE_LOAD_CYCLES = 800  # one global load round trip exposed per staged tile
 
 #: The benchmark's GPU shapes (benchmarks/bench_scan.py GPU_SHAPES).
 SHAPES = [(32, 4608, 16, 16), (8, 512, 128, 128), (1, 64, 1024, 1024)]
-#: The issue's reading of the kernel before this design (instructions per direction-element, bytes per element).
+#: The kernel before this design, as read from its SASS (instructions per direction-element, bytes per element).
 BEFORE = {"forward": {"instructions": 282, "bytes": "48-74"}, "backward": {"instructions": 755, "bytes": "270-355"}}
 
 

@@ -120,6 +120,8 @@ class TrainConfig(Section):
             raise ConfigError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
         self.check_range("lr_decay_steps", minimum=1)
         self.check_range("grad_clip", above=0)
+        if self.mixed_precision == "False":  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
         if self.mixed_precision not in MIXED_PRECISION:
             _fail("train.mixed_precision", f"one of {', '.join(MIXED_PRECISION)}", self.mixed_precision)
         self.check_range("ema_decay", minimum=0, below=1)

@@ -68,6 +68,11 @@ def test_each_mistake_names_its_key(override, message):
     assert message in str(info.value)
 
 
+def test_mixed_precision_no_unquoted_is_no():
+    """YAML 1.1 reads an unquoted `no` as false; `train.mixed_precision: no` still means no mixed precision."""
+    assert parse_config(load_config(None, ["train.mixed_precision=no"])).train.mixed_precision == "no"
+
+
 def test_a_file_names_itself_in_its_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  steps: ten\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: train.steps must be an integer, got 'ten'"):
