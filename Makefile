@@ -17,7 +17,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: venv test demo build-ext gpu-check wheels clean
+.PHONY: venv test test-fast demo build-ext gpu-check wheels clean
 
 venv: $(VENV)/.installed  ## create or refresh .venv with the pinned versions (quick when nothing changed)
 
@@ -29,6 +29,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 test: venv  ## the whole CPU test suite (what CI runs)
 	$(PY) -m pytest -q
+
+# The unit tests mirror the source tree (tests/dit_gspn/, tests/evaluation/); the compiled kernels (tests/kernels/),
+# the commands run end to end (tests/integration/) and the benchmark scripts (tests/tools/) run in `make test`.
+test-fast: venv  ## the unit tests without the slow ones: the loop while editing (under 3 minutes on 2 cores)
+	$(PY) -m pytest -q -m "not slow" tests/dit_gspn tests/evaluation
 
 demo: venv  ## train a small GSPN-DiT on the built-in dataset, sample a labelled grid, print where it all went
 	$(VENV)/bin/dit-gspn-demo

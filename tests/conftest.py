@@ -1,5 +1,12 @@
-"""Shared test set-up: offline hubs, deterministic seeds, the `cuda` mark's skip, and modules that
-need a package the machine lacks (the GPU image has no diffusers or torch-fidelity) skipped, not errors."""
+"""Shared test set-up: offline hubs, deterministic seeds, the `cuda` mark's skip, modules that need a package the
+machine lacks (the GPU image has no diffusers or torch-fidelity) skipped, not errors, and the fixtures that test
+files in several folders use.
+
+The layout: unit tests mirror the source tree (the tests of ``dit_gspn/models/dit.py`` are
+``tests/dit_gspn/models/test_dit.py``, of ``evaluation/__main__.py`` ``tests/evaluation/test_main.py``);
+``tests/kernels/`` the compiled kernels, ``tests/integration/`` the commands run end to end, ``tests/tools/`` the
+benchmark scripts, ``tests/helpers/`` what several test files share."""
+import contextlib
 import importlib.util
 import os
 
@@ -58,11 +65,68 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset after the test, for a test that runs training in this process."""
+    from helpers.training import reset_accelerate
+
+    yield
+    reset_accelerate()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """``count`` intra-op threads inside the block, the previous number after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for the module: on a shared 2-core machine, tiny models and Inception run
     faster on one thread (measured ~100x for tiny models, ~2x for Inception) than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+# --- What the evaluation tests measure with (helpers.inception): made once, read by every test that asks, on one
+# thread as the modules that read them run (a float32 sum in another order differs in its last bits) -----------
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory):
+    """A random Inception-v3 state dict saved to a local file: the evaluation tests' weights."""
+    from helpers.inception import random_inception_weights
+
+    with torch_threads(1):
+        return random_inception_weights(tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="session")
+def sets(tmp_path_factory):
+    """Two sets of images that differ in part: dict(root, a, b), as .npz files and a folder under root."""
+    from helpers.inception import image_sets
+
+    with torch_threads(1):
+        return image_sets(tmp_path_factory.mktemp("sets"))
+
+
+@pytest.fixture(scope="session")
+def direct_features(random_weights, sets):
+    """Both sets' features from torch-fidelity's own forward: the oracle's inputs."""
+    from helpers.inception import torch_fidelity_features
+
+    with torch_threads(1):
+        return torch_fidelity_features(random_weights, sets)
+
+
+@pytest.fixture(scope="session")
+def full_report(random_weights, sets):
+    """The evaluator's report of every metric between the two sets (a's statistics saved beside them)."""
+    from helpers.inception import full_report
+
+    with torch_threads(1):
+        return full_report(random_weights, sets)

@@ -1,7 +1,7 @@
 // What the fused GSPN scan's CUDA kernels (gspn_scan_fwd.cuh, gspn_scan_bwd.cuh) share: their
 // parameter structs, the walk over a staged tile, the forward recurrence (the forward kernel and the
 // backward's recompute run this one function) and the arithmetic of their launch (threads, tile,
-// shared memory), which the launchers in gspn_scan_cuda.cu and tests/cuda_emulation/ use alike.
+// shared memory), which the launchers in gspn_scan_cuda.cu and tests/kernels/cuda_emulation/ use alike.
 //
 // Layout of the work. A thread block owns one (batch, channel) plane and runs its four directions one
 // after the other, so the direction sums (y, and dx in the backward) need no atomics; when there are too

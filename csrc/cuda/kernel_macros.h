@@ -1,5 +1,5 @@
 // What a CUDA kernel header needs from the compiler, in two builds: nvcc, and plain C++ where
-// tests/cuda_emulation/ runs every thread of a block as a fiber (GSPN_CUDA_EMULATION). The
+// tests/kernels/cuda_emulation/ runs every thread of a block as a fiber (GSPN_CUDA_EMULATION). The
 // emulation provides threadIdx, blockIdx, blockDim, __syncthreads and gspn_emulated_smem.
 #pragma once
 

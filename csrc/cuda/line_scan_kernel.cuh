@@ -1,7 +1,7 @@
 // The line scan's CUDA launch arithmetic, shared by its kernels (line_scan_fwd.cuh,
 // line_scan_bwd.cuh) and their launchers (line_scan_cuda.cu). The kernels are kept apart from the
-// host code so that tests/cuda_emulation/ can also compile them as plain C++ and run every thread of
-// a block as a fiber (GSPN_CUDA_EMULATION), and tests/test_cuda_resources.py can read ptxas's
+// host code so that tests/kernels/cuda_emulation/ can also compile them as plain C++ and run every thread of
+// a block as a fiber (GSPN_CUDA_EMULATION), and tests/kernels/test_cuda_resources.py can read ptxas's
 // register report for sm_90 without ATen.
 //
 // A block holds `planes_per_block` (H, W) planes side by side (threadIdx.y) with `tw` threads

@@ -1,0 +1,52 @@
+"""dit_gspn.metrics.extractor_file: a feature extractor passed by path, as a torch.export program or a
+TorchScript file, gives the same numbers, without torch's TorchScript deprecation warning."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dit_gspn.module_file import save_exported
+from evaluation import evaluate
+
+from helpers.inception import FAST
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def test_export_and_torchscript_extractors_give_the_same_numbers_without_a_deprecation_warning(sets, tmp_path):
+    class Pair(nn.Module):
+        """uint8 images -> (6 pooled conv features, 4 logits)."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.net = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, images):
+            features = self.net(images.float() / 127.5 - 1)
+            return features, features[:, :4] * 3
+
+    example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    exported = save_exported(Pair(), example, tmp_path / "pair.pt2")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(Pair().eval(), example), str(tmp_path / "pair.pt"))
+    reports = {}
+    for path in (exported, tmp_path / "pair.pt"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reports[path.suffix] = evaluate(sets["root"] / "a.npz", sets["root"] / "b.npz", extractor=path,
+                                            settings=FAST)
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    pt2, ts = reports[".pt2"], reports[".pt"]
+    assert pt2["settings"]["feature_extractor"] == "torch.export pair.pt2"
+    assert ts["settings"]["feature_extractor"] == "torchscript pair.pt"
+    assert pt2["settings"]["metrics"] == ["fid", "isc", "prc", "kid"]  # no spatial features: no sFID
+    assert any(w.startswith("no sFID:") for w in pt2["warnings"])
+    for key, value in pt2["metrics"].items():
+        assert ts["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    assert pt2["metrics"]["fid"] > 0.01

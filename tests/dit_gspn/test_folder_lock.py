@@ -1,0 +1,64 @@
+"""dit_gspn.folder_lock: one command per folder, the holder named, a killed holder's lock gone, and the
+main process's decision raised (tests/integration/test_folder_lock.py: the processes of one launch refused
+together)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dit_gspn.folder_lock import LOCK_FILE, FolderInUseError, decide_on_main_process, lock_folder, release_folder
+
+from helpers.folder_lock import HOLD, child_env, hold_lock
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A process that holds ``tmp_path / "held"``'s lock until killed."""
+    folder = tmp_path / "held"
+    folder.mkdir()
+    proc = hold_lock(folder)
+    yield folder, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_held_folder_is_refused_naming_the_holder_and_free_once_it_is_killed(holder):
+    folder, proc = holder
+    with pytest.raises(FolderInUseError, match=rf"{folder} is in use by process {proc.pid} on "):
+        lock_folder(folder, "a test")
+    proc.kill()
+    proc.wait()
+    assert lock_folder(folder) == folder / LOCK_FILE  # the kernel dropped the dead holder's lock
+    assert (folder / LOCK_FILE).read_text().startswith(f"process {os.getpid()} on ")
+    release_folder(folder)
+
+
+def test_a_process_may_take_its_own_lock_again_and_release_it_for_others(tmp_path):
+    lock_folder(tmp_path)
+    lock_folder(tmp_path)  # a second run in the same Python session
+    other = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(300)", "pass"), str(tmp_path)],
+                           env=child_env(), capture_output=True, text=True)
+    assert other.returncode != 0 and f"in use by process {os.getpid()}" in other.stderr
+    release_folder(tmp_path)
+    other = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(300)", "pass"), str(tmp_path)],
+                           env=child_env(), capture_output=True, text=True)
+    assert other.returncode == 0 and other.stdout.strip() == "locked"
+
+
+class _State:
+    def __init__(self, main: bool):
+        self.is_main_process, self.num_processes = main, 1
+
+
+def test_the_main_process_decides_and_its_refusal_is_raised():
+    calls = []
+
+    def refuse():
+        calls.append(1)
+        raise FolderInUseError("taken")
+
+    with pytest.raises(FolderInUseError, match="taken"):
+        decide_on_main_process(_State(main=True), refuse)
+    decide_on_main_process(_State(main=False), refuse)  # not the main process: not run
+    assert calls == [1]
