@@ -178,3 +178,9 @@ class FidMonitor:
                     tensorboard.add_scalar(f"eval/is_{self.label}", entry["is"], step)
         self.acc.wait_for_everyone()
         return entry
+
+    def describe(self, entry: dict) -> str:
+        """One line for the console: the step, the FID (and IS) and the file that keeps every entry."""
+        score = f"FID {entry['fid']:.2f}" + (f", IS {entry['is']:.2f}" if entry["is"] is not None else "")
+        return (f"step {entry['step']}: {score} of {entry['num_samples']} EMA samples ({self.label} features, "
+                f"{entry['seconds']:.0f} s) -> {self.folder / 'metrics.jsonl'}")

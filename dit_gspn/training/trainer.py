@@ -255,7 +255,9 @@ class Trainer:
                 if (sample_every and self.step % sample_every == 0) or self.step == total:
                     self._draw_grid(log)
                 if self.fid is not None and self.fid.due(self.step):
-                    self.fid.evaluate(self.ema, self.step, log.tensorboard)
+                    entry = self.fid.evaluate(self.ema, self.step, log.tensorboard)
+                    if entry is not None:
+                        log.write(self.fid.describe(entry))
         finally:
             log.close()
         return TrainResult(run_dir=self.run_dir, checkpoint=self.checkpoint, step=self.step, loss=log.last_loss,

@@ -76,7 +76,10 @@ def test_logged_fid_equals_python_m_evaluation_on_the_same_samples(tmp_path, ext
         images, labels = data["arr_0"], data["arr_1"]
     assert images.shape == (12, 16, 16, 3) and sorted(np.bincount(labels, minlength=10)) == [1] * 8 + [2] * 2
 
-    capsys.readouterr()
+    printed = "".join(capsys.readouterr())  # one console line per evaluation, naming the log that keeps them all
+    for entry in log:
+        assert f"step {entry['step']}: FID {entry['fid']:.2f}, IS {entry['is']:.2f} of 12 EMA samples" in printed
+    assert printed.count(str(run.run_dir / "fid" / "metrics.jsonl")) == 2
     assert evaluation_main([str(samples), str(reference), "--extractor", str(extractor), "--metrics", "fid", "isc",
                             "--cache-dir", "", "--quiet"]) == 0
     cli = json.loads(capsys.readouterr().out)["metrics"]
