@@ -85,6 +85,28 @@ def torch_threads(count: int):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def reference_scan():
+    """The pure PyTorch scan, so that a test neither builds nor depends on the compiled kernels."""
+    from dit_gspn.ops.gspn_scan import gspn_scan_impl
+
+    with gspn_scan_impl("reference"):
+        yield
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """(folder, process): a process that holds ``tmp_path / "held"``'s folder lock until the test ends."""
+    from helpers.folder_lock import hold_lock
+
+    folder = tmp_path / "held"
+    folder.mkdir()
+    proc = hold_lock(folder)
+    yield folder, proc
+    proc.kill()
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for the module: on a shared 2-core machine, tiny models and Inception run

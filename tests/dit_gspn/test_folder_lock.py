@@ -9,22 +9,11 @@ import pytest
 
 from dit_gspn.folder_lock import LOCK_FILE, FolderInUseError, decide_on_main_process, lock_folder, release_folder
 
-from helpers.folder_lock import HOLD, child_env, hold_lock
+from helpers.folder_lock import HOLD, child_env
 
 
-@pytest.fixture
-def holder(tmp_path):
-    """A process that holds ``tmp_path / "held"``'s lock until killed."""
-    folder = tmp_path / "held"
-    folder.mkdir()
-    proc = hold_lock(folder)
-    yield folder, proc
-    proc.kill()
-    proc.wait()
-
-
-def test_a_held_folder_is_refused_naming_the_holder_and_free_once_it_is_killed(holder):
-    folder, proc = holder
+def test_a_held_folder_is_refused_naming_the_holder_and_free_once_it_is_killed(lock_holder):
+    folder, proc = lock_holder
     with pytest.raises(FolderInUseError, match=rf"{folder} is in use by process {proc.pid} on "):
         lock_folder(folder, "a test")
     proc.kill()

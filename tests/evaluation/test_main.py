@@ -10,9 +10,7 @@ from evaluation.__main__ import main as evaluation_main
 from helpers.inception import LAYER, N
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cli_writes_the_json_report(full_report, sets, random_weights, tmp_path, capsys):

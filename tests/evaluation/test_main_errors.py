@@ -15,9 +15,7 @@ from evaluation.__main__ import main as evaluation_main
 from helpers.commands import assert_one_line_error, run_here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from evaluation.__main__ import main as evaluation_main
 from helpers.inception import FAST, LAYER, images as inception_images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _user_folder(root):

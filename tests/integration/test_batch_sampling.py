@@ -23,9 +23,7 @@ from helpers.repo import REPO
 from helpers.tiny_models import tiny_dit, write_training_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 NUM, SHARD, STEPS = 12, 2, 6

@@ -5,24 +5,13 @@ import sys
 
 import pytest
 
-from helpers.folder_lock import child_env, hold_lock
+from helpers.folder_lock import child_env
 from helpers.repo import REPO
 from helpers.training import tiny_config, write_config
 
 
-@pytest.fixture
-def holder(tmp_path):
-    """A process that holds ``tmp_path / "held"``'s lock until killed."""
-    folder = tmp_path / "held"
-    folder.mkdir()
-    proc = hold_lock(folder)
-    yield folder, proc
-    proc.kill()
-    proc.wait()
-
-
-def test_both_processes_of_a_launch_are_refused_at_once_when_the_run_folder_is_in_use(holder, tmp_path):
-    folder, proc = holder
+def test_both_processes_of_a_launch_are_refused_at_once_when_the_run_folder_is_in_use(lock_holder, tmp_path):
+    folder, proc = lock_holder
     config = write_config(tmp_path / "c.yaml", tiny_config(folder, train={"steps": 2, "grad_accum_steps": 1}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",

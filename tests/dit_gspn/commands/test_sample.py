@@ -22,16 +22,7 @@ def training_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _reference_scan():
-    """The pure PyTorch scan, so these tests neither build nor depend on the compiled kernels."""
-    with gspn_scan_impl("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "reference_scan")
 
 
 def _import_sample_py():

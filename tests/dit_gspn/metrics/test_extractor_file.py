@@ -12,9 +12,7 @@ from evaluation import evaluate
 from helpers.inception import FAST
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_export_and_torchscript_extractors_give_the_same_numbers_without_a_deprecation_warning(sets, tmp_path):

@@ -9,9 +9,7 @@ from dit_gspn.metrics.inception import SPATIAL_DIM
 from helpers.inception import LAYER, N
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_one_pass_gives_the_pool_spatial_and_logit_tensors_of_torch_fidelitys_forward(random_weights, sets,

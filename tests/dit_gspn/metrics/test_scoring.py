@@ -22,9 +22,7 @@ from helpers.adm_evaluation import adm_frechet, adm_inception_score, adm_precisi
 from helpers.inception import FAST, LAYER, N, SPLIT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_report_equals_adms_equations_on_torch_fidelitys_features(full_report, direct_features, sets):

@@ -24,9 +24,7 @@ from helpers.entry_points import load_script
 CLASSES, LATENT, WIDTH = 5, 12, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- the authors' code, transcribed

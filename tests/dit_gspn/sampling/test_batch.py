@@ -6,21 +6,11 @@ import pytest
 from dit_gspn.image_npz import read_npz
 from dit_gspn.sampling.batch import BatchPlan, assemble, class_labels, index_seed, run_batch, shard_path
 from dit_gspn.checkpoint import SamplingInfo
-from dit_gspn.ops.gspn_scan import gspn_scan_impl
 
 from helpers.tiny_models import tiny_dit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _reference_scan():
-    """The pure PyTorch scan, so these tests neither build nor depend on the compiled kernels."""
-    with gspn_scan_impl("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "reference_scan")
 
 
 def test_class_plans_and_per_index_seeds():

@@ -9,21 +9,11 @@ from dit_gspn.models import create_model
 from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.sampling.model_loader import load_model
 from dit_gspn.vae import DEFAULT_VAE, load_vae
-from dit_gspn.ops.gspn_scan import gspn_scan_impl
 
 from helpers.tiny_models import tiny_dit, write_training_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _reference_scan():
-    """The pure PyTorch scan, so these tests neither build nor depend on the compiled kernels."""
-    with gspn_scan_impl("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "reference_scan")
 
 
 def test_load_training_checkpoint_ema_and_raw_weights(tmp_path):

@@ -10,23 +10,13 @@ import torch.nn as nn
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from dit_gspn.ops.gspn_scan import gspn_scan_impl
 from dit_gspn.sampling import sample
 
 from helpers import adm_sampling as adm
 from helpers.tiny_models import tiny_dit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _reference_scan():
-    """The pure PyTorch scan, so these tests neither build nor depend on the compiled kernels."""
-    with gspn_scan_impl("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "reference_scan")
 
 
 def _generators(n, seed=0):

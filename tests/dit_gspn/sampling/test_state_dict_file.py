@@ -29,9 +29,7 @@ from helpers.entry_points import load_script
 CLASSES, LATENT = 5, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dit_network(seed, hidden_size=64, num_heads=4, learn_sigma=True):
