@@ -21,10 +21,12 @@ endif
 
 venv: $(VENV)/.installed  ## create or refresh .venv with the pinned versions (quick when nothing changed)
 
+# -qq: pip says only what failed (a machine's pip.conf naming index folders it lacks made -q print one
+# warning per package, which a newcomer cannot act on).
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 	@touch $@
 
 test: venv  ## the whole CPU test suite (what CI runs)
