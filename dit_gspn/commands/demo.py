@@ -20,8 +20,8 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # noqa: E402 below: imported after the OpenMP setting.
-from dit_gspn.cli import ArgumentParser, check_input_file, command  # noqa: E402
-from dit_gspn.errors import OutputExistsError
+from dit_gspn.cli import ArgumentParser, command  # noqa: E402
+from dit_gspn.errors import OutputExistsError  # noqa: E402
 from dit_gspn.resources import CONFIGS  # noqa: E402
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     from dit_gspn.training import load_config, train
 
-    config = load_config(check_input_file(args.config, "--config"), args.overrides)
+    config = load_config(args.config, args.overrides)
     limit_minutes = config["train"].get("time_limit_minutes")
     limit = f" or {float(limit_minutes):g} minutes, whichever comes first," if limit_minutes else ""
     config["run_dir"] = args.out or str(Path(config["run_dir"]) / time.strftime("%Y%m%d-%H%M%S"))

@@ -26,11 +26,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dit_gspn.cli import MAX_SEED
 from dit_gspn.errors import UserError
 from dit_gspn.diffusion import OBJECTIVES, Objective, check_sampling
 from dit_gspn.diffusion.samplers import SamplerSettingError
 from dit_gspn.registry import Option, keyword_options
-from dit_gspn.sampling.sampler import check_guidance_interval
+from dit_gspn.sampling.sampler import check_cfg_scale, check_guidance_interval
 
 
 class ConfigError(UserError, ValueError):
@@ -186,7 +187,10 @@ class LoggingConfig(Section):
         for key in ("sample_every", "fid_every"):
             self.check_range(key, minimum=0)
         self.check_range("fid_samples", minimum=2)
-        self.check_range("cfg_scale", minimum=0)
+        try:
+            check_cfg_scale(self.cfg_scale)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"logging.cfg_scale: {err}") from err
         if self.sample_classes is not None and (not self.sample_classes or min(self.sample_classes) < 0):
             _fail("logging.sample_classes", "a list of class ids (integers >= 0) or null", self.sample_classes)
         try:
@@ -316,8 +320,8 @@ class RunConfig:
         defaults (``model.learn_sigma``, ``logging.sampler`` and ``logging.sample_steps``)."""
         if not self.run_dir.strip():
             _fail("run_dir", "a folder path", self.run_dir)
-        if not 0 <= self.seed < 2 ** 63:
-            _fail("seed", "an integer >= 0 (and < 2**63)", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            _fail("seed", "an integer >= 0 and <= 2**63 - 1", self.seed)
         for section in (self.model, self.data, self.train, self.checkpoint, self.logging, self.repa):
             section.validate()
         objective = OBJECTIVES[self.train.objective]
@@ -515,7 +519,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
     invalid YAML, or a key written twice in one mapping (YAML would keep the last one without a word)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file" if path.is_dir() else "not found"))
+        raise ConfigError(f"config file {path} "
+                          + ("is a folder, not a YAML file" if path.is_dir() else "does not exist"))
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:

@@ -334,7 +334,7 @@ def test_batch_sampling_redraws_damaged_shards(trained_run, tmp_path, fresh_acce
             sample_py.main(["--ckpt", str(ckpt), "--cpu", *extra])
         return str(info.value)
 
-    assert "--num-steps must be >= 1, got 0" in refused("--num-steps", "0")
+    assert "--num-steps: the ddpm sampler takes an integer number of steps >= 1, got 0" in refused("--num-steps", "0")
     assert "sampler 'heun' does not fit a model trained with the 'ddpm' objective" in refused("--sampler", "heun")
     assert "--classes [12]: the model has 10 classes" in refused("--classes", "12")
     assert "batch mode (--num-samples) writes an .npz" in refused("--num-samples", "4", "--out", "x.png")
@@ -745,6 +745,7 @@ def _sample_main():
     ("a grid of 12,000 samples", ["--classes", "0", "1", "--per-class", "6000"], ["12000"]),
     ("seed 2**64", ["--seed", str(2**64)], ["--seed", str(2**64)]),
     ("seed -1", ["--seed", "-1"], ["--seed", "-1"]),
+    ("cfg scale 0.5", ["--cfg-scale", "0.5"], ["--cfg-scale", "must be >= 1", "0.5"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_sweep_grid_sizes_out_of_range_are_refused_before_anything_is_allocated(trained_run, tmp_path, capsys,
                                                                                 monkeypatch, case, extra, fragments):
