@@ -104,7 +104,8 @@ def check_args(p, args) -> None:
         suffix = Path(args.out).suffix.lower()
         if batch and suffix != ".npz":
             p.error(f"--out {args.out}: batch mode (--num-samples) writes an .npz")
-        if not batch and suffix not in (".png", ".jpg", ".jpeg", ".webp"):
+        # An existing folder is named as such by check_output_file.
+        if not batch and suffix not in (".png", ".jpg", ".jpeg", ".webp") and not Path(args.out).is_dir():
             p.error(f"--out {args.out}: a grid is written as an image (.png), or pass --num-samples for an .npz")
 
 
