@@ -52,6 +52,24 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def int_range(least: int, most: int | None = None):
+    """An argparse ``type=`` for an integer in [least, most] (``most`` None: no upper bound); any other value is
+    argparse's one-line error, e.g. ``argument --seed: must be an integer >= 0 and <= 2**63 - 1, got -1``."""
+    shown = "2**63 - 1" if most == MAX_SEED else most
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}"
+                                             + (f" and <= {shown}" if most is not None else "") + f", got {value}")
+        return value
+
+    return integer
+
+
 def file_in_the_way(path) -> Path | None:
     """The file (not folder) among ``path``'s parents that keeps ``path`` from being created, if any."""
     return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)

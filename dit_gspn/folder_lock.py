@@ -79,22 +79,33 @@ def release_folder(folder: str | os.PathLike) -> None:
         handle.close()
 
 
+class MainProcessFailed(RuntimeError):
+    """Raised on the other processes of a launch when ``check()`` failed on the main process with an error that
+    is not a user's mistake (that one keeps its traceback on the main process)."""
+
+
 def decide_on_main_process(state, check) -> None:
-    """Run ``check()`` on the main process of ``state`` (an ``accelerate`` state or ``Accelerator``) only; a
-    ``UserError`` it raises is raised on every process, so that none waits at a barrier for a main process that
-    has stopped. (A lock taken inside ``check`` is the whole launch's.)"""
-    own, refusal = None, None
+    """Run ``check()`` on the main process of ``state`` (an ``accelerate`` state or ``Accelerator``) only. Any
+    exception it raises stops every process, so that none waits at a barrier for a main process that has
+    stopped: the main process re-raises its own, the others raise the same ``UserError`` (one line each) or,
+    for any other exception, ``MainProcessFailed`` naming it. (A lock taken inside ``check`` is the whole
+    launch's.)"""
+    own, outcome = None, None  # outcome: None, ("refusal", type, message) or ("failure", type name, message)
     if state.is_main_process:
         try:
             check()
-        except UserError as err:
-            own, refusal = err, (type(err), str(err))
+        except BaseException as err:  # noqa: BLE001 (every process must learn of it before it is raised)
+            own = err
+            outcome = (("refusal", type(err), str(err)) if isinstance(err, UserError)
+                       else ("failure", type(err).__name__, str(err)))
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        refusal = broadcast_object_list([refusal])[0]
+        outcome = broadcast_object_list([outcome])[0]
     if own is not None:
         raise own
-    if refusal is not None:
-        kind, message = refusal
-        raise kind(message)
+    if outcome is not None:
+        kind, cls, message = outcome
+        if kind == "refusal":
+            raise cls(message)
+        raise MainProcessFailed(f"the main process stopped with {cls}: {message}")

@@ -3,7 +3,7 @@
 No network, no GPU, no VAE: it trains in pixel space on the seeded shapes dataset
 (``dit_gspn.data.shapes``) with ``configs/demo.yaml``, then prints where everything went.
 
-    dit-gspn-demo                       # about 4.5 minutes on 2 CPU cores
+    dit-gspn-demo                       # about 5.5 minutes on 2 CPU cores; training stops at 1,500 steps or 4 min
     dit-gspn-demo train.steps=1000      # any train.py override
 """
 from __future__ import annotations
@@ -20,30 +20,10 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # noqa: E402 below: imported after the OpenMP setting.
-from dit_gspn.cli import ArgumentParser, check_input_file, command  # noqa: E402
-from dit_gspn.errors import OutputExistsError
+from dit_gspn.cli import ArgumentParser, command  # noqa: E402
 from dit_gspn.resources import CONFIGS  # noqa: E402
 
 DEMO_CONFIG = CONFIGS / "demo.yaml"
-
-
-def train_longer_command(checkpoint: Path, steps: int) -> str:
-    """The command that continues the demo run from ``checkpoint`` to ``steps`` (its own config.yaml holds the
-    demo's overrides; without the demo's time limit, it trains to that step)."""
-    return (f"python train.py --resume {shlex.quote(str(checkpoint))} train.steps={steps} "
-            f"train.time_limit_minutes=null")
-
-
-def check_new_run_folder(out: Path) -> None:
-    """Refuse an ``--out`` that already holds a demo run, saying how to continue it (the demo has no --resume)."""
-    from dit_gspn.checkpoint import latest_checkpoint, read_trainer_state
-
-    newest = latest_checkpoint(out)
-    if newest is not None:
-        step = read_trainer_state(newest).get("step", 0)
-        raise OutputExistsError(f"--out {out} already holds a demo run (newest checkpoint {newest}): continue it "
-                                f"with `{train_longer_command(newest, 2 * max(step, 1))}`, or choose another "
-                                f"--out (by default each demo run gets a new folder)")
 
 
 def main(argv=None) -> int:
@@ -55,12 +35,14 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     from dit_gspn.training import load_config, train
+    from dit_gspn.training.resume import check_fresh_run_folder, resume_command
 
-    config = load_config(check_input_file(args.config, "--config"), args.overrides)
+    config = load_config(args.config, args.overrides)
     limit_minutes = config["train"].get("time_limit_minutes")
     limit = f" or {float(limit_minutes):g} minutes, whichever comes first," if limit_minutes else ""
     config["run_dir"] = args.out or str(Path(config["run_dir"]) / time.strftime("%Y%m%d-%H%M%S"))
-    check_new_run_folder(Path(config["run_dir"]))
+    # The demo has no --resume: a folder with a run in it is refused with the train.py command that continues it.
+    check_fresh_run_folder(Path(config["run_dir"]), "--out", train_longer=True)
     print(f"GSPN-DiT demo: training {config['model']['name']} (hidden {config['model'].get('hidden_size')}, "
           f"depth {config['model'].get('depth')}) for {config['train']['steps']} steps"
           f"{limit} on the built-in shapes dataset ({config['train']['objective']} objective, pixel space, "
@@ -74,7 +56,7 @@ def main(argv=None) -> int:
           f"  tensorboard:   tensorboard --logdir {run / 'tensorboard'}\n"
           f"  sample more:   python sample.py --ckpt {shlex.quote(str(result.checkpoint))} --out "
           f"{shlex.quote(str(run / 'more.png'))}\n"
-          f"  train longer:  {train_longer_command(result.checkpoint, 2 * result.step)}")
+          f"  train longer:  {resume_command(result.checkpoint, 2 * result.step, lift_time_limit=True)}")
     return 0
 
 

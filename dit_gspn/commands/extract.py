@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dit_gspn.cli import MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, command
+from dit_gspn.cli import MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, command, int_range
 from dit_gspn.data.extract import DEFAULT_VAE, LATENT_SCALE, extract_latents
 
 #: The most data-loader workers: four per CPU of this machine (more only compete for the same cores).
@@ -23,23 +23,17 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
     parser.add_argument("--out", required=True, help="folder for the shards and index.json")
     parser.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or local folder")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int_range(1, MAX_IMAGE_SIDE), default=256)
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="do not also encode mirrored images")
-    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--shard-size", type=int_range(1), default=4096, help="images per shard")
+    parser.add_argument("--batch-size", type=int_range(1), default=32)
+    parser.add_argument("--num-workers", type=int_range(0, MAX_WORKERS), default=4)
     parser.add_argument("--latent-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--latent-scale", type=float, default=LATENT_SCALE)
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling from the VAE posterior")
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0,
+                        help="seeds the sampling from the VAE posterior")
     args = parser.parse_args(argv)
-    for flag, least, most in (("image_size", 1, MAX_IMAGE_SIDE), ("shard_size", 1, None), ("batch_size", 1, None),
-                              ("num_workers", 0, MAX_WORKERS), ("seed", 0, MAX_SEED)):
-        value = getattr(args, flag)
-        if value < least or (most is not None and value > most):
-            shown = "2**63 - 1" if most == MAX_SEED else most
-            parser.error(f"--{flag.replace('_', '-')} must be >= {least}" + (f" and <= {shown}" if most else "")
-                         + f", got {value}")
     if not args.latent_scale > 0:
         parser.error(f"--latent-scale must be > 0, got {args.latent_scale}")
     index = extract_latents(args.data, args.out, vae=args.vae, image_size=args.image_size, flip=args.flip,

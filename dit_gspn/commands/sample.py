@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import WEIGHT_FOLDERS
-from dit_gspn.cli import MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, check_output_file, command
-from dit_gspn.errors import OutputExistsError, UserError
+from dit_gspn.cli import MAX_IMAGE_SIDE, MAX_SEED, ArgumentParser, check_output_file, command, int_range
+from dit_gspn.errors import UserError
 from dit_gspn.diffusion import SAMPLERS, check_sampling, default_sampler
 from dit_gspn.diffusion.samplers import SamplerSettingError
-from dit_gspn.diffusion.flow import check_shift
 from dit_gspn.host_memory import retain_freed_host_memory
 from dit_gspn.sampling.batch import CLASS_MODES, BatchPlan, check_batch_output, index_generators, run_batch
 from dit_gspn.sampling.labelled_grid import default_grid_classes, save_labelled_grid
 from dit_gspn.sampling.model_loader import checkpoint_sha256, load_model, read_checkpoint_info
-from dit_gspn.sampling.sampler import check_guidance_interval, model_size, sample
+from dit_gspn.sampling.sampler import check_cfg_scale, check_guidance_interval, model_size, sample
 from dit_gspn.vae import decode, load_vae, vae_scale_factor
 
 #: The most samples one grid image holds (a grid is for looking at; --num-samples writes an .npz of any size).
@@ -42,7 +41,7 @@ def parse_args(argv=None):
     src.add_argument("--weights", choices=WEIGHT_FOLDERS, default="ema", help="which weights of a training checkpoint")
     src.add_argument("--model", default=None, help="zoo name (e.g. DiT-XL/2), or SiT-XL/2 etc. for a SiT model, "
                      "of a .pt --ckpt; its sizes and class count are read from the state dict's shapes")
-    src.add_argument("--num-heads", type=int, default=None,
+    src.add_argument("--num-heads", type=int_range(1), default=None,
                      help="attention heads of a .pt --ckpt whose width is not the zoo model's")
     src.add_argument("--vae", default=None, help="AutoencoderKL hub name or local folder (overrides the checkpoint's)")
     src.add_argument("--image-size", type=int, nargs="+", default=None, metavar=("H", "W"),
@@ -54,23 +53,23 @@ def parse_args(argv=None):
     smp.add_argument("--num-steps", type=int, default=None, help="default: the sampler's (" + ", ".join(
                      f"{name} {spec.default_steps}" for name, spec in SAMPLERS.items()) + ")")
     smp.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no classifier-free guidance")
-    smp.add_argument("--guided-channels", type=int, default=None,
+    smp.add_argument("--guided-channels", type=int_range(1), default=None,
                      help="guide only the first N channels (3 = DiT's published FIDs); default all")
     smp.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                      help="guide only steps whose noise level (model timestep / 1000) is in [LOW, HIGH]")
     smp.add_argument("--flow-shift", type=float, default=1.0,
                      help="flow samplers: SD3's timestep shift of the grid, s' = k s / (1 + (k - 1) s); 1 = none")
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     smp.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model and the VAE decode")
-    smp.add_argument("--batch-size", type=int, default=32, help="images per forward pass (= per shard)")
-    smp.add_argument("--decode-batch-size", type=int, default=32)
+    smp.add_argument("--batch-size", type=int_range(1), default=32, help="images per forward pass (= per shard)")
+    smp.add_argument("--decode-batch-size", type=int_range(1), default=32)
     smp.add_argument("--cpu", action="store_true", help="sample on CPU even if a GPU is there")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, help="grid PNG (default samples/grid.png) or .npz in batch mode")
     out.add_argument("--classes", type=int, nargs="+", default=None, help="grid mode: class ids")
-    out.add_argument("--per-class", type=int, default=1, help="grid mode: samples per class (one row each)")
-    out.add_argument("--num-samples", type=int, default=None, help="batch mode: how many samples in the .npz")
+    out.add_argument("--per-class", type=int_range(1), default=1, help="grid mode: samples per class (one row each)")
+    out.add_argument("--num-samples", type=int_range(1), default=None, help="batch mode: how many samples in the .npz")
     out.add_argument("--class-mode", choices=CLASS_MODES, default="uniform",
                      help="batch mode: i.i.d. uniform classes, or balanced (N / num_classes each)")
     out.add_argument("--keep-shards", action="store_true", help="batch mode: keep <out>.shards/ after assembling")
@@ -85,21 +84,13 @@ def check_args(p, args) -> None:
         p.error(f"--image-size takes H or H W (positive pixels), got {' '.join(map(str, args.image_size))}")
     if args.image_size is not None and max(args.image_size) > MAX_IMAGE_SIDE:
         p.error(f"--image-size {' '.join(map(str, args.image_size))}: at most {MAX_IMAGE_SIDE} pixels a side")
-    for flag in ("num_steps", "num_heads", "batch_size", "decode_batch_size", "per_class", "num_samples", "guided_channels"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.cfg_scale < 0:
-        p.error(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
-    if not 0 <= args.seed <= MAX_SEED:
-        p.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.per_class > MAX_GRID_SAMPLES:
         p.error(f"--per-class {args.per_class}: a grid holds at most {MAX_GRID_SAMPLES} samples; draw more with "
                 f"--num-samples (an .npz)")
     if args.num_samples is not None and args.num_samples > MAX_BATCH_SAMPLES:
         p.error(f"--num-samples {args.num_samples}: at most {MAX_BATCH_SAMPLES} samples in one .npz")
-    for option, check, value in (("--guidance-interval", check_guidance_interval, args.guidance_interval),
-                                 ("--flow-shift", check_shift, args.flow_shift)):
+    for option, check, value in (("--cfg-scale", check_cfg_scale, args.cfg_scale),
+                                 ("--guidance-interval", check_guidance_interval, args.guidance_interval)):
         try:
             check(value)
         except ValueError as err:
@@ -111,12 +102,10 @@ def check_args(p, args) -> None:
         p.error("--classes is for a grid; batch mode (--num-samples) draws classes by --class-mode")
     if args.out is not None:
         suffix = Path(args.out).suffix.lower()
-        if not batch and Path(args.out).is_dir():
-            raise OutputExistsError(f"--out {args.out} is a folder; name the grid image file, e.g. "
-                                    f"{Path(args.out) / 'grid.png'}")
         if batch and suffix != ".npz":
             p.error(f"--out {args.out}: batch mode (--num-samples) writes an .npz")
-        if not batch and suffix not in (".png", ".jpg", ".jpeg", ".webp"):
+        # An existing folder is named as such by check_output_file.
+        if not batch and suffix not in (".png", ".jpg", ".jpeg", ".webp") and not Path(args.out).is_dir():
             p.error(f"--out {args.out}: a grid is written as an image (.png), or pass --num-samples for an .npz")
 
 

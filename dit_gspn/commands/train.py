@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from dit_gspn.cli import ArgumentParser, check_input_file, command
+from dit_gspn.cli import ArgumentParser, command
 from dit_gspn.errors import MissingFileError
 
 
@@ -57,7 +57,7 @@ def base_config_path(args) -> Path:
     if args.config is None:
         raise MissingFileError(f"--resume {args.resume}: {Path(args.resume) / 'config.yaml'} does not exist; a "
                                f"training checkpoint holds it (or pass --config with the run's config)")
-    return check_input_file(args.config, "--config")
+    return Path(args.config)  # read_yaml names it if it is missing or a folder
 
 
 def main(argv=None) -> int:

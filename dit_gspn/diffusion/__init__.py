@@ -5,11 +5,11 @@ from .gaussian import GaussianDiffusion
 from .respacing import DDIM_COUNTS, ddim_timesteps, ddpm_timesteps
 from .samplers import SAMPLERS, SamplerSpec, check_sampling, register_sampler, samplers_of
 from .schedule import DIT_SCHEDULE, SamplingSchedule, dit_betas, make_schedule
-from .objective import (OBJECTIVES, DiffusionObjective, FlowObjective, Objective, check_sampler, default_sampler,
-                        get_objective, objective_class, objective_of_sampler, register_objective)
+from .objective import (OBJECTIVES, DiffusionObjective, FlowObjective, Objective, default_sampler, get_objective,
+                        objective_of_sampler, register_objective)
 
 __all__ = ["DDIM_COUNTS", "DIT_SCHEDULE", "OBJECTIVES", "SAMPLERS", "DiffusionObjective", "FlowMatching",
            "FlowObjective", "FlowSDEScheduler", "GaussianDiffusion", "Objective", "SamplerSpec", "SamplingSchedule",
-           "check_sampler", "check_sampling", "ddim_timesteps", "ddpm_timesteps", "default_sampler", "dit_betas",
-           "get_objective", "make_schedule", "objective_class", "objective_of_sampler", "register_objective",
+           "check_sampling", "ddim_timesteps", "ddpm_timesteps", "default_sampler", "dit_betas",
+           "get_objective", "make_schedule", "objective_of_sampler", "register_objective",
            "register_sampler", "samplers_of", "shift_noise_levels"]

@@ -23,7 +23,7 @@ from dit_gspn.registry import Registry
 
 from .flow import TIMESTEP_SAMPLING, FlowMatching
 from .gaussian import GaussianDiffusion
-from .samplers import SAMPLERS, check_sampling, samplers_of
+from .samplers import SAMPLERS, samplers_of
 from .schedule import SamplingSchedule, make_schedule
 
 
@@ -59,19 +59,13 @@ class Objective:
         return samplers_of(cls.name)
 
     @classmethod
-    def check_sampler(cls, sampler: str, num_steps: int | None = None, flow_shift: float = 1.0) -> int:
-        """The step count ``sampler`` runs (``num_steps``, or its default), after checking that it draws from models
-        trained with this objective and takes these settings (``samplers.check_sampling``); a ValueError if not."""
-        return check_sampling(sampler, cls.name, num_steps, flow_shift)[1]
-
-    @classmethod
     def schedule(cls, sampler: str, num_steps: int | None = None, *, clip_denoised: bool = False,
                  learn_sigma: bool | None = None, flow_shift: float = 1.0) -> SamplingSchedule:
-        """The ready-to-step schedule of one of this objective's samplers (``make_schedule``); ``learn_sigma``
-        (whether the model outputs a variance) defaults to the objective's."""
-        num_steps = cls.check_sampler(sampler, num_steps, flow_shift)
+        """The ready-to-step schedule of one of this objective's samplers (``make_schedule``, which checks that it
+        draws from models trained with this objective); ``learn_sigma`` (whether the model outputs a variance)
+        defaults to the objective's."""
         return make_schedule(sampler, num_steps, clip_denoised, cls.learn_sigma if learn_sigma is None else learn_sigma,
-                             flow_shift)
+                             flow_shift, objective=cls.name)
 
     @classmethod
     def model_timesteps(cls, timestep, rows: int, device) -> torch.Tensor:
@@ -158,15 +152,10 @@ class FlowObjective(Objective):
         return f"FlowObjective(timestep_sampling={self.process.timestep_sampling!r}, shift={self.shift})"
 
 
-def objective_class(name: str) -> type[Objective]:
-    """The objective registered as ``name``; an ``UnknownNameError`` naming the registered ones otherwise."""
-    return OBJECTIVES[name]
-
-
 def get_objective(name: str, **settings) -> Objective:
     """The objective ``name`` configured with ``settings`` (its options: ``ddpm``: snr_gamma; ``flow``:
     timestep_sampling, shift); without settings, its defaults (what a sampler needs to know)."""
-    return objective_class(name)(**settings)
+    return OBJECTIVES[name](**settings)
 
 
 def objective_of_sampler(sampler: str) -> type[Objective]:
@@ -177,14 +166,8 @@ def objective_of_sampler(sampler: str) -> type[Objective]:
 
 def default_sampler(objective: str) -> str:
     """The sampler a model trained with the objective named ``objective`` is drawn with unless one is named."""
-    return objective_class(objective).default_sampler
+    return OBJECTIVES[objective].default_sampler
 
 
-def check_sampler(sampler: str, objective: str, num_steps: int | None = None, flow_shift: float = 1.0) -> int:
-    """The step count ``sampler`` runs for a model trained with the objective named ``objective``, after the
-    one check of those settings (``samplers.check_sampling``)."""
-    return check_sampling(sampler, objective, num_steps, flow_shift)[1]
-
-
-__all__ = ["OBJECTIVES", "TIMESTEP_SAMPLING", "DiffusionObjective", "FlowObjective", "Objective", "check_sampler",
-           "default_sampler", "get_objective", "objective_class", "objective_of_sampler", "register_objective"]
+__all__ = ["OBJECTIVES", "TIMESTEP_SAMPLING", "DiffusionObjective", "FlowObjective", "Objective", "default_sampler",
+           "get_objective", "objective_of_sampler", "register_objective"]

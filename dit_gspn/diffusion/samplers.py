@@ -16,6 +16,8 @@ from typing import Callable
 
 from dit_gspn.registry import Registry, UnknownNameError
 
+from .flow import check_shift
+
 
 class SamplerSettingError(ValueError):
     """A sampling setting that does not fit; ``setting`` names it ("sampler", "num_steps" or "flow_shift"), so
@@ -45,8 +47,6 @@ class SamplerSpec:
     def check(self, num_steps: int | None = None, flow_shift: float = 1.0) -> int:
         """The step count to run (``default_steps`` for None), after checking it and ``flow_shift`` against this
         sampler's rules; a ``SamplerSettingError`` saying what fits otherwise."""
-        from .flow import check_shift
-
         num_steps = self.default_steps if num_steps is None else num_steps
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < self.min_steps:
             raise SamplerSettingError("num_steps", f"the {self.name} sampler takes an integer number of steps >= "

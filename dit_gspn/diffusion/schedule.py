@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .flow import HEUN_LAST_LEVEL, ode_noise_levels
 from .flow_sde import FlowSDEScheduler
 from .respacing import ddim_timesteps, ddpm_timesteps
-from .samplers import SAMPLERS, SamplerSpec, register_sampler
+from .samplers import SAMPLERS, SamplerSpec, check_sampling, register_sampler
 
 #: DiT's training schedule, as diffusers scheduler arguments.
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -103,16 +103,18 @@ def flow_ode_scheduler(sampler: str, num_steps: int, shift: float = 1.0) -> Sche
 
 
 def make_schedule(sampler: str = "ddpm", num_steps: int | None = None, clip_denoised: bool = False,
-                  learn_sigma: bool = True, flow_shift: float = 1.0) -> SamplingSchedule:
-    """The schedule of the registered ``sampler`` over ``num_steps`` steps (None: its default), ready to step.
+                  learn_sigma: bool = True, flow_shift: float = 1.0, objective: str | None = None) -> SamplingSchedule:
+    """The schedule of the registered ``sampler`` over ``num_steps`` steps (None: its default), ready to step,
+    after the one check of these settings (``check_sampling``) for a model trained with ``objective`` (None: the
+    objective the sampler was registered for).
 
     ``learn_sigma``: whether the model also outputs a variance (DDPM then uses it); ``flow_shift``: SD3's
     timestep shift of a flow sampler's grid (1: none; the others refuse another value); ``clip_denoised``
     clips each step's predicted x0 to [-1, 1], as ADM does in pixel space (never for latents, which are not
     bounded); the flow samplers do not clip. The built-in samplers are described where they are built below.
     """
-    spec = SAMPLERS[sampler]
-    num_steps = spec.check(num_steps, flow_shift)
+    trained_with = SAMPLERS[sampler].objective if objective is None else objective
+    spec, num_steps = check_sampling(sampler, trained_with, num_steps, flow_shift)
     schedule = spec.build(num_steps, clip_denoised=clip_denoised, learn_sigma=learn_sigma,
                           flow_shift=float(flow_shift))
     schedule.stochastic = spec.stochastic

@@ -50,6 +50,15 @@ def _as_labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
     return labels
 
 
+def check_cfg_scale(scale: float) -> float:
+    """``scale`` as a float if it is a classifier-free guidance scale DiT accepts (>= 1; 1 = no guidance, the
+    conditional model alone); else a ValueError (NaN included)."""
+    scale = float(scale)
+    if not scale >= 1.0:
+        raise ValueError(f"the guidance scale must be >= 1 (1 = no guidance), got {scale}")
+    return scale
+
+
 def check_guidance_interval(interval) -> tuple[float, float] | None:
     """``interval`` as (low, high) with 0 <= low <= high <= 1, or None (guide every step); else a ValueError."""
     if interval is None:
@@ -79,7 +88,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
     (SiT's Euler-Maruyama), over a grid shifted by ``flow_shift`` (SD3's timestep shift; 1 = none).
     ``num_steps=None`` takes the sampler's default (its ``SamplerSpec``); any registered sampler is accepted
     (``dit_gspn.diffusion.SAMPLERS``). Which objective a checkpoint was trained with is in its
-    ``SamplingInfo.objective`` (``check_sampler`` matches the two).
+    ``SamplingInfo.objective`` (``dit_gspn.diffusion.check_sampling`` matches the two).
     ``cfg_scale`` > 1 uses classifier-free guidance through ``model.forward_with_cfg`` (conditional half,
     then the unconditional half with the null class ``model.num_classes``); ``guided_channels=None``
     guides all epsilon channels, ``3`` reproduces DiT's published behaviour. ``guidance_interval`` =
@@ -94,8 +103,7 @@ def sample(model, labels, *, sampler: str = "ddpm", num_steps: int | None = None
     either, so both start from the same point (DDPM's and the SDE's per-step noise is drawn in ``dtype``).
     """
     objective = objective_of_sampler(sampler)  # the objective whose models it draws (ValueError if unknown)
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    cfg_scale = check_cfg_scale(cfg_scale)
     guidance_interval = check_guidance_interval(guidance_interval)
     device = _model_device(model)
     labels = _as_labels(labels, model.num_classes, device)

@@ -26,11 +26,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dit_gspn.cli import MAX_SEED
 from dit_gspn.errors import UserError
 from dit_gspn.diffusion import OBJECTIVES, Objective, check_sampling
 from dit_gspn.diffusion.samplers import SamplerSettingError
-from dit_gspn.registry import Option, keyword_options
-from dit_gspn.sampling.sampler import check_guidance_interval
+from dit_gspn.registry import Option, Registry, UnknownNameError, keyword_options
+from dit_gspn.sampling.sampler import check_cfg_scale, check_guidance_interval
 
 
 class ConfigError(UserError, ValueError):
@@ -39,6 +40,15 @@ class ConfigError(UserError, ValueError):
 
 def _fail(key: str, want: str, value) -> None:
     raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _registered(registry: Registry, name, key: str):
+    """``registry[name]``; for a name it does not hold, its own message (the names it holds, the close ones) as a
+    ConfigError prefixed with the config key that gave the name."""
+    try:
+        return registry[name]
+    except UnknownNameError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 class Section:
@@ -112,6 +122,7 @@ class TrainConfig(Section):
         self.check_range("weight_decay", minimum=0)
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             _fail("train.betas", "two numbers in [0, 1), e.g. [0.9, 0.999]", list(self.betas))
+        self.betas = tuple(self.betas)
         self.check_range("warmup_steps", minimum=0)
         if self.lr_schedule not in LR_SCHEDULES:
             _fail("train.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
@@ -119,6 +130,7 @@ class TrainConfig(Section):
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
         self.check_range("lr_decay_steps", minimum=1)
+        self._check_schedule()
         self.check_range("grad_clip", above=0)
         if self.mixed_precision == "False":  # YAML 1.1 reads an unquoted `no` as false
             self.mixed_precision = "no"
@@ -129,15 +141,29 @@ class TrainConfig(Section):
         if self.global_batch_size % self.grad_accum_steps:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be divisible by "
                               f"train.grad_accum_steps={self.grad_accum_steps}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        self.objective_kwargs = check_options(OBJECTIVES[self.objective], self.objective_kwargs or {},
+        objective = _registered(OBJECTIVES, self.objective, "train.objective")
+        self.objective_kwargs = check_options(objective, self.objective_kwargs or {},
                                               "train.objective_kwargs", f"the {self.objective} objective",
                                               complete=True)
         try:
             self.build_objective()
         except (TypeError, ValueError) as err:
             raise ConfigError(f"train.objective_kwargs: {err}") from err
+
+    def _check_schedule(self) -> None:
+        """Refuse a schedule setting that would be ignored or would end the cosine at once: ``min_lr`` or
+        ``lr_decay_steps`` set (to other than their defaults) with the constant schedule, or a cosine whose
+        ``lr_decay_steps`` is not past ``warmup_steps`` (it would drop to ``min_lr`` one step after the warm-up)."""
+        if self.lr_schedule == "constant":
+            for key in ("min_lr", "lr_decay_steps"):
+                value = getattr(self, key)
+                if value != getattr(TrainConfig, key):
+                    raise ConfigError(f"train.{key}={value} has no effect with train.lr_schedule=constant (it shapes "
+                                      f"the cosine): set train.lr_schedule=cosine, or leave train.{key} unset")
+        elif self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise ConfigError(f"train.lr_decay_steps={self.lr_decay_steps} must be above train.warmup_steps="
+                              f"{self.warmup_steps}: the cosine would drop to train.min_lr={self.min_lr} right after "
+                              f"the warm-up")
 
     def build_objective(self) -> Objective:
         """The training objective with its options."""
@@ -186,7 +212,10 @@ class LoggingConfig(Section):
         for key in ("sample_every", "fid_every"):
             self.check_range(key, minimum=0)
         self.check_range("fid_samples", minimum=2)
-        self.check_range("cfg_scale", minimum=0)
+        try:
+            check_cfg_scale(self.cfg_scale)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"logging.cfg_scale: {err}") from err
         if self.sample_classes is not None and (not self.sample_classes or min(self.sample_classes) < 0):
             _fail("logging.sample_classes", "a list of class ids (integers >= 0) or null", self.sample_classes)
         try:
@@ -241,24 +270,15 @@ class ModelConfig:
     name: str = "GSPN-XL/2"
     options: Dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def patch_size(self) -> int:
-        return int(self.options.get("patch_size", self.name.rsplit("/", 1)[-1]))
-
     def validate(self) -> None:
         from dit_gspn.models import MODELS, MIXERS
         from dit_gspn.models.mixer import mixer_options
 
-        if self.name not in MODELS:
-            close = difflib.get_close_matches(str(self.name), MODELS, n=3)
-            raise ConfigError(f"model.name {self.name!r} is not a zoo model"
-                              + (f" (did you mean {', '.join(close)}?)" if close else "")
-                              + f"; known: {', '.join(MODELS)}")
-        entry = MODELS[self.name]
+        entry = _registered(MODELS, self.name, "model.name")
         options = check_options(entry.model_class, self.options, "model", f"{self.name} ({entry.model_class.__name__})")
         mixer = options.get("mixer", entry.preset.get("mixer"))
-        if "mixer" in options and mixer not in MIXERS:
-            raise ConfigError(f"model.mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
+        if "mixer" in options:
+            _registered(MIXERS, mixer, "model.mixer")
         if options.get("mixer_kwargs") is not None and mixer is not None:
             options["mixer_kwargs"] = check_options(None, options["mixer_kwargs"], "model.mixer_kwargs",
                                                     f"the {mixer} mixer", schema=mixer_options(mixer))
@@ -283,8 +303,7 @@ class DataConfig:
     def validate(self) -> None:
         from .datasets import DATASETS, dataset_options
 
-        if self.kind not in DATASETS:
-            raise ConfigError(f"data.kind must be one of {', '.join(DATASETS)}, got {self.kind!r}")
+        _registered(DATASETS, self.kind, "data.kind")
         if self.num_workers < 0:
             _fail("data.num_workers", "an integer >= 0", self.num_workers)
         self.options = check_options(None, self.options, "data", f"the {self.kind} dataset",
@@ -316,8 +335,8 @@ class RunConfig:
         defaults (``model.learn_sigma``, ``logging.sampler`` and ``logging.sample_steps``)."""
         if not self.run_dir.strip():
             _fail("run_dir", "a folder path", self.run_dir)
-        if not 0 <= self.seed < 2 ** 63:
-            _fail("seed", "an integer >= 0 (and < 2**63)", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            _fail("seed", "an integer >= 0 and <= 2**63 - 1", self.seed)
         for section in (self.model, self.data, self.train, self.checkpoint, self.logging, self.repa):
             section.validate()
         objective = OBJECTIVES[self.train.objective]
@@ -374,11 +393,10 @@ def check_options(function, options: dict, where: str, owner: str, *, schema: di
         raise ConfigError(f"{where}.{missing[0]} must be set: {owner} has no default for it")
     spec = make_dataclass("Options", [(o.name, _omegaconf_type(o.type), None if o.required else o.default)
                                       for o in schema.values()])
-    given = {key: options[key] for key in options}
     try:
-        typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(spec), given))
+        typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(spec), options))
     except OmegaConfBaseException as err:
-        raise _reworded(err, given, where, hints={o.name: o.type for o in schema.values()}) from None
+        raise _reworded(err, options, where, hints={o.name: o.type for o in schema.values()}) from None
     return typed if complete else {key: typed[key] for key in options}
 
 
@@ -515,7 +533,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
     invalid YAML, or a key written twice in one mapping (YAML would keep the last one without a word)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file" if path.is_dir() else "not found"))
+        raise ConfigError(f"config file {path} "
+                          + ("is a folder, not a YAML file" if path.is_dir() else "does not exist"))
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -585,8 +604,6 @@ def parse_config(config: dict | RunConfig) -> RunConfig:
     sections = {}
     for name, cls in SECTIONS.items():
         sections[name] = cls(**merged[name])
-        if isinstance(sections[name], TrainConfig):
-            sections[name].betas = tuple(sections[name].betas)
     run = RunConfig(run_dir=merged["run_dir"] if merged["run_dir"] is not None else "", seed=merged["seed"],
                     model=ModelConfig(model.pop("name"), model),
                     data=DataConfig(data.pop("kind", DataConfig.kind), data.pop("num_workers", DataConfig.num_workers),

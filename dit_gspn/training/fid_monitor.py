@@ -87,7 +87,8 @@ def _has_logits(extractor: Path, image_size: tuple[int, int]) -> bool:
 
 
 class FidMonitor:
-    """Draws, gathers and scores the EMA's samples every ``logging.fid_every`` steps; every process calls it."""
+    """Draws, gathers and scores the EMA's samples every ``logging.fid_every`` steps; every process calls it. Its
+    caller runs ``FidMonitor.check`` first, before the run starts."""
 
     def __init__(self, accelerator, run_dir: str | Path, data, logging: LoggingConfig, seed: int):
         self.acc = accelerator
@@ -98,7 +99,6 @@ class FidMonitor:
         self.indices = np.arange(self.acc.process_index, self.count, self.acc.num_processes)
         self.weights, self.extractor, self.reference = logging.fid_weights, logging.fid_extractor, \
             logging.fid_reference
-        self.check(logging, data)
         if self.extractor == DATASET_FEATURES:
             if self.acc.is_main_process:  # only the main process scores
                 self.extractor, own_reference = data.fid_features(self.folder)

@@ -9,6 +9,7 @@ back once the optimizer is prepared and the streams are seeded.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,26 @@ def run_folders(run_dir: Path, tensorboard: bool) -> list[Path]:
     if tensorboard:
         folders.append(run_dir / "tensorboard")
     return folders
+
+
+def resume_command(checkpoint: Path, steps: int | None = None, lift_time_limit: bool = False) -> str:
+    """The command line that continues a run from ``checkpoint`` (its own config.yaml is the base config):
+    ``steps`` sets ``train.steps``, ``lift_time_limit`` drops ``train.time_limit_minutes``."""
+    overrides = ([f"train.steps={steps}"] if steps is not None else []) + (
+        ["train.time_limit_minutes=null"] if lift_time_limit else [])
+    return " ".join(["python train.py --resume", shlex.quote(str(checkpoint)), *overrides])
+
+
+def check_fresh_run_folder(run_dir: Path, where: str = "run_dir", train_longer: bool = False) -> None:
+    """Refuse a fresh run in ``run_dir`` (named as ``where`` chose it) when it holds checkpoints, with the command
+    that continues its newest one (``train_longer``: to twice its step and without a time limit, as the demo
+    offers)."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return
+    steps = 2 * max(read_trainer_state(newest).get("step", 0), 1) if train_longer else None
+    raise ConfigError(f"{where} {run_dir} already holds checkpoints (newest {newest}): continue it with "
+                      f"`{resume_command(newest, steps, lift_time_limit=train_longer)}`, or choose another {where}")
 
 
 def check_resume_config(checkpoint: Path, config: RunConfig, allow_change: bool, is_main: bool) -> None:
@@ -75,9 +96,8 @@ def open_run_folder(config: RunConfig, resume: str | None, allow_config_change: 
     decide_on_main_process(acc, lock_and_recover)
     acc.wait_for_everyone()
     checkpoint = resolve_resume(resume, run_dir)
-    if resume is None and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
-                          f"another run_dir")
+    if resume is None:
+        check_fresh_run_folder(run_dir)
     if resume == "latest" and checkpoint is None and acc.is_main_process:
         print(f"note: --resume found no complete checkpoint in {run_dir / 'checkpoints'}: starting a fresh run "
               f"there (check run_dir if you meant to continue another run)", file=sys.stderr, flush=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from dit_gspn.checkpoint import CheckpointWriter
-from dit_gspn.checkpoint.folder import checkpoint_root
 from dit_gspn.errors import UserError
 from dit_gspn.data import ShardError
 from dit_gspn.folder_lock import release_folder
@@ -36,7 +35,7 @@ from .fid_monitor import FidMonitor
 from .sample_grids import GridWriter, grid_labels
 from .progress import TrainingLog
 from .repa import PROJECTOR_DIR, RepresentationAlignment
-from .resume import SEEDING, load_model_weights, open_run_folder, read_checkpoint
+from .resume import SEEDING, load_model_weights, open_run_folder, read_checkpoint, resume_command
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -148,10 +147,10 @@ def _micro_batch_size(train_config, num_processes: int) -> int:
 class Trainer:
     """One training run on this process: built (and restored) by the constructor, trained by ``run``.
 
-    The parts read in the order they run: ``_build`` (data, model, EMA, optimizer), the restore of a
-    checkpoint (``resume.read_checkpoint`` before ``accelerate.prepare``, ``Restored.apply`` after the
-    streams are seeded), then per optimizer step ``_step`` (micro-batches, loss, update, EMA), the time
-    limit, ``TrainingLog.report``, ``_save`` (a checkpoint) and ``_draw_grid``.
+    The parts read in the order they run: the data and every check (in the constructor), ``_build`` (model,
+    EMA, optimizer), the restore of a checkpoint (``resume.read_checkpoint`` before ``accelerate.prepare``,
+    ``Restored.apply`` after the streams are seeded), then per optimizer step ``_step`` (micro-batches, loss,
+    update, EMA), the time limit, ``TrainingLog.report``, ``_save`` (a checkpoint) and ``_draw_grid``.
     """
 
     def __init__(self, config: RunConfig, resume: str | None = None, allow_config_change: bool = False):
@@ -240,10 +239,8 @@ class Trainer:
             while self.step < total:
                 step_loss, grad_norm = self._step(batches)
                 log.step_done(step_loss)
-                if deadline is not None and self.step < total and self._out_of_time(deadline):
-                    log.write(f"train.time_limit_minutes={config.train.time_limit_minutes:g} reached: stopping at "
-                              f"step {self.step} of {total}; continue with python train.py --resume "
-                              f"{checkpoint_root(self.run_dir) / f'{self.step:07d}'} train.time_limit_minutes=null")
+                out_of_time = deadline is not None and self.step < total and self._out_of_time(deadline)
+                if out_of_time:
                     total = self.step
                 if self.step % config.logging.every == 0 or self.step == total:
                     if self.repa is not None:
@@ -251,6 +248,10 @@ class Trainer:
                     log.report(self.step, self.lr_scheduler.get_last_lr()[0], grad_norm)
                 if self.step % config.checkpoint.every == 0 or self.step == total:
                     self._save(log.last_loss)
+                if out_of_time:  # named once its checkpoint is written
+                    log.write(f"train.time_limit_minutes={config.train.time_limit_minutes:g} reached: stopping at "
+                              f"step {self.step} of {config.train.steps}; continue with "
+                              f"{resume_command(self.checkpoint, lift_time_limit=True)}")
                 sample_every = config.logging.sample_every
                 if (sample_every and self.step % sample_every == 0) or self.step == total:
                     self._draw_grid(log)

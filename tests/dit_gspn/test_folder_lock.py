@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from dit_gspn.folder_lock import LOCK_FILE, FolderInUseError, decide_on_main_process, lock_folder, release_folder
+from dit_gspn.folder_lock import (LOCK_FILE, FolderInUseError, MainProcessFailed, decide_on_main_process, lock_folder,
+                                  release_folder)
 
 from helpers.folder_lock import HOLD, child_env
 
@@ -51,3 +52,53 @@ def test_the_main_process_decides_and_its_refusal_is_raised():
         decide_on_main_process(_State(main=True), refuse)
     decide_on_main_process(_State(main=False), refuse)  # not the main process: not run
     assert calls == [1]
+
+
+class _Launch:
+    """Two processes of one launch in this one process: what the main process broadcasts is what the other one
+    receives (``accelerate.utils.broadcast_object_list`` faked)."""
+
+    def __init__(self, monkeypatch):
+        import accelerate.utils
+
+        self.sent = []
+
+        def broadcast(objects):
+            if self.sent:  # the other process receives what the main process sent
+                return [self.sent[-1]]
+            self.sent.append(objects[0])
+            return objects
+
+        monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+
+    def rank(self, main: bool):
+        state = _State(main=main)
+        state.num_processes = 2
+        return state
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyError("a bug of ours"),
+                                   FolderInUseError("taken")], ids=lambda e: type(e).__name__)
+def test_every_failure_of_the_main_process_stops_the_other_processes_too(monkeypatch, error):
+    launch = _Launch(monkeypatch)
+
+    def check():
+        raise error
+
+    with pytest.raises(type(error)) as raised:
+        decide_on_main_process(launch.rank(main=True), check)
+    assert raised.value is error  # the main process keeps its own exception and traceback
+    assert launch.sent and launch.sent[0] is not None  # the others are told, whatever the exception
+    expected = type(error) if isinstance(error, FolderInUseError) else MainProcessFailed
+    with pytest.raises(expected) as other:
+        decide_on_main_process(launch.rank(main=False), lambda: pytest.fail("checked on another process"))
+    assert str(error) in str(other.value)
+    if expected is MainProcessFailed:
+        assert type(error).__name__ in str(other.value)
+
+
+def test_a_main_process_that_passes_lets_every_process_go_on(monkeypatch):
+    launch = _Launch(monkeypatch)
+    decide_on_main_process(launch.rank(main=True), lambda: None)
+    decide_on_main_process(launch.rank(main=False), lambda: pytest.fail("checked on another process"))
+    assert launch.sent == [None]

@@ -70,7 +70,7 @@ def test_negative_steps_and_other_config_mistakes_are_one_line_before_anything_r
     assert "logging.every must be an integer >= 1, got 0" in refused("logging.every=0")
     assert "checkpoint.keep_last must be an integer >= 1, got 0" in refused("checkpoint.keep_last=0")
     assert "checkpoint.every must be an integer, got 2.5" in refused("checkpoint.every=2.5")
-    assert "model.name 'GSPN-S/5' is not a zoo model (did you mean" in refused("model.name=GSPN-S/5")
+    assert "model.name: unknown zoo model 'GSPN-S/5' (did you mean" in refused("model.name=GSPN-S/5")
     assert "unknown key 'model.hiden_size' (did you mean hidden_size" in refused("model.hiden_size=64")
     assert "model.hidden_size=30 must be divisible by model.num_heads=4" in refused("model.hidden_size=30",
                                                                                    "model.num_heads=4")
@@ -79,7 +79,7 @@ def test_negative_steps_and_other_config_mistakes_are_one_line_before_anything_r
     assert "train.mixed_precision must be one of no, bf16, fp16, got 'fp8'" in refused("train.mixed_precision=fp8")
     assert "train.ema_decay must be a number >= 0 and < 1, got 1.5" in refused("train.ema_decay=1.5")
     assert "train.cpu must be true or false, got 'yes please'" in refused("train.cpu=yes please")
-    assert "data.kind must be one of latents, shapes" in refused("data.kind=jpegs")
+    assert "data.kind: unknown dataset kind 'jpegs'; choose one of latents, shapes" in refused("data.kind=jpegs")
     assert "model.use_pos_embed must be true or false or null, got 'maybe'" in refused("model.use_pos_embed=maybe")
     assert "train.global_batch_size=8 must be divisible by train.grad_accum_steps=3" in refused(
         "train.grad_accum_steps=3")
@@ -334,7 +334,7 @@ def test_batch_sampling_redraws_damaged_shards(trained_run, tmp_path, fresh_acce
             sample_py.main(["--ckpt", str(ckpt), "--cpu", *extra])
         return str(info.value)
 
-    assert "--num-steps must be >= 1, got 0" in refused("--num-steps", "0")
+    assert "--num-steps: the ddpm sampler takes an integer number of steps >= 1, got 0" in refused("--num-steps", "0")
     assert "sampler 'heun' does not fit a model trained with the 'ddpm' objective" in refused("--sampler", "heun")
     assert "--classes [12]: the model has 10 classes" in refused("--classes", "12")
     assert "batch mode (--num-samples) writes an .npz" in refused("--num-samples", "4", "--out", "x.png")
@@ -745,6 +745,7 @@ def _sample_main():
     ("a grid of 12,000 samples", ["--classes", "0", "1", "--per-class", "6000"], ["12000"]),
     ("seed 2**64", ["--seed", str(2**64)], ["--seed", str(2**64)]),
     ("seed -1", ["--seed", "-1"], ["--seed", "-1"]),
+    ("cfg scale 0.5", ["--cfg-scale", "0.5"], ["--cfg-scale", "must be >= 1", "0.5"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_sweep_grid_sizes_out_of_range_are_refused_before_anything_is_allocated(trained_run, tmp_path, capsys,
                                                                                 monkeypatch, case, extra, fragments):

@@ -22,9 +22,11 @@ def test_every_sampler_belongs_to_exactly_one_objective_with_a_default():
     assert all(len(names) == 1 for names in owners.values()), owners
     assert {s: objective_of_sampler(s).name for s in SAMPLERS} == {s: names[0] for s, names in owners.items()}
     assert (get_objective("ddpm").default_sampler, get_objective("flow").default_sampler) == ("ddpm", "euler")
-    assert get_objective("flow").check_sampler("heun", num_steps=7) == 7
+    assert check_sampling("heun", "flow", num_steps=7)[1] == 7
     with pytest.raises(ValueError, match="sampler 'euler' does not fit a model trained with the 'ddpm' objective"):
-        get_objective("ddpm").check_sampler("euler")
+        check_sampling("euler", "ddpm")
+    with pytest.raises(ValueError, match="sampler 'euler' does not fit a model trained with the 'ddpm' objective"):
+        get_objective("ddpm").schedule("euler")
     with pytest.raises(ValueError, match="unknown sampler 'lms'"):
         objective_of_sampler("lms")
 

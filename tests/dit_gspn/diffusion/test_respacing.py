@@ -3,7 +3,7 @@ N in 1..1000, and DDIM's are ADM's ddimN for every N it can take (helpers.adm_sa
 import numpy as np
 import pytest
 
-from dit_gspn.diffusion import DDIM_COUNTS, check_sampler, ddim_timesteps, ddpm_timesteps
+from dit_gspn.diffusion import DDIM_COUNTS, check_sampling, ddim_timesteps, ddpm_timesteps
 
 from helpers import adm_sampling as adm
 
@@ -31,5 +31,5 @@ def test_ddim_respacing_is_adms_ddimN_for_every_count():
                 ddim_timesteps(n)
     assert ddim_timesteps(3) == [0, 334, 668] and ddim_timesteps(50)[:3] == [0, 20, 40]
     with pytest.raises(ValueError, match="nearest counts that can are 59 or 63"):
-        check_sampler("ddim", "ddpm", num_steps=60)
-    check_sampler("ddim", "ddpm", num_steps=59)
+        check_sampling("ddim", "ddpm", num_steps=60)
+    check_sampling("ddim", "ddpm", num_steps=59)

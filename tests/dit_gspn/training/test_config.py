@@ -37,26 +37,31 @@ def test_values_are_typed_once_and_the_objective_is_resolved():
     ("train.compile=maybe", "train.compile must be true or false, got 'maybe'"),
     ("train.betas=[0.9]", "train.betas"),
     ("train.stpes=3", "unknown key 'train.stpes' (did you mean steps?)"),
-    ("train.objective=edm", "train.objective must be one of ddpm, flow, got 'edm'"),
+    ("train.objective=edm", "train.objective: unknown training objective 'edm'; choose one of ddpm, flow"),
     ("train.objective=flow train.objective_kwargs.timestep_sampling=cosine",
      "train.objective_kwargs: timestep_sampling must be one of"),
     ("train.objective_kwargs.shift=2", "unknown key 'train.objective_kwargs.shift'; the ddpm objective takes: "
                                        "snr_gamma"),
+    ("train.min_lr=1e-6", "train.min_lr=1e-06 has no effect with train.lr_schedule=constant"),
+    ("train.lr_decay_steps=100", "train.lr_decay_steps=100 has no effect with train.lr_schedule=constant"),
+    ("train.lr_schedule=cosine train.warmup_steps=100 train.lr_decay_steps=100",
+     "train.lr_decay_steps=100 must be above train.warmup_steps=100: the cosine would drop to train.min_lr"),
     ("train.lr_schedule=linear", "train.lr_schedule must be one of constant, cosine, got 'linear'"),
     ("data.flip=maybe", "data.flip must be true or false, got 'maybe'"),
     ("data.image_size=32", "unknown key 'data.image_size'; the latents dataset takes: path, flip"),
-    ("data.kind=imagenet", "data.kind must be one of latents, shapes, got 'imagenet'"),
+    ("data.kind=imagenet", "data.kind: unknown dataset kind 'imagenet'; choose one of latents, shapes"),
     ("model.depth=deep", "model.depth must be an integer, got 'deep'"),
     ("model.dpth=4", "unknown key 'model.dpth' (did you mean depth"),
-    ("model.mixer=mamba", "model.mixer must be one of gspn, attention, gspn-paper, got 'mamba'"),
+    ("model.mixer=mamba", "model.mixer: unknown mixer 'mamba'; choose one of gspn, attention, gspn-paper"),
     ("model.mixer_kwargs.chunk=two", "model.mixer_kwargs.chunk must be an integer or null, got 'two'"),
     ("model.mixer_kwargs.chunks=2", "unknown key 'model.mixer_kwargs.chunks' (did you mean chunk?)"),
-    ("model.name=GSPN-XL/3", "model.name 'GSPN-XL/3' is not a zoo model (did you mean"),
+    ("model.name=GSPN-XL/3", "model.name: unknown zoo model 'GSPN-XL/3' (did you mean"),
     ("logging.sample_steps=0", "logging.sample_steps: the ddpm sampler takes an integer number of steps >= 1"),
     ("logging.sampler=euler", "logging.sampler: sampler 'euler' does not fit a model trained with the 'ddpm'"),
     ("logging.flow_shift=3", "logging.flow_shift: the timestep shift applies to the samplers euler, heun, sde"),
     ("logging.guidance_interval=[0.5]", "logging.guidance_interval: "),
-    ("seed=-1", "seed must be an integer >= 0 (and < 2**63), got -1"),
+    ("logging.cfg_scale=0.5", "logging.cfg_scale: the guidance scale must be >= 1 (1 = no guidance), got 0.5"),
+    ("seed=-1", "seed must be an integer >= 0 and <= 2**63 - 1, got -1"),
     ("run_dir=", "run_dir must be a string, got None"),
     ('run_dir="\\t"', "run_dir must be a folder path, got '\\t'"),
     ("train.lr=[1,", "override 'train.lr=[1,': the value is not valid YAML"),
@@ -172,7 +177,7 @@ def test_objective_settings_are_checked_before_training(tmp_path):
     ddpm, flow = resolved(), resolved("train.objective=flow")
     assert (ddpm["model"]["learn_sigma"], ddpm["logging"]["sampler"]) == (True, "ddpm")
     assert (flow["model"]["learn_sigma"], flow["logging"]["sampler"]) == (False, "euler")
-    with pytest.raises(ConfigError, match="train.objective must be one of"):
+    with pytest.raises(ConfigError, match="train.objective: unknown training objective"):
         resolved("train.objective=edm")
     with pytest.raises(ConfigError, match="unknown key 'train.objective_kwargs.snr_gamma'; the flow objective takes"):
         resolved("train.objective=flow", "train.objective_kwargs.snr_gamma=5")
