@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from dit_gspn.errors import UserError
-from evaluation import evaluate
+from dit_gspn.metrics import evaluate
 from evaluation.__main__ import main as evaluation_main
 
 from helpers.inception import FAST, LAYER, images as inception_images

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dit_gspn.module_file import save_exported
-from evaluation import evaluate
+from dit_gspn.metrics import evaluate
 
 from helpers.inception import FAST
 
