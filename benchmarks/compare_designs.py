@@ -36,7 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/demo.py says why)
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as the demo (dit_gspn/commands/demo.py says why)
 
 import torch  # noqa: E402
 
@@ -62,15 +62,15 @@ RUN_OVERRIDES = ["train.time_limit_minutes=null", "logging.fid_every=0", "loggin
 SCORES = ("shape_accuracy", "accuracy", "fid", "final_loss")
 
 
-def design_config(base: dict, model: dict, *, seed: int, steps: int, run_dir: Path | str) -> dict:
+def design_config(base: dict, model: dict, *, seed: int, steps: int, run_dir: Path | str):
     """``base`` (a loaded config) with the model section ``model``, the seed, the step count and the run folder,
-    parsed and resolved."""
+    parsed and resolved: a RunConfig."""
     from dit_gspn.training.config import parse_config
 
     config = copy.deepcopy(base)
     config.update(model=copy.deepcopy(model), seed=seed, run_dir=str(run_dir))
     config["train"]["steps"] = steps
-    return parse_config(config).to_dict()
+    return parse_config(config)
 
 
 def parameter_counts(base: dict, designs: dict) -> dict[str, int]:
@@ -93,10 +93,9 @@ def parameter_counts(base: dict, designs: dict) -> dict[str, int]:
 
 def _configs_and_data(base: dict, designs: dict, seed: int = 0):
     """Each design's RunConfig (seed ``seed``), and the training data they share."""
-    from dit_gspn.training.config import parse_config
     from dit_gspn.training.datasets import build_training_data
 
-    configs = {name: parse_config(design_config(base, model, seed=seed, steps=1, run_dir="unused"))
+    configs = {name: design_config(base, model, seed=seed, steps=1, run_dir="unused")
                for name, model in designs.items()}
     return configs, build_training_data(next(iter(configs.values())))
 
@@ -280,13 +279,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     from dit_gspn.training import load_config
-    from dit_gspn.training.config import parse_config
     from dit_gspn.training.datasets import build_training_data
 
     base = load_config(args.config, [*RUN_OVERRIDES, *args.overrides])
     base["model"] = {}  # each design brings its own model section
     first = next(iter(designs))
-    logging = parse_config(design_config(base, designs[first], seed=0, steps=1, run_dir="unused")).logging
+    logging = design_config(base, designs[first], seed=0, steps=1, run_dir="unused").logging
     sample_steps = args.sample_steps or logging.sample_steps
     counts = parameter_counts(base, designs)
     print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()), flush=True)
@@ -320,7 +318,7 @@ def main(argv=None) -> dict:
     runs = Path(args.runs or tempfile.mkdtemp(prefix="compare_designs_"))
     made = {}
     for seed in args.seeds:
-        seed_config = parse_config(design_config(base, designs[first], seed=seed, steps=1, run_dir="unused"))
+        seed_config = design_config(base, designs[first], seed=seed, steps=1, run_dir="unused")
         classifiers, real_accuracy = train_classifiers(seed_config.to_dict(), args, seed)
         report["classifier_real_accuracy"][str(seed)] = {key: round(value, 4) for key, value in real_accuracy.items()}
         fid_files = build_training_data(seed_config).fid_features(runs / f"fid_s{seed}")
@@ -330,7 +328,7 @@ def main(argv=None) -> dict:
                 if key not in made:
                     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
                     config = design_config(base, model, seed=seed, steps=plan[name],
-                                           run_dir=runs / f"{slug}-s{seed}-{plan[name]}steps")
+                                           run_dir=runs / f"{slug}-s{seed}-{plan[name]}steps").to_dict()
                     made[key] = train_and_score(config, classifiers, fid_files, scoring)
                 report["results"].append({"setting": setting, "design": name, "seed": seed, **made[key]})
                 report["training_runs"] = len(made)

@@ -62,7 +62,7 @@ WHAT = {
     "logging.fid_extractor": "FID features: null Inception, a feature-extractor file (.pt2 or TorchScript), or `dataset` (the dataset kind's own)",
     "logging.fid_reference": "statistics `.npz` of the data (`python -m evaluation IMAGES --save-stats REF.npz`)",
     "logging.fid_weights": "Inception weights file (else `$DIT_GSPN_INCEPTION_WEIGHTS`)",
-    "repa.encoder": "a TorchScript file, a torch.hub `FOLDER:entry`, or a DINOv2 name (`dinov2_vitb14`)",
+    "repa.encoder": "a network file (.pt2 or TorchScript), a torch.hub `FOLDER:entry`, or a DINOv2 name (`dinov2_vitb14`)",
     "logging.cfg_scale": "classifier-free guidance scale of grids and FID samples; 1: none",
     "logging.tensorboard": "write `<run_dir>/tensorboard/`",
     "logging.fid_samples": "images per FID evaluation (fixed seed and classes), over all processes",

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dit_gspn.atomic_write import savez_atomically
+from dit_gspn.atomic_write import atomic_write, savez_atomically
 from dit_gspn.errors import UserError
 
 IMAGES, LABELS = "arr_0", "arr_1"
@@ -109,27 +109,30 @@ class ImageNpzWriter:
             for images, labels in parts:
                 writer.append(images, labels)
 
-    The file grows at ``partial`` (default: ``.<name>.partial`` beside ``path``; any file there, such as a killed
-    writer's, is replaced) and is renamed to ``path`` once all ``count`` images are in; on an exception the
-    partial file is removed and ``path`` is untouched. Labels, 8 bytes an image, are kept until the end because
-    ``arr_1`` follows ``arr_0`` in the archive.
+    The file grows at ``atomic_write``'s temporary sibling of ``path`` and replaces ``path`` once all ``count``
+    images are in; on an exception (here or in the block) the temporary file is removed, ``path`` is untouched,
+    and a full disk is a ``DiskFullError``. Labels, 8 bytes an image, are kept until the end because ``arr_1``
+    follows ``arr_0`` in the archive.
     """
 
-    def __init__(self, path: str | os.PathLike, count: int, height: int, width: int,
-                 partial: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, count: int, height: int, width: int):
         self.path = Path(path)
-        self.partial = Path(partial) if partial is not None else self.path.with_name(f".{self.path.name}.partial")
         self.shape = (int(count), int(height), int(width), 3)
         self.written = 0
         self._labels: list[np.ndarray] | None = None
 
     def __enter__(self) -> "ImageNpzWriter":
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.partial, "wb")
-        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._member = self._zip.open(f"{IMAGES}.npy", "w", force_zip64=True)
-        np.lib.format.write_array_header_1_0(self._member, {"descr": "|u1", "fortran_order": False,
-                                                            "shape": self.shape})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._member = None
+        with contextlib.ExitStack() as stack:  # an error before the block starts unwinds what was opened
+            tmp = stack.enter_context(atomic_write(self.path))
+            self._file = stack.enter_context(open(tmp, "wb"))
+            self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+            stack.callback(self._close_archive)
+            self._member = self._zip.open(f"{IMAGES}.npy", "w", force_zip64=True)
+            np.lib.format.write_array_header_1_0(self._member, {"descr": "|u1", "fortran_order": False,
+                                                                "shape": self.shape})
+            self._open = stack.pop_all()
         return self
 
     def append(self, images: np.ndarray, labels: np.ndarray | None = None) -> None:
@@ -149,18 +152,18 @@ class ImageNpzWriter:
         self._member.write(memoryview(np.ascontiguousarray(images)).cast("B"))
         self.written += len(images)
 
-    def __exit__(self, kind, error, trace) -> None:
-        finished = False
-        try:
-            if kind is None:
+    def __exit__(self, kind, error, trace) -> bool:
+        """Finish the archive and let ``atomic_write`` rename it into place, or (on an error) remove it."""
+        if kind is None:
+            try:
                 self._finish()
-                finished = True
-        finally:
-            if not finished:  # an error here or in the block: drop the partial file, keep the error
-                for close in (self._member.close, self._zip.close, self._file.close):
-                    with contextlib.suppress(Exception):
-                        close()
-                self.partial.unlink(missing_ok=True)
+            except BaseException as err:
+                if not self._open.__exit__(type(err), err, err.__traceback__):
+                    raise
+                return False
+            self._open.close()
+            return False
+        return self._open.__exit__(kind, error, trace)
 
     def _finish(self) -> None:
         if self.written != self.shape[0]:
@@ -170,7 +173,10 @@ class ImageNpzWriter:
             with self._zip.open(f"{LABELS}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.concatenate(self._labels))
         self._zip.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial, self.path)
+
+    def _close_archive(self) -> None:
+        """Close the member and the archive if they are still open (after an error: their bytes go nowhere)."""
+        for part in (self._member, self._zip):
+            with contextlib.suppress(Exception):
+                if part is not None:
+                    part.close()

@@ -6,15 +6,17 @@ Inception-v3 features -> FID and sFID statistics (``mu``, ``sigma``, ``mu_s``, `
 weights' hash) that ``python -m evaluation SAMPLES ref_stats.npz`` takes as the reference; optionally the crops
 as an ADM-style ``.npz`` (``arr_0``, uint8 N x S x S x 3). A file that does not decode is skipped, never fatal:
 each is listed in ``<out>.skipped.txt`` and counted in the summary. Work is saved every ``--chunk-size`` images
-in ``<out>.parts/`` (the features' moments, crops if asked): run the same command again after a kill and the
-finished chunks are kept.
+in ``<out>.parts/`` (the features' moments, and the crops if asked): run the same command again after a kill and
+the finished chunks are kept.
 
 The statistics (mean, unbiased covariance: ``np.cov``'s) are accumulated in float64 as ``Moments`` per chunk and
-merged, so an ImageNet-sized folder never holds its features in memory; the crops are streamed into the
-``.npz`` one chunk at a time.
+merged, so an ImageNet-sized folder never holds its features in memory; the crops go to a chunk's raw crops file
+batch by batch and from there into the ``.npz`` batch by batch, so memory holds one batch of crops, whatever the
+chunk size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit_gspn.atomic_write import savez_atomically
+from dit_gspn.atomic_write import atomic_write, savez_atomically
 from dit_gspn.cli import ArgumentParser, check_output_file, command
 from dit_gspn.errors import MissingFileError, OutputExistsError
 from dit_gspn.data.image_folder import UNREADABLE_IMAGE_ERRORS, adm_crop_file
@@ -62,53 +64,75 @@ def _chunk_path(parts: Path, k: int) -> Path:
     return parts / f"chunk_{k:06d}.npz"
 
 
-def _chunk_done(path: Path) -> bool:
+def _crops_path(chunk: Path) -> Path:
+    """A chunk's crops: uint8 (n, S, S, 3) in C order, raw, its length ``n * S * S * 3`` (n: the chunk's
+    ``crops``)."""
+    return chunk.with_suffix(".crops")
+
+
+def _chunk_done(path: Path, image_size: int | None) -> bool:
+    """Whether ``path`` is a finished chunk, with its complete crops file when ``image_size`` asks for crops; a
+    damaged chunk (never written by us: writes are atomic) is removed, to be done again."""
     try:
         with np.load(path) as data:
-            return CHUNK_KEYS <= set(data.files)
+            if not CHUNK_KEYS <= set(data.files):
+                return False
+            if image_size is None:
+                return True
+            crops = int(data["crops"]) if "crops" in data.files else -1
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        path.unlink(missing_ok=True)  # a damaged chunk (never written by us: writes are atomic) is redone
+        path.unlink(missing_ok=True)
         return False
+    crops_path = _crops_path(path)
+    return crops_path.is_file() and crops_path.stat().st_size == crops * image_size * image_size * 3
 
 
 def process_chunk(files: list[Path], path: Path, extractor: InceptionFeatures, image_size: int,
                   batch_size: int, keep_images: bool, bar) -> None:
     """Crop, featurise and summarise one chunk of files into ``path`` (the moments of its pool and spatial
-    features, its crops if kept); unreadable files go to its ``skipped``."""
+    features) and, if kept, its crops into ``_crops_path(path)``, one batch at a time; unreadable files go to
+    its ``skipped``. The crops file is complete before ``path`` exists."""
     pool, spatial = None, None
-    crops, skipped = [], []
-    for start in range(0, len(files), batch_size):
-        batch = []
-        for file in files[start:start + batch_size]:
-            try:
-                batch.append(adm_crop_file(file, image_size))
-            except UNREADABLE_IMAGE_ERRORS as err:
-                skipped.append(f"{file}\t{type(err).__name__}: {err}")
-            bar.update(1)
-        if not batch:
-            continue
-        images = np.stack(batch)
-        found = extractor(torch.from_numpy(images).permute(0, 3, 1, 2), wanted=(POOL, SPATIAL))
-        pool, spatial = pool or Moments(found[POOL].shape[1]), spatial or Moments(found[SPATIAL].shape[1])
-        pool.add(found[POOL])
-        spatial.add(found[SPATIAL])
+    skipped, count = [], 0
+    with contextlib.ExitStack() as stack:
+        crops = None
         if keep_images:
-            crops.append(images)
+            crops = stack.enter_context(open(stack.enter_context(atomic_write(_crops_path(path))), "wb"))
+        for start in range(0, len(files), batch_size):
+            batch = []
+            for file in files[start:start + batch_size]:
+                try:
+                    batch.append(adm_crop_file(file, image_size))
+                except UNREADABLE_IMAGE_ERRORS as err:
+                    skipped.append(f"{file}\t{type(err).__name__}: {err}")
+                bar.update(1)
+            if not batch:
+                continue
+            images = np.stack(batch)
+            found = extractor(torch.from_numpy(images).permute(0, 3, 1, 2), wanted=(POOL, SPATIAL))
+            pool, spatial = pool or Moments(found[POOL].shape[1]), spatial or Moments(found[SPATIAL].shape[1])
+            pool.add(found[POOL])
+            spatial.add(found[SPATIAL])
+            if crops is not None:
+                crops.write(memoryview(images).cast("B"))
+            count += len(images)
     pool = pool or Moments(int(extractor.pool_layer))
     spatial = spatial or Moments(SPATIAL_DIM)
     named = dict(**pool.to_arrays("pool_"), **spatial.to_arrays("spatial_"), skipped=np.asarray(json.dumps(skipped)))
     if keep_images:
-        named["images"] = np.concatenate(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
+        named["crops"] = np.int64(count)
     savez_atomically(path, **named)
 
 
-def write_images_npz(path: Path, chunk_paths: list[Path], count: int, image_size: int) -> None:
-    """The crops of every chunk as one ADM-layout ``.npz`` (``arr_0``), streamed: one chunk in memory at a time."""
+def write_images_npz(path: Path, chunk_paths: list[Path], count: int, image_size: int, batch_size: int) -> None:
+    """The crops of every chunk as one ADM-layout ``.npz`` (``arr_0``), streamed: ``batch_size`` crops in memory
+    at a time."""
+    per_image = image_size * image_size * 3
     with ImageNpzWriter(path, count, image_size, image_size) as writer:
         for chunk in chunk_paths:
-            with np.load(chunk) as data:
-                if len(data["images"]):
-                    writer.append(data["images"])
+            with open(_crops_path(chunk), "rb") as crops:
+                while raw := crops.read(batch_size * per_image):
+                    writer.append(np.frombuffer(raw, np.uint8).reshape(-1, image_size, image_size, 3))
 
 
 def build_reference(folder: str | Path, out: str | Path, image_size: int, *, weights=None,
@@ -131,7 +155,8 @@ def build_reference(folder: str | Path, out: str | Path, image_size: int, *, wei
                     feature_layer=feature_layer)
     check_manifest(parts, settings, write=True)
     chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
-    done = [_chunk_done(_chunk_path(parts, k)) for k in range(len(chunks))]
+    done = [_chunk_done(_chunk_path(parts, k), image_size if images_npz is not None else None)
+            for k in range(len(chunks))]
     reused = sum(done)
     with tqdm(total=len(files), initial=sum(len(c) for c, d in zip(chunks, done) if d), unit="img",
               desc="reference", disable=not progress, dynamic_ncols=True) as bar:
@@ -152,7 +177,7 @@ def build_reference(folder: str | Path, out: str | Path, image_size: int, *, wei
                      weights_sha256=extractor.sha256, count=pool.count, source_sha256=listing)
     if images_npz is not None:
         write_images_npz(Path(images_npz), [_chunk_path(parts, k) for k in range(len(chunks))], pool.count,
-                         image_size)
+                         image_size, batch_size)
     skipped_list = out.with_name(out.name + ".skipped.txt")
     if skipped:
         skipped_list.write_text("\n".join(skipped) + "\n")

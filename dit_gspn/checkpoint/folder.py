@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from dit_gspn.atomic_write import DiskFullError, is_disk_full
 from dit_gspn.errors import MissingFileError
 
+from .json_values import is_count, is_number, is_numbers
 from .rng_state import load_rng_state, numpy_array_globals, rng_state, save_rng_state
 from .safe_load import CheckpointError, load_plain_values
 from .sampling_info import SAMPLING_FILE
@@ -137,27 +138,15 @@ def _read_json_mapping(path: Path, what: str) -> dict:
     return data
 
 
-def _is_count(value, least: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_numbers(value) -> bool:
-    return isinstance(value, list) and all(_is_number(v) for v in value)
-
-
 #: What each key of trainer_state.json must hold, and how to say it.
 TRAINER_STATE_KEYS = {
-    "step": (_is_count, "an integer >= 0"),
-    "epoch": (_is_count, "an integer >= 0"),
-    "batch_in_epoch": (_is_count, "an integer >= 0"),
-    "num_processes": (lambda v: _is_count(v, 1), "an integer >= 1"),
-    "global_micro_batch": (lambda v: _is_count(v, 1), "an integer >= 1"),
-    "grad_accum_steps": (lambda v: _is_count(v, 1), "an integer >= 1"),
-    "loss": (lambda v: v is None or _is_number(v), "a number or null"),
+    "step": (is_count, "an integer >= 0"),
+    "epoch": (is_count, "an integer >= 0"),
+    "batch_in_epoch": (is_count, "an integer >= 0"),
+    "num_processes": (lambda v: is_count(v, 1), "an integer >= 1"),
+    "global_micro_batch": (lambda v: is_count(v, 1), "an integer >= 1"),
+    "grad_accum_steps": (lambda v: is_count(v, 1), "an integer >= 1"),
+    "loss": (lambda v: v is None or is_number(v), "a number or null"),
     "seeding": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
 #: The keys a resume needs (a checkpoint's own trainer_state.json always has them).
@@ -187,8 +176,8 @@ def load_lr_scheduler_state(checkpoint: Path) -> dict:
             raise CheckpointError(f"{path} holds a {type(state).__name__}, not a learning-rate schedule's state")
     else:
         state = _read_json_mapping(path, "the learning-rate schedule of the checkpoint")
-    return _check_keys(state, path, {"last_epoch": (lambda v: _is_count(v, -1), "an integer >= -1"),
-                                     "base_lrs": (_is_numbers, "a list of numbers")},
+    return _check_keys(state, path, {"last_epoch": (lambda v: is_count(v, -1), "an integer >= -1"),
+                                     "base_lrs": (is_numbers, "a list of numbers")},
                        required=("last_epoch", "base_lrs"))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from dit_gspn.diffusion import OBJECTIVES, DiffusionObjective
 from dit_gspn.sizes import size_pair
 
+from .json_values import is_count, is_number
 from .safe_load import CheckpointError
 
 SAMPLING_FILE = "sampling.json"
@@ -22,7 +23,8 @@ SAMPLING_FILE = "sampling.json"
 @dataclass
 class SamplingInfo:
     """How a model's output becomes images: the VAE (None = pixel space), its latent scale, the image size,
-    and the objective it was trained with, which decides the samplers that fit it (``check_sampler``)."""
+    and the objective it was trained with, which decides the samplers that fit it
+    (``dit_gspn.diffusion.samplers.check_sampling``)."""
 
     vae: str | None
     latent_scale: float
@@ -59,10 +61,10 @@ class SamplingInfo:
         if raw["vae"] is not None and not isinstance(raw["vae"], str):
             raise wrong("vae", "null (pixel space) or an AutoencoderKL name or folder")
         scale = raw["latent_scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        if not is_number(scale) or not scale > 0:
             raise wrong("latent_scale", "a number > 0")
         count = raw["num_classes"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if not is_count(count, 1):
             raise wrong("num_classes", "an integer >= 1")
         size = size_pair(raw["image_size"], f"{path}: image_size", CheckpointError)
         names = raw.get("class_names")

@@ -193,16 +193,6 @@ def extract_latents(image_root: str | os.PathLike, out_dir: str | os.PathLike, *
     skipped, counted and listed in the index. Returns the index (on every process). ``out_dir`` is locked
     while it runs (``FolderInUseError`` when another extraction has it).
     """
-    try:
-        return _extract(image_root, out_dir, vae=vae, image_size=image_size, flip=flip, shard_size=shard_size,
-                        batch_size=batch_size, num_workers=num_workers, latent_dtype=latent_dtype, seed=seed,
-                        latent_scale=latent_scale, mixed_precision=mixed_precision)
-    finally:
-        release_folder(out_dir)
-
-
-def _extract(image_root, out_dir, *, vae: str, image_size: int, flip: bool, shard_size: int, batch_size: int,
-             num_workers: int, latent_dtype: str, seed: int, latent_scale: float, mixed_precision: str) -> dict:
     from accelerate import Accelerator
 
     out = Path(out_dir)
@@ -218,58 +208,63 @@ def _extract(image_root, out_dir, *, vae: str, image_size: int, flip: bool, shar
         lock_folder(out, "a latent extraction")
         check_same_extraction(out, fingerprint, settings, Path(image_root))
 
-    claimed = out.is_dir()
-    if claimed:  # a re-run: a refusal comes before the VAE loads
-        decide_on_main_process(accelerator, claim)
-    vae_model = load_vae(vae, accelerator.device)
-    if image_size % vae_scale_factor(vae_model):
-        raise ShardError(f"--image-size {image_size} must be divisible by the VAE's downsampling factor "
-                         f"{vae_scale_factor(vae_model)}")
-    if not claimed:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ShardError(f"--out {out} cannot be created as a folder ({exc.strerror})") from exc
-        decide_on_main_process(accelerator, claim)
-    accelerator.wait_for_everyone()
-    num_shards = (len(dataset) + shard_size - 1) // shard_size
-    mine = [k for k in range(num_shards) if k % accelerator.num_processes == accelerator.process_index]
-    store_dtype = getattr(torch, latent_dtype)
-    identity = {**settings, "image_root": str(Path(image_root).resolve()), "class_names": list(dataset.class_names)}
+    try:  # the lock that claim() takes is let go however the extraction ends
+        claimed = out.is_dir()
+        if claimed:  # a re-run: a refusal comes before the VAE loads
+            decide_on_main_process(accelerator, claim)
+        vae_model = load_vae(vae, accelerator.device)
+        if image_size % vae_scale_factor(vae_model):
+            raise ShardError(f"--image-size {image_size} must be divisible by the VAE's downsampling factor "
+                             f"{vae_scale_factor(vae_model)}")
+        if not claimed:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ShardError(f"--out {out} cannot be created as a folder ({exc.strerror})") from exc
+            decide_on_main_process(accelerator, claim)
+        accelerator.wait_for_everyone()
+        num_shards = (len(dataset) + shard_size - 1) // shard_size
+        mine = [k for k in range(num_shards) if k % accelerator.num_processes == accelerator.process_index]
+        store_dtype = getattr(torch, latent_dtype)
+        identity = {**settings, "image_root": str(Path(image_root).resolve()), "class_names": list(dataset.class_names)}
 
-    todo = []
-    for k in mine:
-        begin, end = k * shard_size, min((k + 1) * shard_size, len(dataset))
-        expected = {**identity, "begin": begin, "end": end,
-                    "files_sha256": _files_sha256(dataset.root, dataset.files[begin:end])}
-        if not _shard_is_complete(out / shard_name(k), expected):
-            todo.append((k, begin, end, expected))
-    total = sum(end - begin for _, begin, end, _ in todo)
-    bar = tqdm(total=total, unit="img", desc=f"extracting latents ({len(mine) - len(todo)} shards already done)",
-               disable=not accelerator.is_local_main_process)
-    try:  # the bar ends its line before any error is printed
-        for k, begin, end, expected in todo:
-            generator = index_generator(seed, k, stream=Stream.LATENT_ENCODING, device=accelerator.device)
-            tensors, skipped = _encode_shard(Subset(dataset, range(begin, end)), vae_model, generator, bar,
-                                             accelerator=accelerator, batch_size=batch_size, num_workers=num_workers,
-                                             flip=flip, latent_scale=latent_scale, store_dtype=store_dtype)
-            if skipped:
-                bar.write(f"shard {k}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]} "
-                          f"({skipped[0][1]})")
-            write_shard(out / shard_name(k), tensors, {**expected, "count": len(tensors["labels"]),
-                                                       "skipped": [[p, why] for p, why in skipped]})
+        todo = []
+        for k in mine:
+            begin, end = k * shard_size, min((k + 1) * shard_size, len(dataset))
+            expected = {**identity, "begin": begin, "end": end,
+                        "files_sha256": _files_sha256(dataset.root, dataset.files[begin:end])}
+            if not _shard_is_complete(out / shard_name(k), expected):
+                todo.append((k, begin, end, expected))
+        total = sum(end - begin for _, begin, end, _ in todo)
+        bar = tqdm(total=total, unit="img", desc=f"extracting latents ({len(mine) - len(todo)} shards already done)",
+                   disable=not accelerator.is_local_main_process)
+        try:  # the bar ends its line before any error is printed
+            for k, begin, end, expected in todo:
+                generator = index_generator(seed, k, stream=Stream.LATENT_ENCODING, device=accelerator.device)
+                tensors, skipped = _encode_shard(Subset(dataset, range(begin, end)), vae_model, generator, bar,
+                                                 accelerator=accelerator, batch_size=batch_size,
+                                                 num_workers=num_workers, flip=flip, latent_scale=latent_scale,
+                                                 store_dtype=store_dtype)
+                if skipped:
+                    bar.write(f"shard {k}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]} "
+                              f"({skipped[0][1]})")
+                write_shard(out / shard_name(k), tensors, {**expected, "count": len(tensors["labels"]),
+                                                           "skipped": [[p, why] for p, why in skipped]})
+        finally:
+            bar.close()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shards, latent_shape = [], None
+            for k in range(num_shards):
+                meta = read_shard_metadata(out / shard_name(k))
+                shards.append({"file": shard_name(k), "count": meta["count"], "skipped": meta["skipped"]})
+                if latent_shape is None and meta["count"]:
+                    latent_shape = check_shard_file(out / shard_name(k))["latents"]["shape"][1:]
+            write_index(out, {"vae": settings["vae"], "latent_scale": latent_scale,
+                              "image_size": [image_size, image_size], "latent_shape": latent_shape,
+                              "num_classes": len(dataset.class_names), "class_names": dataset.class_names,
+                              "flipped": flip, "shards": shards})
+        accelerator.wait_for_everyone()
+        return read_index(out)
     finally:
-        bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shards, latent_shape = [], None
-        for k in range(num_shards):
-            meta = read_shard_metadata(out / shard_name(k))
-            shards.append({"file": shard_name(k), "count": meta["count"], "skipped": meta["skipped"]})
-            if latent_shape is None and meta["count"]:
-                latent_shape = check_shard_file(out / shard_name(k))["latents"]["shape"][1:]
-        write_index(out, {"vae": settings["vae"], "latent_scale": latent_scale, "image_size": [image_size, image_size],
-                          "latent_shape": latent_shape, "num_classes": len(dataset.class_names),
-                          "class_names": dataset.class_names, "flipped": flip, "shards": shards})
-    accelerator.wait_for_everyone()
-    return read_index(out)
+        release_folder(out)

@@ -35,9 +35,12 @@ class ExtractorFile:
         self.device = device
         self._has_logits: bool | None = None
 
-    def outputs(self, example: torch.Tensor) -> tuple[str, ...]:
-        """``("pool", "logits")`` or ``("pool",)``, found by running the network on ``example`` images."""
+    def outputs(self, example: torch.Tensor | None) -> tuple[str, ...]:
+        """``("pool", "logits")`` or ``("pool",)``, found by running the network on ``example`` images; with no
+        images to run it on (statistics only), ``("pool",)``: without images no metric needs the logits."""
         if self._has_logits is None:
+            if example is None:
+                return (POOL,)
             self(example[:1], wanted=(POOL,))
         return (POOL, LOGITS) if self._has_logits else (POOL,)
 

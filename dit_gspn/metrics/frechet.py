@@ -7,8 +7,8 @@ ADM takes the trace of the matrix square root with ``scipy.linalg.sqrtm`` (retry
 diagonals when the product is singular). Here it is the sum of the square roots of the eigenvalues of
 sigma1^(1/2) sigma2 sigma1^(1/2), a symmetric matrix with the eigenvalues of sigma1 sigma2: the same trace, from
 two symmetric eigendecompositions in float64, real by construction, with no singular case to retry, and on the
-evaluation's device. On 2023-d statistics on one CPU core: sqrtm 12.4 s, the general eigenvalues of the product
-(torch-fidelity's way) 3.4 s, this 3.6 s; on the busy 2-core machine at 2048-d, 52 s and 37 s for the last two.
+evaluation's device. It is several times faster than ``sqrtm`` at ADM's 2048 and 2023 dimensions and about as
+fast as torch-fidelity's general eigenvalues of the product, which are complex in general.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ class InceptionFeatures:
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu",
                  pool_layer: str = ADM_POOL_LAYER):
         if pool_layer not in POOL_LAYERS:
-            raise UserError(f"the Inception pool layer must be one of {POOL_LAYERS}, got {pool_layer!r}")
+            raise UserError(f"the Inception feature layer must be one of {POOL_LAYERS}, got {pool_layer!r}")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights_path = resolve_inception_weights(weights)

@@ -15,10 +15,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dit_gspn.errors import MissingFileError, UserError
-from dit_gspn.data.image_folder import to_rgb_array
+from dit_gspn.data.image_folder import UNREADABLE_IMAGE_ERRORS, to_rgb_array
 from dit_gspn.hashing import sha256_file, sha256_files
 from dit_gspn.image_npz import IMAGES, ImageNpzError, iter_batches, read_header
 
@@ -61,6 +61,11 @@ class EvalInput:
     def has_stats(self) -> bool:
         return "pool" in self.stored
 
+    def uses_stored_stats(self, stats_from_images: bool) -> bool:
+        """Whether FID takes this input's stored statistics: it holds some, and ``stats_from_images`` does not ask
+        for them to be computed from images it also holds."""
+        return self.has_stats and not (stats_from_images and self.has_images)
+
     def check(self) -> None:
         """Read what can be checked without computing anything (an .npz's header and statistics; every image's
         header and size in a folder), so that a bad input is named before any weights load."""
@@ -71,10 +76,9 @@ class EvalInput:
                     with Image.open(path) as img:
                         img.verify()
                         sizes.setdefault(img.size, path)
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-                    raise EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); "
-                                         f"remove or replace it, or make a reference of the folder with "
-                                         f"python -m evaluation.reference (skips such files)") from err
+                except UNREADABLE_IMAGE_ERRORS as err:
+                    raise _unreadable(path, err, "or make a reference of the folder with python -m "
+                                                 "evaluation.reference (skips such files)") from err
                 if len(sizes) > 1:
                     (first_size, first), (size, odd) = list(sizes.items())[:2]
                     raise EvalInputError(f"{odd} is {size[0]}x{size[1]} pixels but {first} (and the files before "
@@ -109,7 +113,7 @@ class EvalInput:
                 yield torch.stack([_read_image(p) for p in self.files[start:start + batch_size]])
         elif self.has_images:
             for images in iter_batches(self.path, batch_size):
-                yield torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()
+                yield torch.from_numpy(images.transpose(0, 3, 1, 2).copy())  # one copy: C-order NCHW, writable
         else:
             raise EvalInputError(f"{self.path} holds statistics only (mu/sigma), no images: it can serve FID, "
                                  f"not IS, KID or precision/recall")
@@ -154,6 +158,11 @@ def _read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             return torch.from_numpy(to_rgb_array(img)).permute(2, 0, 1).contiguous()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); "
-                             f"remove or replace it") from err
+    except UNREADABLE_IMAGE_ERRORS as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: BaseException, more: str = "") -> EvalInputError:
+    """The error for an image file that does not decode: the file, PIL's reason, and what to do."""
+    return EvalInputError(f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace it"
+                          f"{', ' + more if more else ''}")

@@ -25,7 +25,7 @@ from dit_gspn.errors import OutputExistsError
 
 from .extractor_file import ExtractorFile
 from .frechet import frechet_distance
-from .inception import ADM_POOL_LAYER, LOGITS, POOL, POOL_LAYERS, SPATIAL, InceptionFeatures
+from .inception import ADM_POOL_LAYER, LOGITS, POOL, SPATIAL, InceptionFeatures
 from .inception_score import ADM_SPLIT_SIZE, InceptionScore
 from .inputs import EvalInput, EvalInputError, open_input
 from .moments import Moments
@@ -52,11 +52,8 @@ class Settings:
     rng_seed: int = 2020
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     stats_from_images: bool = False
+    #: Inception's pool layer for FID (one of ``POOL_LAYERS``; ``InceptionFeatures`` checks it).
     feature_layer: str = ADM_POOL_LAYER
-
-    def __post_init__(self):
-        if self.feature_layer not in POOL_LAYERS:
-            raise EvalInputError(f"feature_layer must be one of {POOL_LAYERS}, got {self.feature_layer!r}")
 
 
 def load_extractor(extractor=None, weights=None, settings: Settings | None = None):
@@ -75,15 +72,22 @@ def load_extractor(extractor=None, weights=None, settings: Settings | None = Non
 
 def _spatial_stats_of(source: EvalInput, outputs, settings: Settings) -> bool:
     """Whether ``source`` can give sFID statistics: stored ones, or images and an extractor with spatial features."""
-    if source.has_stats and not (settings.stats_from_images and source.has_images):
+    if source.uses_stored_stats(settings.stats_from_images):
         return "spatial" in source.stored
     return source.has_images and SPATIAL in outputs
 
 
+def check_metrics(requested: list[str] | None) -> None:
+    """An EvalInputError naming the first of ``requested`` that is not in ``METRICS``."""
+    unknown = [m for m in requested or () if m not in METRICS]
+    if unknown:
+        raise EvalInputError(f"unknown metric {unknown[0]!r}; choose from {METRICS}")
+
+
 def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[str] | None, outputs,
                    settings: Settings) -> tuple[list[str], list[str]]:
-    """(the metrics to compute, notes on the ones left out): those requested, checked against what the inputs
-    and the extractor allow, or all they allow."""
+    """(the metrics to compute, notes on the ones left out): those requested (names in ``METRICS``:
+    ``check_metrics``), checked against what the inputs and the extractor allow, or all they allow."""
     possible = {
         "fid": second is not None,
         "sfid": second is not None and all(_spatial_stats_of(s, outputs, settings) for s in (first, second)),
@@ -98,9 +102,8 @@ def wanted_metrics(first: EvalInput, second: EvalInput | None, requested: list[s
             notes.append(f"no sFID: {' and '.join(lacking)} give no spatial statistics (mu_s, sigma_s: a statistics "
                          f"file from before sFID, or an extractor without spatial features)")
         return [m for m in METRICS if possible[m]], notes
+    check_metrics(requested)
     for metric in requested:
-        if metric not in METRICS:
-            raise EvalInputError(f"unknown metric {metric!r}; choose from {METRICS}")
         if not possible[metric]:
             if second is None and metric != "isc":
                 why = "it needs two inputs"
@@ -121,11 +124,11 @@ def _sample_count_warnings(first: EvalInput, second: EvalInput | None, chosen: l
                            inception: bool) -> list[str]:
     """What makes these metrics less meaningful than they look: too few samples for FID, a shrunk KID subset."""
     notes = []
-    dim = int(settings.feature_layer)
+    dim = int(settings.feature_layer) if inception else None  # an extractor file's width is not the layer's
     if "fid" in chosen:
         for source in (first, second):
-            if source.has_images and not (source.has_stats and not settings.stats_from_images):
-                if source.count <= dim and inception:  # an extractor file's width is not the layer's
+            if source.has_images and not source.uses_stored_stats(settings.stats_from_images):
+                if dim is not None and source.count <= dim:
                     notes.append(f"FID from {source.count} samples of {source.path}: the {dim}-d feature covariance "
                                  f"needs more than {dim} samples to be full rank, so this FID is not meaningful "
                                  f"(50,000 is the standard)")
@@ -195,6 +198,18 @@ def _stored(source: EvalInput, net, settings: Settings, spatial: bool) -> tuple[
     return pool, (source.stats(spatial=True) if spatial else None)
 
 
+def _first_image(sides: list) -> torch.Tensor | None:
+    """One image (1, 3, H, W) of the first input that holds images, for an extractor to show its outputs on; None
+    when both hold statistics only."""
+    for side in sides:
+        if side.source.has_images:
+            batches = side.source.batches(1)
+            example = next(batches)
+            batches.close()
+            return example
+    return None
+
+
 @dataclass
 class _Side:
     """One input's statistics and where they came from."""
@@ -204,6 +219,17 @@ class _Side:
     spatial: dict | None = None
     origin: str | None = None
     measured: Measured = field(default_factory=Measured)
+
+
+def _same_width(a: _Side, b: _Side, key: str, metric: str) -> tuple[dict, dict]:
+    """The two sides' ``key`` ("pool" or "spatial") statistics, after checking they have the same feature width."""
+    first, second = getattr(a, key), getattr(b, key)
+    if first["mu"].shape != second["mu"].shape:
+        raise EvalInputError(f"the {'sFID' if metric == 'sfid' else 'FID'} statistics of {a.source.path} and "
+                             f"{b.source.path} have different feature widths ({first['mu'].shape[0]} and "
+                             f"{second['mu'].shape[0]}): they come from different extractors or feature layers; "
+                             f"recompute one with the other's")
+    return first, second
 
 
 def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: list[str] | None = None,
@@ -230,17 +256,9 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
     sides = [_Side(s) for s in (first, second) if s is not None]
     for side in sides:
         side.source.check()  # a corrupt or odd-sized input is named before the weights load
-    if metrics is not None:
-        unknown = [m for m in metrics if m not in METRICS]
-        if unknown:
-            raise EvalInputError(f"unknown metric {unknown[0]!r}; choose from {METRICS}")
+    check_metrics(metrics)  # before the weights load
     net = load_extractor(extractor, weights, settings)
-    example = None
-    if first.has_images:
-        batches = first.batches(1)
-        example = next(batches)
-        batches.close()
-    outputs = net.outputs(example)
+    outputs = net.outputs(_first_image(sides))
     chosen, warnings = wanted_metrics(first, second, metrics, outputs, settings)
     if not chosen and save_stats is None:
         raise EvalInputError("nothing to compute: give two inputs, or images for IS, or --save-stats")
@@ -255,7 +273,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
         if is_first and "isc" in chosen:
             wanted.add(LOGITS)
         moments = False
-        if needs_stats and source.has_stats and not (settings.stats_from_images and source.has_images):
+        if needs_stats and source.uses_stored_stats(settings.stats_from_images):
             side.pool, side.spatial = _stored(source, net, settings, "spatial" in source.stored)
             side.origin = "stored"
         elif needs_stats:
@@ -263,7 +281,7 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
                       if cache is not None else None)
             hit = cached is not None and cached.is_file() and ("sfid" not in chosen or
                                                                 "spatial" in open_input(cached).stored)
-            if hit and not wanted:  # no pass over the images is needed for anything else
+            if hit:  # a pass that other metrics need does not recompute the moments
                 cached_input = open_input(cached)
                 side.pool = cached_input.stats()
                 side.spatial = cached_input.stats(spatial=True) if "spatial" in cached_input.stored else None
@@ -284,14 +302,9 @@ def evaluate(input1: str | Path, input2: str | Path | None = None, *, metrics: l
 
     results, used = {}, {}
     a, b = sides[0], (sides[1] if len(sides) > 1 else None)
-    if "fid" in chosen:
-        if a.pool["mu"].shape != b.pool["mu"].shape:
-            raise EvalInputError(f"the FID statistics of {a.source.path} and {b.source.path} have different feature "
-                                 f"widths ({a.pool['mu'].shape[0]} and {b.pool['mu'].shape[0]}): they come from "
-                                 f"different extractors")
-        results["fid"] = frechet_distance(a.pool, b.pool, settings.device)
-    if "sfid" in chosen:
-        results["sfid"] = frechet_distance(a.spatial, b.spatial, settings.device)
+    for metric, key in (("fid", "pool"), ("sfid", "spatial")):
+        if metric in chosen:
+            results[metric] = frechet_distance(*_same_width(a, b, key, metric), settings.device)
     if "isc" in chosen:
         results["inception_score"], results["inception_score_std"] = a.measured.score.result()
         used["isc_splits"] = len(a.measured.score.scores)

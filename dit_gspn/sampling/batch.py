@@ -33,7 +33,6 @@ from dit_gspn.errors import OutputExistsError, UserError
 from dit_gspn.image_npz import ImageNpzWriter, read_header, read_npz, to_uint8  # noqa: F401 (read_npz: re-exported)
 from dit_gspn.seeding import index_seed
 from dit_gspn.vae import decode
-from dit_gspn.atomic_write import reporting_full_disk
 from dit_gspn.folder_lock import holding
 from dit_gspn.work_folder import MANIFEST, check_manifest
 
@@ -171,18 +170,16 @@ def sample_shards(model, plan: BatchPlan, shard_dir: Path, *, info: SamplingInfo
                 out = sample(model, torch.as_tensor(labels[indices], device=device), generator=index_generators(
                     plan.seed, indices), size=size, **sample_kwargs)
                 images = to_uint8(decode(out, info, vae, decode_batch_size))
-            with reporting_full_disk(shard_path(shard_dir, k), f"the finished shards are kept in "
-                                           f"{shard_dir}; free space and run the same command again"):
-                savez_atomically(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
-                                 rank=np.int64(rank))
+            savez_atomically(shard_path(shard_dir, k), images=images, labels=labels[indices], indices=indices,
+                             rank=np.int64(rank))  # a full disk: DiskFullError, the finished shards kept
             bar.update(_images_done(plan, shard_dir) - bar.n)
     return todo
 
 
 def assemble(plan: BatchPlan, shard_dir: Path, out: str | Path) -> Path:
     """Join the shards into ``out`` (ADM's layout), after checking that they hold every index 0..N-1 once with
-    this plan's labels. The file is streamed one shard at a time through ``<shard_dir>/<out name>.partial``
-    (which a killed assembly may have left: it is replaced) and renamed to ``out`` when complete."""
+    this plan's labels. The file is streamed one shard at a time through ``atomic_write``'s temporary sibling of
+    ``out`` (which ``run_batch`` removes when a killed assembly left it) and renamed to ``out`` when complete."""
     out, labels = Path(out), plan.labels()
     paths = [shard_path(shard_dir, k) for k in range(plan.num_shards)]
     for k, path in enumerate(paths):
@@ -196,7 +193,7 @@ def assemble(plan: BatchPlan, shard_dir: Path, out: str | Path) -> Path:
                 raise BatchError(f"shard {path} holds other class labels than this run's plan; delete it and run "
                                  f"the same command again")
     height, width = read_header(paths[0], "images")[1:3]
-    with ImageNpzWriter(out, plan.num_samples, height, width, partial=shard_dir / f"{out.name}.partial") as writer:
+    with ImageNpzWriter(out, plan.num_samples, height, width) as writer:
         for path in paths:
             with np.load(path) as data:
                 writer.append(data["images"], data["labels"])
@@ -241,10 +238,8 @@ def run_batch(model, plan: BatchPlan, out: str | Path, *, info: SamplingInfo, se
         barrier()
         if rank != 0:
             return None
-        with reporting_full_disk(out, f"{out} was not written; the shards are kept in {shard_dir}; free "
-                                            f"space and run the same command again"):
-            path = assemble(plan, shard_dir, out)
-            write_provenance(path, settings, plan.num_samples)
+        path = assemble(plan, shard_dir, out)  # both written atomically: a full disk keeps the shards
+        write_provenance(path, settings, plan.num_samples)
         skipped = len(plan.shards_of(0, world_size)) - len(drawn)
         print(f"wrote {path} ({plan.num_samples} samples; this process drew {len(drawn)} shards in {elapsed:.1f} s"
               f"{f', skipped {skipped} finished ones' if skipped else ''})", flush=True)

@@ -2,11 +2,13 @@
 provenance file copied into it."""
 import json
 
+import numpy as np
 import pytest
 
 from dit_gspn.image_npz import write_npz
 from evaluation.__main__ import main as evaluation_main
 
+from helpers.commands import assert_one_line_error, run_here
 from helpers.inception import LAYER, N
 
 
@@ -39,3 +41,18 @@ def test_the_report_copies_a_sample_npz_provenance(full_report, sets, random_wei
     assert provenance["checkpoint_sha256"] == "ab" * 32 and provenance["count"] == N
     assert provenance["samples"] == "samples.npz" and "torch" in provenance["versions"]
     assert "provenance" not in report["inputs"][1]
+
+
+def test_statistics_whose_sfid_features_have_another_width_are_one_error_naming_both_files(
+        full_report, sets, random_weights, tmp_path, capsys):
+    """A user's statistics file whose mu_s / sigma_s come from other spatial features than the samples' (ADM's
+    2023 values an image): sFID cannot compare them, and says so in one line naming both files."""
+    with np.load(sets["root"] / "a_stats.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    other = tmp_path / "other_stats.npz"
+    np.savez(other, **dict(arrays, mu_s=np.zeros(5), sigma_s=np.eye(5)))
+    proc = run_here(evaluation_main, [str(sets["root"] / "b.npz"), str(other), "--metrics", "sfid", "--weights",
+                                      str(random_weights), "--feature-layer", LAYER, "--device", "cpu", "--quiet",
+                                      "--cache-dir", ""], capsys)
+    assert_one_line_error(proc, "the sFID statistics of", str(sets["root"] / "b.npz"), str(other),
+                          "different feature widths (2023 and 5)")

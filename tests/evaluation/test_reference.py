@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from dit_gspn.errors import UserError
-from evaluation import evaluate
+from dit_gspn.metrics import evaluate
 from evaluation.__main__ import main as evaluation_main
 
 from helpers.inception import FAST, LAYER, images as inception_images
@@ -65,7 +65,8 @@ def test_reference_resumes_from_its_finished_chunks(random_weights, tmp_path, mo
     folder = tmp_path / "my_images"
     _user_folder(folder)
     kwargs = dict(weights=random_weights, chunk_size=2, feature_layer=LAYER, progress=False)
-    whole = reference.build_reference(folder, tmp_path / "whole.npz", 32, **kwargs)
+    whole = reference.build_reference(folder, tmp_path / "whole.npz", 32, images_npz=tmp_path / "whole_batch.npz",
+                                      **kwargs)
     process, calls = reference.process_chunk, []
 
     def killed_after_two(*args, **kw):
@@ -76,12 +77,42 @@ def test_reference_resumes_from_its_finished_chunks(random_weights, tmp_path, mo
 
     monkeypatch.setattr(reference, "process_chunk", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        reference.build_reference(folder, tmp_path / "resumed.npz", 32, **kwargs)
+        reference.build_reference(folder, tmp_path / "resumed.npz", 32, images_npz=tmp_path / "resumed_batch.npz",
+                                  **kwargs)
     monkeypatch.setattr(reference, "process_chunk", process)
-    resumed = reference.build_reference(folder, tmp_path / "resumed.npz", 32, **kwargs)
+    resumed = reference.build_reference(folder, tmp_path / "resumed.npz", 32,
+                                        images_npz=tmp_path / "resumed_batch.npz", **kwargs)
     assert resumed["reused_chunks"] == 2 and whole["reused_chunks"] == 0 and resumed["count"] == whole["count"] == 6
     with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "resumed.npz") as b:
         for key in ("mu", "sigma", "mu_s", "sigma_s"):
             np.testing.assert_array_equal(a[key], b[key])
+    assert (tmp_path / "whole_batch.npz").read_bytes() == (tmp_path / "resumed_batch.npz").read_bytes()
     with pytest.raises(UserError, match="already exists"):
         reference.build_reference(folder, tmp_path / "whole.npz", 32, **kwargs)
+
+
+def test_the_crops_npz_is_streamed_a_batch_at_a_time_and_equals_np_savez_of_the_crops(random_weights, tmp_path,
+                                                                                      monkeypatch):
+    """Whatever the chunk size, no more than a batch of crops is handed on at a time, and the file is the bytes
+    np.savez gives for all the crops."""
+    import evaluation.reference as reference
+    from dit_gspn.data import center_crop_arr
+    from dit_gspn.image_npz import ImageNpzWriter
+
+    folder = tmp_path / "my_images"
+    good = _user_folder(folder)
+    appended, append = [], ImageNpzWriter.append
+
+    def recording(self, images, labels=None):
+        appended.append(len(images))
+        append(self, images, labels)
+
+    monkeypatch.setattr(ImageNpzWriter, "append", recording)
+    batch = tmp_path / "ref_batch.npz"
+    reference.build_reference(folder, tmp_path / "ref.npz", 32, weights=random_weights, images_npz=batch,
+                              chunk_size=100, batch_size=2, feature_layer=LAYER, progress=False)
+    assert sum(appended) == len(good) and max(appended) <= 2
+    crops = np.stack([center_crop_arr(Image.open(p).convert("RGB"), 32) for p in good])
+    with open(tmp_path / "savez.npz", "wb") as file:
+        np.savez(file, crops)
+    assert batch.read_bytes() == (tmp_path / "savez.npz").read_bytes()

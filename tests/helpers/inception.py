@@ -12,7 +12,7 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from dit_gspn.image_npz import write_npz
-from evaluation import Settings, evaluate
+from dit_gspn.metrics import Settings, evaluate
 
 
 #: Images in each set.

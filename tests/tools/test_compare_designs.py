@@ -116,8 +116,9 @@ def test_a_scored_run_is_read_back_not_trained_again(tmp_path, monkeypatch, smal
 
     base = demo_base("data.num_per_class=4", "data.image_size=16", "train.global_batch_size=4",
                      "logging.sample_steps=2")
-    config = design_config(base, DESIGNS["DiT (attention)"], seed=0, steps=1, run_dir=tmp_path / "run")
-    fid_files = build_training_data(parse_config(config)).fid_features(tmp_path / "fid")
+    run_config = design_config(base, DESIGNS["DiT (attention)"], seed=0, steps=1, run_dir=tmp_path / "run")
+    fid_files = build_training_data(run_config).fid_features(tmp_path / "fid")
+    config = run_config.to_dict()
     scoring = {"samples_per_class": 1, "sample_steps": 2}
     score = train_and_score(config, {}, fid_files, scoring)
     assert score["steps"] == 1 and math.isfinite(score["fid"]) and math.isfinite(score["final_loss"])

@@ -17,7 +17,7 @@ SIZE = 16
 
 def test_16_bit_greyscale_pngs_are_scaled_not_clipped_in_extraction_and_evaluation(tmp_path):
     from dit_gspn.data import ClassFolderImages
-    from evaluation import open_input
+    from dit_gspn.metrics import open_input
 
     rng = np.random.default_rng(2)
     grey16 = rng.integers(0, 65536, (16, 16), dtype=np.uint16)

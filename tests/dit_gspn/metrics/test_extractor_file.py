@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dit_gspn.module_file import save_exported
-from evaluation import evaluate
+from dit_gspn.metrics import evaluate
 
 from helpers.inception import FAST
 
@@ -48,3 +48,25 @@ def test_export_and_torchscript_extractors_give_the_same_numbers_without_a_depre
     for key, value in pt2["metrics"].items():
         assert ts["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
     assert pt2["metrics"]["fid"] > 0.01
+
+
+def test_statistics_first_and_images_second_with_an_extractor_give_the_fid_of_the_images(sets, tmp_path):
+    """The samples' statistics saved with an extractor file, then compared with images: the extractor shows its
+    outputs on the second input's images (the first holds none), and the FID is the images' own."""
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.net = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, images):
+            return self.net(images.float() / 127.5 - 1)
+
+    extractor = save_exported(Features(), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), tmp_path / "features.pt2")
+    a, b = sets["root"] / "a.npz", sets["root"] / "b.npz"
+    evaluate(a, metrics=[], extractor=extractor, save_stats=tmp_path / "a_stats.npz", settings=FAST)
+    from_images = evaluate(a, b, metrics=["fid"], extractor=extractor, settings=FAST)
+    from_stats = evaluate(tmp_path / "a_stats.npz", b, extractor=extractor, settings=FAST)
+    assert from_stats["settings"]["metrics"] == ["fid"]  # no images first: no IS, no KID, no precision/recall
+    assert from_stats["metrics"]["fid"] == pytest.approx(from_images["metrics"]["fid"], rel=1e-9)
+    assert from_images["metrics"]["fid"] > 0.01

@@ -14,9 +14,8 @@ import json
 import numpy as np
 import pytest
 
-from dit_gspn.metrics import frechet_distance, wanted_metrics
+from dit_gspn.metrics import evaluate, frechet_distance, open_input, wanted_metrics
 from dit_gspn.metrics.inception import SPATIAL_DIM
-from evaluation import evaluate, open_input
 
 from helpers.adm_evaluation import adm_frechet, adm_inception_score, adm_precision_recall, adm_statistics
 from helpers.inception import FAST, LAYER, N, SPLIT

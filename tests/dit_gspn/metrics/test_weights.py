@@ -2,7 +2,7 @@
 import pytest
 
 from dit_gspn.metrics import weights as weights_module
-from evaluation import ENV_WEIGHTS, resolve_inception_weights
+from dit_gspn.metrics import ENV_WEIGHTS, resolve_inception_weights
 
 
 def test_missing_weights_error_names_both_sources(tmp_path, monkeypatch):

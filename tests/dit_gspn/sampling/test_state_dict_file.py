@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL
 from dit_gspn.errors import UserError
 from dit_gspn.diffusion import make_schedule
 from dit_gspn.models import create_model
-from dit_gspn.sampling import sample, to_uint8
-from dit_gspn.sampling.batch import BatchPlan, index_generators, read_npz
+from dit_gspn.image_npz import read_npz, to_uint8
+from dit_gspn.sampling import sample
+from dit_gspn.sampling.batch import BatchPlan, index_generators
 from dit_gspn.checkpoint import CheckpointError
 from dit_gspn.sampling.model_loader import load_model
 from dit_gspn.vae import load_vae
