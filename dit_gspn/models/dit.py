@@ -27,15 +27,27 @@ LEGACY_GSPN_ARGUMENTS = {"gspn_chunk": "chunk", "gspn_global_layers": "global_la
                          "gspn_proxy_ratio": "proxy_ratio", "gspn_gate_groups": "gate_groups",
                          "gspn_group_lam_u": "group_lam_u", "gspn_dwconv": "dwconv", "gspn_skip": "skip",
                          "gspn_output_gate": "output_gate"}
+#: The defaults of those arguments in DiT's constructor of that time (the same in every version that had them):
+#: a config.json written before one of them existed built the model with its default.
+LEGACY_GSPN_DEFAULTS = {"gspn_chunk": 8, "gspn_global_layers": None, "gspn_proxy_ratio": 16,
+                        "gspn_gate_groups": None, "gspn_group_lam_u": False, "gspn_dwconv": True, "gspn_skip": True,
+                        "gspn_output_gate": True}
 
 
-def upgrade_model_config(config: dict) -> dict:
+def upgrade_model_config(config: dict, complete: bool = False) -> dict:
     """``config`` (DiT's constructor arguments, e.g. a checkpoint's config.json or config.yaml's ``model``) with
     the ``gspn_*`` arguments of older checkpoints moved into ``mixer_kwargs`` (dropped for other mixers, which
-    never read them); a config without them is returned as it is."""
+    never read them); a config without them is returned as it is.
+
+    ``complete``: ``config`` holds every argument the constructor of its time had (a ``save_pretrained``
+    config.json), so a ``gspn_*`` argument it lacks took that constructor's default
+    (:data:`LEGACY_GSPN_DEFAULTS`), which the upgraded config then names. A partial config (config.yaml's
+    ``model``) leaves what it lacks to the zoo preset and the mixer's defaults."""
     legacy = {key: config[key] for key in LEGACY_GSPN_ARGUMENTS if key in config}
     if not legacy:
         return config
+    if complete:
+        legacy = {**LEGACY_GSPN_DEFAULTS, **legacy}
     upgraded = {key: value for key, value in config.items() if key not in LEGACY_GSPN_ARGUMENTS}
     if upgraded.get("mixer", "gspn") == "gspn":
         options = {LEGACY_GSPN_ARGUMENTS[key]: value for key, value in legacy.items()}
@@ -321,7 +333,7 @@ class DiT(DiffusionBackbone):
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         # A config.json written before the mixers had a registry holds GSPN's options as gspn_* arguments.
-        return super().extract_init_dict(upgrade_model_config(config_dict), **kwargs)
+        return super().extract_init_dict(upgrade_model_config(config_dict, complete=True), **kwargs)
 
     @register_to_config
     def __init__(
