@@ -17,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from dit_gspn.sizes import size_pair
 
 from . import gspn_mixer, attention  # noqa: F401 (they register the built-in mixers)
-from .mixer import MIXERS, BlockContext, build_mixer
+from .mixer import MIXERS, BlockContext
 from .pos_embed import sincos_pos_embed_2d
 from .token_grid import check_grid
 
@@ -184,7 +184,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         hidden_size = context.hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        token_mixer = build_mixer(mixer, context, mixer_kwargs)
+        token_mixer = MIXERS[mixer].for_block(context, **(mixer_kwargs or {}))
         self.mixer_attribute = token_mixer.block_attribute
         self.add_module(self.mixer_attribute, token_mixer)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -267,6 +267,12 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
+    def run_block(self, block: nn.Module, *inputs):
+        """``block(*inputs)``, through gradient checkpointing while it is on and gradients are recorded."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *inputs)
+        return block(*inputs)
+
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h * w, p * p * C_out) tokens -> (B, C_out, h * p, w * p) images."""
         c, p = self.out_channels, self.patch_size
@@ -323,8 +329,8 @@ class DiT(DiffusionBackbone):
     The first ten arguments are facebookresearch/DiT's; ``input_size`` (the training size of the
     latent or pixel map) may also be an (H, W) pair. ``mixer`` names the token mixer (``dit_gspn.models.MIXERS``)
     and ``mixer_kwargs`` its own options (e.g. GSPN's ``chunk``, ``gate_groups``: ``GSPNMixer.for_block``).
-    ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
-    which needs none and then runs at any resolution); it is recomputed for an input whose grid
+    ``use_pos_embed`` adds the fixed sin-cos embedding (None: the mixer's ``wants_pos_embed``, on for attention,
+    off for GSPN, which needs none and then runs at any resolution); it is recomputed for an input whose grid
     differs from the training grid ``input_size / patch_size``. ``drop_path`` is the stochastic-depth rate of
     the last block, rising linearly from 0 over the blocks (0: none, DiT's). ``num_classes`` is also the null
     class id used by label dropout and classifier-free guidance.
@@ -359,7 +365,7 @@ class DiT(DiffusionBackbone):
         self.init_embedders(input_size, patch_size, in_channels, hidden_size, class_dropout_prob, num_classes,
                             learn_sigma)
         if use_pos_embed is None:
-            use_pos_embed = mixer == "attention"
+            use_pos_embed = MIXERS[mixer].wants_pos_embed
         if use_pos_embed:
             # A buffer, not a parameter: it is fixed, but stays in the state dict under DiT's key.
             self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
@@ -414,9 +420,6 @@ class DiT(DiffusionBackbone):
             x = x + self.positional_embedding(grid, x.dtype, x.device)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, grid)
-            else:
-                x = block(x, c, grid)
+            x = self.run_block(block, x, c, grid)
         x = self.final_layer(x, c)
         return self.unpatchify(x, grid)

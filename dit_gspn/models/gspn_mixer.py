@@ -60,6 +60,13 @@ class ScanOperands(NamedTuple):
 class GSPNMixer(TokenMixer):
     """GSPN token mixer: (B, N, C) tokens with their (h, w) grid -> (B, N, C) tokens.
 
+    The defaults are the zoo's GSPN models' (:meth:`for_block` passes the options on): 8 channel groups share
+    each direction's gates, lam and u, and the proxy has C / 4 channels (the parameters the grouped maps no
+    longer need go to a wider proxy, which keeps every GSPN model within 3% of its DiT's parameter count); on
+    the demo's dataset grouped maps trained at least as well as per-channel ones and faster (docs/results.md,
+    "The demo's quality"). ``gate_groups=None, group_lam_u=False, proxy_ratio=16`` is the authors'
+    per-channel mixer.
+
     Args:
         dim: channels C.
         chunk: None for a global scan over the whole height/width; k restarts the propagation
@@ -78,33 +85,22 @@ class GSPNMixer(TokenMixer):
 
     @classmethod
     def for_block(cls, context: BlockContext, chunk: int | None = 8, global_layers: int | None = None,
-                  proxy_ratio: int = 4, gate_groups: int | None = 8, group_lam_u: bool = True, dwconv: bool = True,
-                  skip: bool = True, output_gate: bool = True) -> "GSPNMixer":
+                  **options) -> "GSPNMixer":
         """The mixer of one block of a model: blocks ``depth - global_layers`` and later scan globally, the
         others restart every ``chunk`` steps (``global_layers=None``: the last ``depth // 4``; ``chunk=None``:
-        every block global). The other options are the constructor's. The defaults are the zoo's GSPN models':
-        8 channel groups share each direction's gates, lam and u, and the proxy has C / 4 channels (the
-        parameters the grouped maps no longer need go to a wider proxy, which keeps every GSPN model within 3%
-        of its DiT's parameter count); on the demo's dataset grouped maps trained at least as well as
-        per-channel ones and faster (docs/results.md, "The demo's quality"). ``gate_groups=None, group_lam_u=False,
-        proxy_ratio=16`` is the authors' per-channel mixer.
-        """
+        every block global). The other ``options`` are the constructor's, passed on."""
         if global_layers is None:
             global_layers = context.depth // 4
-        if global_layers < 0:
-            raise ValueError(f"global_layers must be >= 0 (or None for depth // 4), got {global_layers}")
-        local = chunk is not None and context.index < context.depth - global_layers
-        return cls(context.hidden_size, chunk=chunk if local else None, proxy_ratio=proxy_ratio,
-                   gate_groups=gate_groups, group_lam_u=group_lam_u, dwconv=dwconv, skip=skip,
-                   output_gate=output_gate)
+        local = context.scans_locally(global_layers) and chunk is not None
+        return cls(context.hidden_size, chunk=chunk if local else None, **options)
 
     def __init__(
         self,
         dim: int,
         chunk: int | None = None,
-        proxy_ratio: int = 16,
-        gate_groups: int | None = None,
-        group_lam_u: bool = False,
+        proxy_ratio: int = 4,
+        gate_groups: int | None = 8,
+        group_lam_u: bool = True,
         dwconv: bool = True,
         skip: bool = True,
         output_gate: bool = True,

@@ -77,9 +77,7 @@ class GSPNPaperMixer(TokenMixer):
                   directions: str = "aligned", proxy_ratio: int = 16) -> "GSPNPaperMixer":
         """The mixer of one block: the last ``global_layers`` blocks scan globally, the others restart every
         ``chunk`` steps. The defaults are the authors' network as meant (:data:`AS_RELEASED` as trained)."""
-        if global_layers < 0:
-            raise ValueError(f"global_layers must be >= 0, got {global_layers}")
-        local = context.index < context.depth - global_layers
+        local = context.scans_locally(global_layers)
         return cls(context.hidden_size, chunk=chunk if local else None, directions=directions,
                    proxy_ratio=proxy_ratio)
 
@@ -269,11 +267,6 @@ class GSPNPaper(DiffusionBackbone):
         """Every block in the order the tokens pass them: in-blocks, mid block, out-blocks."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
-    def _run(self, block: GSPNPaperBlock, h, residual, grid, skip=None):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, h, residual, grid, skip)
-        return block(h, residual, grid, skip)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) with H, W divisible by the patch size (and the grid square for ``as_released``);
         t: (B,) or scalar timesteps; y: (B,) integer labels. Returns (B, 2C, H, W) when ``learn_sigma``
@@ -284,11 +277,11 @@ class GSPNPaper(DiffusionBackbone):
         h, residual = self.x_embedder(x) + c.unsqueeze(1), None
         skips = []
         for block in self.in_blocks:
-            h, residual = self._run(block, h, residual, grid)
+            h, residual = self.run_block(block, h, residual, grid)
             skips.append(h)
-        h, residual = self._run(self.mid_block, h, residual, grid)
+        h, residual = self.run_block(self.mid_block, h, residual, grid)
         for block in self.out_blocks:
-            h, residual = self._run(block, h, residual, grid, skips.pop())
+            h, residual = self.run_block(block, h, residual, grid, skips.pop())
         h = self.norm_f(residual + self.last_drop_path(h))
         return self.unpatchify(self.final_layer(h, c), grid)
 
