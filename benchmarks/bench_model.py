@@ -223,22 +223,14 @@ def bench_pair_interleaved(size: str, resolution: int, args, device: torch.devic
 # mixer
 
 
-def mixer_settings(name: str, overrides: dict) -> dict:
-    """The zoo model's mixer settings (hidden size, gate groups, grouped lam and u, proxy ratio), read from a
-    model built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        mixer = create_model(name, **{"depth": 1, **overrides}).blocks[0].mixer
-    return {"dim": mixer.dim, "gate_groups": mixer.gate_groups, "group_lam_u": mixer.group_lam_u,
-            "proxy_ratio": mixer.dim // mixer.proxy_dim}
-
-
-def bench_mixer(settings: dict, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
-    """GSPN mixer (``settings`` from :func:`mixer_settings`) forward + backward in ``--precision``: fused scan
-    against the composed ops."""
+def bench_mixer(dim: int, resolution: int, patch: int, args, device: torch.device, chunk: int | None) -> dict:
+    """The zoo's GSPN mixer (the constructor's defaults) of width ``dim``, forward + backward in ``--precision``:
+    fused scan against the composed ops."""
     grid = resolution // VAE_DOWNSAMPLE // patch
-    dim = settings["dim"]
     with torch.device(device):
-        mixer = GSPNMixer(chunk=chunk, **settings)
+        mixer = GSPNMixer(dim, chunk=chunk)
+    settings = {"dim": dim, "gate_groups": mixer.gate_groups, "group_lam_u": mixer.group_lam_u,
+                "proxy_ratio": dim // mixer.proxy_dim}
     tokens = torch.randn(args.train_batch, grid * grid, dim, device=device, requires_grad=True)
 
     def step():
@@ -418,9 +410,9 @@ def main(argv=None) -> dict:
     if "mixer" in args.sections:
         report["mixer"] = []
         for size in args.sizes:
-            settings = mixer_settings(f"GSPN-{size}", overrides)
+            dim = {**MODELS[f"GSPN-{size}"].preset, **overrides}["hidden_size"]
             for resolution in args.resolutions:
-                row = bench_mixer(settings, resolution, int(size.split("/")[1]), args, device, chunk=None)
+                row = bench_mixer(dim, resolution, int(size.split("/")[1]), args, device, chunk=None)
                 row["size"] = size
                 report["mixer"].append(row)
                 print(json.dumps(row), flush=True)

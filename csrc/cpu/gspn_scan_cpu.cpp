@@ -197,6 +197,17 @@ struct GateCache {
   }
 };
 
+// Scatters a scan-order gradient frame into its (B, 4, G, H, W) gradient plane: added in the compute type
+// where the tensor is grouped (summed over a group's channels), else written once in its own dtype.
+template <typename scalar_t, typename acc_t>
+void scatter_gradient(const acc_t* frame, const ScanGeometry& geo, void* grad, bool grouped, int64_t offset) {
+  if (grouped) {
+    scatter_frame<true>(frame, geo, static_cast<acc_t*>(grad) + offset);
+  } else {
+    scatter_frame<false>(frame, geo, static_cast<scalar_t*>(grad) + offset);
+  }
+}
+
 // The logit gradients of each direction in scan order, summed per thread while consecutive channels share
 // their gate planes and written to the gradient tensors (scatter) only when a direction's planes change and
 // at the end of each task: a group's channels then cost one scatter per direction, not one each. `grads`
@@ -226,11 +237,7 @@ struct GateGradAccumulator {
     const int64_t HW = H * W;
     for (int k = 0; k < 3; ++k) {
       acc_t* f = frames.frame(d * 3 + k);
-      if (grouped[k]) {
-        scatter_frame<true>(f, geo, static_cast<acc_t*>(grads[k]) + planes[d][k] * HW);
-      } else {
-        scatter_frame<false>(f, geo, static_cast<scalar_t*>(grads[k]) + planes[d][k] * HW);
-      }
+      scatter_gradient<scalar_t>(f, geo, grads[k], grouped[k], planes[d][k] * HW);
       std::fill(f, f + HW, acc_t(0));
     }
     planes[d] = {-1, -1, -1};
@@ -294,17 +301,6 @@ int64_t channel_block(const ScanShape& sh) {
   int64_t block = 1;
   for (int64_t g : {sh.g_lam, sh.g_gl, sh.g_gc, sh.g_gr, sh.g_u}) block = std::lcm(block, sh.C / g);
   return block;
-}
-
-// Scatters a scan-order gradient frame into its (B, 4, G, H, W) gradient plane: added in the compute type
-// where the tensor is grouped (summed over a group's channels), else written once in its own dtype.
-template <typename scalar_t, typename acc_t>
-void scatter_gradient(const acc_t* frame, const ScanGeometry& geo, void* grad, bool grouped, int64_t offset) {
-  if (grouped) {
-    scatter_frame<true>(frame, geo, static_cast<acc_t*>(grad) + offset);
-  } else {
-    scatter_frame<false>(frame, geo, static_cast<scalar_t*>(grad) + offset);
-  }
 }
 
 // Gradients of one (batch, channel-block) task (channel_block). `d_gates` / `grouped` are lam, gl, gc,

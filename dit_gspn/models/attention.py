@@ -18,6 +18,7 @@ class Attention(TokenMixer):
     """
 
     block_attribute = "attn"  # DiT's key: the official checkpoints load unchanged
+    wants_pos_embed = True  # attention is permutation-equivariant: DiT adds the sin-cos embedding
 
     @classmethod
     def for_block(cls, context: BlockContext) -> "Attention":

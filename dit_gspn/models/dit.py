@@ -17,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from dit_gspn.sizes import size_pair
 
 from . import gspn_mixer, attention  # noqa: F401 (they register the built-in mixers)
-from .mixer import MIXERS, BlockContext, build_mixer
+from .mixer import MIXERS, BlockContext
 from .pos_embed import sincos_pos_embed_2d
 from .token_grid import check_grid
 
@@ -27,15 +27,27 @@ LEGACY_GSPN_ARGUMENTS = {"gspn_chunk": "chunk", "gspn_global_layers": "global_la
                          "gspn_proxy_ratio": "proxy_ratio", "gspn_gate_groups": "gate_groups",
                          "gspn_group_lam_u": "group_lam_u", "gspn_dwconv": "dwconv", "gspn_skip": "skip",
                          "gspn_output_gate": "output_gate"}
+#: The defaults of those arguments in DiT's constructor of that time (the same in every version that had them):
+#: a config.json written before one of them existed built the model with its default.
+LEGACY_GSPN_DEFAULTS = {"gspn_chunk": 8, "gspn_global_layers": None, "gspn_proxy_ratio": 16,
+                        "gspn_gate_groups": None, "gspn_group_lam_u": False, "gspn_dwconv": True, "gspn_skip": True,
+                        "gspn_output_gate": True}
 
 
-def upgrade_model_config(config: dict) -> dict:
+def upgrade_model_config(config: dict, complete: bool = False) -> dict:
     """``config`` (DiT's constructor arguments, e.g. a checkpoint's config.json or config.yaml's ``model``) with
     the ``gspn_*`` arguments of older checkpoints moved into ``mixer_kwargs`` (dropped for other mixers, which
-    never read them); a config without them is returned as it is."""
+    never read them); a config without them is returned as it is.
+
+    ``complete``: ``config`` holds every argument the constructor of its time had (a ``save_pretrained``
+    config.json), so a ``gspn_*`` argument it lacks took that constructor's default
+    (:data:`LEGACY_GSPN_DEFAULTS`), which the upgraded config then names. A partial config (config.yaml's
+    ``model``) leaves what it lacks to the zoo preset and the mixer's defaults."""
     legacy = {key: config[key] for key in LEGACY_GSPN_ARGUMENTS if key in config}
     if not legacy:
         return config
+    if complete:
+        legacy = {**LEGACY_GSPN_DEFAULTS, **legacy}
     upgraded = {key: value for key, value in config.items() if key not in LEGACY_GSPN_ARGUMENTS}
     if upgraded.get("mixer", "gspn") == "gspn":
         options = {LEGACY_GSPN_ARGUMENTS[key]: value for key, value in legacy.items()}
@@ -172,7 +184,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         hidden_size = context.hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        token_mixer = build_mixer(mixer, context, mixer_kwargs)
+        token_mixer = MIXERS[mixer].for_block(context, **(mixer_kwargs or {}))
         self.mixer_attribute = token_mixer.block_attribute
         self.add_module(self.mixer_attribute, token_mixer)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -255,6 +267,12 @@ class DiffusionBackbone(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
+    def run_block(self, block: nn.Module, *inputs):
+        """``block(*inputs)``, through gradient checkpointing while it is on and gradients are recorded."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *inputs)
+        return block(*inputs)
+
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h * w, p * p * C_out) tokens -> (B, C_out, h * p, w * p) images."""
         c, p = self.out_channels, self.patch_size
@@ -311,8 +329,8 @@ class DiT(DiffusionBackbone):
     The first ten arguments are facebookresearch/DiT's; ``input_size`` (the training size of the
     latent or pixel map) may also be an (H, W) pair. ``mixer`` names the token mixer (``dit_gspn.models.MIXERS``)
     and ``mixer_kwargs`` its own options (e.g. GSPN's ``chunk``, ``gate_groups``: ``GSPNMixer.for_block``).
-    ``use_pos_embed`` adds the fixed sin-cos embedding (None: on for attention, off for GSPN,
-    which needs none and then runs at any resolution); it is recomputed for an input whose grid
+    ``use_pos_embed`` adds the fixed sin-cos embedding (None: the mixer's ``wants_pos_embed``, on for attention,
+    off for GSPN, which needs none and then runs at any resolution); it is recomputed for an input whose grid
     differs from the training grid ``input_size / patch_size``. ``drop_path`` is the stochastic-depth rate of
     the last block, rising linearly from 0 over the blocks (0: none, DiT's). ``num_classes`` is also the null
     class id used by label dropout and classifier-free guidance.
@@ -321,7 +339,7 @@ class DiT(DiffusionBackbone):
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         # A config.json written before the mixers had a registry holds GSPN's options as gspn_* arguments.
-        return super().extract_init_dict(upgrade_model_config(config_dict), **kwargs)
+        return super().extract_init_dict(upgrade_model_config(config_dict, complete=True), **kwargs)
 
     @register_to_config
     def __init__(
@@ -347,7 +365,7 @@ class DiT(DiffusionBackbone):
         self.init_embedders(input_size, patch_size, in_channels, hidden_size, class_dropout_prob, num_classes,
                             learn_sigma)
         if use_pos_embed is None:
-            use_pos_embed = mixer == "attention"
+            use_pos_embed = MIXERS[mixer].wants_pos_embed
         if use_pos_embed:
             # A buffer, not a parameter: it is fixed, but stays in the state dict under DiT's key.
             self.register_buffer("pos_embed", torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size))
@@ -402,9 +420,6 @@ class DiT(DiffusionBackbone):
             x = x + self.positional_embedding(grid, x.dtype, x.device)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, grid)
-            else:
-                x = block(x, c, grid)
+            x = self.run_block(block, x, c, grid)
         x = self.final_layer(x, c)
         return self.unpatchify(x, grid)

@@ -32,15 +32,10 @@ import torch.nn.functional as F
 
 from dit_gspn import ops
 
+from dit_gspn.ops import NUM_DIRECTIONS
+
 from .mixer import BlockContext, TokenMixer, register_mixer
-from .token_grid import check_grid
-
-NUM_DIRECTIONS = 4
-
-
-def _channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, N, K) tokens -> (B, K, h, w), contiguous."""
-    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+from .token_grid import channel_first, check_grid, map_to_tokens, tokens_to_map
 
 
 class ScanOperands(NamedTuple):
@@ -65,6 +60,13 @@ class ScanOperands(NamedTuple):
 class GSPNMixer(TokenMixer):
     """GSPN token mixer: (B, N, C) tokens with their (h, w) grid -> (B, N, C) tokens.
 
+    The defaults are the zoo's GSPN models' (:meth:`for_block` passes the options on): 8 channel groups share
+    each direction's gates, lam and u, and the proxy has C / 4 channels (the parameters the grouped maps no
+    longer need go to a wider proxy, which keeps every GSPN model within 3% of its DiT's parameter count); on
+    the demo's dataset grouped maps trained at least as well as per-channel ones and faster (docs/results.md,
+    "The demo's quality"). ``gate_groups=None, group_lam_u=False, proxy_ratio=16`` is the authors'
+    per-channel mixer.
+
     Args:
         dim: channels C.
         chunk: None for a global scan over the whole height/width; k restarts the propagation
@@ -83,33 +85,22 @@ class GSPNMixer(TokenMixer):
 
     @classmethod
     def for_block(cls, context: BlockContext, chunk: int | None = 8, global_layers: int | None = None,
-                  proxy_ratio: int = 4, gate_groups: int | None = 8, group_lam_u: bool = True, dwconv: bool = True,
-                  skip: bool = True, output_gate: bool = True) -> "GSPNMixer":
+                  **options) -> "GSPNMixer":
         """The mixer of one block of a model: blocks ``depth - global_layers`` and later scan globally, the
         others restart every ``chunk`` steps (``global_layers=None``: the last ``depth // 4``; ``chunk=None``:
-        every block global). The other options are the constructor's. The defaults are the zoo's GSPN models':
-        8 channel groups share each direction's gates, lam and u, and the proxy has C / 4 channels (the
-        parameters the grouped maps no longer need go to a wider proxy, which keeps every GSPN model within 3%
-        of its DiT's parameter count); on the demo's dataset grouped maps trained at least as well as
-        per-channel ones and faster (docs/results.md, "The demo's quality"). ``gate_groups=None, group_lam_u=False,
-        proxy_ratio=16`` is the authors' per-channel mixer.
-        """
+        every block global). The other ``options`` are the constructor's, passed on."""
         if global_layers is None:
             global_layers = context.depth // 4
-        if global_layers < 0:
-            raise ValueError(f"global_layers must be >= 0 (or None for depth // 4), got {global_layers}")
-        local = chunk is not None and context.index < context.depth - global_layers
-        return cls(context.hidden_size, chunk=chunk if local else None, proxy_ratio=proxy_ratio,
-                   gate_groups=gate_groups, group_lam_u=group_lam_u, dwconv=dwconv, skip=skip,
-                   output_gate=output_gate)
+        local = context.scans_locally(global_layers) and chunk is not None
+        return cls(context.hidden_size, chunk=chunk if local else None, **options)
 
     def __init__(
         self,
         dim: int,
         chunk: int | None = None,
-        proxy_ratio: int = 16,
-        gate_groups: int | None = None,
-        group_lam_u: bool = False,
+        proxy_ratio: int = 4,
+        gate_groups: int | None = 8,
+        group_lam_u: bool = True,
         dwconv: bool = True,
         skip: bool = True,
         output_gate: bool = True,
@@ -173,19 +164,18 @@ class GSPNMixer(TokenMixer):
         xz = self.in_proj(tokens)
         x, z = xz.split(C, dim=-1) if self.output_gate else (xz, None)  # split's backward is one cat, no zero fill
         if self.dwconv is not None:
-            x = x.reshape(B, h, w, C).permute(0, 3, 1, 2)  # a channels-last (B, C, h, w) view
-            x = self.dwconv(x).permute(0, 2, 3, 1).reshape(B, N, C)
+            x = map_to_tokens(self.dwconv(tokens_to_map(x, h, w)))
         x = F.silu(x)
         p = self.proxy(x)
         skip = self.skip_proj(p) if self.skip_proj is not None else None
-        x_map = x.view(B, h, w, C).permute(0, 3, 1, 2)  # channels-last: the scan takes tokens as they lie
+        x_map = tokens_to_map(x, h, w)  # channels-last: the scan takes tokens as they lie
         D, G = NUM_DIRECTIONS, self.gate_groups
         S = self.merge.shape[1]  # lam's and u's channels: G with group_lam_u, else C
         merge = self.merge.reshape(-1)
         # gl, gc, gr: (4, G) rows each; lam, u: (4, S) rows each; all five from one GEMM.
         weight = torch.cat([self.gate_proj.weight, self.lam_proj.weight, self.u_proj.weight * merge[:, None]])
         bias = torch.cat([self.gate_proj.bias, self.lam_proj.bias, self.u_proj.bias * merge])
-        maps = _channel_first(F.linear(p, weight, bias), h, w)
+        maps = channel_first(F.linear(p, weight, bias), h, w)
         gl, gc, gr, lam, u = maps.split([D * G] * 3 + [D * S] * 2, dim=1)
         gl, gc, gr = (t.view(B, D, G, h, w) for t in (gl, gc, gr))
         lam, u = (t.view(B, D, S, h, w) for t in (lam, u))
@@ -195,7 +185,7 @@ class GSPNMixer(TokenMixer):
         """sum_d u_d * scan_d(x) (+ skip * x): the four merged propagations, as (B, N, C) tokens."""
         o = operands
         y = ops.gspn_scan(o.x, o.lam, o.gl, o.gc, o.gr, o.u, chunk=self.chunk)
-        y = y.permute(0, 2, 3, 1).flatten(1, 2)  # a view of a channels-last y
+        y = map_to_tokens(y)  # a view of a channels-last y
         if o.skip is not None:
             return torch.addcmul(y, o.skip, o.x_tokens)
         return y.contiguous()

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 
 from dit_gspn import ops
+from dit_gspn.ops import NUM_DIRECTIONS
 from dit_gspn.ops.reference import to_scan_frame
 
 from .dit import DiffusionBackbone, DropPath, FinalLayer
 from .mixer import BlockContext, TokenMixer, register_mixer
-from .token_grid import check_grid
+from .token_grid import channel_first, check_grid, map_to_tokens, tokens_to_map
 from .zoo import register_family
 
-NUM_DIRECTIONS = 4
 DIRECTION_MODES = ("aligned", "as_released")
 #: The switches the authors' checkpoints were trained with.
 AS_RELEASED = dict(directions="as_released", chunk=2, global_layers=0)
@@ -53,21 +53,6 @@ AS_RELEASED = dict(directions="as_released", chunk=2, global_layers=0)
 #: index in the authors' order (left-right, top-down, right-left, bottom-up: the copies x, x^T, flip(x),
 #: flip(x^T) scanned left to right).
 AUTHORS_DIRECTION = (1, 3, 0, 2)
-
-
-def _tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, N, C) tokens -> the (B, C, h, w) channels-last view of them (no copy)."""
-    return tokens.view(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
-
-
-def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) map -> (B, N, C) tokens (a view when the map is channels-last)."""
-    return x.permute(0, 2, 3, 1).flatten(1, 2)
-
-
-def _channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, N, K) tokens -> (B, K, h, w), contiguous."""
-    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
 
 
 @register_mixer("gspn-paper")
@@ -92,9 +77,7 @@ class GSPNPaperMixer(TokenMixer):
                   directions: str = "aligned", proxy_ratio: int = 16) -> "GSPNPaperMixer":
         """The mixer of one block: the last ``global_layers`` blocks scan globally, the others restart every
         ``chunk`` steps. The defaults are the authors' network as meant (:data:`AS_RELEASED` as trained)."""
-        if global_layers < 0:
-            raise ValueError(f"global_layers must be >= 0, got {global_layers}")
-        local = context.index < context.depth - global_layers
+        local = context.scans_locally(global_layers)
         return cls(context.hidden_size, chunk=chunk if local else None, directions=directions,
                    proxy_ratio=proxy_ratio)
 
@@ -145,29 +128,29 @@ class GSPNPaperMixer(TokenMixer):
         tokens (as released, x is the direction's copy and nothing is mapped back: :func:`as_released_scan`)."""
         h, w = grid
         B, N, C = x.shape
-        gates = _channel_first(self.gate_proj(p), h, w).view(B, 3, NUM_DIRECTIONS, C, h, w)
+        gates = channel_first(self.gate_proj(p), h, w).view(B, 3, NUM_DIRECTIONS, C, h, w)
         gl, gc, gr = gates.unbind(1)
         if self.directions == "aligned":
             maps = F.linear(p, torch.cat([self.lam_proj.weight, self._merged(self.u_proj)]))
-            lam, u = _channel_first(maps, h, w).view(B, 2, NUM_DIRECTIONS, C, h, w).unbind(1)
-            y = ops.gspn_scan(_tokens_to_map(x, h, w), lam, gl, gc, gr, u, chunk=self.chunk)
+            lam, u = channel_first(maps, h, w).view(B, 2, NUM_DIRECTIONS, C, h, w).unbind(1)
+            y = ops.gspn_scan(tokens_to_map(x, h, w), lam, gl, gc, gr, u, chunk=self.chunk)
             skip = F.linear(p, self._merged(self.skip_proj).view(NUM_DIRECTIONS, C, -1).sum(0))
-            return torch.addcmul(_map_to_tokens(y), skip, x)
+            return torch.addcmul(map_to_tokens(y), skip, x)
         if h != w:
             raise ValueError(f"GSPNPaperMixer: directions='as_released' scans transposed copies of the map and "
                              f"needs a square token grid, got (h, w) = ({h}, {w}); use directions='aligned'")
         maps = F.linear(p, torch.cat([self.lam_proj.weight, self._merged(self.u_proj), self._merged(self.skip_proj)]))
-        lam, u, skip = _channel_first(maps, h, w).view(B, 3, NUM_DIRECTIONS, C, h, w).unbind(1)
-        return _map_to_tokens(as_released_scan(_tokens_to_map(x, h, w), lam, gl, gc, gr, u, skip, self.chunk))
+        lam, u, skip = channel_first(maps, h, w).view(B, 3, NUM_DIRECTIONS, C, h, w).unbind(1)
+        return map_to_tokens(as_released_scan(tokens_to_map(x, h, w), lam, gl, gc, gr, u, skip, self.chunk))
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         h, w = check_grid(tokens, grid, "GSPNPaperMixer")
         B, N, C = tokens.shape
         if C != self.dim:
             raise ValueError(f"GSPNPaperMixer: expected {self.dim} channels, got tokens of shape {tuple(tokens.shape)}")
-        x = _map_to_tokens(self.dwconv(_tokens_to_map(self.in_proj(tokens), h, w)))
+        x = map_to_tokens(self.dwconv(tokens_to_map(self.in_proj(tokens), h, w)))
         y = self.out_pointwise(self.propagate(x, self.proxy(x), (h, w)))
-        y = _map_to_tokens(self.out_dwconv(_tokens_to_map(y, h, w)))
+        y = map_to_tokens(self.out_dwconv(tokens_to_map(y, h, w)))
         return self.out_proj(y * F.relu(y))
 
 
@@ -284,11 +267,6 @@ class GSPNPaper(DiffusionBackbone):
         """Every block in the order the tokens pass them: in-blocks, mid block, out-blocks."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
-    def _run(self, block: GSPNPaperBlock, h, residual, grid, skip=None):
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, h, residual, grid, skip)
-        return block(h, residual, grid, skip)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) with H, W divisible by the patch size (and the grid square for ``as_released``);
         t: (B,) or scalar timesteps; y: (B,) integer labels. Returns (B, 2C, H, W) when ``learn_sigma``
@@ -299,11 +277,11 @@ class GSPNPaper(DiffusionBackbone):
         h, residual = self.x_embedder(x) + c.unsqueeze(1), None
         skips = []
         for block in self.in_blocks:
-            h, residual = self._run(block, h, residual, grid)
+            h, residual = self.run_block(block, h, residual, grid)
             skips.append(h)
-        h, residual = self._run(self.mid_block, h, residual, grid)
+        h, residual = self.run_block(self.mid_block, h, residual, grid)
         for block in self.out_blocks:
-            h, residual = self._run(block, h, residual, grid, skips.pop())
+            h, residual = self.run_block(block, h, residual, grid, skips.pop())
         h = self.norm_f(residual + self.last_drop_path(h))
         return self.unpatchify(self.final_layer(h, c), grid)
 

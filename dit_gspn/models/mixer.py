@@ -9,10 +9,12 @@ A mixer is one module and one registration::
 
 and then ``create_model("GSPN-S/2", mixer="my-mixer", mixer_kwargs={"width": 8})``, or in a config
 ``model.mixer: my-mixer`` with ``model.mixer_kwargs: {width: 8}``. Its keyword options (``for_block``'s, by
-default its constructor's) are what ``mixer_kwargs`` accepts; the config checks them as it checks its own keys.
+default its constructor's: :func:`mixer_options`) are what ``mixer_kwargs`` accepts; the config checks them as it
+checks its own keys.
 """
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -29,12 +31,22 @@ class BlockContext(NamedTuple):
     index: int  # 0-based block index
     depth: int  # number of blocks
 
+    def scans_locally(self, global_layers: int) -> bool:
+        """Whether this block's scans restart (local): every block does but the last ``global_layers``, which scan
+        the whole map. A ValueError for a negative ``global_layers``."""
+        if global_layers < 0:
+            raise ValueError(f"global_layers must be >= 0, got {global_layers}")
+        return self.index < self.depth - global_layers
+
 
 class TokenMixer(nn.Module):
     """(B, N, C) tokens on their (h, w) grid -> (B, N, C) tokens: a block's token mixer."""
 
     #: The block attribute that holds the mixer, hence its state-dict keys ``blocks.<i>.<block_attribute>.*``.
     block_attribute: ClassVar[str] = "token_mixer"
+    #: Whether a model with this mixer adds DiT's fixed sin-cos positional embedding by default
+    #: (``DiT(use_pos_embed=None)``): a mixer that cannot tell where a token lies needs one.
+    wants_pos_embed: ClassVar[bool] = False
 
     @classmethod
     def for_block(cls, context: BlockContext, **options) -> "TokenMixer":
@@ -64,14 +76,14 @@ def register_mixer(name: str):
 
 
 def mixer_options(name: str) -> dict[str, Option]:
-    """The keyword options mixer ``name`` accepts in ``mixer_kwargs``: its ``for_block``'s, or where it keeps
-    TokenMixer's, its constructor's after the width."""
+    """The keyword options mixer ``name`` accepts in ``mixer_kwargs``: its ``for_block``'s named ones, then, where
+    ``for_block`` passes ``**options`` on to the constructor (or is TokenMixer's), the constructor's after the
+    width (``for_block``'s default wins for a name both take)."""
     cls = MIXERS[name]
     if cls.for_block.__func__ is TokenMixer.for_block.__func__:
         return keyword_options(cls, skip_positional=1)
-    return keyword_options(cls.for_block, skip=("context",))
-
-
-def build_mixer(name: str, context: BlockContext, options: dict | None = None) -> TokenMixer:
-    """Mixer ``name`` for the block ``context`` describes, with ``options``."""
-    return MIXERS[name].for_block(context, **(options or {}))
+    options = keyword_options(cls.for_block, skip=("context",))
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.for_block).parameters.values()):
+        constructor = keyword_options(cls, skip_positional=1)
+        options.update({key: option for key, option in constructor.items() if key not in options})
+    return options

@@ -1,4 +1,4 @@
-"""The (h, w) token grid that travels with a (B, N, C) token sequence, and its checks."""
+"""The (h, w) token grid that travels with a (B, N, C) token sequence: its checks, and the tokens seen as a map."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +21,18 @@ def check_grid(tokens: torch.Tensor, grid: tuple[int, int], where: str) -> tuple
             f"tokens (shape {tuple(tokens.shape)})"
         )
     return h, w
+
+
+def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, N, C) tokens -> the (B, C, h, w) channels-last view of them (no copy)."""
+    return tokens.view(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) map -> (B, N, C) tokens (a view when the map is channels-last)."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def channel_first(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, N, K) tokens -> a contiguous channel-first (B, K, h, w) map."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)

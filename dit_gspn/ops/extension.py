@@ -243,8 +243,8 @@ def load(device_type: str) -> bool:
     devices); a failed build warns once and answers False from then on."""
     if device_type not in ("cpu", "cuda"):
         return False
-    if _loaded is not None and _loaded.variant == "cuda":
-        return True  # the CUDA variant holds the CPU kernels too
+    if _loaded is not None and device_type in (_loaded.variant, "cpu"):
+        return True  # either variant holds the CPU kernels; the CUDA one holds both
     return _load_once("cuda" if device_type == "cuda" or torch.cuda.is_available() else "cpu")
 
 

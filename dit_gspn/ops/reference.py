@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 #: The four scan directions of a GSPN layer, in the order of dim 1 of the per-direction tensors.
 DIRECTIONS = ("top_down", "bottom_up", "left_right", "right_left")
+NUM_DIRECTIONS = len(DIRECTIONS)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,12 +1,11 @@
 """A compiled kernel is trusted on a device only once it agreed there with the PyTorch reference.
 
-The CUDA kernels were written and tested without a GPU (compiled, and emulated on the CPU), so no test has
-vouched for them on the chip a user has. The first time a process would run an op's compiled kernel on a
-device (:func:`trusted`, asked by the dispatch for ``impl=None``), it runs the kernel and the float64
-reference on a few small random inputs, forward and every gradient (a fraction of a second), and records
-the verdict in ``self_check.json`` beside the build, under the device's description (:func:`describe`: the
-CPU model; the GPU's name and compute capability; the build itself is the folder, named by its source hash).
-Later processes read the verdict instead of checking again. A kernel that disagrees, or raises, is not
+The first time a process would run an op's compiled kernel on a device (:func:`trusted`, asked by the
+dispatch for ``impl=None``), it runs the kernel and the float64 reference on a few small random inputs,
+forward and every gradient (a fraction of a second), and records the verdict in ``self_check.json`` beside
+the build, under the device's description (:func:`describe`: the CPU model; the GPU's name and compute
+capability; the build itself is the folder, named by its source hash). Later processes read the verdict
+instead of checking again. A kernel that disagrees (a NaN or infinite error included), or raises, is not
 used: the op's fallback runs instead, after one warning naming the op, the device and the error. Delete the
 file to check again.
 """
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 import time
 import warnings
@@ -113,8 +113,9 @@ def check(op: str, device: torch.device) -> dict:
                 for what, a, b in zip(("output", *(f"d{name}" for name in case.names)), got, expected):
                     scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
                     err = (a.detach().cpu().double() - b).abs().max().item() / scale if b.numel() else 0.0
-                    if not err / tol <= worst:  # a NaN counts as the worst
-                        worst = err / tol
+                    ratio = err / tol if math.isfinite(err) else math.inf  # a NaN or inf is the worst error
+                    if ratio > worst:
+                        worst = ratio
                         error = f"max error {err:.3g} (tolerance {tol:g}, relative to scale) in {what} of {case.name}"
     except Exception as exc:  # noqa: BLE001 -- a kernel that raises disagrees; say what it raised
         lines = str(exc).strip().splitlines()
@@ -133,7 +134,8 @@ def _output_and_grads(fn, inputs, grad_out):
 
 @dataclass(frozen=True)
 class Case:
-    """One comparison: inputs of ``shape`` in ``dtype``, the kernel's call and the reference's."""
+    """One comparison: the inputs ``make`` draws (named ``names``), cast to ``dtype``, through the kernel's call
+    and the reference's."""
 
     name: str
     dtype: torch.dtype

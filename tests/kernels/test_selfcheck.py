@@ -130,3 +130,17 @@ def test_the_compiled_cpu_kernels_pass_their_check_on_this_machine(op):
     verdict = selfcheck.check(op, torch.device("cpu"))
     assert verdict["agrees"], verdict
     assert verdict["error"].startswith("max error ")
+
+
+def test_a_kernel_with_one_nan_in_its_output_disagrees_whatever_the_errors_after_it(verdicts, monkeypatch):
+    def one_nan(real, *args):
+        y = real(*args)
+        poison = torch.zeros(y.numel(), dtype=y.dtype, device=y.device)
+        poison[y.numel() // 2] = float("nan")
+        poison = poison.view(y.shape)
+        return y + poison  # the gradients pass through unchanged: only the output holds the NaN
+
+    plant(monkeypatch, "gspn_scan_fwd", one_nan)
+    verdict = selfcheck.check("gspn_scan", torch.device("cpu"))
+    assert verdict["agrees"] is False, verdict
+    assert verdict["error"].startswith("max error nan ") and " in output of " in verdict["error"], verdict

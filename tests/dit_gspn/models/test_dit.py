@@ -225,6 +225,31 @@ def test_save_pretrained_writes_safetensors_and_json_and_reloads_without_pickles
         torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
 
 
+def test_a_config_json_from_before_group_lam_u_loads_with_the_defaults_of_its_time(tmp_path):
+    """A checkpoint written when DiT's constructor took gspn_* arguments and had no gspn_group_lam_u: its
+    config.json names gate groups but not lam's and u's grouping, which were per channel then, as was the
+    default proxy_ratio 16 and (for any key absent) the other defaults of that constructor."""
+    old_mixer = dict(chunk=8, global_layers=None, proxy_ratio=16, gate_groups=8, group_lam_u=False, dwconv=True,
+                     skip=True, output_gate=True)  # what that constructor built for gspn_gate_groups=8
+    model = randomise(tiny(mixer_kwargs=old_mixer)).eval()
+    model.save_pretrained(tmp_path)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    C, proxy = 32, 32 // 16
+    assert shapes["blocks.0.gspn.lam_proj.weight"] == shapes["blocks.0.gspn.u_proj.weight"] == (4 * C, proxy)
+    assert shapes["blocks.0.gspn.merge"] == (4, C) and shapes["blocks.0.gspn.gate_proj.weight"] == (3 * 4 * 8, proxy)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("mixer_kwargs", "drop_path"):  # arguments that constructor did not have
+        del config[key]
+    config.update(gspn_chunk=8, gspn_global_layers=None, gspn_proxy_ratio=16, gspn_gate_groups=8, gspn_dwconv=True,
+                  gspn_skip=True, gspn_output_gate=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = DiT.from_pretrained(tmp_path).eval()
+    assert loaded.config.mixer_kwargs == old_mixer
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

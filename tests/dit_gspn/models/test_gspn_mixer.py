@@ -93,13 +93,15 @@ def randomised_mixer(**kwargs) -> GSPNMixer:
 @pytest.mark.parametrize(
     "grid, kwargs",
     [
-        ((5, 6), dict(dim=8, chunk=None)),
-        ((6, 5), dict(dim=8, chunk=2, gate_groups=2, dwconv=False, skip=False, output_gate=False)),
-        ((4, 7), dict(dim=6, chunk=3, gate_groups=3, proxy_ratio=2)),
-        ((1, 7), dict(dim=4, chunk=None, gate_groups=1)),
-        ((5, 4), dict(dim=8, chunk=None, gate_groups=2, group_lam_u=True)),
+        ((5, 6), dict(dim=8, chunk=None, gate_groups=None, group_lam_u=False, proxy_ratio=16)),
+        ((6, 5), dict(dim=8, chunk=2, gate_groups=2, group_lam_u=False, proxy_ratio=16, dwconv=False, skip=False,
+                       output_gate=False)),
+        ((4, 7), dict(dim=6, chunk=3, gate_groups=3, group_lam_u=False, proxy_ratio=2)),
+        ((1, 7), dict(dim=4, chunk=None, gate_groups=1, group_lam_u=False, proxy_ratio=16)),
+        ((5, 4), dict(dim=8, chunk=None, gate_groups=2, group_lam_u=True, proxy_ratio=16)),
         ((4, 6), dict(dim=6, chunk=2, gate_groups=3, group_lam_u=True, proxy_ratio=2, skip=False)),
-        ((3, 5), dict(dim=4, chunk=None, gate_groups=4, group_lam_u=True, dwconv=False, output_gate=False)),
+        ((3, 5), dict(dim=4, chunk=None, gate_groups=4, group_lam_u=True, proxy_ratio=16, dwconv=False,
+                       output_gate=False)),
     ],
 )
 def test_mixer_matches_dense_affinity_oracle(grid, kwargs):
@@ -130,7 +132,7 @@ def test_output_depends_exactly_on_the_pixels_the_four_scans_reach(chunk, dwconv
     With the 3x3 depthwise convolution the set is that union dilated by one pixel.
     """
     h, w, C = 7, 9, 8
-    mixer = randomised_mixer(dim=C, chunk=chunk, dwconv=dwconv)
+    mixer = randomised_mixer(dim=C, chunk=chunk, dwconv=dwconv, gate_groups=None, group_lam_u=False)
     tokens = torch.randn(1, h * w, C, requires_grad=True)
     for p in [(3, 4), (0, 8), (6, 1)]:
         out = mixer(tokens, (h, w))
@@ -156,7 +158,8 @@ def test_mixer_refuses_gate_groups_that_do_not_divide_the_channels():
 
 
 def test_shared_gates_shrink_the_gate_projection():
-    per_channel, shared = GSPNMixer(dim=32), GSPNMixer(dim=32, gate_groups=4)
+    per_channel = GSPNMixer(dim=32, gate_groups=None, group_lam_u=False)
+    shared = GSPNMixer(dim=32, gate_groups=4, group_lam_u=False)
     assert per_channel.gate_proj.out_features == 3 * 4 * 32
     assert shared.gate_proj.out_features == 3 * 4 * 4
     o = shared.scan_operands(torch.randn(1, 12, 32), (3, 4))
@@ -168,3 +171,17 @@ def test_grouped_lam_u_are_maps_of_the_gate_groups():
     assert mixer.lam_proj.out_features == mixer.u_proj.out_features == 4 * 4 and mixer.merge.shape == (4, 4)
     o = mixer.scan_operands(torch.randn(2, 12, 32), (3, 4))
     assert all(t.shape == (2, 4, 4, 3, 4) for t in (o.gl, o.gc, o.gr, o.lam, o.u))
+
+
+def test_the_constructors_defaults_are_the_zoos_mixer():
+    """GSPNMixer(dim) builds what a GSPN model's block builds (for_block only adds where the block scans locally):
+    8 channel groups sharing gates, lam and u, and a C / 4 proxy."""
+    from dit_gspn.models import DiT
+
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)
+    local, last = model.blocks[0].gspn, model.blocks[-1].gspn
+    assert (local.chunk, last.chunk) == (8, None)  # the last quarter of the blocks scans globally
+    alone = GSPNMixer(32)
+    assert repr(alone) == repr(last) and repr(GSPNMixer(32, chunk=8)) == repr(local)
+    assert (alone.gate_groups, alone.group_lam_u, alone.proxy_dim) == (8, True, 32 // 4)
+    assert {k: v.shape for k, v in alone.state_dict().items()} == {k: v.shape for k, v in last.state_dict().items()}
