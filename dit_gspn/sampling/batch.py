@@ -30,7 +30,7 @@ from dit_gspn.atomic_write import savez_atomically
 from dit_gspn.checkpoint import SamplingInfo
 from dit_gspn.cli import check_output_file
 from dit_gspn.errors import OutputExistsError, UserError
-from dit_gspn.image_npz import ImageNpzWriter, read_header, read_npz, to_uint8  # noqa: F401 (read_npz: re-exported)
+from dit_gspn.image_npz import ImageNpzWriter, read_header, to_uint8
 from dit_gspn.seeding import index_seed
 from dit_gspn.vae import decode
 from dit_gspn.folder_lock import holding

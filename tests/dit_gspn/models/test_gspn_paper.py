@@ -16,7 +16,7 @@ from dit_gspn.checkpoint import CheckpointError
 from dit_gspn.models import DiT, create_model
 from dit_gspn.models.gspn_paper import AS_RELEASED, GSPNPaper, GSPNPaperMixer, as_released_scan
 from dit_gspn.ops.reference import gspn_scan_reference, line_scan_reference
-from dit_gspn.sampling.batch import read_npz
+from dit_gspn.image_npz import read_npz
 from dit_gspn.sampling.model_loader import load_model
 
 from helpers.entry_points import load_script
