@@ -111,7 +111,7 @@ def test_the_wheel_installs_the_five_commands_and_each_runs_from_another_folder(
         assert helped.returncode == 0 and helped.stdout.startswith(f"usage: {name}"), (name, helped.stderr[-2000:])
     wrong = installed("--config", "no-such.yaml", script="dit-gspn-train")
     assert wrong.returncode == 2 and wrong.stderr.strip().splitlines() == [
-        "error: --config no-such.yaml does not exist"], wrong.stderr[-2000:]
+        "error: config file no-such.yaml does not exist"], wrong.stderr[-2000:]
 
 
 @pytest.mark.slow  # the demo at toy size (2 steps) in a fresh process: about 20 s
