@@ -8,6 +8,8 @@ import torch
 from dit_gspn.ops import extension, line_scan, normalize_gates
 from dit_gspn.ops.reference import line_scan_reference
 
+from helpers.line_scan_inputs import forward_and_grads
+
 NAMES = ("x", "lam", "wl", "wc", "wr")
 
 #: Tolerances (rtol, atol relative to the reference's largest magnitude) per dtype. Half types
@@ -38,13 +40,6 @@ def assert_close_scaled(got, expected, dtype, what):
     rtol, atol = TOL[dtype]
     scale = expected.double().abs().max().item() or 1.0
     torch.testing.assert_close(got.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
-
-
-def forward_and_grads(inputs, chunk, impl, weight):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    h = line_scan(*leaves, chunk=chunk, impl=impl)
-    (h.float() * weight).sum().backward()
-    return h, [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
 
 SHAPES = [
