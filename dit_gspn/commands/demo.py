@@ -3,7 +3,7 @@
 No network, no GPU, no VAE: it trains in pixel space on the seeded shapes dataset
 (``dit_gspn.data.shapes``) with ``configs/demo.yaml``, then prints where everything went.
 
-    dit-gspn-demo                       # about 5.5 minutes on 2 CPU cores; training stops at 1,500 steps or 4 min
+    dit-gspn-demo                       # about 5 minutes on 2 CPU cores; training stops at 1,500 steps or 4 min
     dit-gspn-demo train.steps=1000      # any train.py override
 """
 from __future__ import annotations
