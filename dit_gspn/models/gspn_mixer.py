@@ -34,7 +34,7 @@ from dit_gspn import ops
 
 from dit_gspn.ops import NUM_DIRECTIONS
 
-from .mixer import BlockContext, TokenMixer, register_mixer
+from .mixer import BlockContext, TokenMixer, register_mixer, scan_chunk
 from .token_grid import channel_first, check_grid, map_to_tokens, tokens_to_map
 
 
@@ -109,12 +109,10 @@ class GSPNMixer(TokenMixer):
         gate_groups = dim if gate_groups is None else int(gate_groups)
         if gate_groups < 1 or dim % gate_groups:
             raise ValueError(f"gate_groups must divide the hidden size {dim}, got {gate_groups}")
-        if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be a positive number of scan steps or None (global), got {chunk}")
         if proxy_ratio < 1:
             raise ValueError(f"proxy_ratio must be >= 1, got {proxy_ratio}")
         self.dim = dim
-        self.chunk = None if chunk is None else int(chunk)
+        self.chunk = scan_chunk(chunk)
         self.gate_groups = gate_groups
         self.group_lam_u = bool(group_lam_u)
         scale_channels = gate_groups if self.group_lam_u else dim

@@ -42,7 +42,7 @@ from dit_gspn.ops import NUM_DIRECTIONS
 from dit_gspn.ops.reference import to_scan_frame
 
 from .dit import DiffusionBackbone, DropPath, FinalLayer
-from .mixer import BlockContext, TokenMixer, register_mixer
+from .mixer import BlockContext, TokenMixer, register_mixer, scan_chunk
 from .token_grid import channel_first, check_grid, map_to_tokens, tokens_to_map
 from .zoo import register_family
 
@@ -85,12 +85,10 @@ class GSPNPaperMixer(TokenMixer):
         super().__init__()
         if directions not in DIRECTION_MODES:
             raise ValueError(f"directions must be one of {DIRECTION_MODES}, got {directions!r}")
-        if chunk is not None and (isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1):
-            raise ValueError(f"chunk must be a positive number of scan steps or None (global), got {chunk!r}")
         if proxy_ratio < 1:
             raise ValueError(f"proxy_ratio must be >= 1, got {proxy_ratio}")
         self.dim = dim
-        self.chunk = None if chunk is None else int(chunk)
+        self.chunk = scan_chunk(chunk)
         self.directions = directions
         self.proxy_dim = max(1, dim // proxy_ratio)
         D, r = NUM_DIRECTIONS, self.proxy_dim

@@ -39,6 +39,16 @@ class BlockContext(NamedTuple):
         return self.index < self.depth - global_layers
 
 
+def scan_chunk(chunk) -> int | None:
+    """A mixer's ``chunk`` option as the scan takes it: a positive whole number of steps, or None (the whole map).
+    A ValueError naming the value otherwise."""
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
+        raise ValueError(f"chunk must be a positive number of scan steps or None (global), got {chunk!r}")
+    return int(chunk)
+
+
 class TokenMixer(nn.Module):
     """(B, N, C) tokens on their (h, w) grid -> (B, N, C) tokens: a block's token mixer."""
 

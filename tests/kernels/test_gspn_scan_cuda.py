@@ -43,9 +43,7 @@ def test_cuda_large_maps_match_the_reference(B, C, H, W, groups, chunk):
     # The float64 reference on the GPU is the oracle.
     inputs = make_inputs(B, C, H, W, groups, torch.float32, device="cuda")
     grad_y = torch.randn(B, C, H, W, device="cuda")
-    leaves = [t.double().requires_grad_() for t in inputs]
-    y_ref = gspn_scan(*leaves, chunk=chunk, impl="reference")
-    grads_ref = torch.autograd.grad(y_ref, leaves, grad_y.double())
+    y_ref, grads_ref = reference_with_grads(inputs, chunk, grad_y)
     y, grads = fused_with_grads(inputs, chunk, grad_y, impl="cuda")
     assert_close_scaled(y, y_ref, 1e-4, "y")
     for name, g, g_ref in zip(("x",) + GATES, grads, grads_ref):
@@ -56,9 +54,7 @@ def test_cuda_large_maps_match_the_reference(B, C, H, W, groups, chunk):
 def test_cuda_bf16_large_map_matches_float64():
     inputs = make_inputs(2, 32, 256, 256, (32, 8, 8, 8, 32), torch.bfloat16, device="cuda")
     grad_y = torch.randn(2, 32, 256, 256, device="cuda").bfloat16()
-    leaves = [t.double().requires_grad_() for t in inputs]
-    y_ref = gspn_scan(*leaves, impl="reference")
-    grads_ref = torch.autograd.grad(y_ref, leaves, grad_y.double())
+    y_ref, grads_ref = reference_with_grads(inputs, None, grad_y)
     y, grads = fused_with_grads(inputs, None, grad_y, impl="cuda")
     assert_close_scaled(y, y_ref, 2e-2, "y")
     for name, g, g_ref in zip(("x",) + GATES, grads, grads_ref):
